@@ -1,0 +1,32 @@
+"""fastcontrast: blockwise contrastive losses with O(N·d) memory, drop-ins for open_clip and lightly.
+
+    from fastcontrast import ClipLoss, SigLipLoss, NTXentLoss
+
+Importing this package never touches CUDA and never imports triton.
+"""
+
+from fastcontrast.autograd import (
+    BlockwiseLogSumExp,
+    BlockwiseSigLipSum,
+    blockwise_lse,
+    blockwise_siglip_sum,
+)
+from fastcontrast.functional import clip_loss, nt_xent_loss, nt_xent_memory_bank_loss, siglip_loss
+from fastcontrast.losses import ClipLoss, NTXentLoss, SigLipLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockwiseLogSumExp",
+    "BlockwiseSigLipSum",
+    "ClipLoss",
+    "NTXentLoss",
+    "SigLipLoss",
+    "__version__",
+    "blockwise_lse",
+    "blockwise_siglip_sum",
+    "clip_loss",
+    "nt_xent_loss",
+    "nt_xent_memory_bank_loss",
+    "siglip_loss",
+]

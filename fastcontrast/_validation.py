@@ -1,0 +1,110 @@
+"""Input checks shared by every loss, with messages that name the argument, what was expected and what came.
+
+These run on every call, so they only look at metadata (shape, dtype, device) except where a value check
+is free: a Python number, or a tensor that already lives on the CPU. A CUDA scale is never read back,
+because that would cost a host sync on every training step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+ScaleLike = Union[torch.Tensor, float, int]
+
+
+def check_features(name: str, x: object) -> torch.Tensor:
+    """Check that ``x`` is a non-empty floating-point matrix ``[n, d]`` and return it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [batch, dim], got {type(x).__name__}.")
+    if x.dim() != 2:
+        raise ValueError(f"`{name}` must be 2-D [batch, dim], got a {x.dim()}-D tensor of shape {tuple(x.shape)}.")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be float16, bfloat16, float32 or float64, got {x.dtype}.")
+    if x.shape[0] == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)}): the loss needs at least one row.")
+    if x.shape[1] == 0:
+        raise ValueError(f"`{name}` has feature dim 0 (shape {tuple(x.shape)}): expected at least 1.")
+    return x
+
+
+def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_batch: bool) -> None:
+    """Check that two feature matrices can be compared: same device, dtype, feature dim (and batch)."""
+    if a.device != b.device:
+        raise ValueError(f"`{name_a}` and `{name_b}` must be on the same device, got {a.device} and {b.device}.")
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"`{name_a}` and `{name_b}` must have the same dtype, got {a.dtype} and {b.dtype} "
+            "(cast one of them, or run the model under torch.autocast so both come out alike)."
+        )
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same feature dim, got {a.shape[1]} ({name_a} shape "
+            f"{tuple(a.shape)}) and {b.shape[1]} ({name_b} shape {tuple(b.shape)})."
+        )
+    if same_batch and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same batch size (row i of one is the positive of row i "
+            f"of the other), got {a.shape[0]} and {b.shape[0]}."
+        )
+
+
+def check_positive_finite_number(name: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite positive number, got {value}.")
+
+
+def as_scalar_tensor(
+    name: str,
+    value: Optional[ScaleLike],
+    *,
+    like: torch.Tensor,
+    must_be_positive: bool,
+) -> Optional[torch.Tensor]:
+    """Turn a scale or bias into a 0-dim tensor on ``like``'s device, keeping it in the autograd graph.
+
+    A Python number becomes a tensor of ``like``'s compute dtype (fp64 for fp64 features, else fp32).
+    A tensor must hold exactly one element; it is reshaped (not copied) so its gradient flows back.
+    The value of a CPU tensor or a number is checked when ``must_be_positive``; a CUDA tensor's value is
+    not, since reading it would synchronise the host with the device on every step.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a float or a one-element tensor, got bool.")
+    if isinstance(value, (int, float)):
+        if must_be_positive:
+            check_positive_finite_number(name, float(value))
+        elif not math.isfinite(float(value)):
+            raise ValueError(f"`{name}` must be finite, got {value}.")
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return torch.tensor(float(value), dtype=dtype, device=like.device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a float or a one-element tensor, got {type(value).__name__}.")
+    if value.numel() != 1:
+        raise ValueError(
+            f"`{name}` must be a scalar (0-dim or one-element tensor), got shape {tuple(value.shape)}."
+        )
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}.")
+    if value.device != like.device:
+        raise ValueError(f"`{name}` must be on the features' device {like.device}, got {value.device}.")
+    if must_be_positive and value.device.type == "cpu":
+        v = float(value.detach().reshape(()))
+        check_positive_finite_number(name, v)
+    return value.reshape(())
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
+
+
+def check_non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+    return value

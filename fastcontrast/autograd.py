@@ -1,0 +1,171 @@
+"""The differentiable core: autograd Functions over the blockwise reductions of S = s·A·Bᵀ.
+
+They are the same for every engine (blockwise torch, Triton): an engine computes the reductions and the
+unscaled products dS·B and dSᵀ·A; these Functions save only A, B, s (and b) plus the LSE vectors, never
+S, and turn the engine's products into gradients:
+
+    dA = s·(dS·B),   dB = s·(dSᵀ·A),   ds = Σᵢⱼ dSᵢⱼ·(Aᵢ·Bⱼ) = ⟨A, dS·B⟩,   db = Σᵢⱼ dSᵢⱼ.
+
+The scale gradient therefore costs O(n·d) once dS·B is known: no extra pass over S. Reading it as
+⟨A, dS·B⟩ rather than DESIGN's ⟨A, dA⟩/s is the same number without a division by s (NT-Xent's s = 1/τ
+may be negative, and a tiny s would amplify rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastcontrast.blockwise import compute_dtype
+
+
+def _scaled_grad(product: Optional[torch.Tensor], scale: torch.Tensor, like: torch.Tensor):
+    if product is None:
+        return None
+    return (product * scale.detach().to(product.dtype)).to(like.dtype)
+
+
+def _scale_grad(a: torch.Tensor, grad_a_unscaled: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # ⟨A, dS·B⟩ in the compute dtype, then back to the scale's own dtype (fp32 under AMP).
+    inner = torch.dot(a.to(grad_a_unscaled.dtype).reshape(-1), grad_a_unscaled.reshape(-1))
+    return inner.to(scale.dtype).reshape(scale.shape)
+
+
+class BlockwiseLogSumExp(torch.autograd.Function):
+    """Row and column log-sum-exp of S = s·A·Bᵀ without materialising S.
+
+    ``apply(a, b, scale, engine, need_row, need_col, exclude_offset)`` with a: [n, d], b: [m, d],
+    scale: 0-dim; returns ``(lse_row [n], lse_col [m])`` in fp32 (fp64 for fp64 inputs). An output not
+    asked for is an empty tensor. ``exclude_offset`` (int or None) drops entry (i, i + offset).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset):
+        lse_row, lse_col = engine.lse_forward(
+            a, b, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset
+        )
+        ctx.set_materialize_grads(False)
+        ctx.engine = engine
+        ctx.exclude_offset = exclude_offset
+        ctx.save_for_backward(a, b, scale, lse_row, lse_col)
+        empty = a.new_empty(0, dtype=compute_dtype(a.dtype))
+        return (lse_row if need_row else empty), (lse_col if need_col else empty)
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col):
+        a, b, scale, lse_row, lse_col = ctx.saved_tensors
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        if lse_row is None:
+            grad_row = None
+        if lse_col is None:
+            grad_col = None
+        if grad_row is None and grad_col is None:
+            return (None,) * 7
+        grad_a_unscaled, grad_b_unscaled = ctx.engine.lse_backward(
+            a, b, scale, lse_row, lse_col, grad_row, grad_col,
+            exclude_offset=ctx.exclude_offset, need_a=need_a or need_scale, need_b=need_b,
+        )
+        grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
+        grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
+        grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
+        return grad_a, grad_b, grad_scale, None, None, None, None
+
+
+class BlockwiseSigLipSum(torch.autograd.Function):
+    """Σᵢⱼ softplus(−zᵢⱼ·(s·Aᵢ·Bⱼ + bias)) without materialising S; zᵢⱼ = +1 iff j = i + positive_offset.
+
+    ``apply(a, b, scale, bias, engine, positive_offset)`` with a: [n, d], b: [m, d], scale: 0-dim,
+    bias: 0-dim or None; returns the 0-dim sum in fp32 (fp64 for fp64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, engine, positive_offset):
+        total = engine.siglip_forward(a, b, scale, bias, positive_offset=positive_offset)
+        ctx.engine = engine
+        ctx.positive_offset = positive_offset
+        ctx.save_for_backward(a, b, scale, bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        a, b, scale, bias = ctx.saved_tensors
+        need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
+        grad_a_unscaled, grad_b_unscaled, grad_bias = ctx.engine.siglip_backward(
+            a, b, scale, bias, grad_total,
+            positive_offset=ctx.positive_offset, need_a=need_a or need_scale, need_b=need_b,
+        )
+        grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
+        grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
+        grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
+        grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
+        return grad_a, grad_b, grad_scale, grad_bias, None, None
+
+
+class _KeepInGraph(torch.autograd.Function):
+    """Return ``value`` unchanged and give ``anchor`` an exact zero gradient.
+
+    open_clip's ClipLoss adds ``logit_bias`` to every logit, which cannot change a softmax; its gradient is
+    zero, but the bias must stay in the autograd graph or DDP with ``find_unused_parameters=False`` fails.
+    """
+
+    @staticmethod
+    def forward(ctx, value, anchor):
+        ctx.anchor_meta = (anchor.shape, anchor.dtype, anchor.device)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.anchor_meta
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def blockwise_lse(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    engine,
+    *,
+    rows: bool = True,
+    cols: bool = True,
+    exclude_offset: Optional[int] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Differentiable row/column log-sum-exp of S = scale·a·bᵀ (see :class:`BlockwiseLogSumExp`).
+
+    Args:
+        a: [n, d]; b: [m, d], same dtype and device; scale: 0-dim tensor (may require grad).
+        engine: an engine object (``fastcontrast._dispatch.resolve_engine``).
+        rows / cols: which reductions to return.
+        exclude_offset: drop entry (i, i + exclude_offset) from both reductions (self-similarity).
+    Returns:
+        ``(lse_row [n] or None, lse_col [m] or None)``, fp32 (fp64 for fp64 inputs).
+    """
+    lse_row, lse_col = BlockwiseLogSumExp.apply(a, b, scale, engine, rows, cols, exclude_offset)
+    return (lse_row if rows else None), (lse_col if cols else None)
+
+
+def blockwise_siglip_sum(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    engine,
+    *,
+    positive_offset: int = 0,
+) -> torch.Tensor:
+    """Differentiable Σᵢⱼ softplus(−zᵢⱼ·(scale·aᵢ·bⱼ + bias)) (see :class:`BlockwiseSigLipSum`).
+
+    Args:
+        a: [n, d]; b: [m, d]; scale, bias: 0-dim tensors (bias may be None).
+        positive_offset: zᵢⱼ = +1 where j = i + positive_offset, −1 elsewhere.
+    Returns:
+        0-dim sum, fp32 (fp64 for fp64 inputs).
+    """
+    return BlockwiseSigLipSum.apply(a, b, scale, bias, engine, positive_offset)
+
+
+def keep_in_graph(value: torch.Tensor, anchor: Optional[torch.Tensor]) -> torch.Tensor:
+    """``value``, with ``anchor`` (if a tensor that requires grad) attached with an exact zero gradient."""
+    if anchor is None or not isinstance(anchor, torch.Tensor) or not anchor.requires_grad:
+        return value
+    return _KeepInGraph.apply(value, anchor)

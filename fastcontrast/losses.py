@@ -1,0 +1,204 @@
+"""``nn.Module`` drop-ins for open_clip 3.x ``ClipLoss`` / ``SigLipLoss`` and lightly 1.6 ``NTXentLoss``.
+
+Argument handling only: the math is in :mod:`fastcontrast.functional`. Constructor and ``forward``
+signatures match the originals (keyword names included); extra options are keyword-only and come last.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from fastcontrast import functional
+from fastcontrast._dispatch import check_backend
+from fastcontrast._validation import check_choice, check_features, check_non_negative_int
+from fastcontrast.memory_bank import MemoryBank
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} ({value!r}).")
+
+
+def _check_rank_world(rank: object, world_size: object) -> None:
+    check_non_negative_int("rank", rank)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"`world_size` must be a positive int, got {world_size!r}.")
+    if rank >= world_size:  # type: ignore[operator]
+        raise ValueError(f"`rank` must be smaller than `world_size` ({world_size}), got {rank}.")
+
+
+def _reject_horovod(use_horovod: bool) -> None:
+    if use_horovod:
+        raise ValueError(
+            "`use_horovod=True` is not supported: fastcontrast gathers with torch.distributed (NCCL, gloo, ...), "
+            "not Horovod. Launch with torchrun and pass rank/world_size (or process_group=) instead."
+        )
+
+
+class ClipLoss(nn.Module):
+    """Drop-in for open_clip's ``ClipLoss`` with O(N·d) memory.
+
+    ½[CE(s·I·Tᵀ + b, labels) + CE(s·T·Iᵀ + b, labels)], computed blockwise: the N×N logits never exist.
+
+    Args:
+        local_loss, gather_with_grad, cache_labels, rank, world_size: as in open_clip. ``cache_labels``
+            is accepted and has no effect: no label tensor is ever built.
+        use_horovod: must be False (Horovod is not supported; torch.distributed is).
+        backend: ``"auto"`` (Triton on CUDA, else the blockwise torch engine), ``"triton"``, ``"torch"``
+            or ``"reference"`` (open_clip's naive math).
+        process_group: torch.distributed group to gather over (default: the default group).
+        chunk_bytes: logits budget per chunk for the torch engine.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__()
+        _check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels)
+        _check_rank_world(rank, world_size)
+        _reject_horovod(use_horovod)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.backend = check_backend(backend)
+        self.process_group = process_group
+        self.chunk_bytes = chunk_bytes
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+        logit_bias: Optional[Union[torch.Tensor, float]] = None,
+        output_dict: bool = False,
+    ):
+        """Args: image_features [n, d], text_features [n, d], logit_scale (exponentiated) scalar,
+        logit_bias optional scalar. Returns a 0-dim fp32 loss, or ``{"contrastive_loss": loss}``."""
+        loss = functional.clip_loss(
+            image_features, text_features, logit_scale, logit_bias,
+            local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+            rank=self.rank, world_size=self.world_size, process_group=self.process_group,
+            backend=self.backend, chunk_bytes=self.chunk_bytes,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in for open_clip's ``SigLipLoss`` with O(N·d) memory.
+
+    −Σᵢⱼ log σ(zᵢⱼ·(s·Iᵢ·Tⱼ + b)) / n, z = +1 on the diagonal and −1 elsewhere.
+
+    Args:
+        cache_labels, rank, world_size: as in open_clip (``cache_labels`` has no effect: no labels are built).
+        dist_impl: ``None``, ``"bidir"``, ``"shift"``, ``"reduce"`` or ``"gather"``. In open_clip these are
+            four schedules for the same sum; here all give the same value and gradients.
+        backend, process_group, chunk_bytes: see :class:`ClipLoss`.
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: Optional[str] = None,
+        *,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__()
+        _check_flags(cache_labels=cache_labels)
+        _check_rank_world(rank, world_size)
+        dist_impl = dist_impl or "bidir"
+        check_choice("dist_impl", dist_impl, SIGLIP_DIST_IMPLS)
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.backend = check_backend(backend)
+        self.process_group = process_group
+        self.chunk_bytes = chunk_bytes
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+        logit_bias: Optional[Union[torch.Tensor, float]],
+        output_dict: bool = False,
+    ):
+        """Args: image_features [n, d], text_features [n, d], logit_scale (exponentiated) and logit_bias
+        scalars. Returns a 0-dim fp32 loss, or ``{"contrastive_loss": loss}``."""
+        loss = functional.siglip_loss(
+            image_features, text_features, logit_scale, logit_bias,
+            rank=self.rank, world_size=self.world_size, dist_impl=self.dist_impl,
+            process_group=self.process_group, backend=self.backend, chunk_bytes=self.chunk_bytes,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class NTXentLoss(nn.Module):
+    """Drop-in for lightly's ``NTXentLoss`` (SimCLR, or MoCo-style with a memory bank), O(N·d) memory.
+
+    Args:
+        temperature: τ; ``abs(τ) < 1e-8`` raises ValueError (lightly's rule). Negative τ is accepted.
+        memory_bank_size: 0 (no bank), ``(K, D)``, or an int K (D inferred from the first batch).
+        gather_distributed: gather negatives from all ranks (lightly's semantics).
+        backend, process_group, chunk_bytes: see :class:`ClipLoss`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__()
+        self.temperature = functional.check_temperature(temperature)
+        _check_flags(gather_distributed=gather_distributed)
+        self.memory_bank = MemoryBank(memory_bank_size)
+        self.gather_distributed = gather_distributed
+        self.backend = check_backend(backend)
+        self.process_group = process_group
+        self.chunk_bytes = chunk_bytes
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        """Args: out0, out1 [n, d], two views of the same n samples. Returns a 0-dim fp32 loss."""
+        if not self.memory_bank.enabled:
+            return functional.nt_xent_loss(
+                out0, out1, self.temperature,
+                gather_distributed=self.gather_distributed, process_group=self.process_group,
+                backend=self.backend, chunk_bytes=self.chunk_bytes,
+            )
+        check_features("out1", out1)
+        bank = self.memory_bank.read(out1)
+        loss = functional.nt_xent_memory_bank_loss(
+            out0, out1, bank, self.temperature, backend=self.backend, chunk_bytes=self.chunk_bytes
+        )
+        # lightly enqueues only when a backward pass will follow, so evaluation leaves the bank as it is.
+        if out0.requires_grad:
+            self.memory_bank.enqueue(functional.normalize_rows(out1.detach()))
+        return loss

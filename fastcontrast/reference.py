@@ -1,0 +1,144 @@
+"""Naive full-matrix losses: the ground truth for tests and benchmarks.
+
+Each function reproduces the original library's math line for line, in the input dtype, materialising the
+full logits matrix exactly as the original does (that is the point: it is what fastcontrast replaces).
+
+- :func:`clip_loss_reference`: open_clip 3.x ``ClipLoss.forward`` for one process.
+- :func:`siglip_loss_reference`: open_clip 3.x ``SigLipLoss._loss`` for one process.
+- :func:`nt_xent_loss_reference`: lightly 1.6 ``NTXentLoss.forward`` without a memory bank.
+- :func:`nt_xent_memory_bank_loss_reference`: lightly 1.6 ``NTXentLoss.forward`` with a memory bank
+  (the bank tensor is passed in; reading and enqueueing it is :class:`fastcontrast.memory_bank.MemoryBank`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+Scale = Union[torch.Tensor, float]
+
+
+def clip_logits_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scale,
+    logit_bias: Optional[Scale] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``ClipLoss.get_logits`` for world_size 1: two [n, m] and [m, n] logits matrices."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
+    return logits_per_image, logits_per_text
+
+
+def clip_loss_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scale,
+    logit_bias: Optional[Scale] = None,
+) -> torch.Tensor:
+    """open_clip 3.x ``ClipLoss`` (one process): ½[CE(s·I·Tᵀ + b, arange) + CE(s·T·Iᵀ + b, arange)].
+
+    Args:
+        image_features: [n, d]; text_features: [n, d]; both already normalised by the model.
+        logit_scale: the *exponentiated* scale (open_clip passes ``logit_scale.exp()``), not clamped here.
+        logit_bias: optional scalar added to every logit; it cannot change the value.
+    Returns:
+        0-dim loss in the logits' dtype.
+    """
+    logits_per_image, logits_per_text = clip_logits_reference(
+        image_features, text_features, logit_scale, logit_bias
+    )
+    labels = torch.arange(logits_per_image.shape[0], device=image_features.device, dtype=torch.long)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scale,
+    logit_bias: Optional[Scale] = None,
+    *,
+    positive_offset: int = 0,
+) -> torch.Tensor:
+    """open_clip 3.x ``SigLipLoss`` (one process): −Σᵢⱼ log σ(zᵢⱼ·(s·Iᵢ·Tⱼ + b)) / n.
+
+    ``zᵢⱼ = +1`` where ``j == i + positive_offset`` and −1 elsewhere. The division is by the number of
+    image rows ``n``, not by n·m (open_clip's choice, reproduced).
+
+    Args:
+        image_features: [n, d]; text_features: [m, d].
+    Returns:
+        0-dim loss in the logits' dtype.
+    """
+    logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    n, m = logits.shape
+    labels = -torch.ones((n, m), device=logits.device, dtype=logits.dtype)
+    rows = torch.arange(n, device=logits.device)
+    cols = rows + positive_offset
+    in_range = (cols >= 0) & (cols < m)
+    labels[rows[in_range], cols[in_range]] = 1
+    return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
+def lightly_normalize(x: torch.Tensor) -> torch.Tensor:
+    """lightly's ``nn.functional.normalize(x, dim=1)`` (eps 1e-12), in the input dtype."""
+    return F.normalize(x, dim=1)
+
+
+def nt_xent_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """lightly 1.6 ``NTXentLoss`` without memory bank, one process.
+
+    Both views are normalised; each of the 2n rows is scored against the other 2n−1 rows, and the loss is
+    the mean cross-entropy over the 2n rows.
+
+    Args:
+        out0, out1: [n, d] projections of two views of the same n images.
+    Returns:
+        0-dim loss.
+    """
+    batch_size = out0.shape[0]
+    out0 = lightly_normalize(out0)
+    out1 = lightly_normalize(out1)
+    diag_mask = torch.eye(batch_size, device=out0.device, dtype=torch.bool)
+    logits_00 = torch.einsum("nc,mc->nm", out0, out0) / temperature
+    logits_01 = torch.einsum("nc,mc->nm", out0, out1) / temperature
+    logits_10 = torch.einsum("nc,mc->nm", out1, out0) / temperature
+    logits_11 = torch.einsum("nc,mc->nm", out1, out1) / temperature
+    logits_00 = logits_00[~diag_mask].view(batch_size, -1)
+    logits_11 = logits_11[~diag_mask].view(batch_size, -1)
+    logits = torch.cat([torch.cat([logits_01, logits_00], dim=1), torch.cat([logits_10, logits_11], dim=1)], dim=0)
+    labels = torch.arange(batch_size, device=out0.device, dtype=torch.long).repeat(2)
+    return F.cross_entropy(logits, labels)
+
+
+def nt_xent_memory_bank_loss_reference(
+    out0: torch.Tensor, out1: torch.Tensor, bank: torch.Tensor, temperature: float = 0.5
+) -> torch.Tensor:
+    """lightly 1.6 ``NTXentLoss`` with a memory bank (MoCo-style), one process.
+
+    One direction only: logits ``[q·k⁺ | q·bankᵀ] / τ`` with label 0; no in-batch negatives.
+
+    Args:
+        out0: [n, d] queries; out1: [n, d] keys (positives).
+        bank: [K, d] negatives, read *before* this batch is enqueued; never receives a gradient.
+    Returns:
+        0-dim loss.
+    """
+    out0 = lightly_normalize(out0)
+    out1 = lightly_normalize(out1)
+    negatives = bank.detach().to(out0.device).T
+    sim_pos = torch.einsum("nc,nc->n", out0, out1).unsqueeze(-1)
+    # lightly's einsum would reject a half-precision query against the fp32 bank; compare in the
+    # common dtype instead, which is what any working run of the original does (fp32).
+    dtype = torch.promote_types(out0.dtype, negatives.dtype)
+    sim_neg = torch.einsum("nc,ck->nk", out0.to(dtype), negatives.to(dtype))
+    logits = torch.cat([sim_pos.to(dtype), sim_neg], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], device=out0.device, dtype=torch.long)
+    return F.cross_entropy(logits, labels)
