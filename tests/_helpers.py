@@ -1,0 +1,37 @@
+"""Shared test helpers: named comparisons whose failure message shows the tensor, the error and the bound."""
+
+from __future__ import annotations
+
+import torch
+
+# Tolerances (atol, rtol) for a fastcontrast result in a given input dtype against the fp32 (or fp64)
+# reference. Half-precision inputs are rounded once on the way in; the kernels then accumulate in fp32.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+    """Fail with the tensor's name, the max abs error and the tolerance when |actual − expected| is too big."""
+    if actual is None or expected is None:
+        if actual is None and expected is None:
+            return
+        raise AssertionError(f"{name}: one gradient is None (actual={actual is None}, expected={expected is None})")
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{name}: non-finite values in result")
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    if (err > bound).any():
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(
+            f"{name}: max abs error {err.max().item():.3e} exceeds tolerance atol={atol:.1e} rtol={rtol:.1e} "
+            f"(worst at flat index {worst}: got {actual.reshape(-1)[worst].item():.6e}, "
+            f"expected {expected.reshape(-1)[worst].item():.6e})"
+        )
