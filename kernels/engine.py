@@ -1,0 +1,230 @@
+"""The Triton engine: tensor-in / tensor-out launchers behind the engine contract of DESIGN §3.
+
+Same interface as :class:`fastcontrast.blockwise.TorchEngine`, so the autograd Functions do not know which
+engine runs. Inputs may be fp16, bf16 or fp32 (fp32 uses TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is on); LSEs, sums and gradients come back in fp32. The scale and
+bias are read from device pointers inside the kernels: no ``.item()``, no host sync, and no recompile when
+they change. Lengths and offsets are not specialised on, so a new batch size does not recompile.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from fastcontrast.kernels.configs import forward_config, gradient_config
+from fastcontrast.kernels.gradient import MODE_LSE, MODE_SIGLIP, gradient_kernel
+from fastcontrast.kernels.lse_forward import lse_forward_kernel
+from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Merge the column LSE in the same pass as the row LSE while its scratch (n / BLOCK_M · m fp32) stays under
+# this many bytes, i.e. up to N ≈ 90k at BLOCK_M = 128; past that a second pass over S is cheaper than
+# the scratch's memory.
+SINGLE_PASS_SCRATCH_BYTES = 256 * 2**20
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # Kernels need unit stride along d; any row stride is fine. Copy only when the last stride is not 1.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``."""
+    interpret = interpreter_enabled()
+    dot_fp32 = interpret and dtype == torch.bfloat16
+    if dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32:
+        return dot_fp32, "tf32"
+    return dot_fp32, "ieee"
+
+
+def _check_dtype(a: torch.Tensor) -> None:
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports float16, bfloat16 and float32 features, got {a.dtype}; "
+            "use backend='torch' for float64."
+        )
+
+
+class TritonEngine:
+    """Fused Triton kernels for the blockwise LSE and SigLIP reductions and their gradients."""
+
+    name = "triton"
+
+    def lse_forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        need_row: bool,
+        need_col: bool,
+        exclude_offset: Optional[int],
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Row LSE [n] and/or column LSE [m] of S = s·A·Bᵀ, fp32 (see ``TorchEngine.lse_forward``)."""
+        _check_dtype(a)
+        a, b = _rows_contiguous(a), _rows_contiguous(b)
+        n, m = a.shape[0], b.shape[0]
+        lse_row = lse_col = None
+        config = forward_config(a.shape[1], a.dtype, interpreter_enabled())
+        n_row_blocks = triton.cdiv(n, config.block_m)
+        single_pass = need_row and need_col and n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
+        if need_row:
+            lse_row = torch.empty(n, dtype=torch.float32, device=a.device)
+            col_partial = (
+                torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device) if single_pass else None
+            )
+            self._launch_lse(a, b, scale, lse_row, col_partial, exclude_offset)
+            if single_pass:
+                lse_col = torch.logsumexp(col_partial, dim=0)
+        if need_col and lse_col is None:
+            lse_col = torch.empty(m, dtype=torch.float32, device=a.device)
+            col_offset = None if exclude_offset is None else -exclude_offset
+            self._launch_lse(b, a, scale, lse_col, None, col_offset)
+        return lse_row, lse_col
+
+    def lse_backward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        lse_row: Optional[torch.Tensor],
+        lse_col: Optional[torch.Tensor],
+        grad_row: Optional[torch.Tensor],
+        grad_col: Optional[torch.Tensor],
+        *,
+        exclude_offset: Optional[int],
+        need_a: bool,
+        need_b: bool,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Unscaled dS·B [n, d] and dSᵀ·A [m, d], fp32 (see ``TorchEngine.lse_backward``)."""
+        a, b = _rows_contiguous(a), _rows_contiguous(b)
+        row_stats = None if grad_row is None else (lse_row, grad_row.float().contiguous())
+        col_stats = None if grad_col is None else (lse_col, grad_col.float().contiguous())
+        grad_a = grad_b = None
+        if need_a:
+            grad_a = self._launch_gradient(
+                a, b, scale, None, MODE_LSE, row_stats, col_stats, None, exclude_offset, None
+            )
+        if need_b:
+            col_offset = None if exclude_offset is None else -exclude_offset
+            grad_b = self._launch_gradient(
+                b, a, scale, None, MODE_LSE, col_stats, row_stats, None, col_offset, None
+            )
+        return grad_a, grad_b
+
+    def siglip_forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        *,
+        positive_offset: int,
+    ) -> torch.Tensor:
+        """Σᵢⱼ softplus(−zᵢⱼ·(Sᵢⱼ + bias)), 0-dim fp32 (see ``TorchEngine.siglip_forward``)."""
+        _check_dtype(a)
+        a, b = _rows_contiguous(a), _rows_contiguous(b)
+        n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        config = forward_config(d, a.dtype, interpreter_enabled())
+        grid = (triton.cdiv(n, config.block_m),)
+        partial = torch.empty(grid[0], dtype=torch.float32, device=a.device)
+        dot_fp32, precision = _dot_settings(a.dtype)
+        siglip_forward_kernel[grid](
+            a, b, scale, scale if bias is None else bias, partial,
+            n, m, d, a.stride(0), b.stride(0), positive_offset,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return partial.sum()
+
+    def siglip_backward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        grad: torch.Tensor,
+        *,
+        positive_offset: int,
+        need_a: bool,
+        need_b: bool,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """Unscaled dS·B, dSᵀ·A (fp32) and Σ dS (0-dim fp32) (see ``TorchEngine.siglip_backward``)."""
+        a, b = _rows_contiguous(a), _rows_contiguous(b)
+        grad = grad.float().reshape(())
+        bias_partial = []
+        grad_a = grad_b = None
+        # The bias gradient comes with whichever pass runs first; both see every (i, j) once.
+        if need_a:
+            grad_a = self._launch_gradient(a, b, scale, bias, MODE_SIGLIP, None, None, grad, positive_offset, bias_partial)
+        if need_b:
+            grad_b = self._launch_gradient(
+                b, a, scale, bias, MODE_SIGLIP, None, None, grad, -positive_offset,
+                None if bias_partial else bias_partial,
+            )
+        if not bias_partial:
+            grad_bias = self._siglip_bias_grad(a, b, scale, bias, grad, positive_offset)
+        else:
+            grad_bias = bias_partial[0].sum()
+        return grad_a, grad_b, grad_bias
+
+    def _siglip_bias_grad(self, a, b, scale, bias, grad, positive_offset):
+        # Only reached when neither feature needs a gradient: one gradient pass, kept for its Σ dS.
+        partial = []
+        self._launch_gradient(a, b, scale, bias, MODE_SIGLIP, None, None, grad, positive_offset, partial)
+        return partial[0].sum()
+
+    @staticmethod
+    def _launch_lse(x, y, scale, lse_out, col_partial, exclude_offset):
+        n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
+        config = forward_config(d, x.dtype, interpreter_enabled())
+        dot_fp32, precision = _dot_settings(x.dtype)
+        grid = (triton.cdiv(n_x, config.block_m),)
+        lse_forward_kernel[grid](
+            x, y, scale, lse_out, lse_out if col_partial is None else col_partial,
+            n_x, n_y, d, x.stride(0), y.stride(0), 0 if exclude_offset is None else exclude_offset,
+            HAS_EXCLUDE=exclude_offset is not None, WRITE_COL_PARTIAL=col_partial is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
+    @staticmethod
+    def _launch_gradient(x, y, scale, bias, mode, x_stats, y_stats, grad_total, offset, bias_partial_out):
+        """dS·Y for the rows of X (fp32 [n_x, d]); appends the per-program Σ dS to ``bias_partial_out``."""
+        n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
+        config = gradient_config(d, x.dtype, interpreter_enabled())
+        dot_fp32, precision = _dot_settings(x.dtype)
+        register_acc = d <= config.block_d
+        grid = (triton.cdiv(n_x, config.block_m),)
+        out = (torch.empty if register_acc else torch.zeros)((n_x, d), dtype=torch.float32, device=x.device)
+        write_bias = bias_partial_out is not None
+        bias_partial = torch.empty(grid[0], dtype=torch.float32, device=x.device) if write_bias else out
+        lse_x, grad_x = x_stats if x_stats is not None else (out, out)
+        lse_y, grad_y = y_stats if y_stats is not None else (out, out)
+        gradient_kernel[grid](
+            x, y, scale, scale if bias is None else bias,
+            lse_x, grad_x, lse_y, grad_y, scale if grad_total is None else grad_total,
+            out, bias_partial,
+            n_x, n_y, d, x.stride(0), y.stride(0), out.stride(0), 0 if offset is None else offset,
+            MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
+            HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_BIAS=bias is not None,
+            WRITE_BIAS_PARTIAL=write_bias, REGISTER_ACC=register_acc,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        if write_bias:
+            bias_partial_out.append(bias_partial)
+        return out

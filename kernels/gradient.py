@@ -1,0 +1,136 @@
+"""Gradient kernel: OUT = dS·Y for the rows of X, S = s·X·Yᵀ recomputed tile by tile.
+
+The same kernel gives both halves of the backward pass with no atomics (FlashAttention's two loops):
+dA = dS·B runs it with (X, Y) = (A, B); dB = dSᵀ·A runs it with (X, Y) = (B, A) and the row/column roles
+of the statistics swapped. Each program owns BLOCK_M rows of OUT, so results are bitwise deterministic.
+
+MODE_LSE:    dSᵢⱼ = gxᵢ·exp(Sᵢⱼ − lse_xᵢ) + gyⱼ·exp(Sᵢⱼ − lse_yⱼ), entry j = i + offset excluded if asked.
+MODE_SIGLIP: dSᵢⱼ = −zᵢⱼ·σ(−zᵢⱼ·(Sᵢⱼ + b))·g, z = +1 where j = i + offset; each program also writes the
+             partial Σ dS of its rows (the bias gradient), summed on the host in a fixed order.
+
+OUT is fp32 and unscaled (the autograd layer multiplies by s). When d fits one BLOCK_D chunk, the
+[BLOCK_M, BLOCK_D] accumulator lives in registers; otherwise the program read-modify-writes its own rows
+of OUT (zero-initialised by the launcher) once per column block.
+"""
+
+import triton
+import triton.language as tl
+
+from fastcontrast.kernels.tiles import LOG2E, similarity_tile
+
+MODE_LSE = 0
+MODE_SIGLIP = 1
+
+
+@triton.jit(do_not_specialize=["n_x", "n_y", "offset"])
+def gradient_kernel(
+    X,
+    Y,
+    SCALE,
+    BIAS,
+    LSE_X,
+    GRAD_X,
+    LSE_Y,
+    GRAD_Y,
+    GRAD_TOTAL,
+    OUT,
+    BIAS_PARTIAL,
+    n_x,
+    n_y,
+    d,
+    stride_x,
+    stride_y,
+    stride_out,
+    offset,
+    MODE: tl.constexpr,
+    HAS_X_TERM: tl.constexpr,
+    HAS_Y_TERM: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_BIAS_PARTIAL: tl.constexpr,
+    REGISTER_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: OUT[rows of block i_m] = Σ over column blocks of dS[rows, cols] · Y[cols]."""
+    i_m = tl.program_id(0)
+    o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_x = o_x < n_x
+    scale = tl.load(SCALE).to(tl.float32)
+    scale_log2 = scale * LOG2E
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(BIAS).to(tl.float32)
+    if MODE == 0:
+        if HAS_X_TERM:
+            b_lse_x = tl.load(LSE_X + o_x, mask=m_x, other=0.0) * LOG2E
+            b_grad_x = tl.load(GRAD_X + o_x, mask=m_x, other=0.0)
+    else:
+        grad_total = tl.load(GRAD_TOTAL).to(tl.float32)
+
+    o_d0 = tl.arange(0, BLOCK_D)
+    p_out = OUT + o_x.to(tl.int64)[:, None] * stride_out
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_bias_grad = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, n_y, BLOCK_N):
+        o_y = start_n + tl.arange(0, BLOCK_N)
+        m_y = o_y < n_y
+        b_s = similarity_tile(
+            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        )
+        m_valid = m_x[:, None] & m_y[None, :]
+        if MODE == 0:
+            if HAS_EXCLUDE:
+                m_valid = m_valid & (o_y[None, :] != o_x[:, None] + offset)
+            b_s2 = b_s * scale_log2
+            b_ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_X_TERM:
+                b_ds += tl.exp2(b_s2 - b_lse_x[:, None]) * b_grad_x[:, None]
+            if HAS_Y_TERM:
+                b_lse_y = tl.load(LSE_Y + o_y, mask=m_y, other=0.0) * LOG2E
+                b_grad_y = tl.load(GRAD_Y + o_y, mask=m_y, other=0.0)
+                b_ds += tl.exp2(b_s2 - b_lse_y[None, :]) * b_grad_y[None, :]
+        else:
+            b_logits = b_s * scale + bias
+            m_positive = o_y[None, :] == o_x[:, None] + offset
+            # t = −z·x; d softplus(t)/dx = −z·σ(t). σ(t) from e^−|t| so neither branch overflows.
+            b_t = tl.where(m_positive, -b_logits, b_logits)
+            b_e = tl.exp2(-tl.abs(b_t) * LOG2E)
+            b_sigmoid = tl.where(b_t >= 0, 1.0 / (1.0 + b_e), b_e / (1.0 + b_e))
+            b_ds = tl.where(m_positive, -b_sigmoid, b_sigmoid) * grad_total
+        b_ds = tl.where(m_valid, b_ds, 0.0)
+        if WRITE_BIAS_PARTIAL:
+            b_bias_grad += tl.sum(b_ds, 1)
+
+        p_y = Y + o_y.to(tl.int64)[:, None] * stride_y
+        if REGISTER_ACC:
+            b_y = tl.load(p_y + o_d0[None, :], mask=m_y[:, None] & (o_d0[None, :] < d), other=0.0)
+            # dS goes to the tensor cores in the input dtype, as FlashAttention does with P.
+            b_p = b_ds.to(b_y.dtype)
+            if DOT_FP32:
+                b_p = b_p.to(tl.float32)
+                b_y = b_y.to(tl.float32)
+            # [BM, BN] @ [BN, BD] -> [BM, BD]
+            b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
+        else:
+            for i_k in range(0, tl.cdiv(d, BLOCK_D)):
+                o_d = i_k * BLOCK_D + o_d0
+                m_d = o_d < d
+                b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
+                b_p = b_ds.to(b_y.dtype)
+                if DOT_FP32:
+                    b_p = b_p.to(tl.float32)
+                    b_y = b_y.to(tl.float32)
+                m_out = m_x[:, None] & m_d[None, :]
+                b_out = tl.load(p_out + o_d[None, :], mask=m_out, other=0.0)
+                b_out = tl.dot(b_p, b_y, b_out, input_precision=INPUT_PRECISION)
+                tl.store(p_out + o_d[None, :], b_out, mask=m_out)
+
+    if REGISTER_ACC:
+        tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d))
+    if WRITE_BIAS_PARTIAL:
+        tl.store(BIAS_PARTIAL + i_m, tl.sum(b_bias_grad, 0))

@@ -1,0 +1,75 @@
+"""Forward log-sum-exp kernel: row LSE of S = s·X·Yᵀ, optionally with per-row-block column partials.
+
+One pass over S gives both directions of CLIP when the column scratch (n / BLOCK_M · m fp32) is small:
+each program also writes, for every column, the LSE over its own BLOCK_M rows, and the host merges those
+partials with one ``logsumexp`` over the row blocks. When the scratch would be large, the column LSE is
+the same kernel run on Y·Xᵀ instead (a second pass, no scratch).
+"""
+
+import triton
+import triton.language as tl
+
+from fastcontrast.kernels.tiles import LN2, LOG2E, similarity_tile
+
+
+@triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset"])
+def lse_forward_kernel(
+    X,
+    Y,
+    SCALE,
+    LSE_X,
+    COL_PARTIAL,
+    n_x,
+    n_y,
+    d,
+    stride_x,
+    stride_y,
+    exclude_offset,
+    HAS_EXCLUDE: tl.constexpr,
+    WRITE_COL_PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: rows [i·BLOCK_M, (i+1)·BLOCK_M) of X against all of Y.
+
+    Writes LSE_X[rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the allowed j (entry j = i + exclude_offset is left out
+    when HAS_EXCLUDE), and if WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] = log Σ_{i in block} exp(Sᵢⱼ).
+    Online softmax in base 2 with the scale folded in (as FlashAttention), fp32 throughout.
+    """
+    i_m = tl.program_id(0)
+    o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_x = o_x < n_x
+    scale_log2 = tl.load(SCALE).to(tl.float32) * LOG2E
+
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, n_y, BLOCK_N):
+        o_y = start_n + tl.arange(0, BLOCK_N)
+        m_y = o_y < n_y
+        b_s = similarity_tile(
+            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        ) * scale_log2
+        m_valid = m_x[:, None] & m_y[None, :]
+        if HAS_EXCLUDE:
+            m_valid = m_valid & (o_y[None, :] != o_x[:, None] + exclude_offset)
+        b_s = tl.where(m_valid, b_s, float("-inf"))
+
+        b_new_max = tl.maximum(b_max, tl.max(b_s, 1))
+        # A row with nothing allowed yet has max −inf; shift by 0 instead so exp2 sees −inf, not NaN.
+        b_shift = tl.where(b_new_max == float("-inf"), 0.0, b_new_max)
+        b_sum = b_sum * tl.exp2(b_max - b_shift) + tl.sum(tl.exp2(b_s - b_shift[:, None]), 1)
+        b_max = b_new_max
+
+        if WRITE_COL_PARTIAL:
+            b_col_max = tl.max(b_s, 0)
+            b_col_shift = tl.where(b_col_max == float("-inf"), 0.0, b_col_max)
+            b_col_sum = tl.sum(tl.exp2(b_s - b_col_shift[None, :]), 0)
+            b_col_lse = (b_col_shift + tl.log2(b_col_sum)) * LN2
+            tl.store(COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y, b_col_lse, mask=m_y)
+
+    b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
+    tl.store(LSE_X + o_x, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)

@@ -1,0 +1,50 @@
+"""Tile helpers shared by the kernels: the S tile and the masks of the offset diagonal.
+
+Naming (STYLE.md): ``i_`` program ids, ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` block values.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def similarity_tile(
+    X,
+    Y,
+    o_x,
+    o_y,
+    m_x,
+    m_y,
+    d,
+    stride_x,
+    stride_y,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """X[o_x] · Y[o_y]ᵀ as an fp32 [BLOCK_M, BLOCK_N] tile, looping over d in chunks of BLOCK_D.
+
+    Rows and columns outside ``m_x`` / ``m_y`` and the ragged end of d load as 0.
+    """
+    b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # int64 offsets: n·d passes 2³¹ at N = 4M, d = 512.
+    p_x = X + o_x.to(tl.int64)[:, None] * stride_x
+    p_y = Y + o_y.to(tl.int64)[:, None] * stride_y
+    for i_k in range(0, tl.cdiv(d, BLOCK_D)):
+        o_d = i_k * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < d
+        b_x = tl.load(p_x + o_d[None, :], mask=m_x[:, None] & m_d[None, :], other=0.0)
+        b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
+        if DOT_FP32:
+            # Interpreter only: it stores bf16 as raw uint16 and its tl.dot multiplies those integers
+            # (DESIGN §6). A bf16×bf16 product is exact in fp32, so this keeps the GPU's numerics.
+            b_x = b_x.to(tl.float32)
+            b_y = b_y.to(tl.float32)
+        # [BM, BD] @ [BD, BN] -> [BM, BN]
+        b_s = tl.dot(b_x, tl.trans(b_y), b_s, input_precision=INPUT_PRECISION)
+    return b_s
