@@ -9,6 +9,7 @@ from fastcontrast.autograd import (
     BlockwiseLogSumExp,
     BlockwiseSigLipSum,
     blockwise_lse,
+    blockwise_lse_and_positives,
     blockwise_siglip_sum,
 )
 from fastcontrast.functional import clip_loss, nt_xent_loss, nt_xent_memory_bank_loss, siglip_loss
@@ -24,6 +25,7 @@ __all__ = [
     "SigLipLoss",
     "__version__",
     "blockwise_lse",
+    "blockwise_lse_and_positives",
     "blockwise_siglip_sum",
     "clip_loss",
     "nt_xent_loss",

@@ -33,43 +33,84 @@ def _scale_grad(a: torch.Tensor, grad_a_unscaled: torch.Tensor, scale: torch.Ten
 
 
 class BlockwiseLogSumExp(torch.autograd.Function):
-    """Row and column log-sum-exp of S = s·A·Bᵀ without materialising S.
+    """Row and column log-sum-exp of S = s·A·Bᵀ, and optionally the positive logits, without materialising S.
 
-    ``apply(a, b, scale, engine, need_row, need_col, exclude_offset)`` with a: [n, d], b: [m, d],
-    scale: 0-dim; returns ``(lse_row [n], lse_col [m])`` in fp32 (fp64 for fp64 inputs). An output not
-    asked for is an empty tensor. ``exclude_offset`` (int or None) drops entry (i, i + offset).
+    ``apply(a, b, scale, engine, need_row, need_col, exclude_offset, positive_index)`` with a: [n, d],
+    b: [m, d] or None (then b is a: self-similarity, one gradient), scale: 0-dim. Returns
+    ``(lse_row [n], lse_col [m], positives [n])`` in fp32 (fp64 for fp64 inputs), positivesᵢ =
+    S[i, positive_index[i]]. An output not asked for is an empty tensor. ``exclude_offset`` (int or None)
+    drops entry (i, i + offset) from the LSEs.
+
+    Why the positives live here and not in plain autograd: near convergence a row's softmax approaches the
+    one-hot of its positive, and dA = s·(Σⱼ Pᵢⱼ·Bⱼ − B_pos) is the difference of two nearly equal terms. Both
+    are summed in fp32 here and rounded to the input dtype once; through two autograd paths each would be
+    rounded to bf16 first and the small difference lost.
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset):
-        lse_row, lse_col = engine.lse_forward(
-            a, b, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset
-        )
+    def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset, positive_index):
+        other = a if b is None else b
+        lse_row, lse_col = (None, None)
+        if need_row or need_col:
+            lse_row, lse_col = engine.lse_forward(
+                a, other, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset
+            )
+        cdt = compute_dtype(a.dtype)
+        positives = None
+        if positive_index is not None:
+            partner = other.index_select(0, positive_index).to(cdt)
+            positives = (a.to(cdt) * partner).sum(dim=1) * scale.detach().to(cdt)
         ctx.set_materialize_grads(False)
         ctx.engine = engine
         ctx.exclude_offset = exclude_offset
-        ctx.save_for_backward(a, b, scale, lse_row, lse_col)
-        empty = a.new_empty(0, dtype=compute_dtype(a.dtype))
-        return (lse_row if need_row else empty), (lse_col if need_col else empty)
+        ctx.self_similarity = b is None
+        ctx.save_for_backward(a, b, scale, lse_row, lse_col, positive_index)
+        empty = a.new_empty(0, dtype=cdt)
+        return (
+            lse_row if need_row else empty,
+            lse_col if need_col else empty,
+            positives if positives is not None else empty,
+        )
 
     @staticmethod
-    def backward(ctx, grad_row, grad_col):
-        a, b, scale, lse_row, lse_col = ctx.saved_tensors
+    def backward(ctx, grad_row, grad_col, grad_positives):
+        a, b, scale, lse_row, lse_col, positive_index = ctx.saved_tensors
+        other = a if ctx.self_similarity else b
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        if ctx.self_similarity:
+            need_b = need_a
         if lse_row is None:
             grad_row = None
         if lse_col is None:
             grad_col = None
-        if grad_row is None and grad_col is None:
-            return (None,) * 7
-        grad_a_unscaled, grad_b_unscaled = ctx.engine.lse_backward(
-            a, b, scale, lse_row, lse_col, grad_row, grad_col,
-            exclude_offset=ctx.exclude_offset, need_a=need_a or need_scale, need_b=need_b,
-        )
+        if positive_index is None:
+            grad_positives = None
+        need_a_product = need_a or need_scale
+        grad_a_unscaled = grad_b_unscaled = None
+        if grad_row is not None or grad_col is not None:
+            grad_a_unscaled, grad_b_unscaled = ctx.engine.lse_backward(
+                a, other, scale, lse_row, lse_col, grad_row, grad_col,
+                exclude_offset=ctx.exclude_offset, need_a=need_a_product, need_b=need_b,
+            )
+        if grad_positives is not None:
+            cdt = compute_dtype(a.dtype)
+            weight = grad_positives.to(cdt).unsqueeze(1)
+            if need_a_product:
+                partner_term = weight * other.index_select(0, positive_index).to(cdt)
+                grad_a_unscaled = partner_term if grad_a_unscaled is None else grad_a_unscaled.add_(partner_term)
+            if need_b:
+                if grad_b_unscaled is None:
+                    grad_b_unscaled = torch.zeros(other.shape, dtype=cdt, device=other.device)
+                grad_b_unscaled.index_add_(0, positive_index, weight * a.to(cdt))
+        if grad_a_unscaled is None and grad_b_unscaled is None:
+            return (None,) * 8
         grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
+        if ctx.self_similarity:
+            total = grad_a_unscaled if grad_b_unscaled is None else grad_a_unscaled.add_(grad_b_unscaled)
+            return _scaled_grad(total, scale, a), None, grad_scale, None, None, None, None, None
         grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
         grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
-        return grad_a, grad_b, grad_scale, None, None, None, None
+        return grad_a, grad_b, grad_scale, None, None, None, None, None
 
 
 class BlockwiseSigLipSum(torch.autograd.Function):
@@ -140,8 +181,37 @@ def blockwise_lse(
     Returns:
         ``(lse_row [n] or None, lse_col [m] or None)``, fp32 (fp64 for fp64 inputs).
     """
-    lse_row, lse_col = BlockwiseLogSumExp.apply(a, b, scale, engine, rows, cols, exclude_offset)
+    lse_row, lse_col, _ = BlockwiseLogSumExp.apply(a, b, scale, engine, rows, cols, exclude_offset, None)
     return (lse_row if rows else None), (lse_col if cols else None)
+
+
+def blockwise_lse_and_positives(
+    a: torch.Tensor,
+    b: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    engine,
+    positive_index: torch.Tensor,
+    *,
+    rows: bool = True,
+    cols: bool = False,
+    exclude_offset: Optional[int] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """The LSEs of :func:`blockwise_lse` plus the positive logits S[i, positive_index[i]], in one Function.
+
+    Every softmax loss here is LSE − positive. Computing both in one Function sums their gradients in fp32
+    before the single cast to the input dtype (see :class:`BlockwiseLogSumExp`).
+
+    Args:
+        a: [n, d]; b: [m, d], or None for S = scale·a·aᵀ (NT-Xent), where ``a`` gets one gradient.
+        positive_index: [n] int64 column of each row's positive.
+        rows, cols, exclude_offset: see :func:`blockwise_lse`.
+    Returns:
+        ``(lse_row [n] or None, lse_col [m] or None, positives [n])``, fp32 (fp64 for fp64 inputs).
+    """
+    lse_row, lse_col, positives = BlockwiseLogSumExp.apply(
+        a, b, scale, engine, rows, cols, exclude_offset, positive_index
+    )
+    return (lse_row if rows else None), (lse_col if cols else None), positives
 
 
 def blockwise_siglip_sum(

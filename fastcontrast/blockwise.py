@@ -133,6 +133,11 @@ class TorchEngine:
                     grad_logits.add_(logits.sub_(col_shift).exp_().mul_(col_weight))
             else:
                 grad_logits = logits.sub_(col_shift).exp_().mul_(col_weight)
+            if exclude_offset is not None:
+                # Excluded entries get no gradient. Where a whole row or column is excluded its LSE is −inf
+                # and exp(−inf − (−inf)) is NaN, which would poison every gradient through dS·B.
+                rows, cols = _offset_diagonal(start, stop, m, exclude_offset, a.device)
+                grad_logits[rows, cols] = 0
             self._accumulate(grad_logits, a, b_c, start, stop, grad_a, grad_b)
         return grad_a, grad_b
 

@@ -12,10 +12,15 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from fastcontrast import reference
+from fastcontrast import distributed, reference
 from fastcontrast._dispatch import check_backend, resolve_engine
 from fastcontrast._validation import as_scalar_tensor, check_features, check_pair
-from fastcontrast.autograd import blockwise_lse, blockwise_siglip_sum, keep_in_graph
+from fastcontrast.autograd import (
+    blockwise_lse,
+    blockwise_lse_and_positives,
+    blockwise_siglip_sum,
+    keep_in_graph,
+)
 from fastcontrast.blockwise import compute_dtype
 
 Scalar = Union[torch.Tensor, float]
@@ -23,14 +28,7 @@ Scalar = Union[torch.Tensor, float]
 TEMPERATURE_EPS = 1e-8
 
 
-def _single_process_only(world_size: int, process_group: object, feature: str) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"`world_size` must be a positive int, got {world_size!r}.")
-    if world_size > 1 or process_group is not None:
-        raise NotImplementedError(
-            f"{feature} across processes (world_size={world_size}) is not implemented yet; "
-            "use world_size=1 (distributed gathers are tracked in the distributed-training issue)."
-        )
+SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
 
 
 def positive_logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,24 +63,36 @@ def clip_loss(
             value is not checked, because reading it would cost a host sync every step.
         logit_bias: optional scalar added to every logit. It changes nothing in a softmax, but like in
             open_clip it stays in the graph and gets an exact zero gradient.
-        local_loss, gather_with_grad, rank, world_size, process_group: open_clip's distributed options.
+        local_loss, gather_with_grad, rank, world_size: open_clip's distributed options, with open_clip's
+            meaning in all four flag combinations (see docs/distributed.md for which give exact gradients).
+        process_group: the torch.distributed group to gather over (None: the default group). When given,
+            the rank and world size come from it; explicit ``rank``/``world_size`` must then agree with it.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
         chunk_bytes: logits budget per chunk for the torch engine (bytes).
     Returns:
-        0-dim loss, fp32 (fp64 for fp64 features).
+        0-dim loss, fp32 (fp64 for fp64 features). Across processes, ranks may hold different batch sizes;
+        the local loss is then weighted by W·n_k/N so that the average over ranks is the global-batch loss.
     """
     check_backend(backend)
+    group = distributed.resolve_group(rank, world_size, process_group, what="ClipLoss")
+    if group is not None:
+        return _clip_loss_distributed(
+            image_features, text_features, logit_scale, logit_bias, group,
+            local_loss=local_loss, gather_with_grad=gather_with_grad,
+            backend=backend, chunk_bytes=chunk_bytes,
+        )
     check_features("image_features", image_features)
     check_features("text_features", text_features)
     check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
     scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
     bias = as_scalar_tensor("logit_bias", logit_bias, like=image_features, must_be_positive=False)
-    _single_process_only(world_size, process_group, "ClipLoss")
     engine = resolve_engine(backend, image_features.device, chunk_bytes)
     if engine is None:
         return reference.clip_loss_reference(image_features, text_features, scale, bias)
-    lse_row, lse_col = blockwise_lse(image_features, text_features, scale, engine, rows=True, cols=True)
-    pos = positive_logits(image_features, text_features, scale)
+    diagonal = torch.arange(image_features.shape[0], device=image_features.device)
+    lse_row, lse_col, pos = blockwise_lse_and_positives(
+        image_features, text_features, scale, engine, diagonal, rows=True, cols=True
+    )
     loss = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
     return keep_in_graph(loss, bias)
 
@@ -107,18 +117,32 @@ def siglip_loss(
     Args:
         image_features: [n, d]; text_features: [n, d], same dtype and device.
         logit_scale: exponentiated scale (see :func:`clip_loss`); logit_bias: scalar or None.
-        rank, world_size, dist_impl, process_group: open_clip's distributed options.
+        rank, world_size, process_group: see :func:`clip_loss`.
+        dist_impl: ``None``, ``"bidir"``, ``"shift"``, ``"reduce"`` or ``"gather"``. In open_clip these are
+            four communication schedules for the same function (text features travel with their gradient to
+            every rank); here all four are that same function, computed by one gather of the text features
+            with gradient and one rectangular blockwise call with the positives at this rank's offset.
         backend, chunk_bytes: see :func:`clip_loss`.
     Returns:
-        0-dim loss, fp32 (fp64 for fp64 features).
+        0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
+        weighted by W·n_k/N, as in :func:`clip_loss`.
     """
     check_backend(backend)
+    if dist_impl not in SIGLIP_DIST_IMPLS:
+        raise ValueError(
+            f"`dist_impl` must be one of {', '.join(repr(c) for c in SIGLIP_DIST_IMPLS)}, got {dist_impl!r}."
+        )
+    group = distributed.resolve_group(rank, world_size, process_group, what="SigLipLoss")
+    if group is not None:
+        return _siglip_loss_distributed(
+            image_features, text_features, logit_scale, logit_bias, group,
+            backend=backend, chunk_bytes=chunk_bytes,
+        )
     check_features("image_features", image_features)
     check_features("text_features", text_features)
     check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
     scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
     bias = as_scalar_tensor("logit_bias", logit_bias, like=image_features, must_be_positive=False)
-    _single_process_only(world_size, process_group, "SigLipLoss")
     engine = resolve_engine(backend, image_features.device, chunk_bytes)
     if engine is None:
         return reference.siglip_loss_reference(image_features, text_features, scale, bias)
@@ -163,41 +187,36 @@ def nt_xent_loss(
     Args:
         out0, out1: [n, d] projections of two views, same dtype and device.
         temperature: τ; |τ| < 1e-8 is an error (lightly's rule).
-        gather_distributed, process_group: lightly's distributed option.
+        gather_distributed: lightly's option: negatives from every rank of the group, gathered with
+            gradient, labels offset by the rank. Without an initialised process group it gathers nothing.
+        process_group: the group to gather over (None: the default group); needs ``gather_distributed``.
         backend, chunk_bytes: see :func:`clip_loss`.
     Returns:
-        0-dim loss, fp32 (fp64 for fp64 features).
+        0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
+        weighted by W·n_k/N, as in :func:`clip_loss`.
     """
     check_backend(backend)
     temperature = check_temperature(temperature)
+    group = distributed.resolve_gather_group(gather_distributed, process_group, what="NTXentLoss")
+    if group is not None:
+        return _nt_xent_loss_distributed(
+            out0, out1, temperature, group, backend=backend, chunk_bytes=chunk_bytes
+        )
     check_features("out0", out0)
     check_features("out1", out1)
     check_pair("out0", out0, "out1", out1, same_batch=True)
-    _check_gather_distributed(gather_distributed, process_group)
     engine = resolve_engine(backend, out0.device, chunk_bytes)
     if engine is None:
         return reference.nt_xent_loss_reference(out0, out1, temperature)
     z0 = normalize_rows(out0)
     z1 = normalize_rows(out1)
     z = torch.cat([z0, z1])
+    n = out0.shape[0]
     inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
-    lse, _ = blockwise_lse(z, z, inv_temperature, engine, rows=True, cols=False, exclude_offset=0)
-    pos = positive_logits(z0, z1, inv_temperature)
-    return (lse - torch.cat([pos, pos])).mean()
-
-
-def _check_gather_distributed(gather_distributed: bool, process_group) -> None:
-    # lightly accepts gather_distributed=True in a single process with no group: it then gathers nothing.
-    if not gather_distributed:
-        return
-    import torch.distributed as dist
-
-    group_size = 1
-    if process_group is not None:
-        group_size = dist.get_world_size(process_group)
-    elif dist.is_available() and dist.is_initialized():
-        group_size = dist.get_world_size()
-    _single_process_only(group_size, None, "NTXentLoss(gather_distributed=True)")
+    # Row i's positive is the other view of its sample: i + n for the first view, i − n for the second.
+    partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
+    lse, _, pos = blockwise_lse_and_positives(z, None, inv_temperature, engine, partner, exclude_offset=0)
+    return (lse - pos).mean()
 
 
 def nt_xent_memory_bank_loss(
@@ -235,13 +254,140 @@ def nt_xent_memory_bank_loss(
     engine = resolve_engine(backend, out0.device, chunk_bytes)
     if engine is None:
         return reference.nt_xent_memory_bank_loss_reference(out0, out1, bank, temperature)
-    q = normalize_rows(out0)
-    k = normalize_rows(out1)
-    cdt = compute_dtype(q.dtype)
-    # The bank is fp32 (lightly's); queries are compared against it in fp32 rather than rounding the bank
-    # to half precision. The bank never receives a gradient.
+    cdt = compute_dtype(out0.dtype)
+    # The bank is fp32 (lightly's): queries and keys are normalised and compared in fp32 rather than
+    # rounding the bank to half precision, and every gradient term meets in fp32 before the one cast back.
+    # The bank never receives a gradient.
+    q = F.normalize(out0.to(cdt), dim=1, eps=1e-12)
+    k = F.normalize(out1.to(cdt), dim=1, eps=1e-12)
     negatives = bank.detach().to(device=q.device, dtype=cdt)
     inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=q.device)
-    lse_bank, _ = blockwise_lse(q.to(cdt), negatives, inv_temperature, engine, rows=True, cols=False)
+    lse_bank, _ = blockwise_lse(q, negatives, inv_temperature, engine, rows=True, cols=False)
     pos = positive_logits(q, k, inv_temperature)
     return (torch.logaddexp(pos, lse_bank) - pos).mean()
+
+
+def _rank_mean(per_row: torch.Tensor, layout: distributed.BatchLayout) -> torch.Tensor:
+    """This rank's share of a global-batch mean: the mean over its rows, times W·n_k/N when sizes differ.
+
+    ``per_row`` holds this rank's ``layout.local_rows`` rows. With equal sizes the factor is 1 and this is the
+    plain mean (the originals' value, bit for bit); with unequal sizes the average over ranks of these
+    values, and of their gradients under DDP, is the mean over all N rows.
+    """
+    if layout.equal:
+        return per_row.mean()
+    return per_row.sum() * (layout.world_size / layout.total)
+
+
+def _clip_loss_distributed(
+    image_features, text_features, logit_scale, logit_bias, group, *, local_loss, gather_with_grad, backend,
+    chunk_bytes,
+) -> torch.Tensor:
+    """open_clip's gather_features + get_logits + cross-entropy across ranks, blockwise (DESIGN §5).
+
+    Gathers: with grad (autograd all-gather, gradients summed back to their rank); without grad for the
+    local loss (the gathered tensors are constants); without grad for the global loss but with the live
+    local tensor in its slot. The global loss is the full N×N loss on every rank; the local loss is two
+    rectangular row-direction calls, positives at this rank's offset, read from the gathered tensors so that
+    gradients take exactly open_clip's routes.
+    """
+
+    def check():
+        check_features("image_features", image_features)
+        check_features("text_features", text_features)
+        check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
+        scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
+        bias = as_scalar_tensor("logit_bias", logit_bias, like=image_features, must_be_positive=False)
+        return scale, bias, resolve_engine(backend, image_features.device, chunk_bytes)
+
+    (scale, bias, engine), layout = distributed.exchange_layout(
+        group, image_features, check, what="ClipLoss", name="image_features"
+    )
+    if gather_with_grad:
+        gather = distributed.gather_with_grad
+    elif local_loss:
+        gather = distributed.gather_without_grad
+    else:
+        gather = distributed.gather_with_local_slot
+    all_image = gather(image_features, group, layout)
+    all_text = gather(text_features, group, layout)
+    if not local_loss:
+        if engine is None:
+            return reference.clip_loss_reference(all_image, all_text, scale, bias)
+        lse_row, lse_col = blockwise_lse(all_image, all_text, scale, engine, rows=True, cols=True)
+        pos = positive_logits(all_image, all_text, scale)
+        return keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
+    start, stop = layout.local_rows * layout.rank, layout.local_rows * (layout.rank + 1)
+    if engine is None:
+        loss = reference.clip_loss_local_reference(
+            image_features, text_features, all_image, all_text, scale, bias, offset=start
+        )
+        return loss if layout.equal else loss * layout.loss_weight()
+    lse_image, _ = blockwise_lse(image_features, all_text, scale, engine, rows=True, cols=False)
+    lse_text, _ = blockwise_lse(text_features, all_image, scale, engine, rows=True, cols=False)
+    pos_image = positive_logits(image_features, all_text[start:stop], scale)
+    pos_text = positive_logits(text_features, all_image[start:stop], scale)
+    loss = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
+    return keep_in_graph(loss, bias)
+
+
+def _siglip_loss_distributed(
+    image_features, text_features, logit_scale, logit_bias, group, *, backend, chunk_bytes
+) -> torch.Tensor:
+    """open_clip's SigLipLoss across ranks: local images against the texts of every rank (gathered with
+    gradient), +1 only against this rank's own texts, summed and divided by the local batch size."""
+
+    def check():
+        check_features("image_features", image_features)
+        check_features("text_features", text_features)
+        check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
+        scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
+        bias = as_scalar_tensor("logit_bias", logit_bias, like=image_features, must_be_positive=False)
+        return scale, bias, resolve_engine(backend, image_features.device, chunk_bytes)
+
+    (scale, bias, engine), layout = distributed.exchange_layout(
+        group, image_features, check, what="SigLipLoss", name="image_features"
+    )
+    all_text = distributed.gather_with_grad(text_features, group, layout)
+    if engine is None:
+        loss = reference.siglip_loss_reference(
+            image_features, all_text, scale, bias, positive_offset=layout.offset
+        )
+        return loss if layout.equal else loss * layout.loss_weight()
+    total = blockwise_siglip_sum(image_features, all_text, scale, bias, engine, positive_offset=layout.offset)
+    if layout.equal:
+        return total / layout.local_rows
+    return total * (layout.world_size / layout.total)
+
+
+def _nt_xent_loss_distributed(out0, out1, temperature, group, *, backend, chunk_bytes) -> torch.Tensor:
+    """lightly's NTXentLoss(gather_distributed=True): the 2n local rows against the 2N rows of every rank
+    (gathered with gradient), each row's own entry excluded, the positive in the other view of its sample."""
+
+    def check():
+        check_features("out0", out0)
+        check_features("out1", out1)
+        check_pair("out0", out0, "out1", out1, same_batch=True)
+        return resolve_engine(backend, out0.device, chunk_bytes)
+
+    engine, layout = distributed.exchange_layout(group, out0, check, what="NTXentLoss", name="out0")
+    normalize = reference.lightly_normalize if engine is None else normalize_rows
+    z0 = normalize(out0)
+    z1 = normalize(out1)
+    z = torch.cat([z0, z1])
+    # Each rank contributes its [z0; z1]: the gathered tensor is rank by rank, so this rank's own rows start
+    # at 2·offset, and row i's self-similarity is column 2·offset + i.
+    views = layout.scaled(2)
+    z_all = distributed.gather_with_grad(z, group, views)
+    if engine is None:
+        z0_all, z1_all = distributed.split_views(z_all, layout, 2)
+        loss = reference.nt_xent_loss_gathered_reference(
+            z0, z1, z0_all, z1_all, temperature, offset=layout.offset
+        )
+        return loss if layout.equal else loss * layout.loss_weight()
+    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
+    lse, _ = blockwise_lse(
+        z, z_all, inv_temperature, engine, rows=True, cols=False, exclude_offset=views.offset
+    )
+    pos = positive_logits(z0, z1, inv_temperature)
+    return _rank_mean(lse - torch.cat([pos, pos]), views)

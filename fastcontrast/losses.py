@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastcontrast import functional
+from fastcontrast import distributed, functional
 from fastcontrast._dispatch import check_backend
 from fastcontrast._validation import check_choice, check_features, check_non_negative_int
 from fastcontrast.memory_bank import MemoryBank
@@ -33,6 +33,14 @@ def _check_rank_world(rank: object, world_size: object) -> None:
         raise ValueError(f"`rank` must be smaller than `world_size` ({world_size}), got {rank}.")
 
 
+def _rank_world_from_group(rank: int, world_size: int, process_group, what: str) -> tuple[int, int]:
+    """With ``process_group=``, the rank and world size come from the group (explicit ones must agree)."""
+    if process_group is None:
+        return rank, world_size
+    group = distributed.resolve_group(rank, world_size, process_group, what=what)
+    return (0, 1) if group is None else (group.rank, group.world_size)
+
+
 def _reject_horovod(use_horovod: bool) -> None:
     if use_horovod:
         raise ValueError(
@@ -52,7 +60,10 @@ class ClipLoss(nn.Module):
         use_horovod: must be False (Horovod is not supported; torch.distributed is).
         backend: ``"auto"`` (Triton on CUDA, else the blockwise torch engine), ``"triton"``, ``"torch"``
             or ``"reference"`` (open_clip's naive math).
-        process_group: torch.distributed group to gather over (default: the default group).
+        process_group: torch.distributed group to gather over (default: the default group). When given, the
+            rank and world size are taken from it; explicit ``rank``/``world_size`` that contradict it are an
+            error. Across processes, gradients are exact under DDP averaging with ``gather_with_grad=True``
+            (``local_loss=True`` is the cheap way); see docs/distributed.md.
         chunk_bytes: logits budget per chunk for the torch engine.
     """
 
@@ -73,6 +84,7 @@ class ClipLoss(nn.Module):
         _check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels)
         _check_rank_world(rank, world_size)
         _reject_horovod(use_horovod)
+        rank, world_size = _rank_world_from_group(rank, world_size, process_group, "ClipLoss")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -110,7 +122,9 @@ class SigLipLoss(nn.Module):
     Args:
         cache_labels, rank, world_size: as in open_clip (``cache_labels`` has no effect: no labels are built).
         dist_impl: ``None``, ``"bidir"``, ``"shift"``, ``"reduce"`` or ``"gather"``. In open_clip these are
-            four schedules for the same sum; here all give the same value and gradients.
+            four communication schedules for the same function; here all four *are* the same function (one
+            gather of the text features with gradient, one rectangular blockwise call), with open_clip's
+            value and gradients.
         backend, process_group, chunk_bytes: see :class:`ClipLoss`.
     """
 
@@ -128,6 +142,7 @@ class SigLipLoss(nn.Module):
         super().__init__()
         _check_flags(cache_labels=cache_labels)
         _check_rank_world(rank, world_size)
+        rank, world_size = _rank_world_from_group(rank, world_size, process_group, "SigLipLoss")
         dist_impl = dist_impl or "bidir"
         check_choice("dist_impl", dist_impl, SIGLIP_DIST_IMPLS)
         self.cache_labels = cache_labels
@@ -162,7 +177,9 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: τ; ``abs(τ) < 1e-8`` raises ValueError (lightly's rule). Negative τ is accepted.
         memory_bank_size: 0 (no bank), ``(K, D)``, or an int K (D inferred from the first batch).
-        gather_distributed: gather negatives from all ranks (lightly's semantics).
+        gather_distributed: gather negatives from all ranks, with gradient (lightly's semantics); with a
+            memory bank, the keys of all ranks are enqueued instead. Without an initialised process group it
+            gathers nothing, as in lightly.
         backend, process_group, chunk_bytes: see :class:`ClipLoss`.
     """
 
@@ -179,6 +196,8 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = functional.check_temperature(temperature)
         _check_flags(gather_distributed=gather_distributed)
+        if process_group is not None:
+            distributed.resolve_gather_group(gather_distributed, process_group, what="NTXentLoss")
         self.memory_bank = MemoryBank(memory_bank_size)
         self.gather_distributed = gather_distributed
         self.backend = check_backend(backend)
@@ -200,5 +219,9 @@ class NTXentLoss(nn.Module):
         )
         # lightly enqueues only when a backward pass will follow, so evaluation leaves the bank as it is.
         if out0.requires_grad:
-            self.memory_bank.enqueue(functional.normalize_rows(out1.detach()))
+            keys = functional.normalize_rows(out1.detach())
+            if self.gather_distributed:
+                self.memory_bank.enqueue_from_all_ranks(keys, self.process_group)
+            else:
+                self.memory_bank.enqueue(keys)
         return loss

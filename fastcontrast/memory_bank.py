@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fastcontrast import distributed
+
 
 class MemoryBank(nn.Module):
     """FIFO bank of negatives, lightly-compatible.
@@ -76,3 +78,19 @@ class MemoryBank(nn.Module):
             self.bank[ptr : ptr + batch_size] = keys.detach()
             self._ptr = ptr + batch_size
         self.bank_ptr.fill_(self._ptr)
+
+    @torch.no_grad()
+    def enqueue_from_all_ranks(self, keys: torch.Tensor, process_group=None) -> None:
+        """lightly's ``gather_distributed`` update: enqueue the keys of every rank, in rank order.
+
+        Every rank then holds the same bank. Ranks may hold different numbers of keys. Without an initialised
+        process group (or in a group of one) this is :meth:`enqueue`.
+
+        Args:
+            keys: [b, D] this rank's normalised keys.
+            process_group: the group to gather over (None: the default group).
+        """
+        group = distributed.resolve_gather_group(True, process_group, what="NTXentLoss memory bank")
+        if group is not None:
+            keys = distributed.gather_keys_for_memory_bank(keys, group, what="NTXentLoss memory bank")
+        self.enqueue(keys)

@@ -142,3 +142,71 @@ def nt_xent_memory_bank_loss_reference(
     logits = torch.cat([sim_pos.to(dtype), sim_neg], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], device=out0.device, dtype=torch.long)
     return F.cross_entropy(logits, labels)
+
+
+def clip_loss_local_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    all_image_features: torch.Tensor,
+    all_text_features: torch.Tensor,
+    logit_scale: Scale,
+    logit_bias: Optional[Scale] = None,
+    *,
+    offset: int,
+) -> torch.Tensor:
+    """open_clip 3.x ``ClipLoss`` with ``local_loss=True`` on one rank, given the gathered features.
+
+    ``logits_per_image = s·I_local·T_allᵀ (+b)``, ``logits_per_text = s·T_local·I_allᵀ (+b)``, labels
+    ``arange(n) + offset`` (open_clip's ``n·rank``; the sum of the lower ranks' sizes when they differ).
+
+    Args:
+        image_features, text_features: [n, d] this rank's features.
+        all_image_features, all_text_features: [N, d] every rank's features in rank order.
+    Returns:
+        0-dim loss: the mean over this rank's rows, in the logits' dtype.
+    """
+    logits_per_image = logit_scale * image_features @ all_text_features.T
+    logits_per_text = logit_scale * text_features @ all_image_features.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
+    labels = torch.arange(image_features.shape[0], device=image_features.device, dtype=torch.long) + offset
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def nt_xent_loss_gathered_reference(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    z0_all: torch.Tensor,
+    z1_all: torch.Tensor,
+    temperature: float,
+    *,
+    offset: int,
+) -> torch.Tensor:
+    """lightly 1.6 ``NTXentLoss(gather_distributed=True)`` on one rank, given the gathered normalised views.
+
+    Each local row is scored against both gathered views except itself (lightly's ``eye_rank`` mask, at
+    column ``offset + i``); the positive of row i is at column ``offset + i`` of the other view.
+
+    Args:
+        z0, z1: [n, d] this rank's views, already normalised (lightly normalises before gathering).
+        z0_all, z1_all: [N, d] every rank's views in rank order (lightly's ``out0_large``, ``out1_large``).
+        offset: this rank's first row in the gathered views (lightly's ``rank·n``).
+    Returns:
+        0-dim loss: the mean over this rank's 2n rows.
+    """
+    batch_size = z0.shape[0]
+    rows = torch.arange(batch_size, device=z0.device)
+    diag_mask = torch.zeros((batch_size, z0_all.shape[0]), dtype=torch.bool, device=z0.device)
+    diag_mask[rows, rows + offset] = True
+    logits_00 = torch.einsum("nc,mc->nm", z0, z0_all) / temperature
+    logits_01 = torch.einsum("nc,mc->nm", z0, z1_all) / temperature
+    logits_10 = torch.einsum("nc,mc->nm", z1, z0_all) / temperature
+    logits_11 = torch.einsum("nc,mc->nm", z1, z1_all) / temperature
+    logits_00 = logits_00[~diag_mask].view(batch_size, -1)
+    logits_11 = logits_11[~diag_mask].view(batch_size, -1)
+    logits_0100 = torch.cat([logits_01, logits_00], dim=1)
+    logits_1011 = torch.cat([logits_10, logits_11], dim=1)
+    logits = torch.cat([logits_0100, logits_1011], dim=0)
+    labels = (rows + offset).repeat(2)
+    return F.cross_entropy(logits, labels)

@@ -16,10 +16,10 @@ of OUT (zero-initialised by the launcher) once per column block.
 import triton
 import triton.language as tl
 
-from fastcontrast.kernels.tiles import LOG2E, similarity_tile
+from fastcontrast.kernels.tiles import LOG2E, round_to_bfloat16, similarity_tile
 
-MODE_LSE = 0
-MODE_SIGLIP = 1
+MODE_LSE = tl.constexpr(0)
+MODE_SIGLIP = tl.constexpr(1)
 
 
 @triton.jit(do_not_specialize=["n_x", "n_y", "offset"])
@@ -110,10 +110,11 @@ def gradient_kernel(
         if REGISTER_ACC:
             b_y = tl.load(p_y + o_d0[None, :], mask=m_y[:, None] & (o_d0[None, :] < d), other=0.0)
             # dS goes to the tensor cores in the input dtype, as FlashAttention does with P.
-            b_p = b_ds.to(b_y.dtype)
             if DOT_FP32:
-                b_p = b_p.to(tl.float32)
+                b_p = round_to_bfloat16(b_ds)
                 b_y = b_y.to(tl.float32)
+            else:
+                b_p = b_ds.to(b_y.dtype)
             # [BM, BN] @ [BN, BD] -> [BM, BD]
             b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
         else:
@@ -121,10 +122,11 @@ def gradient_kernel(
                 o_d = i_k * BLOCK_D + o_d0
                 m_d = o_d < d
                 b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
-                b_p = b_ds.to(b_y.dtype)
                 if DOT_FP32:
-                    b_p = b_p.to(tl.float32)
+                    b_p = round_to_bfloat16(b_ds)
                     b_y = b_y.to(tl.float32)
+                else:
+                    b_p = b_ds.to(b_y.dtype)
                 m_out = m_x[:, None] & m_d[None, :]
                 b_out = tl.load(p_out + o_d[None, :], mask=m_out, other=0.0)
                 b_out = tl.dot(b_p, b_y, b_out, input_precision=INPUT_PRECISION)

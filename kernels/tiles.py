@@ -6,8 +6,8 @@ Naming (STYLE.md): ``i_`` program ids, ``o_`` offsets, ``m_`` masks, ``p_`` poin
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -48,3 +48,17 @@ def similarity_tile(
         # [BM, BD] @ [BD, BN] -> [BM, BN]
         b_s = tl.dot(b_x, tl.trans(b_y), b_s, input_precision=INPUT_PRECISION)
     return b_s
+
+
+@triton.jit
+def round_to_bfloat16(b_x):
+    """fp32 tile rounded to the nearest bf16 value (ties to even), kept in fp32. Interpreter only.
+
+    Second interpreter trap (triton 3.9): its fp32 → bf16 cast truncates the mantissa instead of rounding
+    to nearest even as the GPU's ``cvt.rn.bf16.f32`` does. Truncation biases every rounded value toward
+    zero, which shows as gradient errors of one bf16 ulp where the GPU has none. Rounding on the bits
+    reproduces the GPU result exactly for finite values.
+    """
+    b_bits = b_x.to(tl.uint32, bitcast=True)
+    b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
+    return b_bits.to(tl.float32, bitcast=True)

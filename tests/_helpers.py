@@ -14,12 +14,16 @@ TOLERANCES = {
 }
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
-    """Fail with the tensor's name, the max abs error and the tolerance when |actual − expected| is too big."""
+def assert_close(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0
+) -> None:
+    """Fail with the tensor's name, max abs error and tolerance when |actual − expected| is too big."""
     if actual is None or expected is None:
         if actual is None and expected is None:
             return
-        raise AssertionError(f"{name}: one gradient is None (actual={actual is None}, expected={expected is None})")
+        raise AssertionError(
+            f"{name}: one gradient is None (actual={actual is None}, expected={expected is None})"
+        )
     actual = actual.detach().to(torch.float64).cpu()
     expected = expected.detach().to(torch.float64).cpu()
     if actual.shape != expected.shape:

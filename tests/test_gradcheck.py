@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_close
 from torch.autograd import gradcheck
 
 import fastcontrast
@@ -70,6 +71,37 @@ def test_blockwise_lse_gradcheck_with_one_output_unused():
     assert gradcheck(lambda a, b, s: fastcontrast.blockwise_lse(a, b, s, engine)[0].sum(), (a, b, scale))
 
 
+@pytest.mark.parametrize(
+    "n, m, exclude_offset",
+    [pytest.param(1, 4, 0, id="N1-M4-column0-empty"), pytest.param(4, 1, 2, id="N4-M1-row2-empty")],
+)
+def test_blockwise_lse_gradient_stays_finite_when_exclusion_empties_a_row_or_column(n, m, exclude_offset):
+    # An emptied row/column has LSE −inf (as torch.logsumexp says); using only the finite outputs must give
+    # torch's finite gradients, not NaN from exp(−inf − (−inf)) at the excluded entry.
+    a, b, scale = fp64(n, 3, seed=21), fp64(m, 3, seed=22), scalar(1.3)
+    lse_row, lse_col = fastcontrast.blockwise_lse(
+        a, b, scale, TorchEngine(chunk_bytes=8), exclude_offset=exclude_offset
+    )
+    logits = scale * a @ b.T
+    excluded = torch.zeros(n, m, dtype=torch.bool)
+    rows = torch.arange(n)
+    keep = (rows + exclude_offset >= 0) & (rows + exclude_offset < m)
+    excluded[rows[keep], rows[keep] + exclude_offset] = True
+    logits = logits.masked_fill(excluded, float("-inf"))
+    ref_row, ref_col = torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
+    assert torch.equal(torch.isinf(lse_row), torch.isinf(ref_row)) and torch.equal(
+        torch.isinf(lse_col), torch.isinf(ref_col)
+    )
+
+    def finite_part(lse_row, lse_col):
+        return lse_row[torch.isfinite(lse_row)].sum() + 0.5 * lse_col[torch.isfinite(lse_col)].sum()
+
+    grads = torch.autograd.grad(finite_part(lse_row, lse_col), (a, b, scale))
+    ref_grads = torch.autograd.grad(finite_part(ref_row, ref_col), (a, b, scale))
+    for name, actual, expected in zip(("d_a", "d_b", "d_scale"), grads, ref_grads):
+        assert_close(name, actual, expected, 1e-12, 1e-10)
+
+
 @pytest.mark.parametrize("positive_offset", [0, 2, -3, 9], ids=lambda o: f"offset{o:+d}")
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_blockwise_siglip_sum_gradcheck(positive_offset, with_bias):
@@ -85,7 +117,9 @@ def test_blockwise_siglip_sum_gradcheck(positive_offset, with_bias):
         )
     else:
         assert gradcheck(
-            lambda a, b, s: fastcontrast.blockwise_siglip_sum(a, b, s, None, engine, positive_offset=positive_offset),
+            lambda a, b, s: fastcontrast.blockwise_siglip_sum(
+                a, b, s, None, engine, positive_offset=positive_offset
+            ),
             (a, b, scale),
         )
 
@@ -139,6 +173,8 @@ def test_nt_xent_memory_bank_loss_gradcheck(n):
     out0, out1 = fp64(n, 5, seed=15), fp64(n, 5, seed=16)
     bank = F.normalize(fp64(9, 5, seed=17, requires_grad=False), dim=1)
     assert gradcheck(
-        lambda x0, x1: fastcontrast.nt_xent_memory_bank_loss(x0, x1, bank, 0.3, backend="torch", chunk_bytes=16),
+        lambda x0, x1: fastcontrast.nt_xent_memory_bank_loss(
+            x0, x1, bank, 0.3, backend="torch", chunk_bytes=16
+        ),
         (out0, out1),
     )

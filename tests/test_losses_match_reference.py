@@ -205,8 +205,13 @@ def test_nt_xent_loss_matches_reference_for_negative_temperature(kind):
     ref_loss = nt_xent_reference(kind, *ref_inputs, -0.3, bank)
     atol, rtol = TOLERANCES[torch.float64]
     assert_close("loss", loss, ref_loss, atol, rtol)
-    check_grads(["d_out0", "d_out1"], torch.autograd.grad(loss, inputs), torch.autograd.grad(ref_loss, ref_inputs),
-                atol, rtol)
+    check_grads(
+        ["d_out0", "d_out1"],
+        torch.autograd.grad(loss, inputs),
+        torch.autograd.grad(ref_loss, ref_inputs),
+        atol,
+        rtol,
+    )
 
 
 @pytest.mark.parametrize("kind", OPEN_CLIP_KINDS)
@@ -214,7 +219,10 @@ def test_open_clip_loss_matches_reference_for_exponentiated_non_leaf_scale(kind)
     # open_clip passes `logit_scale.exp()` (a non-leaf) and trains the log-scale parameter.
     g = torch.Generator().manual_seed(5)
     image, text = unit_rows(33, 17, torch.float64, g), unit_rows(33, 17, torch.float64, g)
-    log_scale, bias = torch.tensor(math.log(1 / 0.07), dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    log_scale, bias = (
+        torch.tensor(math.log(1 / 0.07), dtype=torch.float64),
+        torch.tensor(-10.0, dtype=torch.float64),
+    )
     inputs, ref_inputs = leaves(image, text, log_scale, bias), leaves(image, text, log_scale, bias)
     loss = open_clip_loss(kind, inputs[0], inputs[1], inputs[2].exp(), inputs[3], 5 * 33 * 8)
     ref_loss = open_clip_reference(kind, ref_inputs[0], ref_inputs[1], ref_inputs[2].exp(), ref_inputs[3])

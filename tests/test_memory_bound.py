@@ -1,0 +1,90 @@
+"""The O(N·d) memory promise as a test: no tensor of N²/4 elements or more is created, forward or backward.
+
+A TorchDispatchMode sees every aten op that runs (autograd's backward included) and records the size of
+each tensor the op returns. With default settings, N = 4096 and d = 64, the naive losses create N×N
+logits (16.8M elements); the blockwise engine's largest temporaries are one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fastcontrast import ClipLoss, NTXentLoss, SigLipLoss
+
+N, D = 4096, 64
+BOUND = N * N // 4
+
+
+class TensorSizeRecorder(TorchDispatchMode):
+    """Records (numel, op name) of every tensor returned by every aten op run while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.created.append((item.numel(), str(func)))
+        return out
+
+    def largest(self) -> tuple[int, str]:
+        return max(self.created, default=(0, "no op"))
+
+
+def make_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).requires_grad_()
+    scale = torch.tensor(14.3, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    return a, b, scale, bias
+
+
+LOSSES = {
+    "ClipLoss": lambda backend: lambda a, b, s, bias: ClipLoss(backend=backend)(a, b, s, bias),
+    "SigLipLoss": lambda backend: lambda a, b, s, bias: SigLipLoss(backend=backend)(a, b, s, bias),
+    "NTXentLoss": lambda backend: lambda a, b, s, bias: NTXentLoss(backend=backend)(a, b),
+}
+
+
+def nt_xent_with_bank(backend: str):
+    loss_fn = NTXentLoss(memory_bank_size=(N, D), backend=backend)
+    return lambda a, b, s, bias: loss_fn(a, b)
+
+
+LOSSES["NTXentLoss-memory-bank"] = nt_xent_with_bank
+
+
+def record_forward_and_backward(make_loss, backend: str) -> tuple[TensorSizeRecorder, TensorSizeRecorder]:
+    a, b, scale, bias = make_inputs(seed=0)
+    loss_fn = make_loss(backend)  # built outside the mode: the bank's random init is not under test
+    with TensorSizeRecorder() as forward:
+        loss = loss_fn(a, b, scale, bias)
+    with TensorSizeRecorder() as backward:
+        loss.backward()
+    assert a.grad is not None and b.grad is not None
+    return forward, backward
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_no_tensor_of_a_quarter_of_n_squared_is_created(loss_name, monkeypatch):
+    monkeypatch.delenv("FASTCONTRAST_BACKEND", raising=False)  # default settings: "auto" picks the engine
+    forward, backward = record_forward_and_backward(LOSSES[loss_name], backend="auto")
+    for phase, recorder in (("forward", forward), ("backward", backward)):
+        assert recorder.created, f"{phase}: the dispatch mode recorded nothing"
+        numel, op = recorder.largest()
+        assert numel < BOUND, f"{phase}: {op} created a tensor of {numel} elements (bound N²/4 = {BOUND})"
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_the_recorder_sees_the_n_by_n_logits_of_the_reference_backend(loss_name):
+    # The same measurement must catch the naive losses, in forward and in backward (softmax's gradient).
+    forward, backward = record_forward_and_backward(LOSSES[loss_name], backend="reference")
+    for phase, recorder in (("forward", forward), ("backward", backward)):
+        numel, op = recorder.largest()
+        assert numel >= N * N, f"{phase}: largest tensor is {numel} elements ({op}), expected an N×N one"

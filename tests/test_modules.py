@@ -1,0 +1,420 @@
+"""The drop-in contract of the modules: signatures, defaults, return forms, and lightly's memory bank.
+
+open_clip and lightly are not dependencies, so their signatures and memory-bank rules are written out
+here from their sources (open_clip 3.x ``src/open_clip/loss.py``, lightly 1.6 ``lightly/loss/ntx_ent_loss.py``
+and ``lightly/models/modules/memory_bank.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import TOLERANCES, assert_close
+
+import fastcontrast
+from fastcontrast import ClipLoss, NTXentLoss, SigLipLoss, reference
+from fastcontrast.functional import normalize_rows
+
+REQUIRED = inspect.Parameter.empty
+
+# The originals' positional-or-keyword parameters, in order, with their defaults.
+ORIGINAL_SIGNATURES = {
+    "ClipLoss": (
+        ClipLoss,
+        [
+            ("local_loss", False),
+            ("gather_with_grad", False),
+            ("cache_labels", False),
+            ("rank", 0),
+            ("world_size", 1),
+            ("use_horovod", False),
+        ],
+        [
+            ("image_features", REQUIRED),
+            ("text_features", REQUIRED),
+            ("logit_scale", REQUIRED),
+            ("logit_bias", None),
+            ("output_dict", False),
+        ],
+    ),
+    "SigLipLoss": (
+        SigLipLoss,
+        [("cache_labels", False), ("rank", 0), ("world_size", 1), ("dist_impl", None)],
+        [
+            ("image_features", REQUIRED),
+            ("text_features", REQUIRED),
+            ("logit_scale", REQUIRED),
+            ("logit_bias", REQUIRED),
+            ("output_dict", False),
+        ],
+    ),
+    "NTXentLoss": (
+        NTXentLoss,
+        [("temperature", 0.5), ("memory_bank_size", 0), ("gather_distributed", False)],
+        [("out0", REQUIRED), ("out1", REQUIRED)],
+    ),
+}
+
+
+def positional_parameters(func) -> list[tuple[str, object]]:
+    params = list(inspect.signature(func).parameters.values())
+    assert all(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params), "*args would swallow options"
+    return [(p.name, p.default) for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
+@pytest.mark.parametrize("name", ORIGINAL_SIGNATURES)
+def test_constructor_signature_matches_the_original(name):
+    cls, expected_init, _ = ORIGINAL_SIGNATURES[name]
+    assert positional_parameters(cls.__init__)[1:] == expected_init  # [0] is self
+
+
+@pytest.mark.parametrize("name", ORIGINAL_SIGNATURES)
+def test_forward_signature_matches_the_original(name):
+    cls, _, expected_forward = ORIGINAL_SIGNATURES[name]
+    assert positional_parameters(cls.forward)[1:] == expected_forward
+    params = inspect.signature(cls.forward).parameters
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in list(params.values())[1:])
+
+
+@pytest.mark.parametrize("name", ORIGINAL_SIGNATURES)
+def test_extra_options_are_keyword_only_with_neutral_defaults(name):
+    cls = ORIGINAL_SIGNATURES[name][0]
+    params = inspect.signature(cls.__init__).parameters
+    for option, default in (("backend", "auto"), ("process_group", None)):
+        assert option in params, f"{name} has no `{option}` option"
+        assert params[option].kind is inspect.Parameter.KEYWORD_ONLY, f"{name}.{option} is not keyword-only"
+        assert params[option].default == default, f"{name}.{option} defaults to {params[option].default!r}"
+    # One positional argument past the original ones must not silently become `backend`.
+    original_defaults = [default for _, default in ORIGINAL_SIGNATURES[name][1]]
+    cls(*original_defaults)
+    with pytest.raises(TypeError):
+        cls(*original_defaults, "torch")
+
+
+def test_functional_losses_take_backend_and_chunk_bytes_as_keywords():
+    for func in (
+        fastcontrast.clip_loss,
+        fastcontrast.siglip_loss,
+        fastcontrast.nt_xent_loss,
+        fastcontrast.nt_xent_memory_bank_loss,
+    ):
+        params = inspect.signature(func).parameters
+        assert (
+            params["backend"].kind is inspect.Parameter.KEYWORD_ONLY and params["backend"].default == "auto"
+        )
+        assert params["chunk_bytes"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def unit(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_output_dict_returns_contrastive_loss(name):
+    loss_fn = getattr(fastcontrast, name)()
+    image, text = unit(10, 8, seed=1), unit(10, 8, seed=2)
+    plain = loss_fn(image, text, 10.0, -2.0)
+    as_dict = loss_fn(image, text, 10.0, -2.0, output_dict=True)
+    assert isinstance(as_dict, dict) and list(as_dict) == ["contrastive_loss"]
+    assert torch.equal(as_dict["contrastive_loss"], plain)
+    assert plain.shape == ()
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_training_loop_keyword_call_works(name):
+    # open_clip's train loop: `losses = loss(**model_out, output_dict=True)`, model_out from CLIP.forward.
+    image = unit(10, 8, seed=3).requires_grad_()
+    text = unit(10, 8, seed=4).requires_grad_()
+    log_scale = torch.tensor(2.659, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    model_out = {
+        "image_features": image,
+        "text_features": text,
+        "logit_scale": log_scale.exp(),
+        "logit_bias": bias,
+    }
+    losses = getattr(fastcontrast, name)()(**model_out, output_dict=True)
+    total = sum(losses.values())
+    total.backward()
+    for tensor_name, leaf in (("image", image), ("text", text), ("log_scale", log_scale), ("bias", bias)):
+        assert leaf.grad is not None, f"no gradient for {tensor_name}"
+
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (image, text, log_scale, bias)]
+    ref_fn = reference.clip_loss_reference if name == "ClipLoss" else reference.siglip_loss_reference
+    ref_loss = ref_fn(ref_leaves[0], ref_leaves[1], ref_leaves[2].exp(), ref_leaves[3])
+    ref_loss.backward()
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close("loss", total, ref_loss, atol, rtol)
+    for grad_name, leaf, ref_leaf in zip(
+        ("d_image_features", "d_text_features", "d_log_scale", "d_logit_bias"),
+        (image, text, log_scale, bias),
+        ref_leaves,
+    ):
+        assert_close(grad_name, leaf.grad, ref_leaf.grad, atol, rtol)
+
+
+def test_clip_loss_without_bias_takes_three_positional_arguments():
+    image, text = unit(6, 4, seed=5), unit(6, 4, seed=6)
+    assert torch.equal(ClipLoss()(image, text, 5.0), ClipLoss()(image, text, 5.0, None))
+
+
+@pytest.mark.parametrize("dist_impl", [None, "bidir", "shift", "reduce", "gather"])
+def test_siglip_every_dist_impl_gives_the_same_single_process_loss(dist_impl):
+    image, text = unit(9, 4, seed=7), unit(9, 4, seed=8)
+    expected = reference.siglip_loss_reference(image, text, 10.0, -5.0)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close("loss", SigLipLoss(dist_impl=dist_impl)(image, text, 10.0, -5.0), expected, atol, rtol)
+
+
+@pytest.mark.parametrize("cache_labels", [False, True])
+def test_cache_labels_does_not_change_results_across_batch_sizes(cache_labels):
+    # open_clip caches labels by batch size; a stale cache must not leak into a different batch size.
+    loss_fn = ClipLoss(cache_labels=cache_labels)
+    atol, rtol = TOLERANCES[torch.float32]
+    for n, seed in ((8, 1), (5, 2), (8, 3)):
+        image, text = unit(n, 4, seed=seed), unit(n, 4, seed=seed + 10)
+        assert_close(
+            f"loss N={n}",
+            loss_fn(image, text, 7.0),
+            reference.clip_loss_reference(image, text, 7.0),
+            atol,
+            rtol,
+        )
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss", "NTXentLoss", "NTXentLoss-bank"])
+def test_modules_have_no_parameters_and_an_empty_state_dict(name):
+    # Like the originals (lightly's bank buffers are non-persistent), so checkpoints load either way.
+    module = {
+        "ClipLoss": ClipLoss,
+        "SigLipLoss": SigLipLoss,
+        "NTXentLoss": NTXentLoss,
+        "NTXentLoss-bank": lambda: NTXentLoss(memory_bank_size=(16, 4)),
+    }[name]()
+    assert isinstance(module, torch.nn.Module)
+    assert list(module.parameters()) == []
+    assert list(module.state_dict()) == []
+
+
+def test_nt_xent_module_matches_reference():
+    out0 = torch.randn(11, 6, generator=torch.Generator().manual_seed(9)) * 4
+    out1 = torch.randn(11, 6, generator=torch.Generator().manual_seed(10))
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(
+        "loss", NTXentLoss(0.2)(out0, out1), reference.nt_xent_loss_reference(out0, out1, 0.2), atol, rtol
+    )
+
+
+def test_nt_xent_gather_distributed_in_a_single_process_matches_plain_loss():
+    # lightly accepts gather_distributed=True without an initialised process group: it gathers nothing.
+    assert not torch.distributed.is_initialized()
+    out0, out1 = unit(7, 5, seed=11), unit(7, 5, seed=12)
+    assert torch.equal(NTXentLoss(gather_distributed=True)(out0, out1), NTXentLoss()(out0, out1))
+
+
+class LightlyBank:
+    """lightly 1.6's MemoryBankModule rules, restated: read a copy, then enqueue if asked, wrapping at K."""
+
+    def __init__(self, bank: torch.Tensor):
+        self.bank = bank.clone()
+        self.ptr = 0
+
+    def read_then_enqueue(self, keys: torch.Tensor, update: bool) -> torch.Tensor:
+        current = self.bank.clone()
+        if update:
+            size = self.bank.shape[0]
+            if self.ptr + keys.shape[0] >= size:
+                self.bank[self.ptr :] = keys[: size - self.ptr]
+                self.ptr = 0
+            else:
+                self.bank[self.ptr : self.ptr + keys.shape[0]] = keys
+                self.ptr += keys.shape[0]
+        return current
+
+
+def lightly_initial_bank(seed: int, k: int, d: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return F.normalize(torch.randn(k, d), dim=-1)
+
+
+def test_memory_bank_with_k_d_size_starts_as_lightlys_seeded_random_unit_vectors():
+    torch.manual_seed(123)
+    loss_fn = NTXentLoss(memory_bank_size=(32, 6))
+    expected = lightly_initial_bank(123, 32, 6)
+    assert loss_fn.memory_bank.bank.dtype == torch.float32
+    assert torch.equal(loss_fn.memory_bank.bank, expected)
+    assert int(loss_fn.memory_bank.bank_ptr) == 0
+
+
+def test_int_memory_bank_size_draws_the_bank_at_the_first_forward():
+    out0, out1 = unit(4, 6, seed=13), unit(4, 6, seed=14)
+    with pytest.warns(UserWarning, match="does not specify feature dimension"):
+        loss_fn = NTXentLoss(memory_bank_size=20, backend="torch")
+    torch.manual_seed(99)
+    loss = loss_fn(out0, out1)  # out0 does not require grad: the bank is drawn, not updated
+    expected_bank = lightly_initial_bank(99, 20, 6)
+    assert loss_fn.memory_bank.bank.shape == (20, 6)
+    assert torch.equal(loss_fn.memory_bank.bank, expected_bank)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(
+        "loss", loss, reference.nt_xent_memory_bank_loss_reference(out0, out1, expected_bank), atol, rtol
+    )
+
+
+def test_int_memory_bank_size_does_not_consume_random_numbers_at_construction():
+    torch.manual_seed(7)
+    expected = torch.randn(5)
+    torch.manual_seed(7)
+    with pytest.warns(UserWarning, match="does not specify feature dimension"):
+        NTXentLoss(memory_bank_size=20)
+    assert torch.equal(torch.randn(5), expected)
+
+
+def test_memory_bank_is_read_before_this_batch_is_enqueued():
+    torch.manual_seed(0)
+    loss_fn = NTXentLoss(memory_bank_size=(8, 5), backend="torch")
+    initial = loss_fn.memory_bank.bank.clone()
+    out0 = unit(8, 5, seed=15).requires_grad_()
+    out1 = unit(8, 5, seed=16)
+    loss = loss_fn(out0, out1)
+    read_first = reference.nt_xent_memory_bank_loss_reference(out0.detach(), out1, initial)
+    enqueued_first = reference.nt_xent_memory_bank_loss_reference(
+        out0.detach(), out1, F.normalize(out1, dim=1)
+    )
+    assert abs(float(read_first) - float(enqueued_first)) > 0.1, "the test cannot tell the two orders apart"
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close("loss", loss, read_first, atol, rtol)
+    assert torch.equal(loss_fn.memory_bank.bank, F.normalize(out1, dim=1)), (
+        "batch was not enqueued after reading"
+    )
+
+
+@pytest.mark.parametrize(
+    "out0_requires_grad, out1_requires_grad, enqueued",
+    [(True, False, True), (True, True, True), (False, True, False), (False, False, False)],
+    ids=["out0-grad", "both-grad", "out1-grad-only", "no-grad"],
+)
+def test_memory_bank_is_updated_only_when_out0_requires_grad(
+    out0_requires_grad, out1_requires_grad, enqueued
+):
+    torch.manual_seed(1)
+    loss_fn = NTXentLoss(memory_bank_size=(10, 4), backend="torch")
+    before = loss_fn.memory_bank.bank.clone()
+    out0 = unit(3, 4, seed=17).requires_grad_(out0_requires_grad)
+    out1 = unit(3, 4, seed=18).requires_grad_(out1_requires_grad)
+    loss_fn(out0, out1)
+    expected = before.clone()
+    if enqueued:
+        expected[:3] = F.normalize(out1.detach(), dim=1)
+    assert torch.equal(loss_fn.memory_bank.bank, expected)
+    assert int(loss_fn.memory_bank.bank_ptr) == (3 if enqueued else 0)
+
+
+@pytest.mark.parametrize(
+    "bank_size, batch_sizes, expected_pointers",
+    [
+        pytest.param(10, [4, 4, 4, 3], [4, 8, 0, 3], id="K10-tail-filled-rest-dropped"),
+        pytest.param(8, [4, 4, 2], [4, 0, 2], id="K8-exact-fit-wraps-to-0"),
+        pytest.param(3, [5, 1], [0, 1], id="K3-batch-larger-than-bank"),
+    ],
+)
+def test_memory_bank_wraps_around_like_lightly(bank_size, batch_sizes, expected_pointers):
+    torch.manual_seed(2)
+    loss_fn = NTXentLoss(memory_bank_size=(bank_size, 4), backend="torch")
+    bank = loss_fn.memory_bank.bank.clone()
+    ptr = 0
+    for step, (batch, expected_ptr) in enumerate(zip(batch_sizes, expected_pointers)):
+        out0 = unit(batch, 4, seed=100 + step).requires_grad_()
+        out1 = unit(batch, 4, seed=200 + step) * 3
+        loss_fn(out0, out1)
+        keys = F.normalize(out1, dim=1)
+        if ptr + batch >= bank_size:  # lightly: fill the tail, drop the rest, restart at 0
+            bank[ptr:] = keys[: bank_size - ptr]
+            ptr = 0
+        else:
+            bank[ptr : ptr + batch] = keys
+            ptr += batch
+        assert ptr == expected_ptr
+        assert int(loss_fn.memory_bank.bank_ptr) == expected_ptr, f"step {step}: pointer"
+        assert torch.equal(loss_fn.memory_bank.bank, bank), f"step {step}: bank contents"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_consecutive_memory_bank_calls_match_the_reference_driven_by_the_same_bank(dtype):
+    torch.manual_seed(3)
+    loss_fn = NTXentLoss(temperature=0.1, memory_bank_size=(12, 5), backend="torch", chunk_bytes=64)
+    lightly = LightlyBank(lightly_initial_bank(3, 12, 5))
+    atol, rtol = TOLERANCES[dtype]
+    for step, batch in enumerate([4, 7, 3, 9, 2, 5]):
+        g = torch.Generator().manual_seed(step)
+        out0 = (torch.randn(batch, 5, generator=g) * 2).to(dtype).requires_grad_()
+        out1 = torch.randn(batch, 5, generator=g).to(dtype).requires_grad_()
+        ref_out0, ref_out1 = (t.detach().clone().requires_grad_() for t in (out0, out1))
+        bank = lightly.read_then_enqueue(F.normalize(ref_out1.detach(), dim=1).float(), update=True)
+        ref_loss = reference.nt_xent_memory_bank_loss_reference(ref_out0, ref_out1, bank, 0.1)
+        loss = loss_fn(out0, out1)
+        assert_close(f"loss step {step}", loss, ref_loss, atol, rtol)
+        grads = torch.autograd.grad(loss, (out0, out1))
+        ref_grads = torch.autograd.grad(ref_loss, (ref_out0, ref_out1))
+        for name, grad, ref_grad in zip(("d_out0", "d_out1"), grads, ref_grads):
+            assert_close(f"{name} step {step}", grad, ref_grad, atol, rtol)
+    assert loss_fn.memory_bank.bank.dtype == torch.float32  # lightly's bank stays fp32
+
+
+def tiny_fp16_rows(seed: int) -> torch.Tensor:
+    """fp16 rows whose norms fp16 cannot hold accurately: zero, subnormal (~1e-6) and near-normal (~3e-5)."""
+    x = unit(6, 16, seed=seed)
+    x[0] = 0.0
+    x[1:3] *= 1e-6
+    x[3:] *= 3e-5
+    return x.half()
+
+
+def test_fp16_inputs_with_tiny_values_normalise_without_blowing_up():
+    # lightly issue #1259: F.normalize's eps = 1e-12 is 0 in fp16, so a row whose fp16 norm is 0 gives
+    # 0/0 = NaN, and subnormal norms carry only a few significant bits.
+    out0, out1 = tiny_fp16_rows(seed=19), tiny_fp16_rows(seed=20)
+    assert torch.isnan(F.normalize(out0, dim=1)).any(), "inputs do not reproduce lightly's fp16 trap"
+
+    normalised = normalize_rows(out0)
+    assert normalised.dtype == torch.float16
+    norms = normalised.float().norm(dim=1)
+    # Like fp32 lightly: a zero row stays zero, every other row becomes a unit vector (to fp16 rounding).
+    assert_close("row norms", norms, torch.tensor([0.0] + [1.0] * 5), 2e-3)
+
+    out0.requires_grad_()
+    out1.requires_grad_()
+    loss = NTXentLoss(temperature=0.1, backend="torch")(out0, out1)
+    loss.backward()
+    # The same fp16 values in fp32, where F.normalize (lightly) is exact: the answer fp16 should give.
+    ref_out0, ref_out1 = (t.detach().float().requires_grad_() for t in (out0, out1))
+    expected = reference.nt_xent_loss_reference(ref_out0, ref_out1, 0.1)
+    expected.backward()
+    # Unit vectors rounded to fp16 (u = 2^-11) move each logit by about u/τ.
+    assert_close("loss", loss, expected, 10 * 2**-11)
+    for name, grad, ref_grad in (("d_out0", out0.grad, ref_out0.grad), ("d_out1", out1.grad, ref_out1.grad)):
+        # d(x/|x|)/dx ~ 1/|x|: for these rows the true gradient can exceed fp16's range (65504) and is
+        # inf there, as in any fp16 training step (GradScaler skips it). It must never be NaN, and it must
+        # be finite wherever fp16 can hold it.
+        assert not torch.isnan(grad).any(), f"{name}: NaN gradient"
+        representable = ref_grad.abs() < 3e4
+        assert representable.any()
+        assert torch.isfinite(grad[representable]).all(), f"{name}: inf where the true gradient fits fp16"
+
+
+def test_fp32_normalisation_is_bit_identical_to_lightlys_f_normalize():
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(64, 33, generator=g) * torch.logspace(-20, 20, 64)[:, None]
+    assert torch.equal(normalize_rows(x), F.normalize(x, dim=1))
+    x64 = x.double()
+    assert torch.equal(normalize_rows(x64), F.normalize(x64, dim=1))
+
+    # And what the memory bank stores in fp32 is exactly lightly's normalised keys.
+    torch.manual_seed(4)
+    loss_fn = NTXentLoss(memory_bank_size=(64, 33), backend="torch")
+    loss_fn(x.clone().requires_grad_(), x)
+    assert torch.equal(loss_fn.memory_bank.bank, F.normalize(x, dim=1))

@@ -1,0 +1,223 @@
+"""The Triton kernels in triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) against the references.
+
+Every kernel runs through every loss (CLIP, NT-Xent, memory bank, SigLIP) and through the core directly
+(rectangular n ≠ m, offsets), in fp32, bf16 and fp16, with ragged sizes. Sizes stay small: the
+interpreter executes tiles as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastcontrast as fc
+from fastcontrast import reference
+
+from _helpers import assert_close
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+        reason="interpreter tests run on CPU-only machines with TRITON_INTERPRET=1 (set in conftest.py)",
+    ),
+]
+
+# Max error relative to the largest reference magnitude of that tensor. Half inputs: the kernels round dS
+# to the input dtype before the second tl.dot, as FlashAttention does with P, so gradients carry about
+# one half-precision rounding (2⁻⁸ for bf16, 2⁻¹¹ for fp16); LSE and loss stay fp32.
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _features(n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Unit-norm rows, as CLIP models hand them over; the scale then sets the logit range.
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return x.to(dtype).requires_grad_()
+
+
+def _as_fp64_leaf(x):
+    return x.detach().to(torch.float64).requires_grad_()
+
+
+def _check(name, dtype, actual, expected):
+    # Relative to the tensor's largest magnitude, with a floor for tensors that are exactly 0 in the
+    # reference (N = 1: a one-element softmax has zero gradient; rounding leaves ~1e-7 behind).
+    floor = 1.0 if name == "loss" else 0.05
+    scale = max(expected.detach().abs().max().item(), floor)
+    assert_close(name, actual, expected, atol=RELATIVE_TOLERANCE[dtype] * scale)
+
+
+def _compare(loss_fn, ref_fn, tensors, names, dtype):
+    """Run loss_fn on ``tensors`` and ref_fn on fp64 copies; compare the loss and every gradient by name."""
+    loss = loss_fn(*tensors)
+    assert loss.dtype == torch.float32, f"loss dtype {loss.dtype}, expected fp32"
+    grads = torch.autograd.grad(loss, tensors)
+    ref_tensors = [_as_fp64_leaf(t) for t in tensors]
+    ref_loss = ref_fn(*ref_tensors)
+    ref_grads = torch.autograd.grad(ref_loss, ref_tensors)
+    _check("loss", dtype, loss, ref_loss)
+    for name, tensor, grad, ref_grad in zip(names, tensors, grads, ref_grads):
+        assert grad.dtype == tensor.dtype, f"d{name} dtype {grad.dtype}, expected {tensor.dtype}"
+        _check(f"d{name}", dtype, grad, ref_grad)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+# (n, d) covering every n in {1, 17, 64, 130} and every d in {1, 48, 64, 300} at least once per loss,
+# with the chunked-d path (d = 300 > BLOCK_D = 64) and ragged blocks (17, 130 vs block 32).
+CLIP_SHAPES = [(1, 48), (17, 1), (64, 64), (130, 300)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,d", CLIP_SHAPES, ids=[f"N{n}-D{d}" for n, d in CLIP_SHAPES])
+def test_clip_loss_triton_matches_reference(n, d, dtype):
+    image, text = _features(n, d, dtype, 1), _features(n, d, dtype, 2)
+    scale = torch.tensor(14.3, requires_grad=True)
+    bias = torch.tensor(-2.5, requires_grad=True)
+    _compare(
+        lambda i, t, s, b: fc.clip_loss(i, t, s, b, backend="triton"),
+        reference.clip_loss_reference,
+        [image, text, scale, bias], ["image", "text", "scale", "bias"], dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,d", CLIP_SHAPES, ids=[f"N{n}-D{d}" for n, d in CLIP_SHAPES])
+def test_siglip_loss_triton_matches_reference(n, d, dtype):
+    image, text = _features(n, d, dtype, 3), _features(n, d, dtype, 4)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    _compare(
+        lambda i, t, s, b: fc.siglip_loss(i, t, s, b, backend="triton"),
+        reference.siglip_loss_reference,
+        [image, text, scale, bias], ["image", "text", "scale", "bias"], dtype,
+    )
+
+
+NTXENT_SHAPES = [(1, 64), (17, 48), (64, 300)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,d", NTXENT_SHAPES, ids=[f"N{n}-D{d}" for n, d in NTXENT_SHAPES])
+def test_nt_xent_loss_triton_matches_reference(n, d, dtype):
+    out0, out1 = _features(n, d, dtype, 5), _features(n, d, dtype, 6)
+    _compare(
+        lambda a, b: fc.nt_xent_loss(a, b, 0.1, backend="triton"),
+        lambda a, b: reference.nt_xent_loss_reference(a, b, 0.1),
+        [out0, out1], ["out0", "out1"], dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_memory_bank_loss_triton_matches_reference(dtype):
+    n, d, bank_size = 17, 48, 130
+    out0, out1 = _features(n, d, dtype, 7), _features(n, d, dtype, 8)
+    bank = torch.nn.functional.normalize(torch.randn(bank_size, d, generator=torch.Generator().manual_seed(9)), dim=1)
+    _compare(
+        lambda a, b: fc.nt_xent_memory_bank_loss(a, b, bank, 0.2, backend="triton"),
+        lambda a, b: reference.nt_xent_memory_bank_loss_reference(a, b, bank.double(), 0.2),
+        [out0, out1], ["out0", "out1"], dtype,
+    )
+
+
+def test_nt_xent_module_with_memory_bank_runs_triton_kernels():
+    torch.manual_seed(0)
+    loss_fn = fc.NTXentLoss(temperature=0.3, memory_bank_size=(64, 48), backend="triton")
+    ref_bank = loss_fn.memory_bank.bank.clone()
+    out0, out1 = _features(17, 48, torch.float32, 10), _features(17, 48, torch.float32, 11)
+    loss = loss_fn(out0, out1)
+    expected = reference.nt_xent_memory_bank_loss_reference(out0, out1, ref_bank, 0.3)
+    assert_close("loss", loss, expected, atol=1e-5)
+
+
+# The core on rectangles (n ≠ m), with exclusion / positive offsets whose diagonal falls partly outside.
+# (A single row with its only entry of some column excluded would leave that column empty: LSE −inf in
+# the reference too, so the single-row and single-column cases run without exclusion.)
+RECTANGLES = [(17, 130, 1, 5), (130, 17, 48, -3), (64, 1, 64, None), (1, 64, 300, None)]
+RECTANGLE_IDS = [f"N{n}-M{m}-D{d}-off{o}" for n, m, d, o in RECTANGLES]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,m,d,offset", RECTANGLES, ids=RECTANGLE_IDS)
+def test_blockwise_lse_triton_matches_materialised_logsumexp_on_rectangles(n, m, d, offset, dtype):
+    a, b = _features(n, d, dtype, 12), _features(m, d, dtype, 13)
+    scale = torch.tensor(7.0, requires_grad=True)
+    g = torch.Generator().manual_seed(14)
+    grad_row, grad_col = torch.randn(n, generator=g), torch.randn(m, generator=g)
+
+    def core(a, b, s):
+        engine = fc._dispatch.resolve_engine("triton", a.device)
+        row, col = fc.blockwise_lse(a, b, s, engine, rows=True, cols=True, exclude_offset=offset)
+        return (row * grad_row).sum() + (col * grad_col).sum()
+
+    def materialised(a, b, s):
+        logits = s * a @ b.T
+        if offset is not None:
+            rows = torch.arange(n)
+            keep = (rows + offset >= 0) & (rows + offset < m)
+            minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype)
+            logits = logits.index_put((rows[keep], rows[keep] + offset), minus_inf)
+        return (torch.logsumexp(logits, 1) * grad_row.double()).sum() + (
+            torch.logsumexp(logits, 0) * grad_col.double()
+        ).sum()
+
+    _compare(core, materialised, [a, b, scale], ["a", "b", "scale"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,m,d,offset", RECTANGLES, ids=RECTANGLE_IDS)
+def test_siglip_sum_triton_matches_reference_on_rectangles(n, m, d, offset, dtype):
+    a, b = _features(n, d, dtype, 15), _features(m, d, dtype, 16)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-4.0, requires_grad=True)
+    offset = 3 if offset is None else offset
+
+    def core(a, b, s, bias):
+        engine = fc._dispatch.resolve_engine("triton", a.device)
+        return fc.blockwise_siglip_sum(a, b, s, bias, engine, positive_offset=offset)
+
+    def ref(a, b, s, bias):
+        return reference.siglip_loss_reference(a, b, s, bias, positive_offset=offset) * a.shape[0]
+
+    _compare(core, ref, [a, b, scale, bias], ["a", "b", "scale", "bias"], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_scale_100_in_half_precision_does_not_overflow(dtype):
+    # Logits up to ±100 overflow nothing in fp32, but exp(100) would overflow fp16 if any stage used it.
+    image, text = _features(64, 48, dtype, 17), _features(64, 48, dtype, 18)
+    scale = torch.tensor(100.0, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    for loss_fn, ref_fn in ((fc.clip_loss, reference.clip_loss_reference),
+                            (fc.siglip_loss, reference.siglip_loss_reference)):
+        _compare(
+            lambda i, t, s, b: loss_fn(i, t, s, b, backend="triton"),
+            ref_fn, [image, text, scale, bias], ["image", "text", "scale", "bias"], dtype,
+        )
+
+
+def test_triton_gradients_are_bitwise_deterministic():
+    image, text = _features(130, 48, torch.bfloat16, 19), _features(130, 48, torch.bfloat16, 20)
+    scale = torch.tensor(20.0, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        loss = fc.clip_loss(image, text, scale, backend="triton")
+        runs.append([loss, *torch.autograd.grad(loss, [image, text, scale])])
+    for name, first, second in zip(["loss", "dimage", "dtext", "dscale"], *runs):
+        assert torch.equal(first, second), f"{name} differs between two identical runs"
+
+
+def test_new_scale_value_needs_no_recompile_and_is_read_from_the_tensor():
+    image, text = _features(17, 48, torch.float32, 21), _features(17, 48, torch.float32, 22)
+    for value in (1.0, 50.0):
+        scale = torch.tensor(value)
+        assert_close(
+            f"loss at scale {value}",
+            fc.clip_loss(image, text, scale, backend="triton"),
+            reference.clip_loss_reference(image.double(), text.double(), value),
+            atol=1e-5,
+        )
