@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import datetime as _dt
 import gc
+import itertools
 import json
 import os
 import platform
@@ -96,7 +97,7 @@ _BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20,
 
 
 def parse_bytes(text: str) -> int:
-    """``"8GiB"``, ``"512M"``, ``"1.5g"``, ``"1000000"`` → bytes (K/M/G alone are binary, KB/MB/GB decimal)."""
+    """``"8GiB"``, ``"512M"``, ``"1.5g"``, ``"1000000"`` → bytes (K, M, G are binary; KB, MB, GB decimal)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if match is None or match.group(2).lower() not in _BYTE_UNITS:
         raise ValueError(f"cannot read {text!r} as a size: use e.g. 8GiB, 512MiB, 2G or a number of bytes.")
@@ -152,7 +153,7 @@ def pin_malloc_mmap_threshold(threshold: int = 64 * 2**10) -> bool:
 
 
 def _vmhwm_works() -> bool:
-    """True if VmHWM can be reset here and then tracks a freed 32 MiB tensor (glibc pinned, /proc writable)."""
+    """True if VmHWM can be reset here and tracks a freed 32 MiB tensor (glibc pinned, /proc writable)."""
     try:
         probe = torch.ones(8 * MIB)  # 32 MiB, touched
         del probe
@@ -219,8 +220,9 @@ class _LiveTensorBytes:
 MEASURES = {
     "cuda_max_memory_allocated": "CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), "
     "minus memory_allocated() before the call",
-    "cpu_vmhwm": "CPU: growth of the process's peak resident set (VmHWM, reset via /proc/self/clear_refs) over "
-    "VmRSS before the call, glibc mmap threshold pinned at 64 KiB so freed tensors leave the resident set",
+    "cpu_vmhwm": "CPU: growth of the process's peak resident set (VmHWM, reset via /proc/self/clear_refs) "
+    "over VmRSS before the call; glibc's mmap threshold pinned at 64 KiB so freed tensors leave the resident "
+    "set",
     "tensor_bytes": "bytes of tensor storage created during the call and alive at once, counted by a "
     "TorchDispatchMode (no library workspaces)",
 }
@@ -314,7 +316,8 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     if case.loss == "clip":
         return {"a": features(True), "b": features(True), "scale": scalar(CLIP_SCALE), "bias": None}
     if case.loss == "siglip":
-        return {"a": features(True), "b": features(True), "scale": scalar(SIGLIP_SCALE), "bias": scalar(SIGLIP_BIAS)}
+        return {"a": features(True), "b": features(True), "scale": scalar(SIGLIP_SCALE),
+                "bias": scalar(SIGLIP_BIAS)}
     if case.loss == "nt_xent":
         return {"a": features(False), "b": features(False), "scale": None, "bias": None}
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {case.loss!r}.")
@@ -433,7 +436,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc)
-    return "can't allocate memory" in text or "out of memory" in text.lower() or "Cannot allocate memory" in text
+    return any(marker in text.lower() for marker in ("can't allocate memory", "cannot allocate memory",
+                                                      "out of memory"))
 
 
 # ----------------------------------------------------------------------------------- running one case
@@ -486,6 +490,13 @@ class _Budget:
         return False
 
 
+def empty_row(case: Case, status: str = "ok", reason: Optional[str] = None, measure: str = "") -> dict:
+    """A result row for ``case`` with no measurement yet (see :func:`run_case` for the fields)."""
+    return {**asdict(case), "status": status, "reason": reason, "time_s": None, "times_s": [],
+            "peak_bytes": None, "input_bytes": None, "total_bytes": None, "memory_measure": measure,
+            "flops": model_flops(case.loss, case.n, case.d, case.mode), "flops_per_s": None}
+
+
 def run_case(
     case: Case,
     meter: MemoryMeter,
@@ -510,10 +521,7 @@ def run_case(
         ``flops`` (model), ``flops_per_s``.
     """
     emit = on_event or (lambda event: None)
-    result: dict = {**asdict(case), "status": "ok", "reason": None, "time_s": None, "times_s": [],
-                    "peak_bytes": None, "input_bytes": None, "total_bytes": None,
-                    "memory_measure": meter.name, "flops": model_flops(case.loss, case.n, case.d, case.mode),
-                    "flops_per_s": None}
+    result = empty_row(case, measure=meter.name)
     skip = provider_unavailable(case.provider, torch.device(case.device))
     if skip is not None:
         result.update(status="skipped", reason=skip)
@@ -683,7 +691,7 @@ class Worker:
         on_event: Optional[Callable[[dict], None]] = None,
         setup_timeout: float = 600.0,
     ) -> dict:
-        """Run ``case`` in the worker; a call silent for more than ``time_limit`` (+ 10 %, + 5 s) is killed."""
+        """Run ``case`` in the worker; a call silent past ``time_limit`` (+10 %, +5 s) is killed."""
         self.start()
         request = {"case": asdict(case), "warmup": warmup, "repeats": repeats, "time_limit": time_limit,
                    "budget": budget}
@@ -695,20 +703,17 @@ class Worker:
                 message = self._next(timeout)
             except queue.Empty:
                 self.stop()
-                reason = (f"a call ran past the time limit of {time_limit:g} s and was stopped" if phase == "call"
-                          else f"building the inputs took more than {setup_timeout:g} s")
-                return {**asdict(case), "status": "time-limited", "time_s": None, "times_s": [],
-                        "reason": reason,
-                        "peak_bytes": None, "input_bytes": None, "total_bytes": None,
-                        "flops": model_flops(case.loss, case.n, case.d, case.mode), "flops_per_s": None}
+                if phase == "call":
+                    reason = f"a call ran past the time limit of {time_limit:g} s and was stopped"
+                else:
+                    reason = f"building the inputs took more than {setup_timeout:g} s"
+                return empty_row(case, "time-limited", reason)
             if message is None:
                 reason = self._death_reason()
                 self.proc = None
                 # SIGKILL with no traceback is the kernel's OOM killer in practice.
                 status = "oom" if "signal 9" in reason else "error"
-                return {**asdict(case), "status": status, "reason": f"worker died: {reason}", "time_s": None,
-                        "times_s": [], "peak_bytes": None, "input_bytes": None, "total_bytes": None,
-                        "flops": model_flops(case.loss, case.n, case.d, case.mode), "flops_per_s": None}
+                return empty_row(case, status, f"worker died: {reason}")
             if message["event"] == "result":
                 return message["result"]
             if on_event is not None:
@@ -878,7 +883,7 @@ def format_search_table(searches: list) -> str:
         out.append("| provider | largest N | memory at that N | step time | stopped at N | why |")
         out.append("|---|---:|---:|---:|---:|---|")
         for s in rows:
-            why = {"memory": "memory", "time": "time limit (not memory)", "max-n": "search cap"}.get(s.stop, s.stop)
+            why = {"time": "time limit (not memory)", "max-n": "search cap"}.get(s.stop, s.stop)
             detail = f"{why}: {s.stop_reason}" if s.stop_reason else why
             if s.projected_memory_limit_n:
                 detail += f"; memory alone would allow N≈{s.projected_memory_limit_n} (projected)"
@@ -943,8 +948,166 @@ def load_average() -> Optional[list]:
         return None
 
 
+# --------------------------------------------------------------------------------------------- the CLI
+
+DEFAULT_N = {"cpu": [1024, 2048, 4096, 8192], "cuda": [4096, 16384, 65536, 262144]}
+DEFAULT_D = {"cpu": 256, "cuda": 512}
+DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
+# On CPU the default budget leaves a tenth of the available RAM to the rest of the machine.
+CPU_BUDGET_FRACTION = 0.9
+
+
+class _Progress:
+    """tqdm over the cases when tqdm is installed (and wanted), else silent."""
+
+    def __init__(self, enabled: bool, total: Optional[int], desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                print("(install tqdm for a progress bar: pip install tqdm)", file=sys.stderr)
+            else:
+                self.bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def bench_cli(args) -> int:
+    """``python -m fastcontrast bench``: see ``python -m fastcontrast bench --help``."""
+    started = time.time()
+    load_start = load_average()
+    modes = [parse_mode(m) for m in args.mode]
+    for loss in args.loss:
+        if loss not in LOSSES:
+            raise SystemExit(f"--loss must be among {', '.join(LOSSES)}, got {loss!r}")
+    for dtype in args.dtype or []:
+        if dtype not in DTYPES:
+            raise SystemExit(f"--dtype must be among {', '.join(DTYPES)}, got {dtype!r}")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise SystemExit(f"--plot writes a PNG: give a path ending in .png, got {args.plot!r}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib, an optional dependency: pip install matplotlib "
+                             "(or pip install 'fastcontrast[bench]').") from None
+
+    print("starting the benchmark worker…", file=sys.stderr)
+    with Worker(args.device) as worker:
+        hello = worker.start()
+        device = hello["device"]
+        kind = torch.device(device).type
+        env = hello["environment"]
+        ns = args.n or DEFAULT_N.get(kind, DEFAULT_N["cpu"])
+        d_list = args.d or [DEFAULT_D.get(kind, 256)]
+        dtypes = args.dtype or [DEFAULT_DTYPE.get(kind, "fp32")]
+        providers = args.providers or list(PROVIDERS)
+        if args.memory_budget is not None:
+            budget = parse_bytes(args.memory_budget)
+            budget_source = "--memory-budget"
+        elif kind == "cuda":
+            budget, budget_source = hello["free_bytes"], "free device memory"
+        else:
+            budget = int(hello["free_bytes"] * CPU_BUDGET_FRACTION)
+            budget_source = f"{CPU_BUDGET_FRACTION:.0%} of available RAM"
+        header = [
+            f"command: python -m fastcontrast bench {' '.join(args.argv)}".rstrip(),
+            f"device: {env['device_name']}",
+            f"date: {now_utc()}",
+            f"versions: fastcontrast {env['fastcontrast']}, torch {env['torch']}, triton {env['triton']}, "
+            f"python {env['python']}",
+            f"peak memory: {hello['memory_measure_description']}",
+            f"memory budget: {format_bytes(budget)} ({budget_source}; "
+            + ("enforced: allocations past it fail" if hello["hard_budget"] else "checked on measured peaks")
+            + f"); time limit per call: {args.time_limit:g} s",
+            f"model FLOPs: {FLOPS_FORMULA}",
+        ]
+        if kind == "cpu":
+            header.insert(1, "CPU figures (no GPU used).")
+        print("\n".join(header), file=sys.stderr if args.quiet else sys.stdout, flush=True)
+
+        cases = [Case(loss, provider, n, d, dtype, mode, device, args.chunk_bytes)
+                 for loss in args.loss for mode in modes for dtype in dtypes for d in d_list for n in ns
+                 for provider in providers]
+        results = []
+        progress = _Progress(not args.no_progress, len(cases), "bench")
+        for case in cases:
+            progress.describe(f"{case.loss} {PROVIDER_LABELS[case.provider]} N={case.n}")
+            reason = hello["providers"].get(case.provider, "unknown provider")
+            if reason is not None:
+                result = empty_row(case, "skipped", reason)
+            else:
+                def on_event(event, case=case):
+                    if event.get("event") == "call":
+                        progress.describe(f"{case.loss} {PROVIDER_LABELS[case.provider]} N={case.n} "
+                                          f"call {event['index'] + 1}/{event['calls']}")
+                result = worker.run(case, warmup=args.warmup, repeats=args.repeats,
+                                    time_limit=args.time_limit, budget=budget, on_event=on_event)
+            results.append(result)
+            progress.advance()
+        progress.close()
+
+        searches = []
+        if not args.no_search:
+            search_mode = "forward+backward" if "forward+backward" in modes else modes[0]
+            progress = _Progress(not args.no_progress, None, "largest N")
+
+            def run_step(case):
+                progress.describe(f"{case.loss} {PROVIDER_LABELS[case.provider]} N={case.n}")
+                step = worker.run(case, warmup=1, repeats=0, time_limit=args.time_limit, budget=budget)
+                progress.advance()
+                return step
+
+            for loss, dtype, d, provider in itertools.product(args.loss, dtypes, d_list, providers):
+                if hello["providers"].get(provider, "unknown") is not None:
+                    continue
+                template = Case(loss, provider, 0, d, dtype, search_mode, device, args.chunk_bytes)
+                known = {r["n"]: r for r in results
+                         if {**r, "n": 0}.items() >= asdict(template).items()}
+                searches.append(largest_n(
+                    run_step, template, budget=budget, start=args.search_start or min(ns),
+                    max_n=args.search_max, hard_budget=hello["hard_budget"], known=known))
+            progress.close()
+
+    print()
+    print(format_results_table(results))
+    if searches:
+        print(format_search_table(searches))
+    load_end = load_average()
+    if load_start is not None:
+        print(f"load average (1, 5, 15 min) at start {load_start}, at end {load_end}; "
+              f"{os.cpu_count()} logical cores; wall time {time.time() - started:.0f} s")
+    meta = {"command": "python -m fastcontrast bench " + " ".join(args.argv), "date": now_utc(),
+            "environment": env, "memory_measure": hello["memory_measure"],
+            "memory_measure_description": hello["memory_measure_description"],
+            "memory_budget_bytes": budget, "memory_budget_source": budget_source,
+            "budget_enforced": hello["hard_budget"], "time_limit_s": args.time_limit,
+            "flops_formula": FLOPS_FORMULA, "load_average_start": load_start, "load_average_end": load_end,
+            "wall_time_s": time.time() - started}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results, "largest_n": [asdict(s) for s in searches]}, f,
+                      indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_results(results, args.plot, title=f"{env['device_name']} — {now_utc()}")
+        print(f"wrote {args.plot}")
+    return 1 if any(r["status"] == "error" for r in results) else 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker_main(sys.argv[2])
     else:
-        sys.exit("usage: python -m fastcontrast._bench --worker DEVICE  (internal: use python -m fastcontrast bench)")
+        sys.exit("usage: python -m fastcontrast._bench --worker DEVICE (internal: see `fastcontrast bench`)")

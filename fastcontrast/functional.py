@@ -314,19 +314,26 @@ def _clip_loss_distributed(
     if not local_loss:
         if engine is None:
             return reference.clip_loss_reference(all_image, all_text, scale, bias)
-        lse_row, lse_col = blockwise_lse(all_image, all_text, scale, engine, rows=True, cols=True)
-        pos = positive_logits(all_image, all_text, scale)
+        diagonal = torch.arange(layout.total, device=all_image.device)
+        lse_row, lse_col, pos = blockwise_lse_and_positives(
+            all_image, all_text, scale, engine, diagonal, rows=True, cols=True
+        )
         return keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
-    start, stop = layout.local_rows * layout.rank, layout.local_rows * (layout.rank + 1)
+    start, stop = layout.offset, layout.offset + layout.local_rows
     if engine is None:
         loss = reference.clip_loss_local_reference(
             image_features, text_features, all_image, all_text, scale, bias, offset=start
         )
         return loss if layout.equal else loss * layout.loss_weight()
-    lse_image, _ = blockwise_lse(image_features, all_text, scale, engine, rows=True, cols=False)
-    lse_text, _ = blockwise_lse(text_features, all_image, scale, engine, rows=True, cols=False)
-    pos_image = positive_logits(image_features, all_text[start:stop], scale)
-    pos_text = positive_logits(text_features, all_image[start:stop], scale)
+    # The positives are read from the gathered tensors (open_clip's labels i + offset), so their gradients
+    # take open_clip's routes: back through the gather with grad, nowhere when the copies are constants.
+    positive_index = torch.arange(start, stop, device=image_features.device)
+    lse_image, _, pos_image = blockwise_lse_and_positives(
+        image_features, all_text, scale, engine, positive_index, rows=True, cols=False
+    )
+    lse_text, _, pos_text = blockwise_lse_and_positives(
+        text_features, all_image, scale, engine, positive_index, rows=True, cols=False
+    )
     loss = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
     return keep_in_graph(loss, bias)
 
@@ -386,8 +393,10 @@ def _nt_xent_loss_distributed(out0, out1, temperature, group, *, backend, chunk_
         )
         return loss if layout.equal else loss * layout.loss_weight()
     inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
-    lse, _ = blockwise_lse(
-        z, z_all, inv_temperature, engine, rows=True, cols=False, exclude_offset=views.offset
+    n = layout.local_rows
+    # Row i's positive is the other view of its sample, in this rank's own block of the gathered tensor.
+    partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n).add_(views.offset)
+    lse, _, pos = blockwise_lse_and_positives(
+        z, z_all, inv_temperature, engine, partner, exclude_offset=views.offset
     )
-    pos = positive_logits(z0, z1, inv_temperature)
-    return _rank_mean(lse - torch.cat([pos, pos]), views)
+    return _rank_mean(lse - pos, views)

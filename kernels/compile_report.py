@@ -58,7 +58,7 @@ def _kernel_source(kernel: str, dtype: str, d: int):
     ptr = "*" + dtype
     precision = "tf32" if dtype == "fp32" else "ieee"
     if kernel in ("lse_forward", "siglip_forward"):
-        config = forward_config(d, torch_dtype, interpreter=False)
+        config = forward_config(d, torch_dtype, interpreter=False, kernel=kernel.split("_")[0])
     else:
         config = gradient_config(d, torch_dtype, interpreter=False)
     blocks = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_D": config.block_d,

@@ -134,7 +134,7 @@ class TritonEngine:
         _check_dtype(a)
         a, b = _rows_contiguous(a), _rows_contiguous(b)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
-        config = forward_config(d, a.dtype, interpreter_enabled())
+        config = forward_config(d, a.dtype, interpreter_enabled(), kernel="siglip")
         grid = (triton.cdiv(n, config.block_m),)
         partial = torch.empty(grid[0], dtype=torch.float32, device=a.device)
         dot_fp32, precision = _dot_settings(a.dtype)

@@ -721,7 +721,12 @@ def test_clip_loss_without_gather_with_grad_reproduces_open_clip_inexact_gradien
 def test_clip_loss_without_gather_with_grad_is_inexact_under_ddp_but_logit_scale_is_exact(
     group_results, world_size, mode
 ):
-    """As docs/distributed.md says: feature gradients differ from the global batch's, the scale's does not."""
+    """As docs/distributed.md says: feature gradients differ from the global batch's, the scale's does not.
+
+    global: each rank's live slot gets the global loss's gradient once, not summed over the W ranks, so the
+    DDP average is exactly 1/W of the true feature gradient. local: a rank's features get only the gradient
+    of its own rows of the logits; the terms from the other ranks' losses are missing.
+    """
     sizes = (EQUAL_ROWS,) * world_size
     per_rank = _case(group_results(world_size), f"clip-{mode}-equal-torch")
     expected = _global_clip(_global_batch(sizes, torch.float64))
@@ -729,10 +734,15 @@ def test_clip_loss_without_gather_with_grad_is_inexact_under_ddp_but_logit_scale
     label = f"clip-{mode}-ws{world_size}-equal-torch"
     _check(label, "DDP-averaged loss", averaged["loss"], expected["loss"], torch.float64)
     _check(label, "DDP-averaged scale", averaged["scale"], expected["scale"], torch.float64)
-    feature_error = (averaged["image"] - expected["image"]).abs().max().item()
-    assert feature_error > 1e-3, (
-        f"{label}: expected open_clip's inexact image gradient, error {feature_error:.2e}"
-    )
+    for name in ("image", "text"):
+        feature_error = (averaged[name] - expected[name]).abs().max().item()
+        assert feature_error > 1e-3, (
+            f"{label}: expected open_clip's inexact {name} gradient, got {feature_error:.2e}"
+        )
+        if mode == "global-nograd":
+            _check(
+                label, f"W × DDP-averaged {name}", world_size * averaged[name], expected[name], torch.float64
+            )
 
 
 # ---- SigLipLoss and NTXentLoss --------------------------------------------------------------------------

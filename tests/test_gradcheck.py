@@ -72,6 +72,43 @@ def test_blockwise_lse_gradcheck_with_one_output_unused():
 
 
 @pytest.mark.parametrize(
+    "self_similarity, rows, cols, exclude_offset",
+    [
+        pytest.param(False, True, True, None, id="A-B-rows-cols"),
+        pytest.param(False, True, False, None, id="A-B-rows"),
+        pytest.param(False, False, True, 2, id="A-B-cols-exclude+2"),
+        pytest.param(False, False, False, None, id="A-B-positives-only"),
+        pytest.param(True, True, False, 0, id="A-A-rows-exclude0"),
+        pytest.param(True, True, True, 0, id="A-A-rows-cols-exclude0"),
+    ],
+)
+def test_blockwise_lse_and_positives_gradcheck(self_similarity, rows, cols, exclude_offset):
+    a, scale = fp64(8, 4, seed=31), scalar(1.9)
+    b = None if self_similarity else fp64(7, 4, seed=32)
+    m = 8 if self_similarity else 7
+    engine = TorchEngine(chunk_bytes=3 * m * 8)
+    # Repeated positives (two rows sharing a column) exercise the scatter-add of the B gradient.
+    positive_index = torch.tensor([3, 0, 0, 6, 2, 5, 1, 4]) % m
+    w_row, w_col = fp64(8, seed=33, requires_grad=False), fp64(m, seed=34, requires_grad=False)
+    w_pos = fp64(8, seed=35, requires_grad=False)
+
+    def weighted(a, *rest):
+        b, scale = (None, rest[0]) if self_similarity else rest
+        lse_row, lse_col, positives = fastcontrast.blockwise_lse_and_positives(
+            a, b, scale, engine, positive_index, rows=rows, cols=cols, exclude_offset=exclude_offset
+        )
+        outputs = [positives * w_pos]
+        if rows:
+            outputs.append(lse_row * w_row)
+        if cols:
+            outputs.append(lse_col * w_col)
+        return tuple(outputs)
+
+    inputs = (a, scale) if self_similarity else (a, b, scale)
+    assert gradcheck(weighted, inputs)
+
+
+@pytest.mark.parametrize(
     "n, m, exclude_offset",
     [pytest.param(1, 4, 0, id="N1-M4-column0-empty"), pytest.param(4, 1, 2, id="N4-M1-row2-empty")],
 )

@@ -118,6 +118,51 @@ def test_blockwise_lse_equals_logsumexp_of_the_materialised_matrix(problem):
     m=sizes,
     d=dims,
     scale_value=scales,
+    rows_per_chunk=chunk_rows,
+    self_similarity=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_blockwise_lse_and_positives_equal_the_materialised_matrix(
+    n, m, d, scale_value, rows_per_chunk, self_similarity, seed
+):
+    a, b = fp64_pair(n, m, d, seed)
+    if self_similarity:  # NT-Xent's form: S = s·a·aᵀ, self excluded, one gradient for a
+        b, m = None, n
+    g = torch.Generator().manual_seed(seed + 2)
+    positive_index = torch.randint(0, m, (n,), generator=g)
+    exclude = 0 if self_similarity and n >= 2 else None
+    scale = torch.tensor(scale_value, dtype=torch.float64, requires_grad=True)
+    w_row, w_pos = (
+        torch.randn(n, dtype=torch.float64, generator=g),
+        torch.randn(n, dtype=torch.float64, generator=g),
+    )
+
+    lse_row, _, positives = fastcontrast.blockwise_lse_and_positives(
+        a, b, scale, engine_for(rows_per_chunk, m), positive_index, rows=True, exclude_offset=exclude
+    )
+    other = a if b is None else b
+    logits = scale * a @ other.T
+    ref_positives = logits[torch.arange(n), positive_index]
+    if exclude is not None:
+        logits = logits.masked_fill(offset_mask(n, m, exclude), float("-inf"))
+    ref_row = torch.logsumexp(logits, dim=1)
+    assert_close("lse_row", lse_row, ref_row, ATOL, RTOL)
+    assert_close("positives", positives, ref_positives, ATOL, RTOL)
+
+    inputs = (a, scale) if b is None else (a, b, scale)
+    names = ("d_a", "d_scale") if b is None else ("d_a", "d_b", "d_scale")
+    grads = torch.autograd.grad(lse_row @ w_row + positives @ w_pos, inputs)
+    ref_grads = torch.autograd.grad(ref_row @ w_row + ref_positives @ w_pos, inputs)
+    for name, grad, ref_grad in zip(names, grads, ref_grads):
+        assert_close(name, grad, ref_grad, ATOL, RTOL)
+
+
+@PROPERTY_SETTINGS
+@given(
+    n=sizes,
+    m=sizes,
+    d=dims,
+    scale_value=scales,
     bias_value=st.one_of(st.none(), st.floats(min_value=-20.0, max_value=20.0)),
     rows_per_chunk=chunk_rows,
     offset_fraction=st.floats(min_value=-1.5, max_value=1.5),

@@ -1,0 +1,140 @@
+"""``python -m fastcontrast bench | check | info``.
+
+- ``bench``: time and peak memory of the naive reference, the blockwise torch engine and the Triton engine
+  (CUDA) on this device, as a table, plus the largest batch each fits in a memory budget.
+- ``check``: a self-test of every backend available here against the reference (values and gradients).
+- ``info``: versions, devices, the backend ``"auto"`` picks and why; ``--kernels`` adds the Triton
+  kernels' compile table (registers, shared memory, spills) for sm_80 / sm_90.
+
+Importing this module imports nothing heavy (no triton, matplotlib or tqdm) and never touches CUDA; each
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    from fastcontrast._bench import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastcontrast",
+        description="fastcontrast: blockwise contrastive losses with O(N·d) memory.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{bench,check,info}")
+
+    bench = commands.add_parser(
+        "bench",
+        help="time and peak memory against the naive losses, and the largest N each fits in memory",
+        description=(
+            "Compare the naive reference (open_clip / lightly math, full logits), the blockwise torch "
+            "engine and the Triton engine (CUDA only) on this device. Every case runs in a worker subprocess "
+            "under the memory budget; then N is doubled per provider until a step runs out of the budget or "
+            "one call passes --time-limit."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--loss", nargs="+", default=["clip"], choices=["clip", "siglip", "nt_xent"],
+                       help="losses to compare")
+    bench.add_argument("--n", nargs="+", type=_positive_int, default=None,
+                       help="batch sizes N (default: 1024 2048 4096 8192 on CPU, 4096 … 262144 on CUDA)")
+    bench.add_argument("--d", nargs="+", type=_positive_int, default=None,
+                       help="feature dims (default: 256 on CPU, 512 on CUDA)")
+    bench.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "fp16", "bf16", "fp64"],
+                       help="feature dtypes (default: fp32 on CPU, bf16 on CUDA)")
+    bench.add_argument("--mode", nargs="+", default=["fwd+bwd"], choices=["fwd", "fwd+bwd"],
+                       help="forward only, or forward + backward (a training step's loss work)")
+    bench.add_argument("--providers", nargs="+", default=None, choices=["reference", "torch", "triton"],
+                       help="providers to compare (default: all; unavailable ones are listed as skipped)")
+    bench.add_argument("--repeats", type=_positive_int, default=3,
+                       help="timed calls per case (the median is shown)")
+    bench.add_argument("--warmup", type=int, default=1,
+                       help="untimed calls before timing; the first call also measures peak memory")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda if available)")
+    bench.add_argument("--chunk-bytes", type=_size, default=None,
+                       help="logits budget per chunk of the torch engine, e.g. 8MiB (default: the engine's)")
+    bench.add_argument("--memory-budget", default=None,
+                       help="e.g. 8GiB; covers inputs, gradients and all the step allocates (default: free "
+                       "device memory; on CPU 90%% of available RAM). Enforced on Linux with RLIMIT_AS in "
+                       "the worker, on CUDA with the allocator's per-process fraction")
+    bench.add_argument("--time-limit", type=_positive_float, default=60.0,
+                       help="seconds one call may take; a slower step stops the search as time-limited")
+    bench.add_argument("--no-search", action="store_true", help="skip the largest-N search")
+    bench.add_argument("--search-start", type=_positive_int, default=None,
+                       help="first N of the largest-N search (default: the smallest --n)")
+    bench.add_argument("--search-max", type=_positive_int, default=2**24, help="largest N the search tries")
+    bench.add_argument("--json", metavar="PATH", default=None, help="write the raw results as JSON")
+    bench.add_argument("--plot", metavar="PATH.png", default=None,
+                       help="write time and memory against N (log axes) as a PNG; needs matplotlib")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--quiet", action="store_true", help="print the run's header on stderr")
+
+    check = commands.add_parser(
+        "check",
+        help="self-test: every available backend against the reference, values and gradients",
+        description=(
+            "Run every backend available on this device against the naive reference on a few shapes and "
+            "dtypes, comparing the loss and the gradients of every input. Exits 1 on any failure."
+        ),
+    )
+    check.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda if available)")
+    check.add_argument("--interpreter", action="store_true",
+                       help="on CPU, also check the Triton kernels in triton's interpreter "
+                       "(TRITON_INTERPRET=1; slow, for debugging)")
+    check.add_argument("--verbose", action="store_true",
+                       help="print every tensor's error, not just the worst")
+
+    info = commands.add_parser("info", help="versions, devices, and which backend 'auto' picks and why")
+    info.add_argument("--kernels", action="store_true",
+                      help="also compile every Triton kernel for sm_80 / sm_90 and print registers, shared "
+                      "memory and spills (no GPU needed; takes a while)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "bench":
+        from fastcontrast._bench import bench_cli
+
+        args.argv = argv[1:]
+        return bench_cli(args)
+    if args.command == "check":
+        from fastcontrast._check import check_cli
+
+        return check_cli(args)
+    from fastcontrast._info import info_cli
+
+    return info_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

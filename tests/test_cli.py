@@ -1,0 +1,162 @@
+"""`python -m fastcontrast bench | check | info`, run as a user would, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastcontrast import __main__ as cli
+from fastcontrast import _bench
+from fastcontrast._bench import Case, largest_n, model_flops, parse_bytes
+
+
+def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # tests/conftest.py sets TRITON_INTERPRET=1 for the kernel tests; a user's shell does not have it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "fastcontrast", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_bench_cli_json_has_every_provider_with_positive_memory(tmp_path):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = _run_cli("bench", "--loss", "clip", "siglip", "nt_xent", "--n", "256", "512", "--d", "64",
+                    "--repeats", "1", "--memory-budget", "1GiB", "--time-limit", "120", "--search-max", "1024",
+                    "--no-progress", "--json", str(json_path), "--plot", str(png_path))
+    assert proc.returncode == 0, f"bench exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["memory_measure"] in _bench.MEASURES
+    assert data["meta"]["environment"]["torch"]
+    for loss in ("clip", "siglip", "nt_xent"):
+        rows = [r for r in data["results"] if r["loss"] == loss]
+        assert {r["provider"] for r in rows} == set(_bench.PROVIDERS), f"{loss}: providers missing"
+        for r in rows:
+            if r["status"] == "skipped":
+                assert r["provider"] == "triton" and r["reason"], f"{loss}/{r['provider']} skipped without reason"
+                continue
+            name = f"{loss}/{r['provider']}/N{r['n']}"
+            assert r["status"] == "ok", f"{name}: {r['status']} ({r['reason']})"
+            assert r["peak_bytes"] > 0, f"{name}: peak_bytes {r['peak_bytes']}"
+            assert r["total_bytes"] > r["peak_bytes"], f"{name}: total_bytes must include the inputs"
+            assert r["time_s"] > 0 and r["flops_per_s"] > 0, f"{name}: time {r['time_s']}"
+            assert r["flops"] == model_flops(loss, r["n"], 64, "forward+backward")
+    searched = {(s["loss"], s["provider"]) for s in data["largest_n"]}
+    assert {("clip", "reference"), ("clip", "torch")} <= searched
+    for s in data["largest_n"]:
+        assert s["largest_n"] is not None and s["largest_n"] >= 256, s
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "memory vs naive" in proc.stdout and "Largest N within a 1.00 GiB budget" in proc.stdout
+
+
+def test_check_cli_passes_on_this_machine():
+    proc = _run_cli("check")
+    assert proc.returncode == 0, f"check exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "FAIL" not in proc.stdout
+    assert "passed" in proc.stdout
+
+
+def test_info_cli_reports_auto_backend():
+    proc = _run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert 'backend="auto" picks' in proc.stdout
+    assert "torch" in proc.stdout
+
+
+def test_info_kernels_exits_nonzero_when_compile_report_does_not_import(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastcontrast.kernels.compile_report", None)  # import raises ImportError
+    assert cli.main(["info", "--kernels"]) == 1
+    assert "compile_report failed" in capsys.readouterr().err
+
+
+def test_info_without_kernels_does_not_need_compile_report(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastcontrast.kernels.compile_report", None)
+    assert cli.main(["info"]) == 0
+
+
+def test_cli_module_imports_without_triton_matplotlib_or_cuda():
+    code = ("import sys, fastcontrast.__main__, torch; "
+            "heavy = [m for m in ('triton', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy; assert not torch.cuda.is_initialized()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_plot_without_matplotlib_asks_for_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        _bench.plot_results([], str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("512M", 512 * 2**20), ("1.5g", 3 * 2**29),
+                                            ("2GB", 2 * 10**9), ("4096", 4096)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_unknown_units():
+    with pytest.raises(ValueError, match="8GiB"):
+        parse_bytes("8 parsecs")
+
+
+def test_model_flops_is_the_naive_gemm_work():
+    n, d = 1000, 64
+    assert model_flops("clip", n, d, "forward") == 2 * 2 * n * n * d
+    assert model_flops("siglip", n, d, "forward+backward") == 3 * 2 * n * n * d
+    assert model_flops("nt_xent", n, d, "forward") == 2 * (2 * n) ** 2 * d
+
+
+def _fake_step(case: Case, *, memory_per_row: int, limit_rows: int = 10**9, time_limit_rows: int = 10**9):
+    row = _bench.empty_row(case)
+    if case.n > limit_rows:
+        row.update(status="oom", reason="out of memory")
+    elif case.n > time_limit_rows:
+        row.update(status="time-limited", reason="one call took too long")
+    else:
+        row.update(time_s=1e-3 * case.n, input_bytes=case.n, peak_bytes=memory_per_row * case.n,
+                   total_bytes=(memory_per_row + 1) * case.n)
+    return row
+
+
+def test_largest_n_stops_on_out_of_memory_and_reports_the_last_fit():
+    template = Case("clip", "reference", 0, 8)
+    search = largest_n(lambda c: _fake_step(c, memory_per_row=10, limit_rows=5000), template,
+                       budget=10**6, start=1024, max_n=2**20, hard_budget=True)
+    assert (search.largest_n, search.stopped_at_n, search.stop) == (4096, 8192, "memory")
+
+
+def test_largest_n_calls_a_time_limit_a_time_limit_and_projects_memory():
+    template = Case("clip", "torch", 0, 8)
+    search = largest_n(lambda c: _fake_step(c, memory_per_row=10, time_limit_rows=3000), template,
+                       budget=110_000, start=512, max_n=2**20, hard_budget=True)
+    assert (search.largest_n, search.stop) == (2048, "time")
+    assert search.projected_memory_limit_n == 10_000  # 11 bytes per row within a 110 kB budget
+
+
+def test_largest_n_reuses_known_results():
+    template = Case("clip", "torch", 0, 8)
+    calls = []
+
+    def run(case):
+        calls.append(case.n)
+        return _fake_step(case, memory_per_row=1, limit_rows=4096)
+
+    known = {1024: _fake_step(Case("clip", "torch", 1024, 8), memory_per_row=1)}
+    search = largest_n(run, template, budget=10**9, start=1024, max_n=2**20, hard_budget=True, known=known)
+    assert calls == [2048, 4096, 8192] and search.largest_n == 4096
+
+
+def test_largest_n_without_hard_budget_does_not_run_a_step_projected_over_budget():
+    template = Case("clip", "reference", 0, 8)
+    calls = []
+
+    def run(case):
+        calls.append(case.n)
+        row = _fake_step(case, memory_per_row=0)
+        row["total_bytes"] = case.n**2  # quadratic, like the naive loss
+        return row
+
+    search = largest_n(run, template, budget=5 * 10**6, start=256, max_n=2**20, hard_budget=False)
+    assert search.largest_n == 2048 and search.stop == "memory" and calls[-1] == 2048
