@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from fastcontrast._bench import LOSSES, MODES, PROVIDERS, Case, MemoryMeter, format_bytes
+from fastcontrast._bench import LOSSES, MODES, PROVIDERS, Case, MemoryMeter, format_bytes, warm_up_process
 
 SIZES = {
     # (N, d) points × dtypes.
@@ -72,7 +72,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def meter() -> MemoryMeter:
-    return MemoryMeter(torch.device(bench_device()))
+    device = torch.device(bench_device())
+    memory_meter = MemoryMeter(device)
+    # One-time allocations (thread pools, oneDNN) must not be charged to the first measured case.
+    warm_up_process(device)
+    return memory_meter
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +94,8 @@ def record_memory():
     return _MEMORY_ROWS.append
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not _MEMORY_ROWS:
+def pytest_terminal_summary(terminalreporter, config):
+    if not _MEMORY_ROWS or config.getoption("benchmark_disable", False):
         return
     terminalreporter.section("fastcontrast peak memory (extra over the inputs, see extra_info)")
     measures = sorted({row["memory_measure"] for row in _MEMORY_ROWS})

@@ -23,6 +23,7 @@ from fastcontrast._bench import (
     format_bytes,
     free_memory,
     input_bytes,
+    is_out_of_memory,
     make_inputs,
     make_step,
     model_flops,
@@ -57,7 +58,12 @@ def test_loss(benchmark, case: Case, meter, rounds, record_memory):
     benchmark.group = f"{case.loss} {case.mode} N={case.n} d={case.d} {case.dtype}"
     inputs = make_inputs(case)
     step = make_step(case, inputs)
-    _, peak = meter.measure(step)
+    try:
+        _, peak = meter.measure(step)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        pytest.skip(f"out of memory (estimated {format_bytes(needed)}, {format_bytes(free)} free)")
     flops = model_flops(case.loss, case.n, case.d, case.mode)
     benchmark.extra_info.update({
         "loss": case.loss, "provider": case.provider, "mode": case.mode, "n": case.n, "d": case.d,

@@ -114,6 +114,15 @@ def format_bytes(n: Optional[float]) -> str:
     return f"{n / 2**10:.0f} KiB"
 
 
+def format_flops(rate: Optional[float]) -> str:
+    if not rate:
+        return "—"
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if rate >= scale:
+            return f"{rate / scale:.1f} {unit}"
+    return f"{rate / 1e6:.1f} MFLOP/s"
+
+
 def format_seconds(t: Optional[float]) -> str:
     if t is None:
         return "—"
@@ -446,7 +455,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class _Budget:
     """Makes allocations past ``budget`` bytes (from now) fail cleanly instead of killing the machine.
 
-    CPU (Unix): the soft RLIMIT_AS is set to the current address-space size plus the budget, so a tensor
+    CPU (Linux): the soft RLIMIT_AS is set to the current address-space size plus the budget, so a tensor
     allocation beyond it fails with torch's "can't allocate memory" RuntimeError. Address space is at least
     the resident memory, so this never lets a step take more RAM than the budget. CUDA: the caching
     allocator's per-process fraction. Elsewhere nothing is enforced (``hard`` is False) and callers stop on
@@ -466,6 +475,8 @@ class _Budget:
             self._restore = "cuda"
             self.hard = True
             return self
+        if not sys.platform.startswith("linux"):
+            return self  # macOS accepts RLIMIT_AS but does not enforce it
         try:
             import resource
 
@@ -559,8 +570,12 @@ def run_case(
                 result["times_s"].append(first)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row in the table
         if is_out_of_memory(exc):
-            limit = f" (budget {format_bytes(budget)})" if budget is not None else ""
-            result.update(status="oom", reason=f"out of memory{limit}: {str(exc).splitlines()[0][:160]}")
+            limit = f" within the {format_bytes(budget)} budget" if budget is not None else ""
+            asked = re.search(r"tried to allocate ([0-9.]+ ?[GMK]i?B|\d+ bytes)", str(exc), re.IGNORECASE)
+            detail = f": an allocation of {asked.group(1)} failed" if asked else ""
+            if asked and asked.group(1).endswith(" bytes"):
+                detail = f": an allocation of {format_bytes(int(asked.group(1).split()[0]))} failed"
+            result.update(status="oom", reason=f"out of memory{limit}{detail}")
         else:
             result.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     finally:
@@ -788,13 +803,16 @@ def largest_n(
     max_n: int,
     hard_budget: bool,
     known: Optional[dict] = None,
+    time_limit: Optional[float] = None,
 ) -> SearchResult:
     """Double N from ``start`` until a step runs out of memory, passes the time limit, or N passes ``max_n``.
 
     ``run(case)`` measures one step (the caller applies the budget and the time limit). ``known`` maps N to
     results already measured (e.g. in the table) under the same budget, reused instead of re-run. Without a
     ``hard_budget`` (no RLIMIT_AS / CUDA fraction), a step whose memory, extrapolated from the previous two,
-    would exceed the budget is not run.
+    would exceed the budget is not run. With ``time_limit``, a step whose time, extrapolated as 4× the last
+    one's (every provider does O(N²·d) work), would pass the limit is not run either: it is reported as
+    time-limited (projected) instead of spending the whole limit to find out.
     """
     search = SearchResult(template.loss, template.provider, template.d, template.dtype, template.mode, budget)
     n = start
@@ -807,6 +825,14 @@ def largest_n(
             if projected is not None and projected < n:
                 search.stopped_at_n, search.stop = n, "memory"
                 search.stop_reason = f"projected to exceed the budget above N≈{projected} (not run)"
+                break
+        last_time = search.time_s_at_largest
+        if time_limit is not None and last_time is not None and search.largest_n and n > search.largest_n:
+            projected_time = last_time * (n / search.largest_n) ** 2
+            if projected_time > time_limit and n not in (known or {}):
+                search.stopped_at_n, search.stop = n, "time"
+                search.stop_reason = (f"projected {projected_time:.0f} s per step (N² × the last), past the "
+                                      f"{time_limit:g} s limit; not run")
                 break
         result = (known or {}).get(n) or run(Case(**{**asdict(template), "n": n}))
         search.steps.append(result)
@@ -848,22 +874,26 @@ def format_results_table(results: list) -> str:
         naive = {r["n"]: r for r in rows if r["provider"] == "reference" and r["status"] == "ok"}
         out.append(f"{loss}, {mode}, {dtype}, d={d}")
         out.append("")
-        out.append("| N | provider | time | peak memory | time vs naive | memory vs naive | model TFLOP/s |")
+        out.append("| N | provider | time | peak memory | time vs naive | memory vs naive | model FLOP/s |")
         out.append("|---:|---|---:|---:|---:|---:|---:|")
         for r in sorted(rows, key=lambda r: (r["n"], PROVIDERS.index(r["provider"]))):
             label = PROVIDER_LABELS[r["provider"]]
+            if r["status"] == "skipped":
+                continue  # said once below
             if r["status"] != "ok":
                 out.append(f"| {r['n']} | {label} | {_status_cell(r)} | | | | |")
                 continue
             base = naive.get(r["n"])
-            tflops = f"{r['flops_per_s'] / 1e12:.3f}" if r.get("flops_per_s") else "—"
+            rate = format_flops(r.get("flops_per_s"))
             out.append(
                 f"| {r['n']} | {label} | {format_seconds(r['time_s'])} | {format_bytes(r['peak_bytes'])} | "
                 f"{_ratio(r['time_s'], base and base['time_s'])} | "
-                f"{_ratio(r['peak_bytes'], base and base['peak_bytes'])} | {tflops} |"
+                f"{_ratio(r['peak_bytes'], base and base['peak_bytes'])} | {rate} |"
             )
-        notes = sorted({f"{PROVIDER_LABELS[r['provider']]} N={r['n']}: {r['reason']}" for r in rows
-                        if r["status"] != "ok" and r.get("reason")})
+        notes = sorted({f"{PROVIDER_LABELS[r['provider']]}: skipped, {r['reason']}" for r in rows
+                        if r["status"] == "skipped"})
+        notes += [f"{PROVIDER_LABELS[r['provider']]} N={r['n']}: {r['reason']}" for r in rows
+                  if r["status"] not in ("ok", "skipped") and r.get("reason")]
         out.extend(["", *[f"- {note}" for note in notes]] if notes else [])
         out.append("")
     return "\n".join(out).rstrip() + "\n"
@@ -905,6 +935,7 @@ def plot_results(results: list, path: str, title: str = "") -> None:
         ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     groups: dict = {}
     for r in results:
@@ -915,19 +946,31 @@ def plot_results(results: list, path: str, title: str = "") -> None:
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.2 * len(groups)), squeeze=False)
     for row, ((loss, mode, dtype, d), rows) in enumerate(groups.items()):
         ax_time, ax_mem = axes[row]
+        all_n = sorted({r["n"] for r in rows})
         for provider in PROVIDERS:
             points = sorted((r["n"], r["time_s"], r["peak_bytes"]) for r in rows if r["provider"] == provider)
             if not points:
                 continue
-            ns = [p[0] for p in points]
-            ax_time.plot(ns, [p[1] for p in points], marker="o", label=PROVIDER_LABELS[provider])
-            ax_mem.plot(ns, [p[2] / MIB for p in points], marker="o", label=PROVIDER_LABELS[provider])
-        for ax, ylabel in ((ax_time, "time per call (s)"), (ax_mem, "peak extra memory (MiB)")):
+            label = PROVIDER_LABELS[provider]
+            ax_time.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            # A peak of 0 (the call fit in memory already resident) has no place on a log axis.
+            mem = [(p[0], p[2]) for p in points if p[2]]
+            ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=label)
+        for ax, ylabel, fmt in ((ax_time, "time per call", format_seconds),
+                                (ax_mem, "peak extra memory", format_bytes)):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(all_n))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{int(x)}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _, fmt=fmt: fmt(y)))
+            low, high = ax.get_ylim()
+            # Within one decade there is no major tick to label: label the minor ones instead.
+            minor = FuncFormatter(lambda y, _, fmt=fmt: fmt(y)) if high < 10 * low else NullFormatter()
+            ax.yaxis.set_minor_formatter(minor)
             ax.set_xlabel("N (batch size)")
             ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
+            ax.grid(True, which="major", alpha=0.3)
             ax.legend()
             ax.set_title(f"{loss}, {mode}, {dtype}, d={d}")
     if title:
@@ -968,7 +1011,9 @@ class _Progress:
             except ImportError:
                 print("(install tqdm for a progress bar: pip install tqdm)", file=sys.stderr)
             else:
-                self.bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
+                # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
+                self.bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True,
+                                disable=None)
 
     def describe(self, text: str) -> None:
         if self.bar is not None:
@@ -1077,7 +1122,8 @@ def bench_cli(args) -> int:
                          if {**r, "n": 0}.items() >= asdict(template).items()}
                 searches.append(largest_n(
                     run_step, template, budget=budget, start=args.search_start or min(ns),
-                    max_n=args.search_max, hard_budget=hello["hard_budget"], known=known))
+                    max_n=args.search_max, hard_budget=hello["hard_budget"], known=known,
+                    time_limit=args.time_limit))
             progress.close()
 
     print()

@@ -216,7 +216,7 @@ def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group: An
 def _info_device(features: object, group: Any) -> torch.device:
     if isinstance(features, torch.Tensor):
         return features.device
-    # This rank got no tensor at all, yet must still take part in the exchange with a tensor the backend
+    # No usable tensor on this rank, yet it must still take part in the exchange with a tensor the backend
     # accepts: NCCL needs a CUDA tensor, gloo takes a CPU one.
     backend = str(dist.get_backend(group))
     if "gloo" not in backend and torch.cuda.is_available():
@@ -260,7 +260,8 @@ def exchange_layout(
         error = exc
     rows, dim, dtype_code = _describe(features) if error is None else (-1, -1, -1)
     info = torch.tensor([rows, dim, dtype_code, int(error is not None)], dtype=torch.int64)
-    info = info.to(_info_device(features, group.group))
+    # A rank whose checks failed may hold a tensor on the wrong device; it still needs one the backend takes.
+    info = info.to(_info_device(features if error is None else None, group.group))
     table_flat = info.new_empty(group.world_size * 4)
     _all_gather_single(table_flat, info, group.group)
     table = table_flat.view(group.world_size, 4).tolist()

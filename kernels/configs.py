@@ -61,6 +61,11 @@ INTERPRETER_CONFIG = KernelConfig(block_m=32, block_n=32, block_d=64, num_warps=
 COMPILE_DIMS = (64, 128, 256, 512, 768, 1024, 1280)
 
 
+# Set by ``work_count.gpu_configs()`` so that the interpreter runs the GPU table's tiles, for counting the
+# work of the configs that really ship. Never set while computing results.
+_GPU_TABLE_IN_INTERPRETER = False
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 tiles take twice the registers and shared memory of fp16 / bf16 tiles.
     return "fp32" if dtype == torch.float32 else "half"
@@ -68,7 +73,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def forward_config(d: int, dtype: torch.dtype, interpreter: bool, kernel: str = "lse") -> KernelConfig:
     """Config of a forward kernel (``kernel`` = ``"lse"`` or ``"siglip"``) for feature dim ``d``."""
-    if interpreter:
+    if interpreter and not _GPU_TABLE_IN_INTERPRETER:
         return INTERPRETER_CONFIG
     table = _SIGLIP_FORWARD if kernel == "siglip" else _LSE_FORWARD
     return table[_precision(dtype)]
@@ -76,7 +81,7 @@ def forward_config(d: int, dtype: torch.dtype, interpreter: bool, kernel: str = 
 
 def gradient_config(d: int, dtype: torch.dtype, interpreter: bool) -> KernelConfig:
     """Config of the gradient kernel for feature dim ``d``."""
-    if interpreter:
+    if interpreter and not _GPU_TABLE_IN_INTERPRETER:
         return INTERPRETER_CONFIG
     for bound, config in _GRADIENT_TABLE[_precision(dtype)]:
         if bound is None or d <= bound:

@@ -5,6 +5,8 @@ operand tiles, and every load / store through ``create_masked_load`` / ``create_
 them counts exactly what the kernels ask for:
 
 - FLOPs: 2·M·N·K per ``tl.dot``, tile padding included (what the tensor cores really execute);
+- transcendentals: elements through exp / exp2 / log / log2 (the SFU work: FlashAttention-3 shows it can
+  rival the tensor cores at small d);
 - bytes requested: active (unmasked) elements × element size for every load and store. This is traffic
   *requested* from the memory system with no cache model, so an upper bound on DRAM traffic: a B tile
   that every row block re-reads is counted every time, though on a GPU it mostly hits L2.
@@ -21,12 +23,18 @@ from dataclasses import dataclass
 
 H100_BF16_FLOPS = 989e12
 H100_HBM_BYTES_PER_S = 3.35e12
+# exp2 / log2 run on the SFUs: 16 per clock per SM, 132 SMs at 1.83 GHz (H100 SXM boost clock).
+H100_TRANSCENDENTALS_PER_S = 16 * 132 * 1.83e9
+
+# Interpreter ops counted as transcendental (one SFU op per element, padding included).
+TRANSCENDENTALS = ("create_exp", "create_exp2", "create_log", "create_log2")
 
 
 @dataclass
 class WorkCount:
     flops: int = 0
     dots: int = 0
+    transcendentals: int = 0
     bytes_loaded: int = 0
     bytes_stored: int = 0
 
@@ -53,6 +61,7 @@ def count_work():
     original_dot = InterpreterBuilder.create_dot
     original_load = InterpreterBuilder.create_masked_load
     original_store = InterpreterBuilder.create_masked_store
+    original_unary = {name: getattr(InterpreterBuilder, name) for name in TRANSCENDENTALS}
 
     def counting_dot(self, a, b, d, *args, **kwargs):
         # [M, K] @ [K, N]
@@ -73,6 +82,17 @@ def count_work():
         count.bytes_stored += int(np.count_nonzero(mask.data)) * itemsize
         return original_store(self, ptrs, value, mask, *args, **kwargs)
 
+    def counting_unary(name):
+        original = original_unary[name]
+
+        def counted(self, arg):
+            count.transcendentals += int(np.size(arg.data))
+            return original(self, arg)
+
+        return counted
+
+    for name in TRANSCENDENTALS:
+        setattr(InterpreterBuilder, name, counting_unary(name))
     InterpreterBuilder.create_dot = counting_dot
     InterpreterBuilder.create_masked_load = counting_load
     InterpreterBuilder.create_masked_store = counting_store
@@ -82,6 +102,8 @@ def count_work():
         InterpreterBuilder.create_dot = original_dot
         InterpreterBuilder.create_masked_load = original_load
         InterpreterBuilder.create_masked_store = original_store
+        for name, original in original_unary.items():
+            setattr(InterpreterBuilder, name, original)
 
 
 def gemm_passes(flops: int, n: int, m: int, d: int) -> float:
@@ -89,6 +111,23 @@ def gemm_passes(flops: int, n: int, m: int, d: int) -> float:
     return flops / (2 * n * m * d)
 
 
-def roofline_seconds(flops: float, bytes_moved: float) -> float:
-    """Modelled H100 time: max(compute time, memory time). A model, not a measurement."""
-    return max(flops / H100_BF16_FLOPS, bytes_moved / H100_HBM_BYTES_PER_S)
+def roofline_seconds(flops: float, bytes_moved: float, transcendentals: float = 0.0) -> float:
+    """Modelled H100 time of one kernel: the slowest of tensor cores, SFUs and HBM. A model, not a measurement."""
+    return max(
+        flops / H100_BF16_FLOPS,
+        transcendentals / H100_TRANSCENDENTALS_PER_S,
+        bytes_moved / H100_HBM_BYTES_PER_S,
+    )
+
+
+@contextlib.contextmanager
+def gpu_configs():
+    """Run the interpreter with the GPU config table (tile sizes that ship), to count their work."""
+    from fastcontrast.kernels import configs
+
+    previous = configs._GPU_TABLE_IN_INTERPRETER
+    configs._GPU_TABLE_IN_INTERPRETER = True
+    try:
+        yield
+    finally:
+        configs._GPU_TABLE_IN_INTERPRETER = previous

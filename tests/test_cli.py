@@ -24,8 +24,9 @@ def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_bench_cli_json_has_every_provider_with_positive_memory(tmp_path):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = _run_cli("bench", "--loss", "clip", "siglip", "nt_xent", "--n", "256", "512", "--d", "64",
-                    "--repeats", "1", "--memory-budget", "1GiB", "--time-limit", "120", "--search-max", "1024",
-                    "--no-progress", "--json", str(json_path), "--plot", str(png_path))
+                    "--repeats", "1", "--memory-budget", "1GiB", "--time-limit", "120",
+                    "--search-max", "1024", "--no-progress", "--json", str(json_path),
+                    "--plot", str(png_path))
     assert proc.returncode == 0, f"bench exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     data = json.loads(json_path.read_text())
     assert data["meta"]["memory_measure"] in _bench.MEASURES
@@ -35,7 +36,7 @@ def test_bench_cli_json_has_every_provider_with_positive_memory(tmp_path):
         assert {r["provider"] for r in rows} == set(_bench.PROVIDERS), f"{loss}: providers missing"
         for r in rows:
             if r["status"] == "skipped":
-                assert r["provider"] == "triton" and r["reason"], f"{loss}/{r['provider']} skipped without reason"
+                assert r["provider"] == "triton" and r["reason"], f"{loss}/triton skipped without a reason"
                 continue
             name = f"{loss}/{r['provider']}/N{r['n']}"
             assert r["status"] == "ok", f"{name}: {r['status']} ({r['reason']})"
@@ -53,7 +54,8 @@ def test_bench_cli_json_has_every_provider_with_positive_memory(tmp_path):
 
 def test_check_cli_passes_on_this_machine():
     proc = _run_cli("check")
-    assert proc.returncode == 0, f"check exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    output = proc.stdout[-2000:] + "\n" + proc.stderr[-2000:]
+    assert proc.returncode == 0, f"check exited {proc.returncode}:\n{output}"
     assert "FAIL" not in proc.stdout
     assert "passed" in proc.stdout
 
@@ -160,3 +162,17 @@ def test_largest_n_without_hard_budget_does_not_run_a_step_projected_over_budget
 
     search = largest_n(run, template, budget=5 * 10**6, start=256, max_n=2**20, hard_budget=False)
     assert search.largest_n == 2048 and search.stop == "memory" and calls[-1] == 2048
+
+
+def test_largest_n_does_not_run_a_step_projected_past_the_time_limit():
+    template = Case("clip", "torch", 0, 8)
+    calls = []
+
+    def run(case):
+        calls.append(case.n)
+        return _fake_step(case, memory_per_row=1)  # 1 ms per row: N=2048 takes 2 s, N=4096 would take ~8 s
+
+    search = largest_n(run, template, budget=10**9, start=1024, max_n=2**20, hard_budget=True, time_limit=5)
+    assert calls == [1024, 2048]
+    assert (search.largest_n, search.stopped_at_n, search.stop) == (2048, 4096, "time")
+    assert "projected" in search.stop_reason

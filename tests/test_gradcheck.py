@@ -182,9 +182,9 @@ def test_clip_loss_module_gradcheck_with_scale_and_bias(n):
     )
 
 
-@pytest.mark.parametrize("n", [1, 7], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("n", [1, 6], ids=lambda n: f"N{n}")
 def test_siglip_loss_gradcheck_with_scale_and_bias(n):
-    image, text = fp64(n, 5, seed=11), fp64(n, 5, seed=12)
+    image, text = fp64(n, 3, seed=11), fp64(n, 3, seed=12)
     assert gradcheck(
         lambda i, t, s, b: fastcontrast.siglip_loss(i, t, s, b, backend="torch", chunk_bytes=16),
         (image, text, scalar(3.0), scalar(-0.4)),

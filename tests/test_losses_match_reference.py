@@ -52,7 +52,7 @@ CASES = [
     Case(64, 48, 1.0, False, "default"),
     Case(257, 1000, 14.3, True, "ragged"),
     Case(257, 1000, 100.0, False, "default"),
-    Case(257, 64, 100.0, False, "one_row"),
+    Case(64, 64, 100.0, False, "one_row"),
     Case(1000, 64, 1.0, True, "ragged"),
     Case(1000, 48, 100.0, True, "default"),
 ]

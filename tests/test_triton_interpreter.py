@@ -221,3 +221,29 @@ def test_new_scale_value_needs_no_recompile_and_is_read_from_the_tensor():
             reference.clip_loss_reference(image.double(), text.double(), value),
             atol=1e-5,
         )
+
+
+@pytest.mark.parametrize("d", [1000, 4096], ids=["D1000", "D4096"])
+def test_large_feature_dims_accumulate_in_fp32_rows(d):
+    # d far above BLOCK_D: the S tile loops over d and the gradient read-modify-writes its fp32 rows.
+    image, text = _features(5, d, torch.float16, 23), _features(5, d, torch.float16, 24)
+    scale = torch.tensor(30.0, requires_grad=True)
+    _compare(
+        lambda i, t, s: fc.clip_loss(i, t, s, backend="triton"),
+        reference.clip_loss_reference,
+        [image, text, scale], ["image", "text", "scale"], torch.float16,
+    )
+
+
+def test_non_contiguous_features_give_the_same_result():
+    base = _features(48, 17, torch.float32, 25).detach()
+    image = base.T  # [17, 48] with row stride 1: copied once, since the kernels need unit stride along d
+    text = _features(34, 48, torch.float32, 26).detach()[::2]  # every other row: row stride 96, kept as is
+    expected = fc.clip_loss(image.contiguous(), text.contiguous(), 10.0, backend="triton")
+    assert_close("loss", fc.clip_loss(image, text, 10.0, backend="triton"), expected, atol=1e-6)
+
+
+def test_float64_features_are_refused_by_the_triton_engine_with_a_pointer_to_torch():
+    a = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        fc.clip_loss(a, a, 10.0, backend="triton")

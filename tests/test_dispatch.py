@@ -1,0 +1,59 @@
+"""Backend choice: "auto" picks Triton on CUDA when triton imports, else the torch engine (warning once)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fastcontrast import _dispatch
+from fastcontrast.blockwise import TorchEngine
+
+
+def test_auto_picks_the_torch_engine_for_cpu_tensors():
+    backend, reason = _dispatch.auto_backend(torch.device("cpu"))
+    assert backend == "torch"
+    assert "CUDA" in reason
+
+
+def test_auto_picks_triton_for_cuda_tensors_when_triton_imports(monkeypatch):
+    monkeypatch.delenv(_dispatch.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(_dispatch, "triton_import_error", lambda: None)
+    assert _dispatch.auto_backend(torch.device("cuda"))[0] == "triton"
+
+
+def test_auto_falls_back_to_torch_on_cuda_with_one_warning_when_triton_is_missing(monkeypatch):
+    monkeypatch.delenv(_dispatch.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(_dispatch, "triton_import_error", lambda: "ImportError: No module named 'triton'")
+    monkeypatch.setattr(_dispatch, "_warned_triton_missing", False)
+    with pytest.warns(RuntimeWarning, match="triton"):
+        engine = _dispatch.resolve_engine("auto", torch.device("cuda"))
+    assert isinstance(engine, TorchEngine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(_dispatch.resolve_engine("auto", torch.device("cuda")), TorchEngine)
+
+
+def test_environment_variable_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv(_dispatch.ENV_BACKEND, "reference")
+    assert _dispatch.resolve_engine("auto", torch.device("cpu")) is None
+    assert isinstance(_dispatch.resolve_engine("torch", torch.device("cpu")), TorchEngine)
+    monkeypatch.setenv(_dispatch.ENV_BACKEND, "fast")
+    with pytest.raises(ValueError, match="FASTCONTRAST_BACKEND"):
+        _dispatch.resolve_engine("auto", torch.device("cpu"))
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        _dispatch.resolve_engine("triton", torch.device("cpu"))
+
+
+def test_importing_fastcontrast_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, fastcontrast; print('triton' in sys.modules, 'fastcontrast.kernels.engine' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"], f"import side effects: triton imported={out[0]}, engine imported={out[1]}"
