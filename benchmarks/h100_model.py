@@ -28,10 +28,6 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import fastcontrast as fc  # noqa: E402
-from fastcontrast import reference  # noqa: E402
 from fastcontrast.kernels import engine as triton_engine  # noqa: E402
 from fastcontrast.kernels.work_count import (  # noqa: E402
     H100_BF16_FLOPS,
@@ -40,6 +36,10 @@ from fastcontrast.kernels.work_count import (  # noqa: E402
     count_work,
     gpu_configs,
 )
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import fastcontrast as fc  # noqa: E402
+from fastcontrast import reference  # noqa: E402
 
 SAMPLE_N = (256, 512, 768)
 TARGET_N = (16_384, 65_536, 262_144)

@@ -68,19 +68,20 @@ def _kernel_source(kernel: str, dtype: str, d: int):
     if kernel == "lse_forward":
         fn = lse_forward_kernel
         signature = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "LSE_X": "*fp32", "COL_PARTIAL": "*fp32",
-                     **ints, "exclude_offset": "i64"}
+                     **ints, "exclude_offset": "i64", "cols_per_split": "i32"}
         constexprs = {"HAS_EXCLUDE": True, "WRITE_COL_PARTIAL": True, **blocks}
     elif kernel == "siglip_forward":
         fn = siglip_forward_kernel
         signature = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32", "PARTIAL": "*fp32",
-                     **ints, "positive_offset": "i64"}
+                     **ints, "positive_offset": "i64", "cols_per_split": "i32"}
         constexprs = {"HAS_BIAS": True, **blocks}
     else:
         fn = gradient_kernel
         register_acc = d <= config.block_d
         signature = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32", "LSE_X": "*fp32",
                      "GRAD_X": "*fp32", "LSE_Y": "*fp32", "GRAD_Y": "*fp32", "GRAD_TOTAL": "*fp32",
-                     "OUT": "*fp32", "BIAS_PARTIAL": "*fp32", **ints, "stride_out": "i32", "offset": "i64"}
+                     "OUT": "*fp32", "BIAS_PARTIAL": "*fp32", **ints, "stride_out": "i32", "offset": "i64",
+                     "cols_per_split": "i32"}
         lse = kernel == "gradient_lse"
         constexprs = {"MODE": MODE_LSE if lse else MODE_SIGLIP, "HAS_X_TERM": lse, "HAS_Y_TERM": lse,
                       "HAS_EXCLUDE": lse, "HAS_BIAS": not lse, "WRITE_BIAS_PARTIAL": not lse,

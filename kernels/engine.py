@@ -9,12 +9,12 @@ they change. Lengths and offsets are not specialised on, so a new batch size doe
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
 import triton
-
 from fastcontrast.kernels.configs import forward_config, gradient_config
 from fastcontrast.kernels.gradient import MODE_LSE, MODE_SIGLIP, gradient_kernel
 from fastcontrast.kernels.lse_forward import lse_forward_kernel
@@ -26,6 +26,33 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # this many bytes, i.e. up to N ≈ 90k at BLOCK_M = 128; past that a second pass over S is cheaper than
 # the scratch's memory.
 SINGLE_PASS_SCRATCH_BYTES = 256 * 2**20
+
+
+# Below this many programs per SM a launch leaves the GPU idle: rows are then split across programs by
+# column range too (few rows against many columns: a per-rank local loss, a memory bank).
+PROGRAMS_PER_SM = 4
+# In the interpreter, split whenever fewer than this many row blocks exist, so that the tests' small
+# shapes run the split path as well as the plain one.
+INTERPRETER_TARGET_PROGRAMS = 4
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_TARGET_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def column_splits(n_x: int, n_y: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(number of column splits, columns per split) so that row blocks × splits fills the GPU.
+
+    Depends only on the shapes and the device, so a given call always sums its partials in the same order.
+    """
+    row_blocks = triton.cdiv(n_x, block_m)
+    col_blocks = triton.cdiv(n_y, block_n)
+    splits = max(1, min(col_blocks, _target_programs(device) // row_blocks))
+    blocks_per_split = triton.cdiv(col_blocks, splits)
+    return triton.cdiv(col_blocks, blocks_per_split), blocks_per_split * block_n
 
 
 def interpreter_enabled() -> bool:
@@ -135,12 +162,13 @@ class TritonEngine:
         a, b = _rows_contiguous(a), _rows_contiguous(b)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         config = forward_config(d, a.dtype, interpreter_enabled(), kernel="siglip")
-        grid = (triton.cdiv(n, config.block_m),)
-        partial = torch.empty(grid[0], dtype=torch.float32, device=a.device)
+        splits, cols_per_split = column_splits(n, m, config.block_m, config.block_n, a.device)
+        grid = (triton.cdiv(n, config.block_m), splits)
+        partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=a.device)
         dot_fp32, precision = _dot_settings(a.dtype)
         siglip_forward_kernel[grid](
             a, b, scale, scale if bias is None else bias, partial,
-            n, m, d, a.stride(0), b.stride(0), positive_offset,
+            n, m, d, a.stride(0), b.stride(0), positive_offset, cols_per_split,
             HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
@@ -163,42 +191,40 @@ class TritonEngine:
         """Unscaled dS·B, dSᵀ·A (fp32) and Σ dS (0-dim fp32) (see ``TorchEngine.siglip_backward``)."""
         a, b = _rows_contiguous(a), _rows_contiguous(b)
         grad = grad.float().reshape(())
+        # Σ dS (the bias gradient) comes with the dA pass: it sees every (i, j) once. When only dB is
+        # needed the dB pass carries it instead; when neither is, the dA pass runs for it alone.
         bias_partial = []
         grad_a = grad_b = None
-        # The bias gradient comes with whichever pass runs first; both see every (i, j) once.
-        if need_a:
-            grad_a = self._launch_gradient(a, b, scale, bias, MODE_SIGLIP, None, None, grad, positive_offset, bias_partial)
+        if need_a or not need_b:
+            grad_a = self._launch_gradient(
+                a, b, scale, bias, MODE_SIGLIP, None, None, grad, positive_offset, bias_partial
+            )
         if need_b:
             grad_b = self._launch_gradient(
                 b, a, scale, bias, MODE_SIGLIP, None, None, grad, -positive_offset,
                 None if bias_partial else bias_partial,
             )
-        if not bias_partial:
-            grad_bias = self._siglip_bias_grad(a, b, scale, bias, grad, positive_offset)
-        else:
-            grad_bias = bias_partial[0].sum()
-        return grad_a, grad_b, grad_bias
-
-    def _siglip_bias_grad(self, a, b, scale, bias, grad, positive_offset):
-        # Only reached when neither feature needs a gradient: one gradient pass, kept for its Σ dS.
-        partial = []
-        self._launch_gradient(a, b, scale, bias, MODE_SIGLIP, None, None, grad, positive_offset, partial)
-        return partial[0].sum()
+        return (grad_a if need_a else None), grad_b, bias_partial[0].sum()
 
     @staticmethod
     def _launch_lse(x, y, scale, lse_out, col_partial, exclude_offset):
         n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
         config = forward_config(d, x.dtype, interpreter_enabled())
         dot_fp32, precision = _dot_settings(x.dtype)
-        grid = (triton.cdiv(n_x, config.block_m),)
+        splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
+        grid = (triton.cdiv(n_x, config.block_m), splits)
+        lse_split = lse_out if splits == 1 else torch.empty((splits, n_x), dtype=torch.float32, device=x.device)
         lse_forward_kernel[grid](
-            x, y, scale, lse_out, lse_out if col_partial is None else col_partial,
+            x, y, scale, lse_split, lse_split if col_partial is None else col_partial,
             n_x, n_y, d, x.stride(0), y.stride(0), 0 if exclude_offset is None else exclude_offset,
+            cols_per_split,
             HAS_EXCLUDE=exclude_offset is not None, WRITE_COL_PARTIAL=col_partial is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
+        if splits > 1:
+            torch.logsumexp(lse_split, dim=0, out=lse_out)
 
     @staticmethod
     def _launch_gradient(x, y, scale, bias, mode, x_stats, y_stats, grad_total, offset, bias_partial_out):
@@ -207,17 +233,19 @@ class TritonEngine:
         config = gradient_config(d, x.dtype, interpreter_enabled())
         dot_fp32, precision = _dot_settings(x.dtype)
         register_acc = d <= config.block_d
-        grid = (triton.cdiv(n_x, config.block_m),)
-        out = (torch.empty if register_acc else torch.zeros)((n_x, d), dtype=torch.float32, device=x.device)
+        splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
+        grid = (triton.cdiv(n_x, config.block_m), splits)
+        out_shape = (splits, n_x, d)
+        out = (torch.empty if register_acc else torch.zeros)(out_shape, dtype=torch.float32, device=x.device)
         write_bias = bias_partial_out is not None
-        bias_partial = torch.empty(grid[0], dtype=torch.float32, device=x.device) if write_bias else out
+        bias_partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=x.device) if write_bias else out
         lse_x, grad_x = x_stats if x_stats is not None else (out, out)
         lse_y, grad_y = y_stats if y_stats is not None else (out, out)
         gradient_kernel[grid](
             x, y, scale, scale if bias is None else bias,
             lse_x, grad_x, lse_y, grad_y, scale if grad_total is None else grad_total,
             out, bias_partial,
-            n_x, n_y, d, x.stride(0), y.stride(0), out.stride(0), 0 if offset is None else offset,
+            n_x, n_y, d, x.stride(0), y.stride(0), out.stride(1), 0 if offset is None else offset, cols_per_split,
             MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
             HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_BIAS=bias is not None,
             WRITE_BIAS_PARTIAL=write_bias, REGISTER_ACC=register_acc,
@@ -227,4 +255,5 @@ class TritonEngine:
         )
         if write_bias:
             bias_partial_out.append(bias_partial)
-        return out
+        # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
+        return out[0] if splits == 1 else out.sum(dim=0)

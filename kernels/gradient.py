@@ -10,19 +10,19 @@ MODE_SIGLIP: dSᵢⱼ = −zᵢⱼ·σ(−zᵢⱼ·(Sᵢⱼ + b))·g, z = +1 whe
 
 OUT is fp32 and unscaled (the autograd layer multiplies by s). When d fits one BLOCK_D chunk, the
 [BLOCK_M, BLOCK_D] accumulator lives in registers; otherwise the program read-modify-writes its own rows
-of OUT (zero-initialised by the launcher) once per column block.
+of OUT (zero-initialised by the launcher) once per column block. With more than one column split (few
+rows, many columns) each split writes its own [n_x, d] slab and the host sums the slabs in a fixed order.
 """
 
 import triton
 import triton.language as tl
-
 from fastcontrast.kernels.tiles import LOG2E, round_to_bfloat16, similarity_tile
 
 MODE_LSE = tl.constexpr(0)
 MODE_SIGLIP = tl.constexpr(1)
 
 
-@triton.jit(do_not_specialize=["n_x", "n_y", "offset"])
+@triton.jit(do_not_specialize=["n_x", "n_y", "offset", "cols_per_split"])
 def gradient_kernel(
     X,
     Y,
@@ -42,6 +42,7 @@ def gradient_kernel(
     stride_y,
     stride_out,
     offset,
+    cols_per_split,
     MODE: tl.constexpr,
     HAS_X_TERM: tl.constexpr,
     HAS_Y_TERM: tl.constexpr,
@@ -55,8 +56,9 @@ def gradient_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: OUT[rows of block i_m] = Σ over column blocks of dS[rows, cols] · Y[cols]."""
+    """One program: OUT[i_s, rows of block i_m] = Σ over the column blocks of split i_s of dS · Y[cols]."""
     i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale = tl.load(SCALE).to(tl.float32)
@@ -72,10 +74,11 @@ def gradient_kernel(
         grad_total = tl.load(GRAD_TOTAL).to(tl.float32)
 
     o_d0 = tl.arange(0, BLOCK_D)
-    p_out = OUT + o_x.to(tl.int64)[:, None] * stride_out
+    p_out = OUT + i_s.to(tl.int64) * n_x * stride_out + o_x.to(tl.int64)[:, None] * stride_out
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_bias_grad = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_y, BLOCK_N):
+    start_split = i_s * cols_per_split
+    for start_n in range(start_split, tl.minimum(n_y, start_split + cols_per_split), BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
         b_s = similarity_tile(
@@ -135,4 +138,4 @@ def gradient_kernel(
     if REGISTER_ACC:
         tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d))
     if WRITE_BIAS_PARTIAL:
-        tl.store(BIAS_PARTIAL + i_m, tl.sum(b_bias_grad, 0))
+        tl.store(BIAS_PARTIAL + i_s * tl.num_programs(0) + i_m, tl.sum(b_bias_grad, 0))

@@ -8,11 +8,10 @@ the same kernel run on Y·Xᵀ instead (a second pass, no scratch).
 
 import triton
 import triton.language as tl
-
 from fastcontrast.kernels.tiles import LN2, LOG2E, similarity_tile
 
 
-@triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset"])
+@triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset", "cols_per_split"])
 def lse_forward_kernel(
     X,
     Y,
@@ -25,6 +24,7 @@ def lse_forward_kernel(
     stride_x,
     stride_y,
     exclude_offset,
+    cols_per_split,
     HAS_EXCLUDE: tl.constexpr,
     WRITE_COL_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -33,20 +33,24 @@ def lse_forward_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: rows [i·BLOCK_M, (i+1)·BLOCK_M) of X against all of Y.
+    """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X against the columns of split i_s of Y.
 
-    Writes LSE_X[rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the allowed j (entry j = i + exclude_offset is left out
-    when HAS_EXCLUDE), and if WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] = log Σ_{i in block} exp(Sᵢⱼ).
-    Online softmax in base 2 with the scale folded in (as FlashAttention), fp32 throughout.
+    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the allowed j of the split (entry j = i +
+    exclude_offset is left out when HAS_EXCLUDE), and if WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] =
+    log Σ_{i in block} exp(Sᵢⱼ). Online softmax in base 2 with the scale folded in (as FlashAttention),
+    fp32 throughout. With more than one split (few rows, many columns: a local loss, a memory bank) the
+    host merges the splits' partial LSEs with one logsumexp, in a fixed order.
     """
     i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale_log2 = tl.load(SCALE).to(tl.float32) * LOG2E
 
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_y, BLOCK_N):
+    start_split = i_s * cols_per_split
+    for start_n in range(start_split, tl.minimum(n_y, start_split + cols_per_split), BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
         b_s = similarity_tile(
@@ -72,4 +76,4 @@ def lse_forward_kernel(
             tl.store(COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y, b_col_lse, mask=m_y)
 
     b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
-    tl.store(LSE_X + o_x, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)
+    tl.store(LSE_X + i_s.to(tl.int64) * n_x + o_x, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)

@@ -6,7 +6,6 @@ same inputs always give the same bits.
 
 import triton
 import triton.language as tl
-
 from fastcontrast.kernels.tiles import LN2, LOG2E, similarity_tile
 
 
@@ -26,7 +25,7 @@ def softplus(b_x):
     return tl.maximum(b_x, 0.0) + b_log1p
 
 
-@triton.jit(do_not_specialize=["n_x", "n_y", "positive_offset"])
+@triton.jit(do_not_specialize=["n_x", "n_y", "positive_offset", "cols_per_split"])
 def siglip_forward_kernel(
     X,
     Y,
@@ -39,6 +38,7 @@ def siglip_forward_kernel(
     stride_x,
     stride_y,
     positive_offset,
+    cols_per_split,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -46,9 +46,10 @@ def siglip_forward_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: PARTIAL[i_m] = Σ over rows of block i_m and all columns of softplus(−z·(s·S + b)),
-    with z = +1 where j = i + positive_offset, else −1."""
+    """One program: PARTIAL[i_s, i_m] = Σ over rows of block i_m and the columns of split i_s of
+    softplus(−z·(s·S + b)), with z = +1 where j = i + positive_offset, else −1."""
     i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale = tl.load(SCALE).to(tl.float32)
@@ -57,7 +58,8 @@ def siglip_forward_kernel(
         bias = tl.load(BIAS).to(tl.float32)
 
     b_total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_y, BLOCK_N):
+    start_split = i_s * cols_per_split
+    for start_n in range(start_split, tl.minimum(n_y, start_split + cols_per_split), BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
         b_logits = similarity_tile(
@@ -69,4 +71,4 @@ def siglip_forward_kernel(
         b_signed = tl.where(m_positive, -b_logits, b_logits)
         b_terms = tl.where(m_x[:, None] & m_y[None, :], softplus(b_signed), 0.0)
         b_total += tl.sum(b_terms, 1)
-    tl.store(PARTIAL + i_m, tl.sum(b_total, 0))
+    tl.store(PARTIAL + i_s * tl.num_programs(0) + i_m, tl.sum(b_total, 0))

@@ -11,11 +11,10 @@ import os
 
 import pytest
 import torch
+from _helpers import assert_close
 
 import fastcontrast as fc
 from fastcontrast import reference
-
-from _helpers import assert_close
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -195,7 +194,7 @@ def test_scale_100_in_half_precision_does_not_overflow(dtype):
     for loss_fn, ref_fn in ((fc.clip_loss, reference.clip_loss_reference),
                             (fc.siglip_loss, reference.siglip_loss_reference)):
         _compare(
-            lambda i, t, s, b: loss_fn(i, t, s, b, backend="triton"),
+            lambda i, t, s, b, loss_fn=loss_fn: loss_fn(i, t, s, b, backend="triton"),
             ref_fn, [image, text, scale, bias], ["image", "text", "scale", "bias"], dtype,
         )
 
