@@ -20,7 +20,16 @@ import os
 import pytest
 import torch
 
-from fastcontrast._bench import LOSSES, MODES, PROVIDERS, Case, MemoryMeter, format_bytes, warm_up_process
+from fastcontrast._bench import (
+    LOSSES,
+    MODES,
+    PROVIDERS,
+    Case,
+    MemoryMeter,
+    Worker,
+    format_bytes,
+    warm_up_process,
+)
 
 SIZES = {
     # (N, d) points × dtypes.
@@ -70,13 +79,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(0))  # one large case can take longer than the suite's limit
 
 
+class PeakMemory:
+    """Peak extra memory of one call of a case.
+
+    On CUDA, in this process (``max_memory_allocated`` after a reset). On CPU, in a memory worker
+    subprocess (``fastcontrast._bench.Runner``'s): VmHWM needs glibc's mmap threshold fixed from the
+    process's start, which would slow the timed calls here (see ``fastcontrast/_bench.py``).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.worker = None
+        if device.type == "cuda":
+            self.meter = MemoryMeter(device)
+            warm_up_process(device)
+            self.name, self.description = self.meter.name, self.meter.description
+        else:
+            self.worker = Worker(str(device), "memory")
+            hello = self.worker.start()
+            self.name, self.description = hello["memory_measure"], hello["memory_measure_description"]
+
+    def __call__(self, case: Case, step) -> int:
+        """Peak bytes; runs ``step`` here on CUDA, the case in the worker on CPU. Raises MemoryError on OOM."""
+        if self.worker is None:
+            return self.meter.measure(step)[1]
+        row = self.worker.run(case, warmup=1, repeats=0, time_limit=None, budget=None)
+        if row["status"] == "oom":
+            raise MemoryError(row["reason"])
+        if row["status"] != "ok":
+            raise RuntimeError(f"memory worker: {row['status']}: {row['reason']}")
+        step()  # the warm-up call of this process
+        return row["peak_bytes"]
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+
 @pytest.fixture(scope="session")
-def meter() -> MemoryMeter:
-    device = torch.device(bench_device())
-    memory_meter = MemoryMeter(device)
-    # One-time allocations (thread pools, oneDNN) must not be charged to the first measured case.
-    warm_up_process(device)
-    return memory_meter
+def peak_memory():
+    probe = PeakMemory(torch.device(bench_device()))
+    yield probe
+    probe.close()
 
 
 @pytest.fixture(scope="session")

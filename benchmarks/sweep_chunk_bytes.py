@@ -12,7 +12,7 @@ import argparse
 import statistics
 import sys
 
-from fastcontrast._bench import MIB, Case, Worker, format_bytes, format_seconds, load_average, now_utc
+from fastcontrast._bench import MIB, Case, Runner, format_bytes, format_seconds, load_average, now_utc
 
 
 def main(argv=None) -> int:
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     print(f"date: {now_utc()}; load average at start {load_average()}")
-    with Worker(args.device) as worker:
+    with Runner(args.device) as worker:
         hello = worker.start()
         print(f"device: {hello['environment']['device_name']}; peak memory: {hello['memory_measure']}")
         rows = {}

@@ -4,10 +4,11 @@
     FASTCONTRAST_BENCH=large pytest benchmarks --benchmark-only
     FASTCONTRAST_BENCH=smoke pytest benchmarks --benchmark-disable   # CI smoke run
 
-Each case first runs once to measure peak memory (the call also serves as warm-up), then is timed by
-pytest-benchmark. ``extra_info`` carries the peak memory and which measure it is, the model FLOPs (the same
-count for every provider) and the achieved rate, the device and the versions. Nothing here asserts a
-timing; cases that would not fit in memory are skipped with the estimate.
+Each case first runs once to measure peak memory (on CPU in a memory worker subprocess, see
+``benchmarks/conftest.py``; the warm-up call here), then is timed by pytest-benchmark. ``extra_info``
+carries the peak memory and which measure it is, the model FLOPs (the same count for every provider) and
+the achieved rate, the device and the versions. Nothing here asserts a timing; cases that would not fit
+in memory are skipped with the estimate.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def estimated_peak_bytes(case: Case) -> int:
     return 8 * case.n * case.d * 4 + 4 * 32 * 2**20
 
 
-def test_loss(benchmark, case: Case, meter, rounds, record_memory):
+def test_loss(benchmark, case: Case, peak_memory, rounds, record_memory):
     reason = provider_unavailable(case.provider, torch.device(case.device))
     if reason is not None:
         pytest.skip(reason)
@@ -59,7 +60,7 @@ def test_loss(benchmark, case: Case, meter, rounds, record_memory):
     inputs = make_inputs(case)
     step = make_step(case, inputs)
     try:
-        _, peak = meter.measure(step)
+        peak = peak_memory(case, step)  # also this process's warm-up call
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -68,13 +69,13 @@ def test_loss(benchmark, case: Case, meter, rounds, record_memory):
     benchmark.extra_info.update({
         "loss": case.loss, "provider": case.provider, "mode": case.mode, "n": case.n, "d": case.d,
         "dtype": case.dtype,
-        "peak_memory_bytes": peak, "memory_measure": meter.name,
-        "memory_measure_description": meter.description,
+        "peak_memory_bytes": peak, "memory_measure": peak_memory.name,
+        "memory_measure_description": peak_memory.description,
         "input_bytes": input_bytes(inputs),
         "model_flops": flops, "flops_formula": FLOPS_FORMULA,
         **environment(torch.device(case.device)),
     })
-    record_memory({"name": case.label(), "peak_bytes": peak, "memory_measure": meter.name})
+    record_memory({"name": case.label(), "peak_bytes": peak, "memory_measure": peak_memory.name})
 
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
 

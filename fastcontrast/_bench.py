@@ -10,13 +10,17 @@ Peak memory is the peak *extra* memory of one call over what was in use just bef
 measured by one of (:class:`MemoryMeter`):
 
 - ``cuda_max_memory_allocated``: ``max_memory_allocated`` after ``reset_peak_memory_stats``.
-- ``cpu_vmhwm`` (Linux): the growth of the process's peak resident set, ``VmHWM``, over ``VmRSS``, after
-  resetting VmHWM by writing 5 to ``/proc/self/clear_refs``. This is the memory that gets a CPU job
+- ``cpu_vmhwm`` (Linux): the growth of a worker process's peak resident set, ``VmHWM``, over ``VmRSS``,
+  after resetting VmHWM by writing 5 to ``/proc/self/clear_refs``. This is the memory that gets a CPU job
   OOM-killed, so it counts everything the call makes resident: tensors, oneDNN/MKL workspaces, allocator
-  overhead. For freed tensors to leave the resident set at all, glibc's mmap threshold is pinned at 64 KiB
-  (``mallopt(M_MMAP_THRESHOLD)``): by default glibc raises that threshold to the size of the last freed
-  block (up to 32 MiB) and keeps such blocks in its heap, so a 16 MiB chunk freed by one call would be
-  reused silently by the next and the peak would be under-counted.
+  overhead. For freed tensors to leave the resident set at all, that worker starts with glibc's mmap
+  threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises the threshold to the
+  size of the last freed block (up to 32 MiB) and keeps such blocks in a heap that stays resident, so a
+  chunk freed by one call is reused silently by the next and the peak is under-counted. That setting
+  costs fresh page faults on every large allocation (about 30 % of the blockwise engine's time on CPU),
+  so times come from a second worker with glibc's defaults, the steady state of a training process.
+  The two cannot share a process: once the heap holds large free blocks, glibc serves even
+  above-threshold requests from them.
 - ``tensor_bytes`` (any OS, the fallback where VmHWM cannot be reset, e.g. macOS): bytes of tensor storage
   alive at once, counted op by op by a ``TorchDispatchMode``. It sees every tensor but no library
   workspace, like CUDA's counter.
@@ -150,13 +154,17 @@ def _reset_vmhwm() -> None:
 
 
 def pin_malloc_mmap_threshold(threshold: int = 64 * 2**10) -> bool:
-    """Make glibc serve every block ≥ ``threshold`` by mmap and unmap it on free (see module docstring)."""
+    """Make glibc serve every block ≥ ``threshold`` by mmap and unmap it on free (see module docstring).
+
+    The memory worker is started with the same setting in its environment, so that it holds from the first
+    allocation on; this call is for a process that was not.
+    """
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, threshold))
+        m_mmap_threshold, m_trim_threshold = -3, -1
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2 * threshold))
     except (OSError, AttributeError):
         return False
 
@@ -230,8 +238,8 @@ MEASURES = {
     "cuda_max_memory_allocated": "CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), "
     "minus memory_allocated() before the call",
     "cpu_vmhwm": "CPU: growth of the process's peak resident set (VmHWM, reset via /proc/self/clear_refs) "
-    "over VmRSS before the call; glibc's mmap threshold pinned at 64 KiB so freed tensors leave the resident "
-    "set",
+    "over VmRSS before the call, in a worker whose glibc mmap threshold is fixed at 64 KiB so freed tensors "
+    "leave the resident set (times come from a worker with glibc's defaults)",
     "tensor_bytes": "bytes of tensor storage created during the call and alive at once, counted by a "
     "TorchDispatchMode (no library workspaces)",
 }
@@ -510,7 +518,7 @@ def empty_row(case: Case, status: str = "ok", reason: Optional[str] = None, meas
 
 def run_case(
     case: Case,
-    meter: MemoryMeter,
+    meter: Optional[MemoryMeter],
     *,
     warmup: int = 1,
     repeats: int = 3,
@@ -520,10 +528,10 @@ def run_case(
 ) -> dict:
     """Measure one case in this process.
 
-    The first warm-up call is also the memory-measured call and the time-limit probe; with ``warmup=0``
-    the first timed call is measured instead. ``repeats`` timed calls follow. A call slower than
-    ``time_limit`` ends the case as ``time-limited``; an allocation past ``budget`` (bytes, inputs
-    included) as ``oom``.
+    The first warm-up call is also the memory-measured call (unless ``meter`` is None) and the time-limit
+    probe; with ``warmup=0`` the first timed call is measured instead. ``repeats`` timed calls follow. A
+    call slower than ``time_limit`` ends the case as ``time-limited``; an allocation past ``budget``
+    (bytes, inputs included) as ``oom``.
 
     Returns:
         A JSON-able dict: the case's fields, ``status`` (ok | oom | time-limited | error | skipped),
@@ -532,7 +540,7 @@ def run_case(
         ``flops`` (model), ``flops_per_s``.
     """
     emit = on_event or (lambda event: None)
-    result = empty_row(case, measure=meter.name)
+    result = empty_row(case, measure=meter.name if meter is not None else "")
     skip = provider_unavailable(case.provider, torch.device(case.device))
     if skip is not None:
         result.update(status="skipped", reason=skip)
@@ -549,7 +557,7 @@ def run_case(
             first = None
             for index in range(calls):
                 start = time.perf_counter()
-                if index == 0:
+                if index == 0 and meter is not None:
                     out, peak = meter.measure(step)
                     result["peak_bytes"] = int(peak)
                     result["total_bytes"] = int(peak) + result["input_bytes"]
@@ -607,8 +615,11 @@ def warm_up_process(device: torch.device) -> None:
 # -------------------------------------------------------------------------------------------- worker
 
 
-def _worker_main(device_arg: str) -> None:
-    """``python -m fastcontrast._bench --worker DEVICE``: JSON requests on stdin, JSON events on stdout."""
+def _worker_main(device_arg: str, role: str) -> None:
+    """``python -m fastcontrast._bench --worker DEVICE ROLE``: JSON requests on stdin, JSON events on stdout.
+
+    ROLE ``memory`` measures peak memory on each case's first call; ``timing`` only times.
+    """
     # C-level prints (warnings from libraries) must not corrupt the protocol: fd 1 goes to stderr.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -622,15 +633,16 @@ def _worker_main(device_arg: str) -> None:
     device = torch.device(device_arg)
     if device.type == "cuda":
         torch.cuda.init()
-    meter = MemoryMeter(device)
+    meter = MemoryMeter(device) if role == "memory" else None
     warm_up_process(device)
     free, total = free_memory(device)
     providers = {p: provider_unavailable(p, device) for p in PROVIDERS}
     hard = _Budget(device, GIB)
     with hard:
         pass
-    send({"event": "hello", "device": str(device), "environment": environment(device),
-          "memory_measure": meter.name, "memory_measure_description": meter.description,
+    send({"event": "hello", "device": str(device), "role": role, "environment": environment(device),
+          "memory_measure": meter.name if meter else None,
+          "memory_measure_description": meter.description if meter else None,
           "free_bytes": free, "total_bytes": total, "providers": providers, "hard_budget": hard.hard})
     for line in sys.stdin:
         if not line.strip():
@@ -645,8 +657,9 @@ def _worker_main(device_arg: str) -> None:
 class Worker:
     """A benchmark subprocess on one device, restarted when a case kills it or runs past the time limit."""
 
-    def __init__(self, device: str = "auto", startup_timeout: float = 600.0):
+    def __init__(self, device: str = "auto", role: str = "memory", startup_timeout: float = 600.0):
         self.device_arg = device
+        self.role = role
         self.startup_timeout = startup_timeout
         self.proc: Optional[subprocess.Popen] = None
         self.hello: Optional[dict] = None
@@ -657,11 +670,14 @@ class Worker:
         if self.proc is not None and self.proc.poll() is None:
             return self.hello
         env = dict(os.environ)
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        if self.role == "memory":
+            # From the first allocation on (see the module docstring); the timing worker keeps the defaults.
+            env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 2**10)
+            env["MALLOC_TRIM_THRESHOLD_"] = str(128 * 2**10)
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._lines = queue.Queue()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastcontrast._bench", "--worker", self.device_arg],
+            [sys.executable, "-m", "fastcontrast._bench", "--worker", self.device_arg, self.role],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1, env=env,
         )
         lines = self._lines
@@ -745,6 +761,62 @@ class Worker:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+class Runner:
+    """Runs cases on one device in worker subprocesses: peak memory and times.
+
+    On CPU with the VmHWM measure, the memory worker (glibc mmap threshold fixed) measures and a timing
+    worker (glibc defaults) times, see the module docstring; the timing worker goes first so that a case
+    past the time limit is stopped before its memory is measured. Elsewhere (CUDA, or the tensor_bytes
+    fallback) one worker does both: the first call is measured, later ones timed.
+    """
+
+    def __init__(self, device: str = "auto"):
+        self.memory = Worker(device, "memory")
+        self.timing: Optional[Worker] = None
+        self.hello: Optional[dict] = None
+
+    def start(self) -> dict:
+        self.hello = self.memory.start()
+        if self.hello["memory_measure"] == "cpu_vmhwm" and self.timing is None:
+            self.timing = Worker(self.hello["device"], "timing")
+            self.timing.start()
+        return self.hello
+
+    def run(self, case: Case, *, warmup: int, repeats: int, time_limit: Optional[float], budget: Optional[int],
+            on_event: Optional[Callable[[dict], None]] = None) -> dict:
+        """One case: see :func:`run_case` for the row. ``repeats=0`` times the single warm-up call."""
+        if self.hello is None:
+            self.start()
+        if self.timing is None:
+            return self.memory.run(case, warmup=warmup, repeats=repeats, time_limit=time_limit, budget=budget,
+                                   on_event=on_event)
+        timed = self.timing.run(case, warmup=warmup, repeats=repeats, time_limit=time_limit, budget=budget,
+                                on_event=on_event)
+        if timed["status"] != "ok":
+            return timed
+        # One call, no timing wanted: allow it the (page-fault-heavier) time the measure costs.
+        limit = None if time_limit is None else 3 * time_limit
+        measured = self.memory.run(case, warmup=1, repeats=0, time_limit=limit, budget=budget)
+        if measured["status"] != "ok":
+            return {**measured, "time_s": timed["time_s"], "times_s": timed["times_s"]}
+        merged = {**timed}
+        for key in ("peak_bytes", "input_bytes", "total_bytes", "memory_measure"):
+            merged[key] = measured[key]
+        return merged
+
+    def stop(self) -> None:
+        self.memory.stop()
+        if self.timing is not None:
+            self.timing.stop()
 
     def __enter__(self):
         return self
@@ -1049,7 +1121,7 @@ def bench_cli(args) -> int:
                              "(or pip install 'fastcontrast[bench]').") from None
 
     print("starting the benchmark worker…", file=sys.stderr)
-    with Worker(args.device) as worker:
+    with Runner(args.device) as worker:
         hello = worker.start()
         device = hello["device"]
         kind = torch.device(device).type
@@ -1153,7 +1225,8 @@ def bench_cli(args) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker_main(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker" and sys.argv[3] in ("memory", "timing"):
+        _worker_main(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python -m fastcontrast._bench --worker DEVICE (internal: see `fastcontrast bench`)")
+        sys.exit("usage: python -m fastcontrast._bench --worker DEVICE memory|timing (internal: see "
+                 "`python -m fastcontrast bench`)")
