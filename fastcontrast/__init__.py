@@ -6,28 +6,35 @@ Importing this package never touches CUDA and never imports triton.
 """
 
 from fastcontrast.autograd import (
+    BlockwiseDistill,
     BlockwiseLogSumExp,
     BlockwiseSigLipSum,
+    blockwise_distill,
     blockwise_lse,
     blockwise_lse_and_positives,
     blockwise_siglip_sum,
 )
-from fastcontrast.functional import clip_loss, nt_xent_loss, nt_xent_memory_bank_loss, siglip_loss
-from fastcontrast.losses import ClipLoss, NTXentLoss, SigLipLoss
+from fastcontrast.functional import clip_loss, distill_clip_loss, nt_xent_loss, nt_xent_memory_bank_loss, siglip_loss
+from fastcontrast.losses import ClipLoss, CoCaLoss, DistillClipLoss, NTXentLoss, SigLipLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockwiseDistill",
     "BlockwiseLogSumExp",
     "BlockwiseSigLipSum",
     "ClipLoss",
+    "CoCaLoss",
+    "DistillClipLoss",
     "NTXentLoss",
     "SigLipLoss",
     "__version__",
+    "blockwise_distill",
     "blockwise_lse",
     "blockwise_lse_and_positives",
     "blockwise_siglip_sum",
     "clip_loss",
+    "distill_clip_loss",
     "nt_xent_loss",
     "nt_xent_memory_bank_loss",
     "siglip_loss",

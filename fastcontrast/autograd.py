@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from fastcontrast.blockwise import compute_dtype
+from fastcontrast.blockwise import DistillStats, compute_dtype
 
 
 def _scaled_grad(product: Optional[torch.Tensor], scale: torch.Tensor, like: torch.Tensor):
@@ -30,6 +30,31 @@ def _scale_grad(a: torch.Tensor, grad_a_unscaled: torch.Tensor, scale: torch.Ten
     # ⟨A, dS·B⟩ in the compute dtype, then back to the scale's own dtype (fp32 under AMP).
     inner = torch.dot(a.to(grad_a_unscaled.dtype).reshape(-1), grad_a_unscaled.reshape(-1))
     return inner.to(scale.dtype).reshape(scale.shape)
+
+
+def _positive_logits(a, other, scale, positive_index) -> Optional[torch.Tensor]:
+    """S[i, positive_index[i]] = s·⟨aᵢ, other[positive_index[i]]⟩ in the compute dtype, or None."""
+    if positive_index is None:
+        return None
+    cdt = compute_dtype(a.dtype)
+    partner = other.index_select(0, positive_index).to(cdt)
+    return (a.to(cdt) * partner).sum(dim=1) * scale.detach().to(cdt)
+
+
+def _add_positive_grads(grad_positives, a, other, positive_index, grad_a_unscaled, grad_b_unscaled, need_a, need_b):
+    """Add the positives' unscaled gradients to the engine's dS·B and dSᵀ·A (in place where they exist)."""
+    if grad_positives is None:
+        return grad_a_unscaled, grad_b_unscaled
+    cdt = compute_dtype(a.dtype)
+    weight = grad_positives.to(cdt).unsqueeze(1)
+    if need_a:
+        partner_term = weight * other.index_select(0, positive_index).to(cdt)
+        grad_a_unscaled = partner_term if grad_a_unscaled is None else grad_a_unscaled.add_(partner_term)
+    if need_b:
+        if grad_b_unscaled is None:
+            grad_b_unscaled = torch.zeros(other.shape, dtype=cdt, device=other.device)
+        grad_b_unscaled.index_add_(0, positive_index, weight * a.to(cdt))
+    return grad_a_unscaled, grad_b_unscaled
 
 
 class BlockwiseLogSumExp(torch.autograd.Function):
@@ -56,10 +81,7 @@ class BlockwiseLogSumExp(torch.autograd.Function):
                 a, other, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset
             )
         cdt = compute_dtype(a.dtype)
-        positives = None
-        if positive_index is not None:
-            partner = other.index_select(0, positive_index).to(cdt)
-            positives = (a.to(cdt) * partner).sum(dim=1) * scale.detach().to(cdt)
+        positives = _positive_logits(a, other, scale, positive_index)
         ctx.set_materialize_grads(False)
         ctx.engine = engine
         ctx.exclude_offset = exclude_offset
@@ -92,16 +114,9 @@ class BlockwiseLogSumExp(torch.autograd.Function):
                 a, other, scale, lse_row, lse_col, grad_row, grad_col,
                 exclude_offset=ctx.exclude_offset, need_a=need_a_product, need_b=need_b,
             )
-        if grad_positives is not None:
-            cdt = compute_dtype(a.dtype)
-            weight = grad_positives.to(cdt).unsqueeze(1)
-            if need_a_product:
-                partner_term = weight * other.index_select(0, positive_index).to(cdt)
-                grad_a_unscaled = partner_term if grad_a_unscaled is None else grad_a_unscaled.add_(partner_term)
-            if need_b:
-                if grad_b_unscaled is None:
-                    grad_b_unscaled = torch.zeros(other.shape, dtype=cdt, device=other.device)
-                grad_b_unscaled.index_add_(0, positive_index, weight * a.to(cdt))
+        grad_a_unscaled, grad_b_unscaled = _add_positive_grads(
+            grad_positives, a, other, positive_index, grad_a_unscaled, grad_b_unscaled, need_a_product, need_b
+        )
         if grad_a_unscaled is None and grad_b_unscaled is None:
             return (None,) * 8
         grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
@@ -141,6 +156,75 @@ class BlockwiseSigLipSum(torch.autograd.Function):
         grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
         grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
         return grad_a, grad_b, grad_scale, grad_bias, None, None
+
+
+class BlockwiseDistill(torch.autograd.Function):
+    """Student LSEs, distillation cross terms and positive logits of S = s·A·Bᵀ against T = s_t·A_t·B_tᵀ.
+
+    ``apply(a, b, scale, a_t, b_t, scale_t, engine, need_row, need_col, positive_index)`` with a: [n, d],
+    b: [m, d], a_t: [n, d_t], b_t: [m, d_t], scales 0-dim. Returns ``(lse_row [n], lse_col [m], cross_row [n],
+    cross_col [m], positives [n])`` in fp32 (fp64 for fp64 inputs), where crossᵢ = Σⱼ softmax(T)ᵢⱼ·Sᵢⱼ (by
+    row, and by column for cross_col) and positivesᵢ = S[i, positive_index[i]]. An output not asked for is
+    an empty tensor. Neither S nor T is materialised; the teacher LSEs are saved for backward.
+
+    open_clip's distillation term per row is rᵢ − crossᵢ (softmax(T) sums to 1). Gradients reach the
+    student features and scale, and the teacher's too when they require grad (through softmax(T), as in
+    open_clip); all terms meet in fp32 before the single cast per input (see :class:`BlockwiseLogSumExp`).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, a_t, b_t, scale_t, engine, need_row, need_col, positive_index):
+        stats = engine.distill_forward(a, b, scale, a_t, b_t, scale_t, need_row=need_row, need_col=need_col)
+        positives = _positive_logits(a, b, scale, positive_index)
+        ctx.set_materialize_grads(False)
+        ctx.engine = engine
+        ctx.save_for_backward(
+            a, b, scale, a_t, b_t, scale_t, positive_index,
+            stats.lse_row, stats.lse_col, stats.teacher_lse_row, stats.teacher_lse_col,
+            stats.cross_row, stats.cross_col,
+        )
+        empty = a.new_empty(0, dtype=compute_dtype(a.dtype))
+
+        def out(x):
+            return empty if x is None else x
+
+        return out(stats.lse_row), out(stats.lse_col), out(stats.cross_row), out(stats.cross_col), out(positives)
+
+    @staticmethod
+    def backward(ctx, grad_lse_row, grad_lse_col, grad_cross_row, grad_cross_col, grad_positives):
+        a, b, scale, a_t, b_t, scale_t, positive_index, *saved = ctx.saved_tensors
+        stats = DistillStats(*saved)
+        need_a, need_b, need_scale, need_a_t, need_b_t, need_scale_t = ctx.needs_input_grad[:6]
+        grads = DistillStats(
+            lse_row=grad_lse_row if stats.lse_row is not None else None,
+            lse_col=grad_lse_col if stats.lse_col is not None else None,
+            cross_row=grad_cross_row if stats.cross_row is not None else None,
+            cross_col=grad_cross_col if stats.cross_col is not None else None,
+        )
+        if positive_index is None:
+            grad_positives = None
+        need_a_product = need_a or need_scale
+        need_a_t_product = need_a_t or need_scale_t
+        grad_a_u = grad_b_u = grad_a_t_u = grad_b_t_u = None
+        if any(g is not None for g in vars(grads).values()):
+            grad_a_u, grad_b_u, grad_a_t_u, grad_b_t_u = ctx.engine.distill_backward(
+                a, b, scale, a_t, b_t, scale_t, stats, grads,
+                need_a=need_a_product, need_b=need_b, need_a_t=need_a_t_product, need_b_t=need_b_t,
+            )
+        grad_a_u, grad_b_u = _add_positive_grads(
+            grad_positives, a, b, positive_index, grad_a_u, grad_b_u, need_a_product, need_b
+        )
+        grad_scale = _scale_grad(a, grad_a_u, scale) if need_scale and grad_a_u is not None else None
+        grad_scale_t = _scale_grad(a_t, grad_a_t_u, scale_t) if need_scale_t and grad_a_t_u is not None else None
+        return (
+            _scaled_grad(grad_a_u, scale, a) if need_a else None,
+            _scaled_grad(grad_b_u, scale, b) if need_b else None,
+            grad_scale,
+            _scaled_grad(grad_a_t_u, scale_t, a_t) if need_a_t else None,
+            _scaled_grad(grad_b_t_u, scale_t, b_t) if need_b_t else None,
+            grad_scale_t,
+            None, None, None, None,
+        )
 
 
 class _KeepInGraph(torch.autograd.Function):
@@ -239,3 +323,38 @@ def keep_in_graph(value: torch.Tensor, anchor: Optional[torch.Tensor]) -> torch.
     if anchor is None or not isinstance(anchor, torch.Tensor) or not anchor.requires_grad:
         return value
     return _KeepInGraph.apply(value, anchor)
+
+
+def blockwise_distill(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    scale_t: torch.Tensor,
+    engine,
+    positive_index: torch.Tensor,
+    *,
+    rows: bool = True,
+    cols: bool = True,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
+           torch.Tensor]:
+    """Differentiable statistics of open_clip's distillation loss (see :class:`BlockwiseDistill`).
+
+    Args:
+        a: [n, d], b: [m, d] student features; scale: student scale, 0-dim.
+        a_t: [n, d_t], b_t: [m, d_t] teacher features; scale_t: teacher scale, 0-dim.
+        positive_index: [n] int64 column of each row's positive (the contrastive labels).
+        rows / cols: which directions to compute.
+    Returns:
+        ``(lse_row, lse_col, cross_row, cross_col, positives)``: row fields [n] or None, column fields [m] or
+        None, positives [n]; fp32 (fp64 for fp64 inputs). The distillation loss of a row is lse − cross.
+    """
+    lse_row, lse_col, cross_row, cross_col, positives = BlockwiseDistill.apply(
+        a, b, scale, a_t, b_t, scale_t, engine, rows, cols, positive_index
+    )
+    if not rows:
+        lse_row = cross_row = None
+    if not cols:
+        lse_col = cross_col = None
+    return lse_row, lse_col, cross_row, cross_col, positives

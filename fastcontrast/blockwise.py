@@ -10,6 +10,7 @@ layer multiplies by s, casts to the input dtype, and forms the scale gradient �
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -39,6 +40,22 @@ def _offset_diagonal(start: int, stop: int, m: int, offset: int, device: torch.d
     cols = rows + offset
     keep = (cols >= 0) & (cols < m)
     return rows[keep] - start, cols[keep]
+
+
+@dataclass
+class DistillStats:
+    """Per-row and per-column statistics of the distillation loss (or their upstream gradients).
+
+    ``lse_*``: student log-sum-exp; ``teacher_lse_*``: teacher log-sum-exp; ``cross_*``: Σ softmax(T)·S.
+    Each is a vector (fp32, fp64 for fp64 inputs) or None where not computed.
+    """
+
+    lse_row: Optional[torch.Tensor] = None
+    lse_col: Optional[torch.Tensor] = None
+    teacher_lse_row: Optional[torch.Tensor] = None
+    teacher_lse_col: Optional[torch.Tensor] = None
+    cross_row: Optional[torch.Tensor] = None
+    cross_col: Optional[torch.Tensor] = None
 
 
 class TorchEngine:
@@ -205,6 +222,124 @@ class TorchEngine:
             grad_bias += grad_logits.sum()
             self._accumulate(grad_logits, a, b_c, start, stop, grad_a, grad_b)
         return grad_a, grad_b, grad_bias
+
+    def distill_forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        a_t: torch.Tensor,
+        b_t: torch.Tensor,
+        scale_t: torch.Tensor,
+        *,
+        need_row: bool,
+        need_col: bool,
+    ) -> DistillStats:
+        """Statistics of student S = s·A·Bᵀ and teacher T = s_t·A_t·B_tᵀ for the distillation loss.
+
+        Per row: the student LSE rᵢ, the teacher LSE trᵢ and the cross term xrᵢ = Σⱼ softmax(T)ᵢⱼ·Sᵢⱼ; per
+        column the same three (c, tc, xc). Then −Σⱼ softmax(T)ᵢⱼ·log_softmax(S)ᵢⱼ = rᵢ − xrᵢ.
+
+        Args:
+            a: [n, d]; b: [m, d]; a_t: [n, d_t]; b_t: [m, d_t]; scale, scale_t: 0-dim.
+        Returns:
+            a :class:`DistillStats` in the compute dtype (row fields None unless ``need_row``, column
+            fields None unless ``need_col``).
+        """
+        cdt = compute_dtype(a.dtype)
+        n, m = a.shape[0], b.shape[0]
+        b_c, bt_c = b.to(cdt), b_t.to(cdt)
+        s, s_t = scale.detach().to(cdt), scale_t.detach().to(cdt)
+        stats = DistillStats()
+        if need_row:
+            stats.lse_row, stats.teacher_lse_row, stats.cross_row = (
+                torch.empty(n, dtype=cdt, device=a.device) for _ in range(3)
+            )
+        if need_col:
+            stats.lse_col = torch.full((m,), float("-inf"), dtype=cdt, device=a.device)
+            stats.teacher_lse_col = torch.full((m,), float("-inf"), dtype=cdt, device=a.device)
+            stats.cross_col = torch.zeros(m, dtype=cdt, device=a.device)
+        # Two chunk-sized matrices (S and T) live at once: halve the rows per chunk to stay in budget.
+        for start, stop in _row_chunks(n, m, max(1, self.chunk_bytes // 2), torch.finfo(cdt).bits // 8):
+            logits = self._logits(a, b_c, s, start, stop, None)
+            teacher = self._logits(a_t, bt_c, s_t, start, stop, None)
+            if need_row:
+                stats.lse_row[start:stop] = torch.logsumexp(logits, dim=1)
+                teacher_lse = torch.logsumexp(teacher, dim=1)
+                stats.teacher_lse_row[start:stop] = teacher_lse
+                stats.cross_row[start:stop] = (teacher - teacher_lse[:, None]).exp_().mul_(logits).sum(dim=1)
+            if need_col:
+                torch.logaddexp(stats.lse_col, torch.logsumexp(logits, dim=0), out=stats.lse_col)
+                # Online over row chunks, as the kernels do over row blocks: the chunk's softmax-weighted sum
+                # is rescaled to the running teacher LSE before it is added.
+                chunk_lse = torch.logsumexp(teacher, dim=0)
+                merged = torch.logaddexp(stats.teacher_lse_col, chunk_lse)
+                chunk_cross = (teacher - chunk_lse[None, :]).exp_().mul_(logits).sum(dim=0)
+                stats.cross_col.mul_((stats.teacher_lse_col - merged).exp_())
+                stats.cross_col.add_(chunk_cross.mul_((chunk_lse - merged).exp_()))
+                stats.teacher_lse_col = merged
+        return stats
+
+    def distill_backward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        a_t: torch.Tensor,
+        b_t: torch.Tensor,
+        scale_t: torch.Tensor,
+        stats: DistillStats,
+        grads: DistillStats,
+        *,
+        need_a: bool,
+        need_b: bool,
+        need_a_t: bool,
+        need_b_t: bool,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Backward of :meth:`distill_forward` for upstream gradients ``grads`` (fields lse_row, lse_col,
+        cross_row, cross_col; None where there is none). With Pʳ = softmax(T) by row, Pᶜ by column:
+
+            dSᵢⱼ = g_rᵢ·softmax(S)ʳᵢⱼ + g_cⱼ·softmax(S)ᶜᵢⱼ + g_xrᵢ·Pʳᵢⱼ + g_xcⱼ·Pᶜᵢⱼ
+            dTᵢⱼ = g_xrᵢ·Pʳᵢⱼ·(Sᵢⱼ − xrᵢ) + g_xcⱼ·Pᶜᵢⱼ·(Sᵢⱼ − xcⱼ)
+
+        Returns:
+            unscaled ``dS·B`` [n, d], ``dSᵀ·A`` [m, d], ``dT·B_t`` [n, d_t], ``dTᵀ·A_t`` [m, d_t] in the
+            compute dtype (None where not needed).
+        """
+        cdt = compute_dtype(a.dtype)
+        n, m = a.shape[0], b.shape[0]
+        b_c, bt_c = b.to(cdt), b_t.to(cdt)
+        s, s_t = scale.detach().to(cdt), scale_t.detach().to(cdt)
+        need_teacher = need_a_t or need_b_t
+        grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else None
+        grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else None
+        grad_a_t = torch.empty((n, a_t.shape[1]), dtype=cdt, device=a.device) if need_a_t else None
+        grad_b_t = torch.zeros((m, b_t.shape[1]), dtype=cdt, device=a.device) if need_b_t else None
+        g = DistillStats(**{k: None if v is None else v.to(cdt) for k, v in vars(grads).items()})
+        for start, stop in _row_chunks(n, m, max(1, self.chunk_bytes // 2), torch.finfo(cdt).bits // 8):
+            rows = slice(start, stop)
+            logits = self._logits(a, b_c, s, start, stop, None)
+            teacher = self._logits(a_t, bt_c, s_t, start, stop, None)
+            grad_s = torch.zeros_like(logits)
+            grad_t = torch.zeros_like(teacher) if need_teacher else None
+            if g.lse_row is not None:
+                grad_s.add_((logits - stats.lse_row[rows, None]).exp_().mul_(g.lse_row[rows, None]))
+            if g.lse_col is not None:
+                grad_s.add_((logits - stats.lse_col[None, :]).exp_().mul_(g.lse_col[None, :]))
+            if g.cross_row is not None:
+                weight = (teacher - stats.teacher_lse_row[rows, None]).exp_()
+                grad_s.add_(weight * g.cross_row[rows, None])
+                if need_teacher:
+                    grad_t.add_(weight.mul_(logits - stats.cross_row[rows, None]).mul_(g.cross_row[rows, None]))
+            if g.cross_col is not None:
+                weight = (teacher - stats.teacher_lse_col[None, :]).exp_()
+                grad_s.add_(weight * g.cross_col[None, :])
+                if need_teacher:
+                    grad_t.add_(weight.mul_(logits - stats.cross_col[None, :]).mul_(g.cross_col[None, :]))
+            self._accumulate(grad_s, a, b_c, start, stop, grad_a, grad_b)
+            if need_teacher:
+                self._accumulate(grad_t, a_t, bt_c, start, stop, grad_a_t, grad_b_t)
+        return grad_a, grad_b, grad_a_t, grad_b_t
 
     @staticmethod
     def _logits(a, b_c, s, start, stop, exclude_offset):

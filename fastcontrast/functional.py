@@ -16,6 +16,7 @@ from fastcontrast import distributed, reference
 from fastcontrast._dispatch import check_backend, resolve_engine
 from fastcontrast._validation import as_scalar_tensor, check_features, check_pair
 from fastcontrast.autograd import (
+    blockwise_distill,
     blockwise_lse,
     blockwise_lse_and_positives,
     blockwise_siglip_sum,
@@ -64,7 +65,8 @@ def clip_loss(
         logit_bias: optional scalar added to every logit. It changes nothing in a softmax, but like in
             open_clip it stays in the graph and gets an exact zero gradient.
         local_loss, gather_with_grad, rank, world_size: open_clip's distributed options, with open_clip's
-            meaning in all four flag combinations (see docs/distributed.md for which give exact gradients).
+            meaning in all four flag combinations (the README's "Distributed training" says which give exact
+            gradients).
         process_group: the torch.distributed group to gather over (None: the default group). When given,
             the rank and world size come from it; explicit ``rank``/``world_size`` must then agree with it.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
@@ -148,6 +150,97 @@ def siglip_loss(
         return reference.siglip_loss_reference(image_features, text_features, scale, bias)
     total = blockwise_siglip_sum(image_features, text_features, scale, bias, engine, positive_offset=0)
     return total / image_features.shape[0]
+
+
+def _check_distill_inputs(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                          dist_logit_scale):
+    """Validation shared by the one-process and distributed distillation losses: (scale, teacher scale)."""
+    check_features("image_features", image_features)
+    check_features("text_features", text_features)
+    check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
+    check_features("dist_image_features", dist_image_features)
+    check_features("dist_text_features", dist_text_features)
+    check_pair("dist_image_features", dist_image_features, "dist_text_features", dist_text_features,
+               same_batch=True)
+    if dist_image_features.shape[0] != image_features.shape[0]:
+        raise ValueError(
+            "`dist_image_features` must have the student's batch size (row i is the teacher's view of "
+            f"sample i), got {dist_image_features.shape[0]} and {image_features.shape[0]}."
+        )
+    if dist_image_features.device != image_features.device:
+        raise ValueError(
+            f"`dist_image_features` must be on the student's device {image_features.device}, "
+            f"got {dist_image_features.device}."
+        )
+    if dist_image_features.dtype != image_features.dtype:
+        raise TypeError(
+            f"`dist_image_features` must have the student's dtype {image_features.dtype}, got "
+            f"{dist_image_features.dtype} (cast the teacher's features, or run both under torch.autocast)."
+        )
+    scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
+    scale_t = as_scalar_tensor("dist_logit_scale", dist_logit_scale, like=image_features, must_be_positive=True)
+    return scale, scale_t
+
+
+def distill_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scalar,
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale: Scalar,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    process_group=None,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's DistillClipLoss, blockwise: (contrastive loss, distillation loss).
+
+    With S = s·I·Tᵀ (student) and T' = s_t·I_t·T_tᵀ (teacher), r / c the row / column LSEs of S, p the
+    positive logits and x_r / x_c the rows' / columns' Σ softmax(T')·S:
+    contrastive = ½[mean(r − p) + mean(c − p)], distill = ½[mean(r − x_r) + mean(c − x_c)], which is
+    open_clip's ½ Σ over both directions of −(softmax(teacher) · log_softmax(student)).sum(1).mean().
+
+    Args:
+        image_features, text_features: [n, d] student features (fp16, bf16, fp32 or fp64).
+        logit_scale: the student's exponentiated scale (see :func:`clip_loss`).
+        dist_image_features, dist_text_features: [n, d_t] teacher features, same dtype and device as the
+            student's; d_t may differ from d. They get gradients only if they require grad (open_clip's
+            behaviour: its teacher features normally carry none).
+        dist_logit_scale: the teacher's exponentiated scale.
+        local_loss, gather_with_grad, rank, world_size, process_group: as :func:`clip_loss`; the teacher's
+            features are gathered the same way as the student's (open_clip calls ``get_logits`` on both).
+        backend, chunk_bytes: see :func:`clip_loss`.
+    Returns:
+        ``(contrastive_loss, distill_loss)``, 0-dim fp32 (fp64 for fp64 features).
+    """
+    check_backend(backend)
+    group = distributed.resolve_group(rank, world_size, process_group, what="DistillClipLoss")
+    if group is not None:
+        return _distill_clip_loss_distributed(
+            image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+            dist_logit_scale, group, local_loss=local_loss, gather_with_grad=gather_with_grad,
+            backend=backend, chunk_bytes=chunk_bytes,
+        )
+    scale, scale_t = _check_distill_inputs(
+        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale
+    )
+    engine = resolve_engine(backend, image_features.device, chunk_bytes)
+    if engine is None:
+        return reference.distill_clip_loss_reference(
+            image_features, text_features, scale, dist_image_features, dist_text_features, scale_t
+        )
+    diagonal = torch.arange(image_features.shape[0], device=image_features.device)
+    lse_row, lse_col, cross_row, cross_col, pos = blockwise_distill(
+        image_features, text_features, scale, dist_image_features, dist_text_features, scale_t, engine, diagonal
+    )
+    contrastive = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
+    distill = ((lse_row - cross_row).mean() + (lse_col - cross_col).mean()) / 2
+    return contrastive, distill
 
 
 def check_temperature(temperature: object) -> float:
@@ -400,3 +493,66 @@ def _nt_xent_loss_distributed(out0, out1, temperature, group, *, backend, chunk_
         z, z_all, inv_temperature, engine, partner, exclude_offset=views.offset
     )
     return _rank_mean(lse - pos, views)
+
+
+def _distill_clip_loss_distributed(
+    image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+    group, *, local_loss, gather_with_grad, backend, chunk_bytes,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's DistillClipLoss across ranks: student and teacher gathered alike, as in ``ClipLoss``."""
+
+    def check():
+        scales = _check_distill_inputs(
+            image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale
+        )
+        return scales, resolve_engine(backend, image_features.device, chunk_bytes)
+
+    ((scale, scale_t), engine), layout = distributed.exchange_layout(
+        group, image_features, check, what="DistillClipLoss", name="image_features"
+    )
+    # The teacher's dim must agree across ranks too, or its gathers would not match: one more tiny exchange.
+    distributed.exchange_layout(
+        group, dist_image_features, lambda: None, what="DistillClipLoss", name="dist_image_features"
+    )
+    if gather_with_grad:
+        gather = distributed.gather_with_grad
+    elif local_loss:
+        gather = distributed.gather_without_grad
+    else:
+        gather = distributed.gather_with_local_slot
+    all_image, all_text = gather(image_features, group, layout), gather(text_features, group, layout)
+    all_image_t, all_text_t = gather(dist_image_features, group, layout), gather(dist_text_features, group, layout)
+    if not local_loss:
+        if engine is None:
+            student = reference.distill_logits_reference(None, None, scale, all_image, all_text)
+            teacher = reference.distill_logits_reference(None, None, scale_t, all_image_t, all_text_t)
+            return reference.distill_clip_loss_from_logits_reference(*student, *teacher)
+        diagonal = torch.arange(layout.total, device=all_image.device)
+        lse_row, lse_col, cross_row, cross_col, pos = blockwise_distill(
+            all_image, all_text, scale, all_image_t, all_text_t, scale_t, engine, diagonal
+        )
+        contrastive = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
+        distill = ((lse_row - cross_row).mean() + (lse_col - cross_col).mean()) / 2
+        return contrastive, distill
+    start, stop = layout.offset, layout.offset + layout.local_rows
+    if engine is None:
+        student = reference.distill_logits_reference(
+            image_features, text_features, scale, all_image, all_text, local_loss=True
+        )
+        teacher = reference.distill_logits_reference(
+            dist_image_features, dist_text_features, scale_t, all_image_t, all_text_t, local_loss=True
+        )
+        losses = reference.distill_clip_loss_from_logits_reference(*student, *teacher, offset=start)
+        return losses if layout.equal else tuple(loss * layout.loss_weight() for loss in losses)
+    positive_index = torch.arange(start, stop, device=image_features.device)
+    lse_image, _, cross_image, _, pos_image = blockwise_distill(
+        image_features, all_text, scale, dist_image_features, all_text_t, scale_t, engine, positive_index,
+        rows=True, cols=False,
+    )
+    lse_text, _, cross_text, _, pos_text = blockwise_distill(
+        text_features, all_image, scale, dist_text_features, all_image_t, scale_t, engine, positive_index,
+        rows=True, cols=False,
+    )
+    contrastive = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
+    distill = (_rank_mean(lse_image - cross_image, layout) + _rank_mean(lse_text - cross_text, layout)) / 2
+    return contrastive, distill

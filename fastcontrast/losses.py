@@ -1,4 +1,5 @@
-"""``nn.Module`` drop-ins for open_clip 3.x ``ClipLoss`` / ``SigLipLoss`` and lightly 1.6 ``NTXentLoss``.
+"""``nn.Module`` drop-ins for open_clip 3.x ``ClipLoss`` / ``DistillClipLoss`` / ``CoCaLoss`` / ``SigLipLoss``
+and lightly 1.6 ``NTXentLoss``.
 
 Argument handling only: the math is in :mod:`fastcontrast.functional`. Constructor and ``forward``
 signatures match the originals (keyword names included); extra options are keyword-only and come last.
@@ -63,7 +64,7 @@ class ClipLoss(nn.Module):
         process_group: torch.distributed group to gather over (default: the default group). When given, the
             rank and world size are taken from it; explicit ``rank``/``world_size`` that contradict it are an
             error. Across processes, gradients are exact under DDP averaging with ``gather_with_grad=True``
-            (``local_loss=True`` is the cheap way); see docs/distributed.md.
+            (``local_loss=True`` is the cheap way); see the README's "Distributed training".
         chunk_bytes: logits budget per chunk for the torch engine.
     """
 
@@ -112,6 +113,122 @@ class ClipLoss(nn.Module):
             backend=self.backend, chunk_bytes=self.chunk_bytes,
         )
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(ClipLoss):
+    """Drop-in for open_clip's ``DistillClipLoss`` (CLIP loss plus distillation from a teacher), O(N·d) memory.
+
+    contrastive = ``ClipLoss`` of the student; distill = ½ Σ over both directions of
+    −(softmax(teacher logits) · log_softmax(student logits)).sum(1).mean(). Neither the student's nor the
+    teacher's N×N logits are ever stored: per row and column the kernels keep the student LSE, the teacher
+    LSE and the cross term Σ softmax(teacher)·student (two GEMM tiles per block, one reduction more).
+
+    Args: the same as :class:`ClipLoss` (open_clip's constructor is ClipLoss's). The teacher's features are
+    gathered across ranks exactly like the student's, as open_clip does.
+    """
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+        dist_image_features: torch.Tensor,
+        dist_text_features: torch.Tensor,
+        dist_logit_scale: Union[torch.Tensor, float],
+        output_dict: bool = False,
+    ):
+        """Args: student image_features / text_features [n, d] and exponentiated logit_scale; teacher
+        dist_image_features / dist_text_features [n, d_t] (same dtype) and dist_logit_scale.
+
+        Returns ``(contrastive_loss, distill_loss)`` (0-dim fp32), or the dict
+        ``{"contrastive_loss", "distill_loss"}``. The teacher gets gradients only if its tensors require grad.
+        """
+        contrastive, distill = functional.distill_clip_loss(
+            image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+            local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+            rank=self.rank, world_size=self.world_size, process_group=self.process_group,
+            backend=self.backend, chunk_bytes=self.chunk_bytes,
+        )
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+
+class CoCaLoss(ClipLoss):
+    """Drop-in for open_clip's ``CoCaLoss``: weighted blockwise ``ClipLoss`` plus the captioning cross-entropy.
+
+    Args:
+        caption_loss_weight, clip_loss_weight: the weights of the two parts (open_clip's).
+        pad_id: token id ignored by the caption cross-entropy (open_clip's default 0).
+        local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, backend, process_group,
+        chunk_bytes: as :class:`ClipLoss`; they apply to the contrastive part.
+    """
+
+    def __init__(
+        self,
+        caption_loss_weight: float,
+        clip_loss_weight: float,
+        pad_id: int = 0,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__(
+            local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels, rank=rank,
+            world_size=world_size, use_horovod=use_horovod, backend=backend, process_group=process_group,
+            chunk_bytes=chunk_bytes,
+        )
+        for name, weight in (("caption_loss_weight", caption_loss_weight), ("clip_loss_weight", clip_loss_weight)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {type(weight).__name__} ({weight!r}).")
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+            raise TypeError(f"`pad_id` must be an int token id, got {type(pad_id).__name__} ({pad_id!r}).")
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        # The caption part is open_clip's own: a plain token cross-entropy, nothing N×N about it.
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+        output_dict: bool = False,
+    ):
+        """Args: image_features / text_features [n, d], caption ``logits`` [n, L, V], token ``labels`` [n, L]
+        (int64), exponentiated logit_scale.
+
+        Returns ``(clip_loss_weight·contrastive, caption_loss_weight·caption)`` or the dict
+        ``{"contrastive_loss", "caption_loss"}``. With ``clip_loss_weight == 0`` the contrastive part is
+        ``tensor(0)`` and is not computed at all, as in open_clip.
+        """
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise ValueError(
+                f"`logits` must be a [batch, seq_len, vocab] tensor, got "
+                f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}."
+            )
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"`labels` must be a [batch, seq_len] = {tuple(logits.shape[:2])} tensor of token ids, got "
+                f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}."
+            )
+        if self.clip_loss_weight:
+            clip_loss = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)
+        caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels) * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
 
 
 class SigLipLoss(nn.Module):

@@ -210,3 +210,81 @@ def nt_xent_loss_gathered_reference(
     logits = torch.cat([logits_0100, logits_1011], dim=0)
     labels = (rows + offset).repeat(2)
     return F.cross_entropy(logits, labels)
+
+
+def distill_logits_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scale,
+    all_image_features: Optional[torch.Tensor] = None,
+    all_text_features: Optional[torch.Tensor] = None,
+    *,
+    local_loss: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip 3.x ``ClipLoss.get_logits`` without bias, given the (possibly gathered) features.
+
+    One process: ``s·I·Tᵀ`` and ``s·T·Iᵀ``. Gathered global loss: ``s·I_all·T_allᵀ`` and its transpose.
+    Gathered local loss: ``s·I·T_allᵀ`` and ``s·T·I_allᵀ``.
+    """
+    if all_image_features is None:
+        return logit_scale * image_features @ text_features.T, logit_scale * text_features @ image_features.T
+    if local_loss:
+        return (logit_scale * image_features @ all_text_features.T,
+                logit_scale * text_features @ all_image_features.T)
+    logits_per_image = logit_scale * all_image_features @ all_text_features.T
+    return logits_per_image, logits_per_image.T
+
+
+def distill_clip_loss_from_logits_reference(
+    logits_per_image: torch.Tensor,
+    logits_per_text: torch.Tensor,
+    dist_logits_per_image: torch.Tensor,
+    dist_logits_per_text: torch.Tensor,
+    *,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip 3.x ``DistillClipLoss.forward`` after ``get_logits``: (contrastive loss, distill loss).
+
+    distill = ½ Σ over both directions of −(softmax(teacher) · log_softmax(student)).sum(1).mean(); labels
+    are ``arange(rows) + offset`` (open_clip's ``rows·rank`` for the local loss).
+    """
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device, dtype=torch.long) + offset
+
+    def dist_loss(teacher_logits, student_logits):
+        return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    contrastive = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    distill = (dist_loss(dist_logits_per_image, logits_per_image)
+               + dist_loss(dist_logits_per_text, logits_per_text)) / 2
+    return contrastive, distill
+
+
+def distill_clip_loss_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scale,
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale: Scale,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip 3.x ``DistillClipLoss`` (one process): (contrastive loss, distill loss).
+
+    Args:
+        image_features, text_features: [n, d] student features; logit_scale: the student's exponentiated scale.
+        dist_image_features, dist_text_features: [n, d_t] teacher features (d_t may differ from d);
+            dist_logit_scale: the teacher's exponentiated scale.
+    Returns:
+        two 0-dim losses in the logits' dtype.
+    """
+    student = distill_logits_reference(image_features, text_features, logit_scale)
+    teacher = distill_logits_reference(dist_image_features, dist_text_features, dist_logit_scale)
+    return distill_clip_loss_from_logits_reference(*student, *teacher)
+
+
+def caption_loss_reference(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """open_clip 3.x ``CoCaLoss``'s caption part: ``CrossEntropyLoss(ignore_index=pad_id)`` over tokens.
+
+    Args:
+        logits: [n, L, V] token logits; labels: [n, L] int64 token ids.
+    """
+    return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=pad_id)

@@ -28,7 +28,8 @@ import torch
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
-KERNELS = ("lse_forward", "siglip_forward", "gradient_lse", "gradient_siglip")
+KERNELS = ("lse_forward", "siglip_forward", "gradient_lse", "gradient_siglip", "distill_forward", "distill_gradient",
+           "distill_gradient_teacher")
 # Per-block shared memory a kernel may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
@@ -49,7 +50,8 @@ def _nvidia_bin(tool: str) -> str:
 
 def _kernel_source(kernel: str, dtype: str, d: int):
     """(jit function, signature, constexprs, config, register_acc) for one kernel variant."""
-    from fastcontrast.kernels.configs import forward_config, gradient_config
+    from fastcontrast.kernels.configs import distill_config, forward_config, gradient_config
+    from fastcontrast.kernels.distill import distill_forward_kernel, distill_gradient_kernel
     from fastcontrast.kernels.gradient import MODE_LSE, MODE_SIGLIP, gradient_kernel
     from fastcontrast.kernels.lse_forward import lse_forward_kernel
     from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
@@ -59,6 +61,9 @@ def _kernel_source(kernel: str, dtype: str, d: int):
     precision = "tf32" if dtype == "fp32" else "ieee"
     if kernel in ("lse_forward", "siglip_forward"):
         config = forward_config(d, torch_dtype, interpreter=False, kernel=kernel.split("_")[0])
+    elif kernel.startswith("distill"):
+        stage = "forward" if kernel == "distill_forward" else "gradient"
+        config = distill_config(stage, torch_dtype, interpreter=False)
     else:
         config = gradient_config(d, torch_dtype, interpreter=False)
     blocks = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_D": config.block_d,
@@ -75,6 +80,24 @@ def _kernel_source(kernel: str, dtype: str, d: int):
         signature = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32", "PARTIAL": "*fp32",
                      **ints, "positive_offset": "i64", "cols_per_split": "i32"}
         constexprs = {"HAS_BIAS": True, **blocks}
+    elif kernel == "distill_forward":
+        fn = distill_forward_kernel
+        signature = {"X": ptr, "Y": ptr, "XT": ptr, "YT": ptr, "SCALE": "*fp32", "SCALE_T": "*fp32",
+                     "LSE_X": "*fp32", "TEACHER_LSE_X": "*fp32", "CROSS_X": "*fp32", "COL_PARTIAL": "*fp32",
+                     **ints, "d_t": "i32", "stride_xt": "i32", "stride_yt": "i32"}
+        constexprs = {"WRITE_COL_PARTIAL": True, **blocks}
+    elif kernel.startswith("distill_gradient"):
+        fn = distill_gradient_kernel
+        # The teacher's dim is taken equal to the student's here (d is a runtime value; only the
+        # accumulator's place depends on it).
+        register_acc = d <= config.block_d
+        stats = [f"{name}_{side}" for side in ("X", "Y")
+                 for name in ("LSE", "GRAD_LSE", "TEACHER_LSE", "CROSS", "GRAD_CROSS")]
+        signature = {"X": ptr, "Y": ptr, "XT": ptr, "YT": ptr, "SCALE": "*fp32", "SCALE_T": "*fp32",
+                     **{name: "*fp32" for name in stats}, "OUT": "*fp32",
+                     **ints, "d_t": "i32", "stride_xt": "i32", "stride_yt": "i32", "stride_out": "i32"}
+        constexprs = {"TEACHER_GRAD": kernel == "distill_gradient_teacher", "HAS_X_TERM": True, "HAS_Y_TERM": True,
+                      "REGISTER_ACC": register_acc, **blocks}
     else:
         fn = gradient_kernel
         register_acc = d <= config.block_d
@@ -91,7 +114,8 @@ def _kernel_source(kernel: str, dtype: str, d: int):
     # 16-divisible pointers, d and row strides. Without these hints loads are not vectorised and the
     # numbers would describe a kernel that never runs. Lengths and offsets are never specialised.
     aligned = [name for name, kind in signature.items()
-               if kind.startswith("*") or name in ("d", "stride_x", "stride_y", "stride_out")]
+               if kind.startswith("*") or name in ("d", "d_t", "stride_x", "stride_y", "stride_xt", "stride_yt",
+                                                   "stride_out")]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     return fn, signature, constexprs, attrs, config, register_acc
 
@@ -143,7 +167,7 @@ def compile_one(kernel: str, dtype: str, d: int, arch: int) -> dict:
         "kernel": kernel, "dtype": dtype, "d": d, "arch": f"sm_{arch}",
         "block": f"{config.block_m}x{config.block_n}x{config.block_d}",
         "warps": config.num_warps, "stages": config.num_stages,
-        "acc": ("registers" if register_acc else "fp32 rows") if kernel.startswith("gradient") else "-",
+        "acc": ("registers" if register_acc else "fp32 rows") if "gradient" in kernel else "-",
     }
     row.update(_parse_resource_usage(usage))
     row.update(_parse_ptxas(ptxas.stdout + ptxas.stderr))
@@ -197,12 +221,18 @@ def _compile_table_in_subprocess(kernels, dtypes, dims, archs) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of :func:`compile_table` rows."""
+    """A Markdown table of :func:`compile_table` rows; the d values that share one binary share a line."""
     columns = ("kernel", "dtype", "d", "arch", "block", "warps", "acc", "registers",
                "shared_bytes", "spill_stores", "spill_loads", "stack")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    merged: dict[tuple, list[int]] = {}
     for row in rows:
-        lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
+        key = tuple(row[c] for c in columns if c != "d")
+        merged.setdefault(key, []).append(row["d"])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for key, dims in merged.items():
+        values = dict(zip((c for c in columns if c != "d"), key))
+        values["d"] = ", ".join(str(d) for d in dims)
+        lines.append("| " + " | ".join(str(values[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -53,6 +53,16 @@ _GRADIENT_TABLE = {
     ),
 }
 
+# Distillation kernels hold two S tiles (student and teacher) plus, in the forward, the column partials of
+# both, and in the gradient the output accumulator. With 4 warps ptxas capped the forward at 255 registers
+# and spilled 12 bytes on sm_80 and sm_90 (the gradient's register path 8 bytes on sm_80); 8 warps halve
+# each tile's share per thread. One config serves every d (the gradient keeps its accumulator in registers
+# for d ≤ BLOCK_D and in its own fp32 rows above).
+_DISTILL_FORWARD = {"half": KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
+                    "fp32": KernelConfig(64, 64, 32, num_warps=8, num_stages=2)}
+_DISTILL_GRADIENT = {"half": KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
+                     "fp32": KernelConfig(32, 64, 64, num_warps=4, num_stages=1)}
+
 # The interpreter runs tiles as numpy arrays on the CPU: small tiles keep tests fast and still exercise
 # ragged edges (n, m, d not multiples of the block) and the chunked-d path (d > 64).
 INTERPRETER_CONFIG = KernelConfig(block_m=32, block_n=32, block_d=64, num_warps=1, num_stages=1)
@@ -87,3 +97,11 @@ def gradient_config(d: int, dtype: torch.dtype, interpreter: bool) -> KernelConf
         if bound is None or d <= bound:
             return config
     raise LookupError(f"no gradient config for d={d}")  # unreachable: the last entry has no bound
+
+
+def distill_config(kernel: str, dtype: torch.dtype, interpreter: bool) -> KernelConfig:
+    """Config of a distillation kernel (``kernel`` = ``"forward"`` or ``"gradient"``)."""
+    if interpreter and not _GPU_TABLE_IN_INTERPRETER:
+        return INTERPRETER_CONFIG
+    table = _DISTILL_FORWARD if kernel == "forward" else _DISTILL_GRADIENT
+    return table[_precision(dtype)]

@@ -15,10 +15,13 @@ from typing import Optional
 
 import torch
 import triton
-from fastcontrast.kernels.configs import forward_config, gradient_config
+from fastcontrast.kernels.configs import distill_config, forward_config, gradient_config
+from fastcontrast.kernels.distill import distill_forward_kernel, distill_gradient_kernel
 from fastcontrast.kernels.gradient import MODE_LSE, MODE_SIGLIP, gradient_kernel
 from fastcontrast.kernels.lse_forward import lse_forward_kernel
 from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
+
+from fastcontrast.blockwise import DistillStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -205,6 +208,125 @@ class TritonEngine:
                 None if bias_partial else bias_partial,
             )
         return (grad_a if need_a else None), grad_b, bias_partial[0].sum()
+
+    def distill_forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        a_t: torch.Tensor,
+        b_t: torch.Tensor,
+        scale_t: torch.Tensor,
+        *,
+        need_row: bool,
+        need_col: bool,
+    ) -> DistillStats:
+        """Student / teacher LSEs and cross terms by row and column, fp32 (see ``TorchEngine.distill_forward``).
+
+        Rows and columns come from one pass when the column partials (3 · n / BLOCK_M · m fp32) are small,
+        else the column statistics are a second pass over the transposed problem.
+        """
+        _check_dtype(a)
+        a, b, a_t, b_t = (_rows_contiguous(x) for x in (a, b, a_t, b_t))
+        n, m = a.shape[0], b.shape[0]
+        config = distill_config("forward", a.dtype, interpreter_enabled())
+        n_row_blocks = triton.cdiv(n, config.block_m)
+        single_pass = need_col and 3 * n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
+        stats = DistillStats()
+        if need_row or single_pass:
+            partial = torch.empty((3, n_row_blocks, m), dtype=torch.float32, device=a.device) if single_pass else None
+            stats.lse_row, stats.teacher_lse_row, stats.cross_row = self._launch_distill_forward(
+                a, b, scale, a_t, b_t, scale_t, partial
+            )
+            if single_pass:
+                # Merge the row blocks' partials in a fixed order: LSEs by logsumexp, the cross term
+                # weighted by each block's share of the teacher's column softmax.
+                stats.lse_col = torch.logsumexp(partial[0], dim=0)
+                stats.teacher_lse_col = torch.logsumexp(partial[1], dim=0)
+                stats.cross_col = ((partial[1] - stats.teacher_lse_col).exp_() * partial[2]).sum(dim=0)
+        if need_col and not single_pass:
+            stats.lse_col, stats.teacher_lse_col, stats.cross_col = self._launch_distill_forward(
+                b, a, scale, b_t, a_t, scale_t, None
+            )
+        if not need_row:
+            stats.lse_row = stats.teacher_lse_row = stats.cross_row = None
+        return stats
+
+    def distill_backward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        a_t: torch.Tensor,
+        b_t: torch.Tensor,
+        scale_t: torch.Tensor,
+        stats: DistillStats,
+        grads: DistillStats,
+        *,
+        need_a: bool,
+        need_b: bool,
+        need_a_t: bool,
+        need_b_t: bool,
+    ):
+        """Unscaled dS·B, dSᵀ·A, dT·B_t, dTᵀ·A_t, fp32 (see ``TorchEngine.distill_backward``)."""
+        a, b, a_t, b_t = (_rows_contiguous(x) for x in (a, b, a_t, b_t))
+
+        def side(lse, teacher_lse, cross, grad_lse, grad_cross):
+            if grad_lse is None and grad_cross is None:
+                return None
+            # A missing upstream gradient is a zero one: one flag per side keeps the kernel's variants few.
+            grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
+            grad_cross = torch.zeros_like(cross) if grad_cross is None else grad_cross.float().contiguous()
+            return lse, grad_lse, teacher_lse, cross, grad_cross
+
+        rows = side(stats.lse_row, stats.teacher_lse_row, stats.cross_row, grads.lse_row, grads.cross_row)
+        cols = side(stats.lse_col, stats.teacher_lse_col, stats.cross_col, grads.lse_col, grads.cross_col)
+        launch = self._launch_distill_gradient
+        return (
+            launch(a, b, a_t, b_t, scale, scale_t, rows, cols, teacher=False) if need_a else None,
+            launch(b, a, b_t, a_t, scale, scale_t, cols, rows, teacher=False) if need_b else None,
+            launch(a, b, a_t, b_t, scale, scale_t, rows, cols, teacher=True) if need_a_t else None,
+            launch(b, a, b_t, a_t, scale, scale_t, cols, rows, teacher=True) if need_b_t else None,
+        )
+
+    @staticmethod
+    def _launch_distill_forward(x, y, scale, x_t, y_t, scale_t, col_partial):
+        n_x, n_y = x.shape[0], y.shape[0]
+        config = distill_config("forward", x.dtype, interpreter_enabled())
+        dot_fp32, precision = _dot_settings(x.dtype)
+        lse, teacher_lse, cross = (torch.empty(n_x, dtype=torch.float32, device=x.device) for _ in range(3))
+        distill_forward_kernel[(triton.cdiv(n_x, config.block_m),)](
+            x, y, x_t, y_t, scale, scale_t, lse, teacher_lse, cross, lse if col_partial is None else col_partial,
+            n_x, n_y, x.shape[1], x_t.shape[1], x.stride(0), y.stride(0), x_t.stride(0), y_t.stride(0),
+            WRITE_COL_PARTIAL=col_partial is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return lse, teacher_lse, cross
+
+    @staticmethod
+    def _launch_distill_gradient(x, y, x_t, y_t, scale, scale_t, x_stats, y_stats, *, teacher):
+        """W·Y_out for the rows of X: fp32 [n_x, d] (student, W = dS) or [n_x, d_t] (teacher, W = dT)."""
+        n_x, n_y = x.shape[0], y.shape[0]
+        d_out = x_t.shape[1] if teacher else x.shape[1]
+        config = distill_config("gradient", x.dtype, interpreter_enabled())
+        dot_fp32, precision = _dot_settings(x.dtype)
+        register_acc = d_out <= config.block_d
+        out = (torch.empty if register_acc else torch.zeros)((n_x, d_out), dtype=torch.float32, device=x.device)
+        placeholder = (out,) * 5
+        distill_gradient_kernel[(triton.cdiv(n_x, config.block_m),)](
+            x, y, x_t, y_t, scale, scale_t,
+            *(x_stats or placeholder), *(y_stats or placeholder), out,
+            n_x, n_y, x.shape[1], x_t.shape[1], x.stride(0), y.stride(0), x_t.stride(0), y_t.stride(0),
+            out.stride(0),
+            TEACHER_GRAD=teacher, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
+            REGISTER_ACC=register_acc,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return out
 
     @staticmethod
     def _launch_lse(x, y, scale, lse_out, col_partial, exclude_offset):

@@ -16,7 +16,7 @@ rows, many columns) each split writes its own [n_x, d] slab and the host sums th
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LOG2E, round_to_bfloat16, similarity_tile
+from fastcontrast.kernels.tiles import LOG2E, accumulate_product, similarity_tile
 
 MODE_LSE = tl.constexpr(0)
 MODE_SIGLIP = tl.constexpr(1)
@@ -109,31 +109,9 @@ def gradient_kernel(
         if WRITE_BIAS_PARTIAL:
             b_bias_grad += tl.sum(b_ds, 1)
 
-        p_y = Y + o_y.to(tl.int64)[:, None] * stride_y
-        if REGISTER_ACC:
-            b_y = tl.load(p_y + o_d0[None, :], mask=m_y[:, None] & (o_d0[None, :] < d), other=0.0)
-            # dS goes to the tensor cores in the input dtype, as FlashAttention does with P.
-            if DOT_FP32:
-                b_p = round_to_bfloat16(b_ds)
-                b_y = b_y.to(tl.float32)
-            else:
-                b_p = b_ds.to(b_y.dtype)
-            # [BM, BN] @ [BN, BD] -> [BM, BD]
-            b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
-        else:
-            for i_k in range(0, tl.cdiv(d, BLOCK_D)):
-                o_d = i_k * BLOCK_D + o_d0
-                m_d = o_d < d
-                b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
-                if DOT_FP32:
-                    b_p = round_to_bfloat16(b_ds)
-                    b_y = b_y.to(tl.float32)
-                else:
-                    b_p = b_ds.to(b_y.dtype)
-                m_out = m_x[:, None] & m_d[None, :]
-                b_out = tl.load(p_out + o_d[None, :], mask=m_out, other=0.0)
-                b_out = tl.dot(b_p, b_y, b_out, input_precision=INPUT_PRECISION)
-                tl.store(p_out + o_d[None, :], b_out, mask=m_out)
+        b_acc = accumulate_product(
+            b_acc, b_ds, Y, o_y, m_y, p_out, m_x, d, stride_y, REGISTER_ACC, BLOCK_D, DOT_FP32, INPUT_PRECISION
+        )
 
     if REGISTER_ACC:
         tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d))

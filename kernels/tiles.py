@@ -62,3 +62,53 @@ def round_to_bfloat16(b_x):
     b_bits = b_x.to(tl.uint32, bitcast=True)
     b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
     return b_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def accumulate_product(
+    b_acc,
+    b_ds,
+    Y,
+    o_y,
+    m_y,
+    p_out,
+    m_x,
+    d,
+    stride_y,
+    REGISTER_ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Add the fp32 tile dS [BLOCK_M, BLOCK_N] times Y[o_y] [BLOCK_N, d] to a program's own output rows.
+
+    REGISTER_ACC (d ≤ BLOCK_D): into the register accumulator ``b_acc``, returned. Otherwise into the fp32
+    rows at ``p_out`` (owned by this program, so no atomics), read-modify-written per BLOCK_D chunk of d;
+    ``b_acc`` is returned unchanged. dS goes to the tensor cores in Y's dtype, as FlashAttention does with P.
+    """
+    p_y = Y + o_y.to(tl.int64)[:, None] * stride_y
+    o_d0 = tl.arange(0, BLOCK_D)
+    if REGISTER_ACC:
+        b_y = tl.load(p_y + o_d0[None, :], mask=m_y[:, None] & (o_d0[None, :] < d), other=0.0)
+        if DOT_FP32:
+            b_p = round_to_bfloat16(b_ds)
+            b_y = b_y.to(tl.float32)
+        else:
+            b_p = b_ds.to(b_y.dtype)
+        # [BM, BN] @ [BN, BD] -> [BM, BD]
+        b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
+    else:
+        for i_k in range(0, tl.cdiv(d, BLOCK_D)):
+            o_d = i_k * BLOCK_D + o_d0
+            m_d = o_d < d
+            b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
+            if DOT_FP32:
+                b_p = round_to_bfloat16(b_ds)
+                b_y = b_y.to(tl.float32)
+            else:
+                b_p = b_ds.to(b_y.dtype)
+            m_out = m_x[:, None] & m_d[None, :]
+            b_out = tl.load(p_out + o_d[None, :], mask=m_out, other=0.0)
+            b_out = tl.dot(b_p, b_y, b_out, input_precision=INPUT_PRECISION)
+            tl.store(p_out + o_d[None, :], b_out, mask=m_out)
+    return b_acc

@@ -39,7 +39,7 @@ from _helpers import assert_close
 import fastcontrast
 from fastcontrast import reference
 from fastcontrast.functional import normalize_rows
-from fastcontrast.losses import ClipLoss, NTXentLoss, SigLipLoss
+from fastcontrast.losses import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss
 from fastcontrast.memory_bank import MemoryBank
 
 WORLD_SIZES = (2, 3)
@@ -59,6 +59,10 @@ CLIP_MODES = {  # name -> (local_loss, gather_with_grad)
     "local-nograd": (True, False),
     "local-grad": (True, True),
 }
+TEACHER_DIM = 5
+DISTILL_WEIGHT = 0.7  # the distillation term's weight in the loss that is differentiated
+DISTILL_FEATURES = ("image", "text", "dist_image", "dist_text")
+DISTILL_SCALARS = ("scale", "dist_scale")
 TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (5e-5, 5e-5)}
 
 pytestmark = pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -230,6 +234,37 @@ def _run_clip(rank, world_size, *, mode, sizes, backend, impl="fastcontrast"):
     }
 
 
+def _distill_batch(sizes, dtype):
+    """Student features and scale of ``_global_batch`` plus a teacher of another dim and scale."""
+    batch = _global_batch(sizes, dtype)
+    g = torch.Generator().manual_seed(SEED + 7)
+    n = sum(sizes)
+    batch["dist_image"] = F.normalize(torch.randn(n, TEACHER_DIM, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    batch["dist_text"] = F.normalize(torch.randn(n, TEACHER_DIM, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    batch["dist_scale"] = torch.tensor(9.0, dtype=dtype)
+    return batch
+
+
+def _run_distill(rank, world_size, *, mode, sizes, backend):
+    """DistillClipLoss on this rank; the teacher requires grad too, so its routes are checked as well."""
+    local_loss, gather_with_grad = CLIP_MODES[mode]
+    batch = _distill_batch(sizes, _backend_dtype(backend))
+    start, stop = _offsets(sizes)[rank]
+    leaves = {k: _leaf(batch[k][start:stop]) for k in DISTILL_FEATURES}
+    leaves.update({k: _leaf(batch[k]) for k in DISTILL_SCALARS})
+    loss_fn = DistillClipLoss(
+        local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, backend=backend
+    )
+    contrastive, distill = loss_fn(
+        leaves["image"], leaves["text"], leaves["scale"], leaves["dist_image"], leaves["dist_text"],
+        leaves["dist_scale"],
+    )
+    loss = contrastive + DISTILL_WEIGHT * distill
+    loss.backward()
+    return {"loss": loss.detach(), "contrastive": contrastive.detach(), "distill": distill.detach(),
+            **{k: v.grad for k, v in leaves.items()}}
+
+
 def _run_siglip(rank, world_size, *, dist_impl, sizes, backend, process_group=None, group_rank=None):
     batch = _global_batch(sizes, _backend_dtype(backend))
     start, stop = _offsets(sizes)[rank if group_rank is None else group_rank]
@@ -337,6 +372,7 @@ def _run_warnings(rank, world_size):
         _run_siglip(rank, world_size, dist_impl=None, sizes=sizes, backend="torch")
         _run_nt_xent(rank, world_size, sizes=sizes, backend="torch")
         _run_memory_bank(rank, world_size, sizes=sizes)
+        _run_distill(rank, world_size, mode="local-grad", sizes=sizes, backend="torch")
     return {"warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
 
 
@@ -406,6 +442,10 @@ def _cases(world_size, with_triton):
                     _run_siglip, dist_impl=dist_impl, sizes=sizes, backend=backend
                 )
             cases[f"nt_xent-{batch_name}-{backend}"] = partial(_run_nt_xent, sizes=sizes, backend=backend)
+            for mode in CLIP_MODES:
+                cases[f"distill-{mode}-{batch_name}-{backend}"] = partial(
+                    _run_distill, mode=mode, sizes=sizes, backend=backend
+                )
         cases[f"memory_bank-{batch_name}"] = partial(_run_memory_bank, sizes=sizes)
     for mode in CLIP_MODES:
         cases[f"clip-{mode}-equal-open_clip_copy"] = partial(
@@ -428,6 +468,10 @@ def _cases(world_size, with_triton):
                 _run_siglip, dist_impl=dist_impl, sizes=unequal, backend="triton"
             )
         cases["nt_xent-unequal-triton"] = partial(_run_nt_xent, sizes=unequal, backend="triton")
+        for mode in CLIP_MODES:
+            cases[f"distill-{mode}-unequal-triton"] = partial(
+                _run_distill, mode=mode, sizes=unequal, backend="triton"
+            )
     return cases
 
 
@@ -721,7 +765,8 @@ def test_clip_loss_without_gather_with_grad_reproduces_open_clip_inexact_gradien
 def test_clip_loss_without_gather_with_grad_is_inexact_under_ddp_but_logit_scale_is_exact(
     group_results, world_size, mode
 ):
-    """As docs/distributed.md says: feature gradients differ from the global batch's, the scale's does not.
+    """As the README's "Distributed training" says: feature gradients differ from the global batch's, the
+    scale's does not.
 
     global: each rank's live slot gets the global loss's gradient once, not summed over the W ranks, so the
     DDP average is exactly 1/W of the true feature gradient. local: a rank's features get only the gradient
@@ -743,6 +788,103 @@ def test_clip_loss_without_gather_with_grad_is_inexact_under_ddp_but_logit_scale
             _check(
                 label, f"W × DDP-averaged {name}", world_size * averaged[name], expected[name], torch.float64
             )
+
+
+# ---- DistillClipLoss --------------------------------------------------------------------------------------
+
+
+def _distill_leaves(b, start=None, stop=None):
+    leaves = {k: _leaf(b[k] if start is None else b[k][start:stop]) for k in DISTILL_FEATURES}
+    leaves.update({k: _leaf(b[k]) for k in DISTILL_SCALARS})
+    return leaves
+
+
+def _distill_result(contrastive, distill, leaves):
+    loss = contrastive + DISTILL_WEIGHT * distill
+    loss.backward()
+    return {"loss": loss.detach(), "contrastive": contrastive.detach(), "distill": distill.detach(),
+            **{k: v.grad for k, v in leaves.items()}}
+
+
+def _global_distill(batch):
+    leaves = _distill_leaves({k: v.double() for k, v in batch.items()})
+    contrastive, distill = reference.distill_clip_loss_reference(
+        leaves["image"], leaves["text"], leaves["scale"], leaves["dist_image"], leaves["dist_text"],
+        leaves["dist_scale"],
+    )
+    return _distill_result(contrastive, distill, leaves)
+
+
+def _distill_per_rank_simulated(batch, sizes, *, local_loss):
+    """open_clip's DistillClipLoss on each rank, in one process: its get_logits on the student and on the
+    teacher with the same gathers. With gather_with_grad=False the gathered copies are constants (local) or
+    constants with the live slot (global); with it, only the per-rank losses are simulated here (their
+    gradients are compared after the DDP average with ``_global_distill``)."""
+    b = {k: v.double() for k, v in batch.items()}
+    out = []
+    for rank, (start, stop) in enumerate(_offsets(sizes)):
+        leaves = _distill_leaves(b, start, stop)
+        if local_loss:
+            student = reference.distill_logits_reference(
+                leaves["image"], leaves["text"], leaves["scale"], b["image"], b["text"], local_loss=True
+            )
+            teacher = reference.distill_logits_reference(
+                leaves["dist_image"], leaves["dist_text"], leaves["dist_scale"], b["dist_image"], b["dist_text"],
+                local_loss=True,
+            )
+            weight = _rank_weight(sizes, rank)
+            contrastive, distill = (
+                weight * loss
+                for loss in reference.distill_clip_loss_from_logits_reference(*student, *teacher, offset=start)
+            )
+        else:
+            live = {k: torch.cat([b[k][:start], leaves[k], b[k][stop:]]) for k in DISTILL_FEATURES}
+            contrastive, distill = reference.distill_clip_loss_reference(
+                live["image"], live["text"], leaves["scale"], live["dist_image"], live["dist_text"],
+                leaves["dist_scale"],
+            )
+        out.append(_distill_result(contrastive, distill, leaves))
+    return out
+
+
+@pytest.mark.parametrize("world_size,batch_name,backend", EXACT_PARAMS)
+@pytest.mark.parametrize("mode", ["global-grad", "local-grad"])
+def test_distill_clip_loss_with_gather_with_grad_matches_global_batch_after_ddp_average(
+    group_results, world_size, batch_name, backend, mode
+):
+    sizes = _sizes(world_size, batch_name)
+    dtype = _backend_dtype(backend)
+    batch = _distill_batch(sizes, dtype)
+    label = f"distill-{mode}-ws{world_size}-{batch_name}-{backend}"
+    per_rank = _case(group_results(world_size), f"distill-{mode}-{batch_name}-{backend}")
+    simulated = _distill_per_rank_simulated(batch, sizes, local_loss=mode == "local-grad")
+    for rank in range(world_size):
+        for name in ("contrastive", "distill"):
+            _check(label, f"{name} loss on rank {rank}", per_rank[rank][name], simulated[rank][name], dtype)
+    expected = _global_distill(batch)
+    averaged = _ddp_average(per_rank, DISTILL_FEATURES, DISTILL_SCALARS)
+    for name in ("loss",) + DISTILL_FEATURES + DISTILL_SCALARS:
+        _check(label, f"DDP-averaged {name}", averaged[name], expected[name], dtype)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("batch_name", ["equal", "unequal"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("mode", ["global-nograd", "local-nograd"])
+def test_distill_clip_loss_without_gather_with_grad_reproduces_open_clip_inexact_gradients(
+    group_results, world_size, batch_name, backend, mode
+):
+    """As ClipLoss: open_clip without gather_with_grad is inexact by design, reproduced rank by rank."""
+    sizes = _sizes(world_size, batch_name)
+    batch = _distill_batch(sizes, torch.float64)
+    per_rank = _case(group_results(world_size), f"distill-{mode}-{batch_name}-{backend}")
+    expected = _distill_per_rank_simulated(
+        batch, sizes, local_loss=mode.startswith("local")
+    )
+    label = f"distill-{mode}-ws{world_size}-{batch_name}-{backend}-vs-open_clip-semantics"
+    for rank in range(world_size):
+        for name in ("contrastive", "distill") + DISTILL_FEATURES + DISTILL_SCALARS:
+            _check(label, f"{name} on rank {rank}", per_rank[rank][name], expected[rank][name], torch.float64)
 
 
 # ---- SigLipLoss and NTXentLoss --------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""Distillation kernels (open_clip's DistillClipLoss): student S = s·X·Yᵀ against teacher T = s_t·X_t·Y_tᵀ.
+
+Per row of X the loss needs three numbers: the student LSE r, the teacher LSE t and the cross term
+x = Σⱼ softmax(T)ᵢⱼ·Sᵢⱼ (then −Σⱼ softmax(T)ᵢⱼ·log_softmax(S)ᵢⱼ = r − x). Each tile costs two ``tl.dot``
+passes (student and teacher, each with its own d); neither matrix is written to memory.
+
+- :func:`distill_forward_kernel`: one pass gives the row statistics, and optionally, per row block, the
+  three column partials (student LSE, teacher LSE and the cross term normalised by the block's teacher
+  sum), merged on the host in a fixed order.
+- :func:`distill_gradient_kernel`: OUT = W·Y_out for the rows of X, with W = dS (student gradient, Y_out = Y)
+  or W = dT (teacher gradient, Y_out = Y_t), both tiles recomputed. Run with X and Y swapped (and the
+  statistics swapped) for the other side. Each program owns its rows: no atomics, bitwise deterministic.
+"""
+
+import triton
+import triton.language as tl
+from fastcontrast.kernels.tiles import LN2, LOG2E, accumulate_product, similarity_tile
+
+
+@triton.jit(do_not_specialize=["n_x", "n_y"])
+def distill_forward_kernel(
+    X,
+    Y,
+    XT,
+    YT,
+    SCALE,
+    SCALE_T,
+    LSE_X,
+    TEACHER_LSE_X,
+    CROSS_X,
+    COL_PARTIAL,
+    n_x,
+    n_y,
+    d,
+    d_t,
+    stride_x,
+    stride_y,
+    stride_xt,
+    stride_yt,
+    WRITE_COL_PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X (and X_t) against every column.
+
+    Writes LSE_X (student), TEACHER_LSE_X and CROSS_X for its rows; if WRITE_COL_PARTIAL, COL_PARTIAL[k, i_m, j]
+    for k = 0 (student column LSE over the block's rows), 1 (teacher column LSE) and 2 (the block's
+    Σᵢ softmax_block(T)ᵢⱼ·Sᵢⱼ). Online softmax in base 2 with the scales folded in; the cross sum is rescaled
+    with the teacher's running max, so it needs no second pass.
+    """
+    i_m = tl.program_id(0)
+    o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_x = o_x < n_x
+    scale = tl.load(SCALE).to(tl.float32)
+    scale_t_log2 = tl.load(SCALE_T).to(tl.float32) * LOG2E
+
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_t_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_t_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_cross = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, n_y, BLOCK_N):
+        o_y = start_n + tl.arange(0, BLOCK_N)
+        m_y = o_y < n_y
+        m_valid = m_x[:, None] & m_y[None, :]
+        # Natural-log student logits (the cross term is in those units); padding loads as 0, weight 0 below.
+        b_s = similarity_tile(
+            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        ) * scale
+        b_t2 = similarity_tile(
+            XT, YT, o_x, o_y, m_x, m_y, d_t, stride_xt, stride_yt,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        ) * scale_t_log2
+        b_s2 = tl.where(m_valid, b_s * LOG2E, float("-inf"))
+        b_t2 = tl.where(m_valid, b_t2, float("-inf"))
+
+        b_new_max = tl.maximum(b_max, tl.max(b_s2, 1))
+        # A padded row has max −inf; shift by 0 instead so exp2 sees −inf, not NaN.
+        b_shift = tl.where(b_new_max == float("-inf"), 0.0, b_new_max)
+        b_sum = b_sum * tl.exp2(b_max - b_shift) + tl.sum(tl.exp2(b_s2 - b_shift[:, None]), 1)
+        b_max = b_new_max
+
+        b_new_t_max = tl.maximum(b_t_max, tl.max(b_t2, 1))
+        b_t_shift = tl.where(b_new_t_max == float("-inf"), 0.0, b_new_t_max)
+        b_alpha = tl.exp2(b_t_max - b_t_shift)
+        b_p = tl.exp2(b_t2 - b_t_shift[:, None])
+        b_t_sum = b_t_sum * b_alpha + tl.sum(b_p, 1)
+        b_cross = b_cross * b_alpha + tl.sum(b_p * b_s, 1)
+        b_t_max = b_new_t_max
+
+        if WRITE_COL_PARTIAL:
+            p_partial = COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y
+            plane = tl.num_programs(0).to(tl.int64) * n_y
+            b_col_max = tl.max(b_s2, 0)
+            b_col_shift = tl.where(b_col_max == float("-inf"), 0.0, b_col_max)
+            b_col_lse = (b_col_shift + tl.log2(tl.sum(tl.exp2(b_s2 - b_col_shift[None, :]), 0))) * LN2
+            tl.store(p_partial, b_col_lse, mask=m_y)
+            b_col_t_max = tl.max(b_t2, 0)
+            b_col_t_shift = tl.where(b_col_t_max == float("-inf"), 0.0, b_col_t_max)
+            b_col_p = tl.exp2(b_t2 - b_col_t_shift[None, :])
+            b_col_t_sum = tl.sum(b_col_p, 0)
+            tl.store(p_partial + plane, (b_col_t_shift + tl.log2(b_col_t_sum)) * LN2, mask=m_y)
+            tl.store(p_partial + 2 * plane, tl.sum(b_col_p * b_s, 0) / b_col_t_sum, mask=m_y)
+
+    b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
+    tl.store(LSE_X + o_x, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)
+    b_t_shift = tl.where(b_t_max == float("-inf"), 0.0, b_t_max)
+    tl.store(TEACHER_LSE_X + o_x, (b_t_shift + tl.log2(b_t_sum)) * LN2, mask=m_x)
+    tl.store(CROSS_X + o_x, b_cross / b_t_sum, mask=m_x)
+
+
+@triton.jit
+def _load_stats(LSE, GRAD_LSE, TEACHER_LSE, CROSS, GRAD_CROSS, o, m):
+    """One side's statistics for the gradient: (student LSE·log₂e, its grad, teacher LSE·log₂e, cross, grad)."""
+    b_lse2 = tl.load(LSE + o, mask=m, other=0.0) * LOG2E
+    b_grad_lse = tl.load(GRAD_LSE + o, mask=m, other=0.0)
+    b_t_lse2 = tl.load(TEACHER_LSE + o, mask=m, other=0.0) * LOG2E
+    b_cross = tl.load(CROSS + o, mask=m, other=0.0)
+    b_grad_cross = tl.load(GRAD_CROSS + o, mask=m, other=0.0)
+    return b_lse2, b_grad_lse, b_t_lse2, b_cross, b_grad_cross
+
+
+@triton.jit(do_not_specialize=["n_x", "n_y"])
+def distill_gradient_kernel(
+    X,
+    Y,
+    XT,
+    YT,
+    SCALE,
+    SCALE_T,
+    LSE_X,
+    GRAD_LSE_X,
+    TEACHER_LSE_X,
+    CROSS_X,
+    GRAD_CROSS_X,
+    LSE_Y,
+    GRAD_LSE_Y,
+    TEACHER_LSE_Y,
+    CROSS_Y,
+    GRAD_CROSS_Y,
+    OUT,
+    n_x,
+    n_y,
+    d,
+    d_t,
+    stride_x,
+    stride_y,
+    stride_xt,
+    stride_yt,
+    stride_out,
+    TEACHER_GRAD: tl.constexpr,
+    HAS_X_TERM: tl.constexpr,
+    HAS_Y_TERM: tl.constexpr,
+    REGISTER_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: OUT[rows of block i_m] = Σ over column blocks of W·Y_out, fp32 and unscaled.
+
+    With Pˢ = softmax(S) and Pᵗ = softmax(T) (by row for the X-side term, by column for the Y-side term):
+    student (TEACHER_GRAD false, Y_out = Y): W = g_lse·Pˢ + g_cross·Pᵗ;
+    teacher (TEACHER_GRAD true, Y_out = Y_t): W = g_cross·Pᵗ·(S − cross).
+    """
+    i_m = tl.program_id(0)
+    o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_x = o_x < n_x
+    scale = tl.load(SCALE).to(tl.float32)
+    scale_t_log2 = tl.load(SCALE_T).to(tl.float32) * LOG2E
+    if HAS_X_TERM:
+        b_lse2_x, b_grad_lse_x, b_t_lse2_x, b_cross_x, b_grad_cross_x = _load_stats(
+            LSE_X, GRAD_LSE_X, TEACHER_LSE_X, CROSS_X, GRAD_CROSS_X, o_x, m_x
+        )
+    if TEACHER_GRAD:
+        Y_OUT = YT
+        d_out = d_t
+        stride_y_out = stride_yt
+    else:
+        Y_OUT = Y
+        d_out = d
+        stride_y_out = stride_y
+
+    o_d0 = tl.arange(0, BLOCK_D)
+    p_out = OUT + o_x.to(tl.int64)[:, None] * stride_out
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, n_y, BLOCK_N):
+        o_y = start_n + tl.arange(0, BLOCK_N)
+        m_y = o_y < n_y
+        b_s = similarity_tile(
+            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        ) * scale
+        b_t2 = similarity_tile(
+            XT, YT, o_x, o_y, m_x, m_y, d_t, stride_xt, stride_yt,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        ) * scale_t_log2
+        b_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_X_TERM:
+            b_p_t = tl.exp2(b_t2 - b_t_lse2_x[:, None])
+            if TEACHER_GRAD:
+                b_w += b_p_t * (b_s - b_cross_x[:, None]) * b_grad_cross_x[:, None]
+            else:
+                b_w += tl.exp2(b_s * LOG2E - b_lse2_x[:, None]) * b_grad_lse_x[:, None]
+                b_w += b_p_t * b_grad_cross_x[:, None]
+        if HAS_Y_TERM:
+            b_lse2_y, b_grad_lse_y, b_t_lse2_y, b_cross_y, b_grad_cross_y = _load_stats(
+                LSE_Y, GRAD_LSE_Y, TEACHER_LSE_Y, CROSS_Y, GRAD_CROSS_Y, o_y, m_y
+            )
+            b_p_t = tl.exp2(b_t2 - b_t_lse2_y[None, :])
+            if TEACHER_GRAD:
+                b_w += b_p_t * (b_s - b_cross_y[None, :]) * b_grad_cross_y[None, :]
+            else:
+                b_w += tl.exp2(b_s * LOG2E - b_lse2_y[None, :]) * b_grad_lse_y[None, :]
+                b_w += b_p_t * b_grad_cross_y[None, :]
+        b_w = tl.where(m_x[:, None] & m_y[None, :], b_w, 0.0)
+        b_acc = accumulate_product(
+            b_acc, b_w, Y_OUT, o_y, m_y, p_out, m_x, d_out, stride_y_out,
+            REGISTER_ACC, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        )
+
+    if REGISTER_ACC:
+        tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d_out))
