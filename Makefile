@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest -q
 	FASTCONTRAST_BENCH=smoke $(PY) -m pytest benchmarks -q --benchmark-disable
 
-# About a minute on a laptop CPU: CLIP forward+backward at N = 1024 … 8192, then the largest N each provider
+# Under two minutes on a 2-core CPU: CLIP forward+backward at N = 1024 … 8192, then the largest N each provider
 # fits in 2 GiB (the naive loss runs out of memory; the blockwise engine is stopped by the time limit).
 BENCH_ARGS ?= --loss clip --n 1024 2048 4096 8192 --d 256 --dtype fp32 --repeats 3 --memory-budget 2GiB --time-limit 30
 
