@@ -14,8 +14,15 @@ from fastcontrast.autograd import (
     blockwise_lse_and_positives,
     blockwise_siglip_sum,
 )
-from fastcontrast.functional import clip_loss, distill_clip_loss, nt_xent_loss, nt_xent_memory_bank_loss, siglip_loss
-from fastcontrast.losses import ClipLoss, CoCaLoss, DistillClipLoss, NTXentLoss, SigLipLoss
+from fastcontrast.functional import (
+    clip_loss,
+    distill_clip_loss,
+    nt_xent_loss,
+    nt_xent_memory_bank_loss,
+    siglip_loss,
+    supcon_loss,
+)
+from fastcontrast.losses import ClipLoss, CoCaLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss
 
 __version__ = "0.1.0"
 
@@ -28,6 +35,7 @@ __all__ = [
     "DistillClipLoss",
     "NTXentLoss",
     "SigLipLoss",
+    "SupConLoss",
     "__version__",
     "blockwise_distill",
     "blockwise_lse",
@@ -38,4 +46,5 @@ __all__ = [
     "nt_xent_loss",
     "nt_xent_memory_bank_loss",
     "siglip_loss",
+    "supcon_loss",
 ]

@@ -284,6 +284,12 @@ def exchange_layout(
     return result, BatchLayout(tuple(row[0] for row in table), group.rank)  # type: ignore[return-value]
 
 
+def all_reduce_sum(x: torch.Tensor, group: DistGroup) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group``, in place, without gradient (counts, not features)."""
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group.group)
+    return x
+
+
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     x = x.contiguous()
     if x.shape[0] == rows:

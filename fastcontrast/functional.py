@@ -7,6 +7,7 @@ returns gradients in each input's own dtype. None of them allocates an n×m tens
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -360,6 +361,168 @@ def nt_xent_memory_bank_loss(
     return (torch.logaddexp(pos, lse_bank) - pos).mean()
 
 
+def check_labels(name: str, labels: object, *, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Class labels: a 1-D integer tensor with one entry per row of the features, on their device."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`{name}` must be a 1-D integer torch.Tensor of class labels, got {type(labels).__name__}.")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"`{name}` must have shape [{rows}] (one label per row), got {tuple(labels.shape)}.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"`{name}` must hold integer class labels, got {labels.dtype}.")
+    if labels.device != like.device:
+        raise ValueError(f"`{name}` must be on the embeddings' device {like.device}, got {labels.device}.")
+    return labels
+
+
+def check_supcon_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a float, got {type(temperature).__name__}.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a finite positive number, got {temperature}.")
+    return float(temperature)
+
+
+def _supcon_anchor_losses(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    z_ref: torch.Tensor,
+    ref_labels: torch.Tensor,
+    inv_temperature: torch.Tensor,
+    engine,
+    *,
+    exclude_offset: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-anchor SupCon losses of unit rows z against unit references z_ref, with no n×m tensor.
+
+    With S = z·z_refᵀ/τ, rᵢ the row LSE (entry (i, i + exclude_offset) left out when given) and P(i) the
+    references of label yᵢ (that entry left out too): lossᵢ = −(Σ_{p∈P(i)} Sᵢₚ − |P(i)|·rᵢ) / |P(i)|, or 0 when
+    P(i) is empty. Σ_{p∈P(i)} Sᵢₚ = zᵢ·(Σ of the reference rows of label yᵢ)/τ: one class sum (``index_add``)
+    per label, O((n + m)·d).
+
+    Returns:
+        ``(losses [n], positive pairs per anchor [n], negative pairs per anchor [n])``, the counts as floats.
+    """
+    cdt = z.dtype
+    _, inverse = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+    anchor_class, ref_class = inverse[: labels.shape[0]], inverse[labels.shape[0]:]
+    classes = int(inverse.max()) + 1
+    class_count = torch.bincount(ref_class, minlength=classes).to(cdt)
+    class_sum = torch.zeros((classes, z.shape[1]), dtype=cdt, device=z.device).index_add_(0, ref_class, z_ref)
+    if engine is None:
+        # backend="reference" across ranks (no original to copy): the same terms from the full logits.
+        logits = (z @ z_ref.T) * inv_temperature
+        if exclude_offset is not None:
+            logits = logits.diagonal_scatter(torch.full_like(logits.diagonal(exclude_offset), float("-inf")),
+                                             exclude_offset)
+        lse = torch.logsumexp(logits, dim=1)
+    else:
+        lse, _ = blockwise_lse(
+            z, z_ref, inv_temperature, engine, rows=True, cols=False, exclude_offset=exclude_offset
+        )
+    positive_count = class_count[anchor_class]
+    negative_count = z_ref.shape[0] - positive_count
+    positive_sum = (z * class_sum[anchor_class]).sum(dim=1)
+    if exclude_offset is not None:
+        # The left-out entry (i, i + offset) has label yᵢ's twin only where the labels agree (PML drops it
+        # from the matches, never from the negatives, which it cannot be part of).
+        rows = torch.arange(z.shape[0], device=z.device)
+        cols = rows + exclude_offset
+        inside = (cols >= 0) & (cols < z_ref.shape[0])
+        twin = inside.clone()
+        twin[inside] = ref_labels[cols[inside]] == labels[rows[inside]]
+        self_term = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
+        self_term[twin] = (z[twin] * z_ref[cols[twin]]).sum(dim=1)
+        positive_sum = positive_sum - self_term
+        positive_count = positive_count - twin.to(cdt)
+    positive_sum = positive_sum * inv_temperature
+    has_positive = positive_count > 0
+    # A row without positives has loss 0 (PML: 0 / (0 + tiny)); where() keeps a −inf LSE (a row with nothing
+    # left) from turning 0·(−inf) into NaN.
+    mean_log_prob = torch.where(
+        has_positive, (positive_sum - positive_count * lse) / positive_count.clamp(min=1), torch.zeros_like(lse)
+    )
+    return -mean_log_prob, positive_count, negative_count
+
+
+def _supcon_reduce(losses, positive_pairs, negative_pairs, *, total_nonzero=None, world_scale=1.0):
+    """PML's rules: mean over anchors with a loss > 0; 0 without a positive or a negative pair, or with at
+    most one of each. ``total_nonzero`` (all ranks) and ``world_scale`` (W) make the per-rank share exact."""
+    nonzero = losses > 0
+    count = nonzero.sum() if total_nonzero is None else total_nonzero
+    value = torch.where(nonzero, losses, torch.zeros_like(losses)).sum() * world_scale / count.clamp(min=1)
+    valid = (positive_pairs > 0) & (negative_pairs > 0) & ((positive_pairs > 1) | (negative_pairs > 1)) & (count > 0)
+    return torch.where(valid, value, torch.zeros_like(value))
+
+
+def supcon_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    temperature: float = 0.1,
+    *,
+    gather_distributed: bool = False,
+    process_group=None,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+) -> torch.Tensor:
+    """pytorch-metric-learning's SupConLoss (multi-positive contrastive loss by label), blockwise.
+
+    Cosine similarity of the normalised embeddings over τ; for each anchor, −mean over its positives (same
+    label, itself excluded) of the log-softmax over every other item; averaged over the anchors whose loss is
+    > 0; 0 when the batch has no positive pair or no negative pair (PML's rules, see
+    :func:`fastcontrast.reference.supcon_loss_reference`). No n×n tensor: the row LSE comes from the core and
+    the positive logits from per-class sums of the embeddings.
+
+    Args:
+        embeddings: [n, d] (fp16, bf16, fp32 or fp64); labels: [n] integer class labels.
+        ref_emb, ref_labels: optional [m, d] / [m] reference set (both or neither): anchors are scored against
+            it, with no self-exclusion, as in PML.
+        temperature: τ > 0 (PML's default 0.1).
+        gather_distributed: anchors of this rank against the embeddings of every rank of the group (gathered
+            with gradient, labels gathered too), with gradients exact under DDP averaging. Not with a
+            reference set. Without an initialised process group it gathers nothing.
+        process_group: the group to gather over (None: the default group); needs ``gather_distributed``.
+        backend, chunk_bytes: see :func:`clip_loss`.
+    Returns:
+        0-dim loss, fp32 (fp64 for fp64 embeddings).
+    """
+    check_backend(backend)
+    temperature = check_supcon_temperature(temperature)
+    group = distributed.resolve_gather_group(gather_distributed, process_group, what="SupConLoss")
+    if group is not None:
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("SupConLoss: `gather_distributed=True` does not take a reference set (`ref_emb`).")
+        return _supcon_loss_distributed(embeddings, labels, temperature, group, backend=backend,
+                                        chunk_bytes=chunk_bytes)
+    check_features("embeddings", embeddings)
+    check_labels("labels", labels, rows=embeddings.shape[0], like=embeddings)
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("`ref_emb` and `ref_labels` must be given together (a reference set), or neither.")
+    # PML leaves an anchor's own entry out when its labels are the reference labels (no reference set, or
+    # the same labels tensor passed again).
+    exclude = ref_emb is None or ref_labels is labels
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+    else:
+        check_features("ref_emb", ref_emb)
+        check_pair("embeddings", embeddings, "ref_emb", ref_emb, same_batch=False)
+        check_labels("ref_labels", ref_labels, rows=ref_emb.shape[0], like=embeddings)
+    engine = resolve_engine(backend, embeddings.device, chunk_bytes)
+    if engine is None:
+        if ref_emb is embeddings:
+            return reference.supcon_loss_reference(embeddings, labels, temperature)
+        return reference.supcon_loss_reference(embeddings, labels, temperature, ref_emb, ref_labels)
+    cdt = compute_dtype(embeddings.dtype)
+    z = F.normalize(embeddings.to(cdt), dim=1)
+    z_ref = z if ref_emb is embeddings else F.normalize(ref_emb.to(cdt), dim=1)
+    inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
+    losses, positives, negatives = _supcon_anchor_losses(
+        z, labels, z_ref, ref_labels, inv_temperature, engine, exclude_offset=0 if exclude else None
+    )
+    return _supcon_reduce(losses, positives.sum(), negatives.sum())
+
+
 def _rank_mean(per_row: torch.Tensor, layout: distributed.BatchLayout) -> torch.Tensor:
     """This rank's share of a global-batch mean: the mean over its rows, times W·n_k/N when sizes differ.
 
@@ -556,3 +719,32 @@ def _distill_clip_loss_distributed(
     contrastive = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
     distill = (_rank_mean(lse_image - cross_image, layout) + _rank_mean(lse_text - cross_text, layout)) / 2
     return contrastive, distill
+
+
+def _supcon_loss_distributed(embeddings, labels, temperature, group, *, backend, chunk_bytes) -> torch.Tensor:
+    """SupCon with the embeddings of every rank as references (gathered with gradient, labels too).
+
+    Each rank scores its own anchors against all N rows (its own entries left out at its offset); its loss is
+    W · (Σ of its nonzero anchor losses) / (number of nonzero anchors on all ranks), so that the average over
+    ranks, and its gradient under DDP, is the global-batch loss. The count is one all-reduce, without gradient.
+    """
+
+    def check():
+        check_features("embeddings", embeddings)
+        check_labels("labels", labels, rows=embeddings.shape[0], like=embeddings)
+        return resolve_engine(backend, embeddings.device, chunk_bytes)
+
+    engine, layout = distributed.exchange_layout(group, embeddings, check, what="SupConLoss", name="embeddings")
+    cdt = compute_dtype(embeddings.dtype)
+    z = F.normalize(embeddings.to(cdt), dim=1)
+    z_all = distributed.gather_with_grad(z, group, layout)
+    labels_all = distributed.gather_without_grad(labels.reshape(-1, 1), group, layout).reshape(-1)
+    inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
+    losses, positives, negatives = _supcon_anchor_losses(
+        z, labels, z_all, labels_all, inv_temperature, engine, exclude_offset=layout.offset
+    )
+    counts = torch.stack([(losses > 0).sum().to(cdt), positives.sum(), negatives.sum()]).detach()
+    distributed.all_reduce_sum(counts, group)
+    return _supcon_reduce(
+        losses, counts[1], counts[2], total_nonzero=counts[0], world_scale=float(layout.world_size)
+    )

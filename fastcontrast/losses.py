@@ -342,3 +342,64 @@ class NTXentLoss(nn.Module):
             else:
                 self.memory_bank.enqueue(keys)
         return loss
+
+
+class SupConLoss(nn.Module):
+    """Drop-in for pytorch-metric-learning 2.x ``SupConLoss(temperature=0.1)``, with O(N·d) memory.
+
+    Multi-positive contrastive loss by class label on cosine similarities: for each anchor, −mean over its
+    positives (same label, itself excluded) of the log-softmax over every other item, averaged over the
+    anchors whose loss is > 0; 0 when the batch has no positive pair or no negative pair (PML's rules).
+
+    Args:
+        temperature: τ > 0.
+        gather_distributed: anchors of this rank against the embeddings of every rank (gathered with gradient),
+            exact under DDP averaging; a single process when no group is initialised.
+        backend, process_group, chunk_bytes: see :class:`ClipLoss` (``process_group`` needs
+            ``gather_distributed=True``).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        gather_distributed: bool = False,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__()
+        self.temperature = functional.check_supcon_temperature(temperature)
+        _check_flags(gather_distributed=gather_distributed)
+        if process_group is not None:
+            distributed.resolve_gather_group(gather_distributed, process_group, what="SupConLoss")
+        self.gather_distributed = gather_distributed
+        self.backend = check_backend(backend)
+        self.process_group = process_group
+        self.chunk_bytes = chunk_bytes
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        indices_tuple=None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Args: embeddings [n, d], labels [n] integer; optional reference set ref_emb [m, d], ref_labels [m]
+        (anchors against it, no self-exclusion). Returns a 0-dim fp32 loss.
+
+        ``indices_tuple`` (PML's miner output) is not supported: it raises rather than being ignored.
+        """
+        if indices_tuple is not None:
+            raise ValueError(
+                "SupConLoss: `indices_tuple` (miner output) is not supported: fastcontrast computes the loss over "
+                "all pairs without materialising them. Pass labels only."
+            )
+        if labels is None:
+            raise ValueError("SupConLoss: `labels` is required (one integer class label per embedding).")
+        return functional.supcon_loss(
+            embeddings, labels, ref_emb, ref_labels, self.temperature,
+            gather_distributed=self.gather_distributed, process_group=self.process_group,
+            backend=self.backend, chunk_bytes=self.chunk_bytes,
+        )

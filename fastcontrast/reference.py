@@ -288,3 +288,55 @@ def caption_loss_reference(logits: torch.Tensor, labels: torch.Tensor, pad_id: i
         logits: [n, L, V] token logits; labels: [n, L] int64 token ids.
     """
     return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=pad_id)
+
+
+def supcon_loss_reference(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """pytorch-metric-learning 2.x ``SupConLoss(temperature)(embeddings, labels[, ref_emb, ref_labels])``.
+
+    Cosine similarities of the normalised embeddings over τ. Positives of anchor i: same label, itself
+    excluded when there is no separate reference set (or ``ref_labels is labels``); the softmax runs over
+    positives and negatives (all non-self items). Per anchor: −mean over positives of log-softmax; the loss
+    averages the anchors whose loss is > 0 (PML's AvgNonZeroReducer). It is 0 (``sum(embeddings·0)``) when
+    there is no positive pair or no negative pair, or at most one of each (``GenericPairLoss``'s early exit).
+
+    Args:
+        embeddings: [n, d]; labels: [n] int; ref_emb: [m, d] or None; ref_labels: [m] or None.
+    Returns:
+        0-dim loss in the embeddings' dtype.
+    """
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+    matches = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).byte()
+    diffs = matches ^ 1
+    # PML leaves (i, i) out when the reference labels are the labels tensor itself (its identity check).
+    if ref_labels is labels:
+        matches.fill_diagonal_(0)
+    a1, p = torch.where(matches)
+    a2, n = torch.where(diffs)
+    if all(len(x) <= 1 for x in (a1, p, a2, n)):
+        return torch.sum(embeddings * 0)
+    mat = F.normalize(embeddings, p=2, dim=1) @ F.normalize(ref_emb, p=2, dim=1).T
+    pos_mask, neg_mask = torch.zeros_like(mat), torch.zeros_like(mat)
+    pos_mask[a1, p] = 1
+    neg_mask[a2, n] = 1
+    if not (pos_mask.bool().any() and neg_mask.bool().any()):
+        return torch.sum(embeddings * 0)
+    mat = mat / temperature
+    mat_max, _ = mat.max(dim=1, keepdim=True)
+    mat = mat - mat_max.detach()
+    keep = (pos_mask + neg_mask).bool()
+    denominator = torch.logsumexp(mat.masked_fill(~keep, -torch.finfo(mat.dtype).max), dim=1, keepdim=True)
+    denominator = denominator.masked_fill(~torch.any(keep, dim=1, keepdim=True), 0)
+    log_prob = mat - denominator
+    mean_log_prob_pos = (pos_mask * log_prob).sum(dim=1) / (pos_mask.sum(dim=1) + torch.finfo(mat.dtype).tiny)
+    losses = -mean_log_prob_pos
+    nonzero = losses > 0
+    if nonzero.sum() >= 1:
+        return losses[nonzero].mean()
+    return torch.sum(embeddings * 0)

@@ -39,7 +39,7 @@ from _helpers import assert_close
 import fastcontrast
 from fastcontrast import reference
 from fastcontrast.functional import normalize_rows
-from fastcontrast.losses import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss
+from fastcontrast.losses import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss
 from fastcontrast.memory_bank import MemoryBank
 
 WORLD_SIZES = (2, 3)
@@ -302,6 +302,21 @@ def _run_nt_xent(
     return {"loss": loss.detach(), "out0": out0.grad, "out1": out1.grad}
 
 
+def _supcon_labels(sizes):
+    g = torch.Generator().manual_seed(SEED + 11)
+    return torch.randint(0, 3, (sum(sizes),), generator=g)
+
+
+def _run_supcon(rank, world_size, *, sizes, backend):
+    batch = _global_batch(sizes, _backend_dtype(backend))
+    start, stop = _offsets(sizes)[rank]
+    embeddings = _leaf(batch["out0"][start:stop])
+    labels = _supcon_labels(sizes)[start:stop]
+    loss = SupConLoss(TEMPERATURE, gather_distributed=True, backend=backend)(embeddings, labels)
+    loss.backward()
+    return {"loss": loss.detach(), "embeddings": embeddings.grad}
+
+
 def _run_memory_bank(rank, world_size, *, sizes):
     torch.manual_seed(SEED)  # the bank starts as the same random unit vectors on every rank
     loss_fn = NTXentLoss(
@@ -373,6 +388,7 @@ def _run_warnings(rank, world_size):
         _run_nt_xent(rank, world_size, sizes=sizes, backend="torch")
         _run_memory_bank(rank, world_size, sizes=sizes)
         _run_distill(rank, world_size, mode="local-grad", sizes=sizes, backend="torch")
+        _run_supcon(rank, world_size, sizes=sizes, backend="torch")
     return {"warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
 
 
@@ -442,6 +458,7 @@ def _cases(world_size, with_triton):
                     _run_siglip, dist_impl=dist_impl, sizes=sizes, backend=backend
                 )
             cases[f"nt_xent-{batch_name}-{backend}"] = partial(_run_nt_xent, sizes=sizes, backend=backend)
+            cases[f"supcon-{batch_name}-{backend}"] = partial(_run_supcon, sizes=sizes, backend=backend)
             for mode in CLIP_MODES:
                 cases[f"distill-{mode}-{batch_name}-{backend}"] = partial(
                     _run_distill, mode=mode, sizes=sizes, backend=backend
@@ -468,6 +485,7 @@ def _cases(world_size, with_triton):
                 _run_siglip, dist_impl=dist_impl, sizes=unequal, backend="triton"
             )
         cases["nt_xent-unequal-triton"] = partial(_run_nt_xent, sizes=unequal, backend="triton")
+        cases["supcon-unequal-triton"] = partial(_run_supcon, sizes=unequal, backend="triton")
         for mode in CLIP_MODES:
             cases[f"distill-{mode}-unequal-triton"] = partial(
                 _run_distill, mode=mode, sizes=unequal, backend="triton"
@@ -923,6 +941,25 @@ def test_nt_xent_gather_distributed_matches_global_batch_after_ddp_average(
     averaged = _ddp_average(per_rank, ("out0", "out1"), ())
     for name in ("loss", "out0", "out1"):
         _check(label, f"DDP-averaged {name}", averaged[name], expected[name], dtype)
+
+
+@pytest.mark.parametrize("world_size,batch_name,backend", EXACT_PARAMS)
+def test_supcon_gather_distributed_matches_global_batch_after_ddp_average(
+    group_results, world_size, batch_name, backend
+):
+    """Each rank's loss is its share W·Σ(its nonzero anchor losses)/(nonzero anchors on all ranks), so the
+    average over ranks, and the DDP-averaged gradient, are the global batch's."""
+    sizes = _sizes(world_size, batch_name)
+    dtype = _backend_dtype(backend)
+    batch = _global_batch(sizes, dtype)
+    label = f"supcon-ws{world_size}-{batch_name}-{backend}"
+    per_rank = _case(group_results(world_size), f"supcon-{batch_name}-{backend}")
+    embeddings = _leaf(batch["out0"].double())
+    loss = reference.supcon_loss_reference(embeddings, _supcon_labels(sizes), TEMPERATURE)
+    loss.backward()
+    averaged = _ddp_average(per_rank, ("embeddings",), ())
+    _check(label, "DDP-averaged loss", averaged["loss"], loss.detach(), dtype)
+    _check(label, "DDP-averaged embeddings", averaged["embeddings"], embeddings.grad, dtype)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
