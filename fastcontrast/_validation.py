@@ -108,3 +108,29 @@ def check_non_negative_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
     return value
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts GEMM inputs to on ``device`` right now, or None when it is off."""
+    device_type = device.type
+    if device_type not in ("cpu", "cuda"):
+        return None
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def cast_like_autocast(*tensors: object) -> tuple:
+    """Under torch.autocast, fp32 features become the autocast dtype, as they would for the original loss's
+    matmul; the loss then equals the one for such features outside autocast (computed in fp32 inside, fp32
+    loss). Outside autocast, or for non-tensors and other dtypes, the inputs come back unchanged."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    dtype = None if first is None else autocast_dtype(first.device)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in tensors)

@@ -13,11 +13,42 @@ may be negative, and a tiny s would amplify rounding).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
 
 from fastcontrast.blockwise import DistillStats, compute_dtype
+
+
+def _autocast_off(device_type: str):
+    # The engines compute in fp32 (fp64) on purpose; an ambient torch.autocast would silently turn their GEMMs
+    # back into bf16/fp16 ones (and it rejects the out= variants they use).
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _forward_without_autocast(forward):
+    """Run an autograd Function's forward with autocast off on its first input's device (noted for backward)."""
+
+    @functools.wraps(forward)
+    def wrapper(ctx, first, *args):
+        ctx.autocast_device = first.device.type
+        with _autocast_off(ctx.autocast_device):
+            return forward(ctx, first, *args)
+
+    return wrapper
+
+
+def _backward_without_autocast(backward):
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with _autocast_off(ctx.autocast_device):
+            return backward(ctx, *grads)
+
+    return wrapper
 
 
 def _scaled_grad(product: Optional[torch.Tensor], scale: torch.Tensor, like: torch.Tensor):
@@ -73,6 +104,7 @@ class BlockwiseLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
+    @_forward_without_autocast
     def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset, positive_index):
         other = a if b is None else b
         lse_row, lse_col = (None, None)
@@ -95,6 +127,7 @@ class BlockwiseLogSumExp(torch.autograd.Function):
         )
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad_row, grad_col, grad_positives):
         a, b, scale, lse_row, lse_col, positive_index = ctx.saved_tensors
         other = a if ctx.self_similarity else b
@@ -136,6 +169,7 @@ class BlockwiseSigLipSum(torch.autograd.Function):
     """
 
     @staticmethod
+    @_forward_without_autocast
     def forward(ctx, a, b, scale, bias, engine, positive_offset):
         total = engine.siglip_forward(a, b, scale, bias, positive_offset=positive_offset)
         ctx.engine = engine
@@ -144,6 +178,7 @@ class BlockwiseSigLipSum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad_total):
         a, b, scale, bias = ctx.saved_tensors
         need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
@@ -173,6 +208,7 @@ class BlockwiseDistill(torch.autograd.Function):
     """
 
     @staticmethod
+    @_forward_without_autocast
     def forward(ctx, a, b, scale, a_t, b_t, scale_t, engine, need_row, need_col, positive_index):
         stats = engine.distill_forward(a, b, scale, a_t, b_t, scale_t, need_row=need_row, need_col=need_col)
         positives = _positive_logits(a, b, scale, positive_index)
@@ -191,6 +227,7 @@ class BlockwiseDistill(torch.autograd.Function):
         return out(stats.lse_row), out(stats.lse_col), out(stats.cross_row), out(stats.cross_col), out(positives)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad_lse_row, grad_lse_col, grad_cross_row, grad_cross_col, grad_positives):
         a, b, scale, a_t, b_t, scale_t, positive_index, *saved = ctx.saved_tensors
         stats = DistillStats(*saved)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastcontrast import distributed, reference
 from fastcontrast._dispatch import check_backend, resolve_engine
-from fastcontrast._validation import as_scalar_tensor, check_features, check_pair
+from fastcontrast._validation import as_scalar_tensor, cast_like_autocast, check_features, check_pair
 from fastcontrast.autograd import (
     blockwise_distill,
     blockwise_lse,
@@ -77,6 +77,8 @@ def clip_loss(
         the local loss is then weighted by W·n_k/N so that the average over ranks is the global-batch loss.
     """
     check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="ClipLoss")
     if group is not None:
         return _clip_loss_distributed(
@@ -131,6 +133,8 @@ def siglip_loss(
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
     check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        image_features, text_features = cast_like_autocast(image_features, text_features)
     if dist_impl not in SIGLIP_DIST_IMPLS:
         raise ValueError(
             f"`dist_impl` must be one of {', '.join(repr(c) for c in SIGLIP_DIST_IMPLS)}, got {dist_impl!r}."
@@ -220,6 +224,10 @@ def distill_clip_loss(
         ``(contrastive_loss, distill_loss)``, 0-dim fp32 (fp64 for fp64 features).
     """
     check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        image_features, text_features, dist_image_features, dist_text_features = cast_like_autocast(
+            image_features, text_features, dist_image_features, dist_text_features
+        )
     group = distributed.resolve_group(rank, world_size, process_group, what="DistillClipLoss")
     if group is not None:
         return _distill_clip_loss_distributed(
@@ -290,6 +298,8 @@ def nt_xent_loss(
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
     check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        out0, out1 = cast_like_autocast(out0, out1)
     temperature = check_temperature(temperature)
     group = distributed.resolve_gather_group(gather_distributed, process_group, what="NTXentLoss")
     if group is not None:
@@ -335,6 +345,8 @@ def nt_xent_memory_bank_loss(
         0-dim loss, fp32 (fp64 for fp64 features).
     """
     check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        out0, out1 = cast_like_autocast(out0, out1)
     temperature = check_temperature(temperature)
     check_features("out0", out0)
     check_features("out1", out1)
@@ -488,6 +500,8 @@ def supcon_loss(
         0-dim loss, fp32 (fp64 for fp64 embeddings).
     """
     check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        embeddings, ref_emb = cast_like_autocast(embeddings, ref_emb)
     temperature = check_supcon_temperature(temperature)
     group = distributed.resolve_gather_group(gather_distributed, process_group, what="SupConLoss")
     if group is not None:
