@@ -58,6 +58,12 @@ def check_positive_finite_number(name: str, value: float) -> None:
         raise ValueError(f"`{name}` must be a finite positive number, got {value}.")
 
 
+def compiling() -> bool:
+    # Under torch.compile a tensor's value is not known while tracing; reading it would break the graph.
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def as_scalar_tensor(
     name: str,
     value: Optional[ScaleLike],
@@ -93,7 +99,7 @@ def as_scalar_tensor(
         raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}.")
     if value.device != like.device:
         raise ValueError(f"`{name}` must be on the features' device {like.device}, got {value.device}.")
-    if must_be_positive and value.device.type == "cpu":
+    if must_be_positive and value.device.type == "cpu" and not compiling():
         v = float(value.detach().reshape(()))
         check_positive_finite_number(name, v)
     return value.reshape(())

@@ -119,11 +119,11 @@ class BlockwiseLogSumExp(torch.autograd.Function):
         ctx.exclude_offset = exclude_offset
         ctx.self_similarity = b is None
         ctx.save_for_backward(a, b, scale, lse_row, lse_col, positive_index)
-        empty = a.new_empty(0, dtype=cdt)
+        # A fresh empty tensor per missing output: one object returned twice confuses torch.compile's tracing.
         return (
-            lse_row if need_row else empty,
-            lse_col if need_col else empty,
-            positives if positives is not None else empty,
+            lse_row if need_row else a.new_empty(0, dtype=cdt),
+            lse_col if need_col else a.new_empty(0, dtype=cdt),
+            positives if positives is not None else a.new_empty(0, dtype=cdt),
         )
 
     @staticmethod
@@ -219,10 +219,9 @@ class BlockwiseDistill(torch.autograd.Function):
             stats.lse_row, stats.lse_col, stats.teacher_lse_row, stats.teacher_lse_col,
             stats.cross_row, stats.cross_col,
         )
-        empty = a.new_empty(0, dtype=compute_dtype(a.dtype))
-
         def out(x):
-            return empty if x is None else x
+            # A fresh empty tensor per missing output (see BlockwiseLogSumExp.forward).
+            return a.new_empty(0, dtype=compute_dtype(a.dtype)) if x is None else x
 
         return out(stats.lse_row), out(stats.lse_col), out(stats.cross_row), out(stats.cross_col), out(positives)
 

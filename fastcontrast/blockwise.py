@@ -35,11 +35,14 @@ def _row_chunks(n: int, m: int, chunk_bytes: int, itemsize: int) -> Iterator[tup
 
 
 def _offset_diagonal(start: int, stop: int, m: int, offset: int, device: torch.device):
-    """(local row, column) indices of the entries j = i + offset for rows start..stop of the chunk."""
-    rows = torch.arange(start, stop, device=device)
-    cols = rows + offset
-    keep = (cols >= 0) & (cols < m)
-    return rows[keep] - start, cols[keep]
+    """(local row, column) indices of the entries j = i + offset for rows start..stop of the chunk.
+
+    They form one contiguous run, so plain ranges describe them: no boolean mask, whose data-dependent size
+    would cost a host sync on CUDA and a graph break under torch.compile.
+    """
+    first, last = max(start, -offset), min(stop, m - offset)
+    rows = torch.arange(first - start, max(first, last) - start, device=device)
+    return rows, rows + (start + offset)
 
 
 @dataclass

@@ -415,11 +415,16 @@ def _supcon_anchor_losses(
         ``(losses [n], positive pairs per anchor [n], negative pairs per anchor [n])``, the counts as floats.
     """
     cdt = z.dtype
-    _, inverse = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
-    anchor_class, ref_class = inverse[: labels.shape[0]], inverse[labels.shape[0]:]
-    classes = int(inverse.max()) + 1
-    class_count = torch.bincount(ref_class, minlength=classes).to(cdt)
-    class_sum = torch.zeros((classes, z.shape[1]), dtype=cdt, device=z.device).index_add_(0, ref_class, z_ref)
+    n, m = labels.shape[0], ref_labels.shape[0]
+    all_labels = torch.cat([labels, ref_labels])
+    # A label's id is the position of its first occurrence among the sorted labels: not compact (at most
+    # n + m ids), but found without unique(), so shapes stay static (no host sync, no torch.compile break).
+    ids = torch.searchsorted(torch.sort(all_labels).values, all_labels)
+    anchor_class, ref_class = ids[:n], ids[n:]
+    class_count = torch.zeros(n + m, dtype=cdt, device=z.device).index_add_(
+        0, ref_class, torch.ones(m, dtype=cdt, device=z.device)
+    )
+    class_sum = torch.zeros((n + m, z.shape[1]), dtype=cdt, device=z.device).index_add_(0, ref_class, z_ref)
     if engine is None:
         # backend="reference" across ranks (no original to copy): the same terms from the full logits.
         logits = (z @ z_ref.T) * inv_temperature
@@ -429,21 +434,19 @@ def _supcon_anchor_losses(
         lse = torch.logsumexp(logits, dim=1)
     else:
         lse, _ = blockwise_lse(
-            z, z_ref, inv_temperature, engine, rows=True, cols=False, exclude_offset=exclude_offset
+            z, None if z_ref is z else z_ref, inv_temperature, engine, rows=True, cols=False,
+            exclude_offset=exclude_offset,
         )
     positive_count = class_count[anchor_class]
-    negative_count = z_ref.shape[0] - positive_count
+    negative_count = m - positive_count
     positive_sum = (z * class_sum[anchor_class]).sum(dim=1)
     if exclude_offset is not None:
-        # The left-out entry (i, i + offset) has label yᵢ's twin only where the labels agree (PML drops it
-        # from the matches, never from the negatives, which it cannot be part of).
-        rows = torch.arange(z.shape[0], device=z.device)
-        cols = rows + exclude_offset
-        inside = (cols >= 0) & (cols < z_ref.shape[0])
-        twin = inside.clone()
-        twin[inside] = ref_labels[cols[inside]] == labels[rows[inside]]
-        self_term = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
-        self_term[twin] = (z[twin] * z_ref[cols[twin]]).sum(dim=1)
+        # The left-out entry (i, i + offset) is a positive only where the labels agree (PML drops it from the
+        # matches; it can never be a negative).
+        cols = torch.arange(n, device=z.device) + exclude_offset
+        partner = cols.clamp(0, m - 1)
+        twin = (cols >= 0) & (cols < m) & (ref_labels[partner] == labels)
+        self_term = torch.where(twin, (z * z_ref[partner]).sum(dim=1), torch.zeros_like(positive_sum))
         positive_sum = positive_sum - self_term
         positive_count = positive_count - twin.to(cdt)
     positive_sum = positive_sum * inv_temperature

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastcontrast import distributed
+from fastcontrast._validation import compiling
 
 
 class MemoryBank(nn.Module):
@@ -71,12 +72,16 @@ class MemoryBank(nn.Module):
         batch_size = keys.shape[0]
         # The pointer is mirrored as a Python int: reading the buffer back would sync the host every step.
         ptr = self._ptr
-        if ptr + batch_size >= self.size[0]:
-            self.bank[ptr:] = keys[: self.size[0] - ptr].detach()
-            self._ptr = 0
+        stop = min(ptr + batch_size, self.size[0])
+        new_keys = keys[: stop - ptr].detach().to(self.bank.dtype)
+        if compiling():
+            # Under torch.compile (inductor, torch 2.13) an in-place write into the bank also changed the copy
+            # this step's loss had read and saved for backward, giving wrong gradients; a new bank tensor
+            # cannot alias it. Eager keeps the cheaper in-place write of b rows.
+            self.bank = torch.cat([self.bank[:ptr], new_keys, self.bank[stop:]])
         else:
-            self.bank[ptr : ptr + batch_size] = keys.detach()
-            self._ptr = ptr + batch_size
+            self.bank[ptr:stop] = new_keys
+        self._ptr = 0 if ptr + batch_size >= self.size[0] else stop
         self.bank_ptr.fill_(self._ptr)
 
     @torch.no_grad()

@@ -1,0 +1,82 @@
+"""Every loss inside ``torch.compile(..., fullgraph=True)`` (inductor, CPU, torch engine).
+
+fullgraph=True turns any graph break into an error, so passing means the whole loss, forward and backward,
+is one graph. The compiled step runs at two batch sizes (the second forces a recompile with a new shape)
+and must give eager's loss and gradients; the memory bank's state must evolve as in eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close
+
+import fastcontrast as fc
+
+D = 16
+BATCH_SIZES = (12, 17)
+pytestmark = pytest.mark.timeout(900)
+
+
+def _inputs(n):
+    g = torch.Generator().manual_seed(n)
+    features = [F.normalize(torch.randn(n, D, generator=g), dim=1).requires_grad_() for _ in range(4)]
+    return {
+        "features": features,
+        "scale": torch.tensor(14.3, requires_grad=True),
+        "bias": torch.tensor(-3.0, requires_grad=True),
+        "caption_logits": torch.randn(n, 5, 7, generator=g).requires_grad_(),
+        "caption_labels": torch.randint(0, 7, (n, 5), generator=g),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
+
+
+def _make(name):
+    """(module, step(module, inputs) -> loss); the module is built outside the compiled step, as in training."""
+    if name == "clip":
+        return fc.ClipLoss(backend="torch"), lambda m, x: m(*x["features"][:2], x["scale"], x["bias"])
+    if name == "siglip":
+        return fc.SigLipLoss(backend="torch"), lambda m, x: m(*x["features"][:2], x["scale"], x["bias"])
+    if name == "nt_xent":
+        return fc.NTXentLoss(0.2, backend="torch"), lambda m, x: m(*x["features"][:2])
+    if name == "memory_bank":
+        torch.manual_seed(0)  # the same random initial bank for the compiled and the eager module
+        return fc.NTXentLoss(0.2, memory_bank_size=(40, D), backend="torch"), lambda m, x: m(*x["features"][:2])
+    if name == "distill":
+        return fc.DistillClipLoss(backend="torch"), lambda m, x: sum(
+            m(*x["features"][:2], x["scale"], *x["features"][2:], 20.0)
+        )
+    if name == "coca":
+        return fc.CoCaLoss(2.0, 1.0, backend="torch"), lambda m, x: sum(
+            m(*x["features"][:2], x["caption_logits"], x["caption_labels"], x["scale"])
+        )
+    if name == "supcon":
+        return fc.SupConLoss(0.2, backend="torch"), lambda m, x: m(x["features"][0], x["labels"])
+    raise ValueError(name)
+
+
+def _leaves(x):
+    return x["features"] + [x["scale"], x["bias"], x["caption_logits"]]
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "nt_xent", "memory_bank", "distill", "coca", "supcon"])
+def test_loss_compiles_as_one_graph_and_matches_eager(name):
+    torch._dynamo.reset()
+    compiled_module, step = _make(name)
+    eager_module, _ = _make(name)
+    compiled_step = torch.compile(step, fullgraph=True, backend="inductor")
+    for n in BATCH_SIZES:
+        results = []
+        for module, fn in ((compiled_module, compiled_step), (eager_module, step)):
+            x = _inputs(n)
+            loss = fn(module, x)
+            loss.backward()
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in _leaves(x)]
+            results.append((loss.detach(), grads))
+        (loss_c, grads_c), (loss_e, grads_e) = results
+        assert_close(f"N={n} loss", loss_c, loss_e, atol=1e-5, rtol=1e-5)
+        for index, (g_c, g_e) in enumerate(zip(grads_c, grads_e)):
+            assert_close(f"N={n} gradient of input {index}", g_c, g_e, atol=1e-5, rtol=1e-5)
+    if name == "memory_bank":
+        assert_close("bank after the steps", compiled_module.memory_bank.bank, eager_module.memory_bank.bank, atol=1e-6)
