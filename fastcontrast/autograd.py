@@ -105,12 +105,13 @@ class BlockwiseLogSumExp(torch.autograd.Function):
 
     @staticmethod
     @_forward_without_autocast
-    def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset, positive_index):
+    def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset, positive_index, need_argmax=False):
         other = a if b is None else b
-        lse_row, lse_col = (None, None)
+        lse_row = lse_col = argmax_row = argmax_col = None
         if need_row or need_col:
-            lse_row, lse_col = engine.lse_forward(
-                a, other, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset
+            lse_row, lse_col, argmax_row, argmax_col = engine.lse_forward(
+                a, other, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset,
+                need_argmax=need_argmax,
             )
         cdt = compute_dtype(a.dtype)
         positives = _positive_logits(a, other, scale, positive_index)
@@ -119,16 +120,27 @@ class BlockwiseLogSumExp(torch.autograd.Function):
         ctx.exclude_offset = exclude_offset
         ctx.self_similarity = b is None
         ctx.save_for_backward(a, b, scale, lse_row, lse_col, positive_index)
-        # A fresh empty tensor per missing output: one object returned twice confuses torch.compile's tracing.
+        if not need_argmax:
+            # A fresh empty tensor per missing output: one object returned twice confuses torch.compile.
+            return (
+                lse_row if need_row else a.new_empty(0, dtype=cdt),
+                lse_col if need_col else a.new_empty(0, dtype=cdt),
+                positives if positives is not None else a.new_empty(0, dtype=cdt),
+            )
+        argmax_row = argmax_row if argmax_row is not None else a.new_empty(0, dtype=torch.long)
+        argmax_col = argmax_col if argmax_col is not None else a.new_empty(0, dtype=torch.long)
+        ctx.mark_non_differentiable(argmax_row, argmax_col)
         return (
             lse_row if need_row else a.new_empty(0, dtype=cdt),
             lse_col if need_col else a.new_empty(0, dtype=cdt),
             positives if positives is not None else a.new_empty(0, dtype=cdt),
+            argmax_row,
+            argmax_col,
         )
 
     @staticmethod
     @_backward_without_autocast
-    def backward(ctx, grad_row, grad_col, grad_positives):
+    def backward(ctx, grad_row, grad_col, grad_positives, *_argmax_grads):
         a, b, scale, lse_row, lse_col, positive_index = ctx.saved_tensors
         other = a if ctx.self_similarity else b
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
@@ -151,14 +163,14 @@ class BlockwiseLogSumExp(torch.autograd.Function):
             grad_positives, a, other, positive_index, grad_a_unscaled, grad_b_unscaled, need_a_product, need_b
         )
         if grad_a_unscaled is None and grad_b_unscaled is None:
-            return (None,) * 8
+            return (None,) * 9
         grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
         if ctx.self_similarity:
             total = grad_a_unscaled if grad_b_unscaled is None else grad_a_unscaled.add_(grad_b_unscaled)
-            return _scaled_grad(total, scale, a), None, grad_scale, None, None, None, None, None
+            return _scaled_grad(total, scale, a), None, grad_scale, None, None, None, None, None, None
         grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
         grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
-        return grad_a, grad_b, grad_scale, None, None, None, None, None
+        return grad_a, grad_b, grad_scale, None, None, None, None, None, None
 
 
 class BlockwiseSigLipSum(torch.autograd.Function):
@@ -315,7 +327,8 @@ def blockwise_lse_and_positives(
     rows: bool = True,
     cols: bool = False,
     exclude_offset: Optional[int] = None,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    return_argmax: bool = False,
+) -> tuple:
     """The LSEs of :func:`blockwise_lse` plus the positive logits S[i, positive_index[i]], in one Function.
 
     Every softmax loss here is LSE − positive. Computing both in one Function sums their gradients in fp32
@@ -325,13 +338,25 @@ def blockwise_lse_and_positives(
         a: [n, d]; b: [m, d], or None for S = scale·a·aᵀ (NT-Xent), where ``a`` gets one gradient.
         positive_index: [n] int64 column of each row's positive.
         rows, cols, exclude_offset: see :func:`blockwise_lse`.
+        return_argmax: also return the int64 argmax of each row / column of S (lowest index on ties), from
+            the same forward pass: retrieval top-1 without materialising the logits.
     Returns:
-        ``(lse_row [n] or None, lse_col [m] or None, positives [n])``, fp32 (fp64 for fp64 inputs).
+        ``(lse_row [n] or None, lse_col [m] or None, positives [n])``, fp32 (fp64 for fp64 inputs); with
+        ``return_argmax``, followed by ``argmax_row [n] or None, argmax_col [m] or None``.
     """
-    lse_row, lse_col, positives = BlockwiseLogSumExp.apply(
-        a, b, scale, engine, rows, cols, exclude_offset, positive_index
+    if not return_argmax:
+        lse_row, lse_col, positives = BlockwiseLogSumExp.apply(
+            a, b, scale, engine, rows, cols, exclude_offset, positive_index
+        )
+        return (lse_row if rows else None), (lse_col if cols else None), positives
+    lse_row, lse_col, positives, argmax_row, argmax_col = BlockwiseLogSumExp.apply(
+        a, b, scale, engine, rows, cols, exclude_offset, positive_index, True
     )
-    return (lse_row if rows else None), (lse_col if cols else None), positives
+    if not rows:
+        lse_row = argmax_row = None
+    if not cols:
+        lse_col = argmax_col = None
+    return lse_row, lse_col, positives, argmax_row, argmax_col
 
 
 def blockwise_siglip_sum(

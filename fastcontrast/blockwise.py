@@ -90,14 +90,17 @@ class TorchEngine:
         need_row: bool,
         need_col: bool,
         exclude_offset: Optional[int],
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Row and/or column log-sum-exp of S = s·A·Bᵀ.
+        need_argmax: bool = False,
+    ):
+        """Row and/or column log-sum-exp of S = s·A·Bᵀ, and optionally each row's / column's argmax.
 
         Args:
             a: [n, d]; b: [m, d]; scale: 0-dim.
             exclude_offset: if not None, entry (i, i + exclude_offset) is left out of both reductions.
+            need_argmax: also return the index of each row's (column's) largest entry, lowest index on ties.
         Returns:
-            lse_row [n] and lse_col [m] in the compute dtype (None where not asked for).
+            ``(lse_row [n], lse_col [m], argmax_row [n], argmax_col [m])``: LSEs in the compute dtype, argmax
+            int64; None where not asked for.
         """
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
@@ -105,13 +108,25 @@ class TorchEngine:
         s = scale.detach().to(cdt)
         lse_row = torch.empty(n, dtype=cdt, device=a.device) if need_row else None
         lse_col = torch.full((m,), float("-inf"), dtype=cdt, device=a.device) if need_col else None
+        argmax_row = torch.empty(n, dtype=torch.long, device=a.device) if need_row and need_argmax else None
+        argmax_col = torch.zeros(m, dtype=torch.long, device=a.device) if need_col and need_argmax else None
+        col_max = torch.full((m,), float("-inf"), dtype=cdt, device=a.device) if argmax_col is not None else None
         for start, stop in self._chunks(n, m, cdt):
             logits = self._logits(a, b_c, s, start, stop, exclude_offset)
             if need_row:
                 lse_row[start:stop] = torch.logsumexp(logits, dim=1)
+                if argmax_row is not None:
+                    # torch's max returns the first maximal index: the lowest column on ties.
+                    argmax_row[start:stop] = logits.max(dim=1).indices
             if need_col:
                 torch.logaddexp(lse_col, torch.logsumexp(logits, dim=0), out=lse_col)
-        return lse_row, lse_col
+                if argmax_col is not None:
+                    chunk_max, chunk_arg = logits.max(dim=0)
+                    # Only a strictly larger max moves the argmax: ties keep the earlier (lower) row.
+                    better = chunk_max > col_max
+                    argmax_col = torch.where(better, chunk_arg + start, argmax_col)
+                    col_max = torch.where(better, chunk_max, col_max)
+        return lse_row, lse_col, argmax_row, argmax_col
 
     def lse_backward(
         self,

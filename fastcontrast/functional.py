@@ -52,7 +52,8 @@ def clip_loss(
     process_group=None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
-) -> torch.Tensor:
+    return_accuracy: bool = False,
+):
     """open_clip's CLIP loss, blockwise: ½[mean(r − p) + mean(c − p)].
 
     r and c are the row and column log-sum-exps of S = s·I·Tᵀ, p the positive logits s·Iᵢ·Tᵢ.
@@ -72,9 +73,14 @@ def clip_loss(
             the rank and world size come from it; explicit ``rank``/``world_size`` must then agree with it.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
         chunk_bytes: logits budget per chunk for the torch engine (bytes).
+        return_accuracy: also return retrieval top-1 accuracy from the same forward pass (the kernels keep
+            each row's and column's argmax, lowest index on ties): image→text and text→image.
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). Across processes, ranks may hold different batch sizes;
         the local loss is then weighted by W·n_k/N so that the average over ranks is the global-batch loss.
+        With ``return_accuracy``: ``(loss, {"i2t_top1": ..., "t2i_top1": ...})``, the accuracies detached
+        fp32 scalars over the rows this rank scores (all N for the global loss, its own rows for the local
+        loss).
     """
     check_backend(backend)
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
@@ -84,7 +90,7 @@ def clip_loss(
         return _clip_loss_distributed(
             image_features, text_features, logit_scale, logit_bias, group,
             local_loss=local_loss, gather_with_grad=gather_with_grad,
-            backend=backend, chunk_bytes=chunk_bytes,
+            backend=backend, chunk_bytes=chunk_bytes, return_accuracy=return_accuracy,
         )
     check_features("image_features", image_features)
     check_features("text_features", text_features)
@@ -92,14 +98,27 @@ def clip_loss(
     scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
     bias = as_scalar_tensor("logit_bias", logit_bias, like=image_features, must_be_positive=False)
     engine = resolve_engine(backend, image_features.device, chunk_bytes)
-    if engine is None:
-        return reference.clip_loss_reference(image_features, text_features, scale, bias)
     diagonal = torch.arange(image_features.shape[0], device=image_features.device)
-    lse_row, lse_col, pos = blockwise_lse_and_positives(
-        image_features, text_features, scale, engine, diagonal, rows=True, cols=True
+    if engine is None:
+        loss = reference.clip_loss_reference(image_features, text_features, scale, bias)
+        if not return_accuracy:
+            return loss
+        logits_per_image, logits_per_text = reference.clip_logits_reference(image_features, text_features, scale)
+        return loss, _top1(logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1), diagonal)
+    lse_row, lse_col, pos, *argmax = blockwise_lse_and_positives(
+        image_features, text_features, scale, engine, diagonal, rows=True, cols=True,
+        return_argmax=return_accuracy,
     )
-    loss = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
-    return keep_in_graph(loss, bias)
+    loss = keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
+    return (loss, _top1(*argmax, diagonal)) if return_accuracy else loss
+
+
+def _top1(i2t_argmax: torch.Tensor, t2i_argmax: torch.Tensor, target: torch.Tensor) -> dict:
+    """Retrieval top-1: the fraction of images whose best text is their own, and of texts likewise."""
+    return {
+        "i2t_top1": (i2t_argmax == target).float().mean().detach(),
+        "t2i_top1": (t2i_argmax == target).float().mean().detach(),
+    }
 
 
 def siglip_loss(
@@ -554,8 +573,8 @@ def _rank_mean(per_row: torch.Tensor, layout: distributed.BatchLayout) -> torch.
 
 def _clip_loss_distributed(
     image_features, text_features, logit_scale, logit_bias, group, *, local_loss, gather_with_grad, backend,
-    chunk_bytes,
-) -> torch.Tensor:
+    chunk_bytes, return_accuracy=False,
+):
     """open_clip's gather_features + get_logits + cross-entropy across ranks, blockwise (DESIGN §5).
 
     Gathers: with grad (autograd all-gather, gradients summed back to their rank); without grad for the
@@ -585,30 +604,45 @@ def _clip_loss_distributed(
     all_image = gather(image_features, group, layout)
     all_text = gather(text_features, group, layout)
     if not local_loss:
-        if engine is None:
-            return reference.clip_loss_reference(all_image, all_text, scale, bias)
         diagonal = torch.arange(layout.total, device=all_image.device)
-        lse_row, lse_col, pos = blockwise_lse_and_positives(
-            all_image, all_text, scale, engine, diagonal, rows=True, cols=True
+        if engine is None:
+            loss = reference.clip_loss_reference(all_image, all_text, scale, bias)
+            if not return_accuracy:
+                return loss
+            logits_per_image, logits_per_text = reference.clip_logits_reference(all_image, all_text, scale)
+            return loss, _top1(logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1), diagonal)
+        lse_row, lse_col, pos, *argmax = blockwise_lse_and_positives(
+            all_image, all_text, scale, engine, diagonal, rows=True, cols=True, return_argmax=return_accuracy
         )
-        return keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
+        loss = keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
+        return (loss, _top1(*argmax, diagonal)) if return_accuracy else loss
     start, stop = layout.offset, layout.offset + layout.local_rows
+    positive_index = torch.arange(start, stop, device=image_features.device)
     if engine is None:
         loss = reference.clip_loss_local_reference(
             image_features, text_features, all_image, all_text, scale, bias, offset=start
         )
-        return loss if layout.equal else loss * layout.loss_weight()
+        loss = loss if layout.equal else loss * layout.loss_weight()
+        if not return_accuracy:
+            return loss
+        i2t = (image_features @ all_text.T).argmax(dim=1)
+        t2i = (text_features @ all_image.T).argmax(dim=1)
+        return loss, _top1(i2t, t2i, positive_index)
     # The positives are read from the gathered tensors (open_clip's labels i + offset), so their gradients
     # take open_clip's routes: back through the gather with grad, nowhere when the copies are constants.
-    positive_index = torch.arange(start, stop, device=image_features.device)
-    lse_image, _, pos_image = blockwise_lse_and_positives(
-        image_features, all_text, scale, engine, positive_index, rows=True, cols=False
+    lse_image, _, pos_image, *image_argmax = blockwise_lse_and_positives(
+        image_features, all_text, scale, engine, positive_index, rows=True, cols=False,
+        return_argmax=return_accuracy,
     )
-    lse_text, _, pos_text = blockwise_lse_and_positives(
-        text_features, all_image, scale, engine, positive_index, rows=True, cols=False
+    lse_text, _, pos_text, *text_argmax = blockwise_lse_and_positives(
+        text_features, all_image, scale, engine, positive_index, rows=True, cols=False,
+        return_argmax=return_accuracy,
     )
     loss = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
-    return keep_in_graph(loss, bias)
+    loss = keep_in_graph(loss, bias)
+    if not return_accuracy:
+        return loss
+    return loss, _top1(image_argmax[0], text_argmax[0], positive_index)
 
 
 def _siglip_loss_distributed(

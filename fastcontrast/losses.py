@@ -66,6 +66,9 @@ class ClipLoss(nn.Module):
             error. Across processes, gradients are exact under DDP averaging with ``gather_with_grad=True``
             (``local_loss=True`` is the cheap way); see the README's "Distributed training".
         chunk_bytes: logits budget per chunk for the torch engine.
+        return_accuracy: also report image→text and text→image top-1 retrieval accuracy, taken from the
+            forward pass's argmax (no second materialisation of the logits; lowest index on ties). The
+            default output is open_clip's.
     """
 
     def __init__(
@@ -80,9 +83,13 @@ class ClipLoss(nn.Module):
         backend: str = "auto",
         process_group=None,
         chunk_bytes: Optional[int] = None,
+        return_accuracy: bool = False,
     ):
         super().__init__()
-        _check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels)
+        _check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                     return_accuracy=return_accuracy)
+        if return_accuracy and type(self) is not ClipLoss:
+            raise ValueError(f"`return_accuracy` is a ClipLoss option; {type(self).__name__} does not take it.")
         _check_rank_world(rank, world_size)
         _reject_horovod(use_horovod)
         rank, world_size = _rank_world_from_group(rank, world_size, process_group, "ClipLoss")
@@ -95,6 +102,7 @@ class ClipLoss(nn.Module):
         self.backend = check_backend(backend)
         self.process_group = process_group
         self.chunk_bytes = chunk_bytes
+        self.return_accuracy = return_accuracy
 
     def forward(
         self,
@@ -105,14 +113,24 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ):
         """Args: image_features [n, d], text_features [n, d], logit_scale (exponentiated) scalar,
-        logit_bias optional scalar. Returns a 0-dim fp32 loss, or ``{"contrastive_loss": loss}``."""
-        loss = functional.clip_loss(
+        logit_bias optional scalar. Returns a 0-dim fp32 loss, or ``{"contrastive_loss": loss}``.
+
+        With ``return_accuracy=True`` the dict also holds ``"i2t_top1"`` and ``"t2i_top1"`` (detached fp32
+        scalars from the same forward pass), and without ``output_dict`` the result is
+        ``(loss, i2t_top1, t2i_top1)``.
+        """
+        result = functional.clip_loss(
             image_features, text_features, logit_scale, logit_bias,
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
             rank=self.rank, world_size=self.world_size, process_group=self.process_group,
-            backend=self.backend, chunk_bytes=self.chunk_bytes,
+            backend=self.backend, chunk_bytes=self.chunk_bytes, return_accuracy=self.return_accuracy,
         )
-        return {"contrastive_loss": loss} if output_dict else loss
+        if not self.return_accuracy:
+            return {"contrastive_loss": result} if output_dict else result
+        loss, accuracy = result
+        if output_dict:
+            return {"contrastive_loss": loss, **accuracy}
+        return loss, accuracy["i2t_top1"], accuracy["t2i_top1"]
 
 
 class DistillClipLoss(ClipLoss):

@@ -28,7 +28,7 @@ import torch
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
-KERNELS = ("lse_forward", "siglip_forward", "gradient_lse", "gradient_siglip", "distill_forward", "distill_gradient",
+KERNELS = ("lse_forward", "lse_forward_argmax", "siglip_forward", "gradient_lse", "gradient_siglip", "distill_forward", "distill_gradient",
            "distill_gradient_teacher")
 # Per-block shared memory a kernel may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -59,7 +59,7 @@ def _kernel_source(kernel: str, dtype: str, d: int):
     torch_dtype = _TORCH_DTYPES[dtype]
     ptr = "*" + dtype
     precision = "tf32" if dtype == "fp32" else "ieee"
-    if kernel in ("lse_forward", "siglip_forward"):
+    if kernel in ("lse_forward", "lse_forward_argmax", "siglip_forward"):
         config = forward_config(d, torch_dtype, interpreter=False, kernel=kernel.split("_")[0])
     elif kernel.startswith("distill"):
         stage = "forward" if kernel == "distill_forward" else "gradient"
@@ -70,11 +70,13 @@ def _kernel_source(kernel: str, dtype: str, d: int):
               "DOT_FP32": False, "INPUT_PRECISION": precision}
     ints = {"n_x": "i32", "n_y": "i32", "d": "i32", "stride_x": "i32", "stride_y": "i32"}
     register_acc = False
-    if kernel == "lse_forward":
+    if kernel.startswith("lse_forward"):
         fn = lse_forward_kernel
         signature = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "LSE_X": "*fp32", "COL_PARTIAL": "*fp32",
+                     "ARGMAX_X": "*i64", "MAX_X": "*fp32", "COL_ARGMAX": "*i64", "COL_MAX": "*fp32",
                      **ints, "exclude_offset": "i64", "cols_per_split": "i32"}
-        constexprs = {"HAS_EXCLUDE": True, "WRITE_COL_PARTIAL": True, **blocks}
+        constexprs = {"HAS_EXCLUDE": True, "WRITE_COL_PARTIAL": True,
+                      "WRITE_ARGMAX": kernel == "lse_forward_argmax", **blocks}
     elif kernel == "siglip_forward":
         fn = siglip_forward_kernel
         signature = {"X": ptr, "Y": ptr, "SCALE": "*fp32", "BIAS": "*fp32", "PARTIAL": "*fp32",

@@ -84,6 +84,15 @@ def _check_dtype(a: torch.Tensor) -> None:
         )
 
 
+def _merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> torch.Tensor:
+    """The argmax over partials [k, n] (each with its max): the first partial holding the largest max wins,
+    which is the lowest index on ties, since the partials cover increasing index ranges."""
+    if partial_max.shape[0] == 1:
+        return partial_argmax[0]
+    best = partial_max.argmax(dim=0, keepdim=True)
+    return partial_argmax.gather(0, best).squeeze(0)
+
+
 class TritonEngine:
     """Fused Triton kernels for the blockwise LSE and SigLIP reductions and their gradients."""
 
@@ -98,28 +107,37 @@ class TritonEngine:
         need_row: bool,
         need_col: bool,
         exclude_offset: Optional[int],
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Row LSE [n] and/or column LSE [m] of S = s·A·Bᵀ, fp32 (see ``TorchEngine.lse_forward``)."""
+        need_argmax: bool = False,
+    ):
+        """Row LSE [n] and/or column LSE [m] of S = s·A·Bᵀ, fp32, and with ``need_argmax`` the int64 argmax
+        of each row / column (see ``TorchEngine.lse_forward``)."""
         _check_dtype(a)
         a, b = _rows_contiguous(a), _rows_contiguous(b)
         n, m = a.shape[0], b.shape[0]
-        lse_row = lse_col = None
+        lse_row = lse_col = argmax_row = argmax_col = None
         config = forward_config(a.shape[1], a.dtype, interpreter_enabled())
         n_row_blocks = triton.cdiv(n, config.block_m)
-        single_pass = need_row and need_col and n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
+        scratch = n_row_blocks * m * (4 + (12 if need_argmax else 0))
+        single_pass = need_row and need_col and scratch <= SINGLE_PASS_SCRATCH_BYTES
         if need_row:
             lse_row = torch.empty(n, dtype=torch.float32, device=a.device)
-            col_partial = (
-                torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device) if single_pass else None
-            )
-            self._launch_lse(a, b, scale, lse_row, col_partial, exclude_offset)
+            col_partial = col_max = col_argmax = None
+            if single_pass:
+                col_partial = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
+                if need_argmax:
+                    col_max = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
+                    col_argmax = torch.empty((n_row_blocks, m), dtype=torch.int64, device=a.device)
+            argmax_row = self._launch_lse(a, b, scale, lse_row, col_partial, exclude_offset, need_argmax,
+                                          col_max, col_argmax)
             if single_pass:
                 lse_col = torch.logsumexp(col_partial, dim=0)
+                if need_argmax:
+                    argmax_col = _merge_argmax(col_max, col_argmax)
         if need_col and lse_col is None:
             lse_col = torch.empty(m, dtype=torch.float32, device=a.device)
             col_offset = None if exclude_offset is None else -exclude_offset
-            self._launch_lse(b, a, scale, lse_col, None, col_offset)
-        return lse_row, lse_col
+            argmax_col = self._launch_lse(b, a, scale, lse_col, None, col_offset, need_argmax)
+        return lse_row, lse_col, argmax_row, argmax_col
 
     def lse_backward(
         self,
@@ -329,24 +347,35 @@ class TritonEngine:
         return out
 
     @staticmethod
-    def _launch_lse(x, y, scale, lse_out, col_partial, exclude_offset):
+    def _launch_lse(x, y, scale, lse_out, col_partial, exclude_offset, need_argmax=False, col_max=None,
+                    col_argmax=None):
+        """Row LSE of X·Yᵀ into ``lse_out`` (and column partials); returns the rows' argmax if asked."""
         n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
         config = forward_config(d, x.dtype, interpreter_enabled())
         dot_fp32, precision = _dot_settings(x.dtype)
         splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
         grid = (triton.cdiv(n_x, config.block_m), splits)
         lse_split = lse_out if splits == 1 else torch.empty((splits, n_x), dtype=torch.float32, device=x.device)
+        argmax_split = row_max = None
+        if need_argmax:
+            argmax_split = torch.empty((splits, n_x), dtype=torch.int64, device=x.device)
+            row_max = torch.empty((splits, n_x), dtype=torch.float32, device=x.device)
+        placeholder = lse_split  # never written: its flag is off
         lse_forward_kernel[grid](
-            x, y, scale, lse_split, lse_split if col_partial is None else col_partial,
+            x, y, scale, lse_split, placeholder if col_partial is None else col_partial,
+            placeholder if argmax_split is None else argmax_split, placeholder if row_max is None else row_max,
+            placeholder if col_argmax is None else col_argmax, placeholder if col_max is None else col_max,
             n_x, n_y, d, x.stride(0), y.stride(0), 0 if exclude_offset is None else exclude_offset,
             cols_per_split,
             HAS_EXCLUDE=exclude_offset is not None, WRITE_COL_PARTIAL=col_partial is not None,
+            WRITE_ARGMAX=need_argmax,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         if splits > 1:
             torch.logsumexp(lse_split, dim=0, out=lse_out)
+        return _merge_argmax(row_max, argmax_split) if need_argmax else None
 
     @staticmethod
     def _launch_gradient(x, y, scale, bias, mode, x_stats, y_stats, grad_total, offset, bias_partial_out):

@@ -18,6 +18,10 @@ def lse_forward_kernel(
     SCALE,
     LSE_X,
     COL_PARTIAL,
+    ARGMAX_X,
+    MAX_X,
+    COL_ARGMAX,
+    COL_MAX,
     n_x,
     n_y,
     d,
@@ -27,6 +31,7 @@ def lse_forward_kernel(
     cols_per_split,
     HAS_EXCLUDE: tl.constexpr,
     WRITE_COL_PARTIAL: tl.constexpr,
+    WRITE_ARGMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -40,6 +45,11 @@ def lse_forward_kernel(
     log Σ_{i in block} exp(Sᵢⱼ). Online softmax in base 2 with the scale folded in (as FlashAttention),
     fp32 throughout. With more than one split (few rows, many columns: a local loss, a memory bank) the
     host merges the splits' partial LSEs with one logsumexp, in a fixed order.
+
+    If WRITE_ARGMAX, also each row's argmax over the split (ARGMAX_X, with its scaled max in MAX_X) and, with
+    the column partials, each column's argmax over the block's rows (COL_ARGMAX, COL_MAX): retrieval accuracy
+    from the same pass. Ties go to the lowest index: within a tile by the reduction, across tiles because
+    only a strictly larger max replaces the running one, across splits / row blocks by the host's argmax.
     """
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -49,6 +59,7 @@ def lse_forward_kernel(
 
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_arg = tl.zeros([BLOCK_M], dtype=tl.int32)
     start_split = i_s * cols_per_split
     for start_n in range(start_split, tl.minimum(n_y, start_split + cols_per_split), BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
@@ -62,18 +73,33 @@ def lse_forward_kernel(
             m_valid = m_valid & (o_y[None, :] != o_x[:, None] + exclude_offset)
         b_s = tl.where(m_valid, b_s, float("-inf"))
 
-        b_new_max = tl.maximum(b_max, tl.max(b_s, 1))
+        if WRITE_ARGMAX:
+            b_tile_max, b_tile_arg = tl.max(b_s, 1, return_indices=True)
+            b_arg = tl.where(b_tile_max > b_max, start_n + b_tile_arg, b_arg)
+        else:
+            b_tile_max = tl.max(b_s, 1)
+        b_new_max = tl.maximum(b_max, b_tile_max)
         # A row with nothing allowed yet has max −inf; shift by 0 instead so exp2 sees −inf, not NaN.
         b_shift = tl.where(b_new_max == float("-inf"), 0.0, b_new_max)
         b_sum = b_sum * tl.exp2(b_max - b_shift) + tl.sum(tl.exp2(b_s - b_shift[:, None]), 1)
         b_max = b_new_max
 
         if WRITE_COL_PARTIAL:
-            b_col_max = tl.max(b_s, 0)
+            if WRITE_ARGMAX:
+                b_col_max, b_col_arg = tl.max(b_s, 0, return_indices=True)
+                p_col = i_m.to(tl.int64) * n_y + o_y
+                tl.store(COL_MAX + p_col, b_col_max, mask=m_y)
+                tl.store(COL_ARGMAX + p_col, (i_m * BLOCK_M + b_col_arg).to(tl.int64), mask=m_y)
+            else:
+                b_col_max = tl.max(b_s, 0)
             b_col_shift = tl.where(b_col_max == float("-inf"), 0.0, b_col_max)
             b_col_sum = tl.sum(tl.exp2(b_s - b_col_shift[None, :]), 0)
             b_col_lse = (b_col_shift + tl.log2(b_col_sum)) * LN2
             tl.store(COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y, b_col_lse, mask=m_y)
 
     b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
-    tl.store(LSE_X + i_s.to(tl.int64) * n_x + o_x, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)
+    p_row = i_s.to(tl.int64) * n_x + o_x
+    tl.store(LSE_X + p_row, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)
+    if WRITE_ARGMAX:
+        tl.store(ARGMAX_X + p_row, b_arg.to(tl.int64), mask=m_x)
+        tl.store(MAX_X + p_row, b_max, mask=m_x)

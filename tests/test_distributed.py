@@ -234,6 +234,17 @@ def _run_clip(rank, world_size, *, mode, sizes, backend, impl="fastcontrast"):
     }
 
 
+def _run_clip_accuracy(rank, world_size, *, mode, sizes, backend):
+    local_loss, gather_with_grad = CLIP_MODES[mode]
+    batch = _global_batch(sizes, _backend_dtype(backend))
+    start, stop = _offsets(sizes)[rank]
+    out = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size,
+                   backend=backend, return_accuracy=True)(
+        batch["image"][start:stop], batch["text"][start:stop], batch["scale"], output_dict=True
+    )
+    return {k: v.detach() for k, v in out.items()}
+
+
 def _distill_batch(sizes, dtype):
     """Student features and scale of ``_global_batch`` plus a teacher of another dim and scale."""
     batch = _global_batch(sizes, dtype)
@@ -459,6 +470,10 @@ def _cases(world_size, with_triton):
                 )
             cases[f"nt_xent-{batch_name}-{backend}"] = partial(_run_nt_xent, sizes=sizes, backend=backend)
             cases[f"supcon-{batch_name}-{backend}"] = partial(_run_supcon, sizes=sizes, backend=backend)
+            for mode in ("global-grad", "local-grad"):
+                cases[f"clip_accuracy-{mode}-{batch_name}-{backend}"] = partial(
+                    _run_clip_accuracy, mode=mode, sizes=sizes, backend=backend
+                )
             for mode in CLIP_MODES:
                 cases[f"distill-{mode}-{batch_name}-{backend}"] = partial(
                     _run_distill, mode=mode, sizes=sizes, backend=backend
@@ -486,6 +501,10 @@ def _cases(world_size, with_triton):
             )
         cases["nt_xent-unequal-triton"] = partial(_run_nt_xent, sizes=unequal, backend="triton")
         cases["supcon-unequal-triton"] = partial(_run_supcon, sizes=unequal, backend="triton")
+        for mode in ("global-grad", "local-grad"):
+            cases[f"clip_accuracy-{mode}-unequal-triton"] = partial(
+                _run_clip_accuracy, mode=mode, sizes=unequal, backend="triton"
+            )
         for mode in CLIP_MODES:
             cases[f"distill-{mode}-unequal-triton"] = partial(
                 _run_distill, mode=mode, sizes=unequal, backend="triton"
@@ -746,6 +765,26 @@ def test_clip_loss_with_gather_with_grad_matches_global_batch_after_ddp_average(
     averaged = _ddp_average(per_rank, ("image", "text"), ("scale", "bias"))
     for name in ("loss", "image", "text", "scale", "bias"):
         _check(label, f"DDP-averaged {name}", averaged[name], expected[name], dtype)
+
+
+@pytest.mark.parametrize("world_size,batch_name,backend", EXACT_PARAMS)
+@pytest.mark.parametrize("mode", ["global-grad", "local-grad"])
+def test_clip_loss_accuracy_across_ranks_matches_the_materialised_logits(
+    group_results, world_size, batch_name, backend, mode
+):
+    """Global loss: top-1 over all N rows on every rank; local loss: over this rank's own rows."""
+    sizes = _sizes(world_size, batch_name)
+    batch = _global_batch(sizes, torch.float64)
+    per_rank = _case(group_results(world_size), f"clip_accuracy-{mode}-{batch_name}-{backend}")
+    logits = batch["image"] @ batch["text"].T
+    i2t_hit = (logits.argmax(dim=1) == torch.arange(sum(sizes))).double()
+    t2i_hit = (logits.argmax(dim=0) == torch.arange(sum(sizes))).double()
+    assert 0 < i2t_hit.mean() < 1, "the test needs a non-trivial accuracy"
+    for rank, (start, stop) in enumerate(_offsets(sizes)):
+        rows = slice(None) if mode == "global-grad" else slice(start, stop)
+        for name, hits in (("i2t_top1", i2t_hit), ("t2i_top1", t2i_hit)):
+            _check(f"clip_accuracy-{mode}-ws{world_size}-{batch_name}-{backend}", f"{name} on rank {rank}",
+                   per_rank[rank][name], hits[rows].float().mean(), torch.float32)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
