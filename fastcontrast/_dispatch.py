@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from fastcontrast._ops import HAS_CUSTOM_OP, OpEngine
 from fastcontrast.blockwise import TorchEngine
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -61,6 +62,9 @@ def auto_backend(device: torch.device) -> tuple[str, str]:
 def resolve_engine(backend: str, device: torch.device, chunk_bytes: Optional[int] = None):
     """The engine object for ``backend`` on ``device``, or None for ``"reference"``.
 
+    The engine is called through torch custom ops (:class:`fastcontrast._ops.OpEngine`) where torch has them
+    (2.4+), so that torch.compile sees each engine call as one op.
+
     Raises:
         ValueError: unknown backend, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
         ImportError: ``"triton"`` asked for explicitly and triton does not import.
@@ -80,7 +84,8 @@ def resolve_engine(backend: str, device: torch.device, chunk_bytes: Optional[int
     if backend == "reference":
         return None
     if backend == "torch":
-        return TorchEngine(chunk_bytes)
+        engine = TorchEngine(chunk_bytes)  # validates chunk_bytes
+        return OpEngine("torch", engine.chunk_bytes) if HAS_CUSTOM_OP else engine
     if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}. Use backend='torch' (or 'auto') on "
@@ -91,4 +96,4 @@ def resolve_engine(backend: str, device: torch.device, chunk_bytes: Optional[int
         raise ImportError(f"backend='triton' needs triton>=3.2: {error}")
     from fastcontrast.kernels.engine import TritonEngine
 
-    return TritonEngine()
+    return OpEngine("triton", 0) if HAS_CUSTOM_OP else TritonEngine()

@@ -28,8 +28,10 @@ import torch
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
-KERNELS = ("lse_forward", "lse_forward_argmax", "siglip_forward", "gradient_lse", "gradient_siglip", "distill_forward", "distill_gradient",
-           "distill_gradient_teacher")
+KERNELS = (
+    "lse_forward", "lse_forward_argmax", "siglip_forward", "gradient_lse", "gradient_siglip",
+    "distill_forward", "distill_gradient", "distill_gradient_teacher",
+)
 # Per-block shared memory a kernel may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from _helpers import assert_close
 
 import fastcontrast as fc
+import fastcontrast._ops  # noqa: F401  (fc._ops below)
 
 D = 16
 BATCH_SIZES = (12, 17)
@@ -80,3 +81,44 @@ def test_loss_compiles_as_one_graph_and_matches_eager(name):
             assert_close(f"N={n} gradient of input {index}", g_c, g_e, atol=1e-5, rtol=1e-5)
     if name == "memory_bank":
         assert_close("bank after the steps", compiled_module.memory_bank.bank, eager_module.memory_bank.bank, atol=1e-6)
+
+
+def test_engine_calls_are_custom_ops_in_the_compiled_graph():
+    """The compiler sees each engine call as one fastcontrast op: it never traces the chunk loops."""
+    torch._dynamo.reset()
+    seen = []
+
+    def recording_backend(graph_module, example_inputs):
+        # The autograd Function is a higher-order op whose forward and backward are nested graph modules.
+        for module in graph_module.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                seen.extend(str(node.target) for node in module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    loss_fn = fc.ClipLoss(backend="torch")
+    step = torch.compile(lambda a, b, s: loss_fn(a, b, s), fullgraph=True, backend=recording_backend)
+    x = _inputs(12)
+    step(x["features"][0], x["features"][1], x["scale"]).backward()
+    assert any("fastcontrast.lse_forward" in target for target in seen), seen
+    assert not any(target.endswith(("mm", "matmul")) for target in seen), f"an engine GEMM was traced: {seen}"
+
+
+OPCHECK_CASES = {
+    "lse_forward": lambda a, b, s: (a, b, s, True, True, None, True, "torch", 1024),
+    "lse_forward_rows_excluded": lambda a, b, s: (a, b, s, True, False, 1, False, "torch", 1024),
+    "lse_backward": lambda a, b, s: (a, b, s, torch.randn(9), torch.randn(7), torch.randn(9), torch.randn(7), None,
+                                     True, True, "torch", 1024),
+    "siglip_forward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, "torch", 1024),
+    "siglip_backward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), torch.tensor(1.0), 0, True, False, "torch",
+                                        1024),
+    "distill_forward": lambda a, b, s: (a, b, s, torch.randn(9, 3), torch.randn(7, 3), s, True, True, "torch", 1024),
+}
+
+
+@pytest.mark.skipif(not fc._ops.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4")
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_custom_ops_pass_torch_library_opcheck(case):
+    """Schema, fake-tensor implementation (shapes, dtypes) and dispatch checked by torch's own opcheck."""
+    op_name = case.replace("_rows_excluded", "")
+    args = OPCHECK_CASES[case](torch.randn(9, 5), torch.randn(7, 5), torch.tensor(2.0))
+    torch.library.opcheck(getattr(torch.ops.fastcontrast, op_name).default, args)
