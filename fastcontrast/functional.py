@@ -98,16 +98,20 @@ def clip_loss(
     scale = as_scalar_tensor("logit_scale", logit_scale, like=image_features, must_be_positive=True)
     bias = as_scalar_tensor("logit_bias", logit_bias, like=image_features, must_be_positive=False)
     engine = resolve_engine(backend, image_features.device, chunk_bytes)
-    diagonal = torch.arange(image_features.shape[0], device=image_features.device)
+    return _clip_loss_square(image_features, text_features, scale, bias, engine, return_accuracy)
+
+
+def _clip_loss_square(image, text, scale, bias, engine, return_accuracy):
+    """The full n×n CLIP loss (one process, or every rank's gathered global loss), with accuracy if asked."""
+    diagonal = torch.arange(image.shape[0], device=image.device)
     if engine is None:
-        loss = reference.clip_loss_reference(image_features, text_features, scale, bias)
+        loss = reference.clip_loss_reference(image, text, scale, bias)
         if not return_accuracy:
             return loss
-        logits_per_image, logits_per_text = reference.clip_logits_reference(image_features, text_features, scale)
+        logits_per_image, logits_per_text = reference.clip_logits_reference(image, text, scale)
         return loss, _top1(logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1), diagonal)
     lse_row, lse_col, pos, *argmax = blockwise_lse_and_positives(
-        image_features, text_features, scale, engine, diagonal, rows=True, cols=True,
-        return_argmax=return_accuracy,
+        image, text, scale, engine, diagonal, rows=True, cols=True, return_argmax=return_accuracy
     )
     loss = keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
     return (loss, _top1(*argmax, diagonal)) if return_accuracy else loss
@@ -258,13 +262,18 @@ def distill_clip_loss(
         image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale
     )
     engine = resolve_engine(backend, image_features.device, chunk_bytes)
+    return _distill_clip_loss_square(
+        image_features, text_features, scale, dist_image_features, dist_text_features, scale_t, engine
+    )
+
+
+def _distill_clip_loss_square(image, text, scale, image_t, text_t, scale_t, engine):
+    """(contrastive, distill) over the full n×n matrices (one process, or the gathered global loss)."""
     if engine is None:
-        return reference.distill_clip_loss_reference(
-            image_features, text_features, scale, dist_image_features, dist_text_features, scale_t
-        )
-    diagonal = torch.arange(image_features.shape[0], device=image_features.device)
+        return reference.distill_clip_loss_reference(image, text, scale, image_t, text_t, scale_t)
+    diagonal = torch.arange(image.shape[0], device=image.device)
     lse_row, lse_col, cross_row, cross_col, pos = blockwise_distill(
-        image_features, text_features, scale, dist_image_features, dist_text_features, scale_t, engine, diagonal
+        image, text, scale, image_t, text_t, scale_t, engine, diagonal
     )
     contrastive = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
     distill = ((lse_row - cross_row).mean() + (lse_col - cross_col).mean()) / 2
@@ -604,18 +613,7 @@ def _clip_loss_distributed(
     all_image = gather(image_features, group, layout)
     all_text = gather(text_features, group, layout)
     if not local_loss:
-        diagonal = torch.arange(layout.total, device=all_image.device)
-        if engine is None:
-            loss = reference.clip_loss_reference(all_image, all_text, scale, bias)
-            if not return_accuracy:
-                return loss
-            logits_per_image, logits_per_text = reference.clip_logits_reference(all_image, all_text, scale)
-            return loss, _top1(logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1), diagonal)
-        lse_row, lse_col, pos, *argmax = blockwise_lse_and_positives(
-            all_image, all_text, scale, engine, diagonal, rows=True, cols=True, return_argmax=return_accuracy
-        )
-        loss = keep_in_graph(((lse_row - pos).mean() + (lse_col - pos).mean()) / 2, bias)
-        return (loss, _top1(*argmax, diagonal)) if return_accuracy else loss
+        return _clip_loss_square(all_image, all_text, scale, bias, engine, return_accuracy)
     start, stop = layout.offset, layout.offset + layout.local_rows
     positive_index = torch.arange(start, stop, device=image_features.device)
     if engine is None:
@@ -737,24 +735,14 @@ def _distill_clip_loss_distributed(
     all_image, all_text = gather(image_features, group, layout), gather(text_features, group, layout)
     all_image_t, all_text_t = gather(dist_image_features, group, layout), gather(dist_text_features, group, layout)
     if not local_loss:
-        if engine is None:
-            student = reference.distill_logits_reference(None, None, scale, all_image, all_text)
-            teacher = reference.distill_logits_reference(None, None, scale_t, all_image_t, all_text_t)
-            return reference.distill_clip_loss_from_logits_reference(*student, *teacher)
-        diagonal = torch.arange(layout.total, device=all_image.device)
-        lse_row, lse_col, cross_row, cross_col, pos = blockwise_distill(
-            all_image, all_text, scale, all_image_t, all_text_t, scale_t, engine, diagonal
-        )
-        contrastive = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
-        distill = ((lse_row - cross_row).mean() + (lse_col - cross_col).mean()) / 2
-        return contrastive, distill
+        return _distill_clip_loss_square(all_image, all_text, scale, all_image_t, all_text_t, scale_t, engine)
     start, stop = layout.offset, layout.offset + layout.local_rows
     if engine is None:
         student = reference.distill_logits_reference(
-            image_features, text_features, scale, all_image, all_text, local_loss=True
+            image_features, text_features, scale, all_image, all_text
         )
         teacher = reference.distill_logits_reference(
-            dist_image_features, dist_text_features, scale_t, all_image_t, all_text_t, local_loss=True
+            dist_image_features, dist_text_features, scale_t, all_image_t, all_text_t
         )
         losses = reference.distill_clip_loss_from_logits_reference(*student, *teacher, offset=start)
         return losses if layout.equal else tuple(loss * layout.loss_weight() for loss in losses)

@@ -218,21 +218,16 @@ def distill_logits_reference(
     logit_scale: Scale,
     all_image_features: Optional[torch.Tensor] = None,
     all_text_features: Optional[torch.Tensor] = None,
-    *,
-    local_loss: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """open_clip 3.x ``ClipLoss.get_logits`` without bias, given the (possibly gathered) features.
+    """open_clip 3.x ``ClipLoss.get_logits`` without bias: one process, or the local loss of one rank.
 
-    One process: ``s·I·Tᵀ`` and ``s·T·Iᵀ``. Gathered global loss: ``s·I_all·T_allᵀ`` and its transpose.
-    Gathered local loss: ``s·I·T_allᵀ`` and ``s·T·I_allᵀ``.
+    One process: ``s·I·Tᵀ`` and ``s·T·Iᵀ``. Local loss, given every rank's gathered features:
+    ``s·I·T_allᵀ`` and ``s·T·I_allᵀ``. (The gathered global loss is the one-process loss of the gathered
+    features.)
     """
     if all_image_features is None:
         return logit_scale * image_features @ text_features.T, logit_scale * text_features @ image_features.T
-    if local_loss:
-        return (logit_scale * image_features @ all_text_features.T,
-                logit_scale * text_features @ all_image_features.T)
-    logits_per_image = logit_scale * all_image_features @ all_text_features.T
-    return logits_per_image, logits_per_image.T
+    return logit_scale * image_features @ all_text_features.T, logit_scale * text_features @ all_image_features.T
 
 
 def distill_clip_loss_from_logits_reference(

@@ -883,11 +883,10 @@ def _distill_per_rank_simulated(batch, sizes, *, local_loss):
         leaves = _distill_leaves(b, start, stop)
         if local_loss:
             student = reference.distill_logits_reference(
-                leaves["image"], leaves["text"], leaves["scale"], b["image"], b["text"], local_loss=True
+                leaves["image"], leaves["text"], leaves["scale"], b["image"], b["text"]
             )
             teacher = reference.distill_logits_reference(
                 leaves["dist_image"], leaves["dist_text"], leaves["dist_scale"], b["dist_image"], b["dist_text"],
-                local_loss=True,
             )
             weight = _rank_weight(sizes, rank)
             contrastive, distill = (
