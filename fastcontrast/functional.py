@@ -547,17 +547,15 @@ def supcon_loss(
     # PML leaves an anchor's own entry out when its labels are the reference labels (no reference set, or
     # the same labels tensor passed again).
     exclude = ref_emb is None or ref_labels is labels
-    if ref_emb is None:
-        ref_emb, ref_labels = embeddings, labels
-    else:
+    if ref_emb is not None:
         check_features("ref_emb", ref_emb)
         check_pair("embeddings", embeddings, "ref_emb", ref_emb, same_batch=False)
         check_labels("ref_labels", ref_labels, rows=ref_emb.shape[0], like=embeddings)
     engine = resolve_engine(backend, embeddings.device, chunk_bytes)
     if engine is None:
-        if ref_emb is embeddings:
-            return reference.supcon_loss_reference(embeddings, labels, temperature)
         return reference.supcon_loss_reference(embeddings, labels, temperature, ref_emb, ref_labels)
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
     cdt = compute_dtype(embeddings.dtype)
     z = F.normalize(embeddings.to(cdt), dim=1)
     z_ref = z if ref_emb is embeddings else F.normalize(ref_emb.to(cdt), dim=1)

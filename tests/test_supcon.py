@@ -86,6 +86,18 @@ def test_supcon_loss_same_labels_tensor_as_reference_labels_leaves_the_diagonal_
     assert_close("loss", loss, expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_supcon_loss_embeddings_passed_again_as_reference_with_other_labels_keep_the_diagonal(backend):
+    # ref_emb is the embeddings tensor itself but ref_labels is another tensor: PML's identity check on the
+    # labels does not fire, so (i, i) counts as a positive; it must not be mistaken for "no reference set".
+    embeddings, labels = _embeddings(9, 16, torch.float64, 14), _labels(9, "3", 14)
+    loss = fc.supcon_loss(embeddings, labels, embeddings, labels.clone(), TEMPERATURE, backend=backend)
+    expected = reference.supcon_loss_reference(embeddings, labels, TEMPERATURE, embeddings, labels.clone())
+    without_diagonal = reference.supcon_loss_reference(embeddings, labels, TEMPERATURE)
+    assert (expected - without_diagonal).abs() > 1e-3, "the case must tell the two rules apart"
+    assert_close("loss", loss, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "dtype,rtol",
     [pytest.param(torch.bfloat16, 2**-7, id="bf16"), pytest.param(torch.float16, 2**-10, id="fp16")],
