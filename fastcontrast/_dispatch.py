@@ -1,40 +1,37 @@
-"""Backend choice: ``"auto" | "triton" | "torch" | "reference"``.
+"""Backend choice: ``"auto" | "triton" | "torch" | "reference"`` → an engine object (or None for the reference).
 
-``"auto"`` picks the Triton engine for CUDA tensors when triton imports, else the blockwise torch engine.
-The environment variable ``FASTCONTRAST_BACKEND`` overrides ``"auto"`` (never an explicit choice).
-Nothing here touches CUDA or imports triton at import time.
+``"auto"`` picks the Triton engine for CUDA tensors the kernels take (fp16, bf16, fp32) when triton imports,
+else the blockwise torch engine. The environment variable ``FASTCONTRAST_BACKEND`` overrides ``"auto"``
+(never an explicit choice). Nothing here touches CUDA or imports triton at import time.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Optional
 
 import torch
 
-from fastcontrast._ops import HAS_CUSTOM_OP, OpEngine
-from fastcontrast.blockwise import TorchEngine
+from fastcontrast._validation import BACKENDS, check_chunk_bytes
+from fastcontrast.engine import Engine
 
-BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_BACKEND = "FASTCONTRAST_BACKEND"
+# What the Triton kernels take; LSEs and gradients come back in fp32 whatever the input.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _warned_triton_missing = False
 
 
-def check_backend(backend: object) -> str:
-    """Validate a backend name (also used at module construction, so typos fail early)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}.")
-    return backend  # type: ignore[return-value]
-
-
 def triton_interpreter_enabled() -> bool:
+    """Whether triton's CPU interpreter is on (TRITON_INTERPRET=1, which must be set before triton's import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def triton_import_error() -> Optional[str]:
-    """None if the Triton engine imports, else the reason it does not."""
+    """None if the Triton engine imports, else the reason it does not (asked once per process)."""
     try:
         import fastcontrast.kernels.engine  # noqa: F401
     except Exception as exc:  # ImportError, or a broken triton install raising anything else
@@ -42,8 +39,8 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
-def auto_backend(device: torch.device) -> tuple[str, str]:
-    """The backend ``"auto"`` picks for tensors on ``device``, and why."""
+def auto_backend(device: torch.device, dtype: Optional[torch.dtype] = None) -> tuple[str, str]:
+    """The backend ``"auto"`` picks for tensors on ``device`` of ``dtype`` (None: any float dtype), and why."""
     override = os.environ.get(ENV_BACKEND)
     if override:
         if override not in BACKENDS or override == "auto":
@@ -53,27 +50,32 @@ def auto_backend(device: torch.device) -> tuple[str, str]:
         return override, f"{ENV_BACKEND}={override}"
     if device.type != "cuda":
         return "torch", f"tensors on {device.type}: the Triton kernels need CUDA"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return "torch", f"{dtype} features: the Triton kernels take float16, bfloat16 and float32"
     error = triton_import_error()
     if error is not None:
         return "torch", f"triton does not import ({error})"
-    return "triton", "CUDA tensors and triton imports"
+    reason = "CUDA tensors and triton imports"
+    if torch.version.hip is not None:
+        reason += " (ROCm: compiled for gfx90a / gfx942, not yet run on AMD hardware)"
+    return "triton", reason + ("" if dtype is not None else "; float64 features go to the torch engine")
 
 
-def resolve_engine(backend: str, device: torch.device, chunk_bytes: Optional[int] = None):
-    """The engine object for ``backend`` on ``device``, or None for ``"reference"``.
+def resolve_engine(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                   chunk_bytes: Optional[int] = None) -> Optional[Engine]:
+    """The engine for ``backend`` and features of ``dtype`` on ``device``, or None for ``"reference"``.
 
-    The engine is called through torch custom ops (:class:`fastcontrast._ops.OpEngine`) where torch has them
-    (2.4+), so that torch.compile sees each engine call as one op.
+    ``backend`` must already be valid (:func:`fastcontrast._validation.check_backend`).
 
     Raises:
-        ValueError: unknown backend, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
+        ValueError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``; bad ``chunk_bytes``.
+        TypeError: ``"triton"`` with float64 features.
         ImportError: ``"triton"`` asked for explicitly and triton does not import.
     """
     global _warned_triton_missing
-    check_backend(backend)
     if backend == "auto":
-        backend, reason = auto_backend(device)
-        if backend == "torch" and device.type == "cuda" and not _warned_triton_missing:
+        backend, reason = auto_backend(device, dtype)
+        if backend == "torch" and device.type == "cuda" and dtype in TRITON_DTYPES and not _warned_triton_missing:
             _warned_triton_missing = True
             warnings.warn(
                 f"fastcontrast: using the blockwise torch engine on CUDA because {reason}. "
@@ -84,16 +86,22 @@ def resolve_engine(backend: str, device: torch.device, chunk_bytes: Optional[int
     if backend == "reference":
         return None
     if backend == "torch":
-        engine = TorchEngine(chunk_bytes)  # validates chunk_bytes
-        return OpEngine("torch", engine.chunk_bytes) if HAS_CUSTOM_OP else engine
+        from fastcontrast.blockwise import TorchEngine
+
+        return TorchEngine(check_chunk_bytes(chunk_bytes))
     if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}. Use backend='torch' (or 'auto') on "
             "this device, or set TRITON_INTERPRET=1 before importing triton to run the kernels in its interpreter."
+        )
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports float16, bfloat16 and float32 features, got {dtype}; "
+            "use backend='torch' (or 'auto') for float64."
         )
     error = triton_import_error()
     if error is not None:
         raise ImportError(f"backend='triton' needs triton>=3.2: {error}")
     from fastcontrast.kernels.engine import TritonEngine
 
-    return OpEngine("triton", 0) if HAS_CUSTOM_OP else TritonEngine()
+    return TritonEngine()

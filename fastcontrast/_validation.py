@@ -1,8 +1,8 @@
-"""Input checks shared by every loss, with messages that name the argument, what was expected and what came.
+"""Every input check of the package, with messages that name the argument, what was expected and what came.
 
-These run on every call, so they only look at metadata (shape, dtype, device) except where a value check
-is free: a Python number, or a tensor that already lives on the CPU. A CUDA scale is never read back,
-because that would cost a host sync on every training step.
+The per-call checks only look at metadata (shape, dtype, device) except where a value check is free: a
+Python number, or a tensor that already lives on the CPU. A CUDA scale is never read back, because that
+would cost a host sync on every training step. Constructor options are checked once, at construction.
 """
 
 from __future__ import annotations
@@ -13,6 +13,11 @@ from typing import Optional, Union
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "triton", "torch", "reference")
+# open_clip's SigLipLoss schedules; None is open_clip's default ('bidir'). All compute the same function here.
+SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
+# lightly's rule: |τ| below this is an error.
+TEMPERATURE_EPS = 1e-8
 
 ScaleLike = Union[torch.Tensor, float, int]
 
@@ -140,3 +145,88 @@ def cast_like_autocast(*tensors: object) -> tuple:
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in tensors)
+
+
+def check_backend(backend: object) -> str:
+    """A backend name (checked at module construction too, so typos fail early)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}.")
+    return backend  # type: ignore[return-value]
+
+
+def check_chunk_bytes(chunk_bytes: object) -> Optional[int]:
+    """The torch engine's logits budget per chunk: None (the default) or a positive int of bytes."""
+    if chunk_bytes is None:
+        return None
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"`chunk_bytes` must be a positive int (bytes of logits per chunk), got {chunk_bytes!r}.")
+    return chunk_bytes
+
+
+def check_flags(**flags: object) -> None:
+    """Boolean options: a bool, nothing else (a string "False" is truthy and would silently flip a flag)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} ({value!r}).")
+
+
+def check_rank_world(rank: object, world_size: object) -> None:
+    """open_clip's ``rank`` / ``world_size``: 0 ≤ rank < world_size."""
+    check_non_negative_int("rank", rank)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"`world_size` must be a positive int, got {world_size!r}.")
+    if rank >= world_size:  # type: ignore[operator]
+        raise ValueError(f"`rank` must be smaller than `world_size` ({world_size}), got {rank}.")
+
+
+def check_siglip_dist_impl(dist_impl: object) -> Optional[str]:
+    check_choice("dist_impl", dist_impl, SIGLIP_DIST_IMPLS)
+    return dist_impl  # type: ignore[return-value]
+
+
+def check_temperature(temperature: object) -> float:
+    """lightly's rule: |τ| < 1e-8 is an error; a negative τ is accepted, as lightly accepts it."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a float, got {type(temperature).__name__}.")
+    if not abs(temperature) >= TEMPERATURE_EPS:  # also catches NaN
+        raise ValueError(f"`temperature` must satisfy abs(temperature) >= 1e-8, got {temperature}.")
+    return float(temperature)
+
+
+def check_positive_temperature(temperature: object) -> float:
+    """pytorch-metric-learning's τ: a finite positive number."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a float, got {type(temperature).__name__}.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a finite positive number, got {temperature}.")
+    return float(temperature)
+
+
+def check_labels(name: str, labels: object, *, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Class labels: a 1-D integer tensor with one entry per row of the features, on their device."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`{name}` must be a 1-D integer torch.Tensor of class labels, got {type(labels).__name__}.")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"`{name}` must have shape [{rows}] (one label per row), got {tuple(labels.shape)}.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"`{name}` must hold integer class labels, got {labels.dtype}.")
+    if labels.device != like.device:
+        raise ValueError(f"`{name}` must be on the embeddings' device {like.device}, got {labels.device}.")
+    return labels
+
+
+def check_two_towers(
+    name_a: str, a: object, name_b: str, b: object, scale: object, bias: object, *, scale_name: str = "logit_scale",
+    bias_name: str = "logit_bias",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """open_clip's (image, text, scale, bias) inputs: two [n, d] towers, a positive scale, an optional bias.
+
+    Returns the scale and bias as 0-dim tensors on the features' device (see :func:`as_scalar_tensor`).
+    """
+    check_features(name_a, a)
+    check_features(name_b, b)
+    check_pair(name_a, a, name_b, b, same_batch=True)  # type: ignore[arg-type]
+    return (
+        as_scalar_tensor(scale_name, scale, like=a, must_be_positive=True),  # type: ignore[arg-type]
+        as_scalar_tensor(bias_name, bias, like=a, must_be_positive=False),  # type: ignore[arg-type]
+    )

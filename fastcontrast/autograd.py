@@ -1,58 +1,39 @@
 """The differentiable core: autograd Functions over the blockwise reductions of S = s·A·Bᵀ.
 
-They are the same for every engine (blockwise torch, Triton): an engine computes the reductions and the
-unscaled products dS·B and dSᵀ·A; these Functions save only A, B, s (and b) plus the LSE vectors, never
-S, and turn the engine's products into gradients:
+They are the same for every engine (see :mod:`fastcontrast.engine`): they call the engine through the custom
+ops of :mod:`fastcontrast.ops`, save only A, B, s (and b) plus the LSE vectors, never S, and turn the
+engine's unscaled products into gradients:
 
     dA = s·(dS·B),   dB = s·(dSᵀ·A),   ds = Σᵢⱼ dSᵢⱼ·(Aᵢ·Bⱼ) = ⟨A, dS·B⟩,   db = Σᵢⱼ dSᵢⱼ.
 
 The scale gradient therefore costs O(n·d) once dS·B is known: no extra pass over S. Reading it as
 ⟨A, dS·B⟩ rather than DESIGN's ⟨A, dA⟩/s is the same number without a division by s (NT-Xent's s = 1/τ
 may be negative, and a tiny s would amplify rounding).
+
+Every Function runs its engine with autocast off: the engines compute in fp32 (fp64) on purpose, and an
+ambient ``torch.autocast`` would turn their GEMMs back into bf16 / fp16 ones.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
 
-from fastcontrast.blockwise import DistillStats, compute_dtype
+from fastcontrast import ops
+from fastcontrast.engine import DistillStats, Engine, compute_dtype, present
 
 
 def _autocast_off(device_type: str):
-    # The engines compute in fp32 (fp64) on purpose; an ambient torch.autocast would silently turn their GEMMs
-    # back into bf16/fp16 ones (and it rejects the out= variants they use).
     if device_type in ("cpu", "cuda"):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
 
-def _forward_without_autocast(forward):
-    """Run an autograd Function's forward with autocast off on its first input's device (noted for backward)."""
-
-    @functools.wraps(forward)
-    def wrapper(ctx, first, *args):
-        ctx.autocast_device = first.device.type
-        with _autocast_off(ctx.autocast_device):
-            return forward(ctx, first, *args)
-
-    return wrapper
-
-
-def _backward_without_autocast(backward):
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with _autocast_off(ctx.autocast_device):
-            return backward(ctx, *grads)
-
-    return wrapper
-
-
-def _scaled_grad(product: Optional[torch.Tensor], scale: torch.Tensor, like: torch.Tensor):
-    if product is None:
+def _scaled_grad(product: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """s·product in the input's dtype, or None for an empty (not computed) product."""
+    if not present(product):
         return None
     return (product * scale.detach().to(product.dtype)).to(like.dtype)
 
@@ -63,114 +44,66 @@ def _scale_grad(a: torch.Tensor, grad_a_unscaled: torch.Tensor, scale: torch.Ten
     return inner.to(scale.dtype).reshape(scale.shape)
 
 
-def _positive_logits(a, other, scale, positive_index) -> Optional[torch.Tensor]:
-    """S[i, positive_index[i]] = s·⟨aᵢ, other[positive_index[i]]⟩ in the compute dtype, or None."""
-    if positive_index is None:
-        return None
-    cdt = compute_dtype(a.dtype)
-    partner = other.index_select(0, positive_index).to(cdt)
-    return (a.to(cdt) * partner).sum(dim=1) * scale.detach().to(cdt)
-
-
-def _add_positive_grads(grad_positives, a, other, positive_index, grad_a_unscaled, grad_b_unscaled, need_a, need_b):
-    """Add the positives' unscaled gradients to the engine's dS·B and dSᵀ·A (in place where they exist)."""
-    if grad_positives is None:
-        return grad_a_unscaled, grad_b_unscaled
-    cdt = compute_dtype(a.dtype)
-    weight = grad_positives.to(cdt).unsqueeze(1)
-    if need_a:
-        partner_term = weight * other.index_select(0, positive_index).to(cdt)
-        grad_a_unscaled = partner_term if grad_a_unscaled is None else grad_a_unscaled.add_(partner_term)
-    if need_b:
-        if grad_b_unscaled is None:
-            grad_b_unscaled = torch.zeros(other.shape, dtype=cdt, device=other.device)
-        grad_b_unscaled.index_add_(0, positive_index, weight * a.to(cdt))
-    return grad_a_unscaled, grad_b_unscaled
-
-
 class BlockwiseLogSumExp(torch.autograd.Function):
-    """Row and column log-sum-exp of S = s·A·Bᵀ, and optionally the positive logits, without materialising S.
+    """Row and column log-sum-exp of S = s·A·Bᵀ and the positive logits, without materialising S.
 
-    ``apply(a, b, scale, engine, need_row, need_col, exclude_offset, positive_index)`` with a: [n, d],
-    b: [m, d] or None (then b is a: self-similarity, one gradient), scale: 0-dim. Returns
-    ``(lse_row [n], lse_col [m], positives [n])`` in fp32 (fp64 for fp64 inputs), positivesᵢ =
-    S[i, positive_index[i]]. An output not asked for is an empty tensor. ``exclude_offset`` (int or None)
-    drops entry (i, i + offset) from the LSEs.
+    ``apply(a, b, scale, engine, need_row, need_col, positive_index, exclude_offset, exclude_positive,
+    private_columns, need_argmax)`` with a: [n, d], b: [m, d] or None (then b is a: self-similarity, one
+    gradient), scale: 0-dim, engine: an :class:`~fastcontrast.engine.Engine`, positive_index: [n] int64 or
+    None; the masks as in :mod:`fastcontrast.engine`. Returns ``(lse_row [n], lse_col [m], positives [n],
+    argmax_row [n], argmax_col [m])``: fp32 (fp64 for fp64 inputs), argmaxes int64 and not differentiable; a
+    result not asked for is an empty tensor.
 
-    Why the positives live here and not in plain autograd: near convergence a row's softmax approaches the
-    one-hot of its positive, and dA = s·(Σⱼ Pᵢⱼ·Bⱼ − B_pos) is the difference of two nearly equal terms. Both
-    are summed in fp32 here and rounded to the input dtype once; through two autograd paths each would be
-    rounded to bf16 first and the small difference lost.
+    The positives come from the engine, out of the tiles its LSE reduced, and their gradient is folded into
+    dS there: near convergence a row's softmax approaches the one-hot of its positive, and dS at the
+    positive is p − 1, the difference of two numbers near 1, which keeps its digits only when formed in
+    fp32 before any rounding to the input dtype.
     """
 
     @staticmethod
-    @_forward_without_autocast
-    def forward(ctx, a, b, scale, engine, need_row, need_col, exclude_offset, positive_index, need_argmax=False):
+    def forward(ctx, a, b, scale, engine: Engine, need_row, need_col, positive_index, exclude_offset=None,
+                exclude_positive=False, private_columns=0, need_argmax=False):
         other = a if b is None else b
-        lse_row = lse_col = argmax_row = argmax_col = None
-        if need_row or need_col:
-            lse_row, lse_col, argmax_row, argmax_col = engine.lse_forward(
-                a, other, scale, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset,
-                need_argmax=need_argmax,
+        with _autocast_off(a.device.type):
+            lse_row, lse_col, positives, argmax_row, argmax_col = ops.lse_forward(
+                a, other, scale, positive_index, need_row, need_col, exclude_offset, exclude_positive,
+                private_columns, need_argmax, engine.name, engine.chunk_bytes,
             )
-        cdt = compute_dtype(a.dtype)
-        positives = _positive_logits(a, other, scale, positive_index)
         ctx.set_materialize_grads(False)
         ctx.engine = engine
-        ctx.exclude_offset = exclude_offset
+        ctx.mask = (exclude_offset, exclude_positive, private_columns)
         ctx.self_similarity = b is None
         ctx.save_for_backward(a, b, scale, lse_row, lse_col, positive_index)
-        if not need_argmax:
-            # A fresh empty tensor per missing output: one object returned twice confuses torch.compile.
-            return (
-                lse_row if need_row else a.new_empty(0, dtype=cdt),
-                lse_col if need_col else a.new_empty(0, dtype=cdt),
-                positives if positives is not None else a.new_empty(0, dtype=cdt),
-            )
-        argmax_row = argmax_row if argmax_row is not None else a.new_empty(0, dtype=torch.long)
-        argmax_col = argmax_col if argmax_col is not None else a.new_empty(0, dtype=torch.long)
         ctx.mark_non_differentiable(argmax_row, argmax_col)
-        return (
-            lse_row if need_row else a.new_empty(0, dtype=cdt),
-            lse_col if need_col else a.new_empty(0, dtype=cdt),
-            positives if positives is not None else a.new_empty(0, dtype=cdt),
-            argmax_row,
-            argmax_col,
-        )
+        return lse_row, lse_col, positives, argmax_row, argmax_col
 
     @staticmethod
-    @_backward_without_autocast
-    def backward(ctx, grad_row, grad_col, grad_positives, *_argmax_grads):
+    def backward(ctx, grad_row, grad_col, grad_positives, _grad_argmax_row, _grad_argmax_col):
         a, b, scale, lse_row, lse_col, positive_index = ctx.saved_tensors
         other = a if ctx.self_similarity else b
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
         if ctx.self_similarity:
             need_b = need_a
-        if lse_row is None:
-            grad_row = None
-        if lse_col is None:
-            grad_col = None
-        if positive_index is None:
-            grad_positives = None
-        need_a_product = need_a or need_scale
-        grad_a_unscaled = grad_b_unscaled = None
-        if grad_row is not None or grad_col is not None:
-            grad_a_unscaled, grad_b_unscaled = ctx.engine.lse_backward(
-                a, other, scale, lse_row, lse_col, grad_row, grad_col,
-                exclude_offset=ctx.exclude_offset, need_a=need_a_product, need_b=need_b,
+        # An output that was not computed (empty) has no gradient to pass on.
+        grad_row = grad_row if present(lse_row) else None
+        grad_col = grad_col if present(lse_col) else None
+        grad_positives = grad_positives if positive_index is not None else None
+        none = (None,) * 8  # engine, flags, index and masks take no gradient
+        if grad_row is None and grad_col is None and grad_positives is None:
+            return (None, None, None) + none
+        engine = ctx.engine
+        with _autocast_off(a.device.type):
+            grad_a_unscaled, grad_b_unscaled = ops.lse_backward(
+                a, other, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives,
+                *ctx.mask, need_a or need_scale, need_b, engine.name, engine.chunk_bytes,
             )
-        grad_a_unscaled, grad_b_unscaled = _add_positive_grads(
-            grad_positives, a, other, positive_index, grad_a_unscaled, grad_b_unscaled, need_a_product, need_b
-        )
-        if grad_a_unscaled is None and grad_b_unscaled is None:
-            return (None,) * 9
-        grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
-        if ctx.self_similarity:
-            total = grad_a_unscaled if grad_b_unscaled is None else grad_a_unscaled.add_(grad_b_unscaled)
-            return _scaled_grad(total, scale, a), None, grad_scale, None, None, None, None, None, None
-        grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
-        grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
-        return grad_a, grad_b, grad_scale, None, None, None, None, None, None
+            grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
+            if ctx.self_similarity:
+                total = grad_a_unscaled.add_(grad_b_unscaled) if present(grad_b_unscaled) else grad_a_unscaled
+                return (_scaled_grad(total, scale, a), None, grad_scale) + none
+            grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
+            grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
+        return (grad_a, grad_b, grad_scale) + none
 
 
 class BlockwiseSigLipSum(torch.autograd.Function):
@@ -181,98 +114,115 @@ class BlockwiseSigLipSum(torch.autograd.Function):
     """
 
     @staticmethod
-    @_forward_without_autocast
-    def forward(ctx, a, b, scale, bias, engine, positive_offset):
-        total = engine.siglip_forward(a, b, scale, bias, positive_offset=positive_offset)
+    def forward(ctx, a, b, scale, bias, engine: Engine, positive_offset):
+        with _autocast_off(a.device.type):
+            total = ops.siglip_forward(a, b, scale, bias, positive_offset, engine.name, engine.chunk_bytes)
         ctx.engine = engine
         ctx.positive_offset = positive_offset
         ctx.save_for_backward(a, b, scale, bias)
         return total
 
     @staticmethod
-    @_backward_without_autocast
     def backward(ctx, grad_total):
         a, b, scale, bias = ctx.saved_tensors
         need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
-        grad_a_unscaled, grad_b_unscaled, grad_bias = ctx.engine.siglip_backward(
-            a, b, scale, bias, grad_total,
-            positive_offset=ctx.positive_offset, need_a=need_a or need_scale, need_b=need_b,
-        )
-        grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
-        grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
-        grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
-        grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
+        engine = ctx.engine
+        with _autocast_off(a.device.type):
+            grad_a_unscaled, grad_b_unscaled, grad_bias = ops.siglip_backward(
+                a, b, scale, bias, grad_total, ctx.positive_offset, need_a or need_scale, need_b,
+                engine.name, engine.chunk_bytes,
+            )
+            grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
+            grad_a = _scaled_grad(grad_a_unscaled, scale, a) if need_a else None
+            grad_b = _scaled_grad(grad_b_unscaled, scale, b) if need_b else None
+            grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if need_bias else None
         return grad_a, grad_b, grad_scale, grad_bias, None, None
+
+
+def _positive_logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, positive_index: torch.Tensor):
+    """S[i, positive_index[i]] = s·⟨aᵢ, b[positive_index[i]]⟩ in the compute dtype."""
+    cdt = compute_dtype(a.dtype)
+    partner = b.index_select(0, positive_index).to(cdt)
+    return (a.to(cdt) * partner).sum(dim=1) * scale.detach().to(cdt)
+
+
+def _add_positive_grads(grad_positives, a, b, positive_index, grad_a_unscaled, grad_b_unscaled, need_a, need_b):
+    """Add the positives' unscaled gradients to the engine's dS·B and dSᵀ·A, in the compute dtype."""
+    cdt = compute_dtype(a.dtype)
+    weight = grad_positives.to(cdt).unsqueeze(1)
+    if need_a:
+        grad_a_unscaled.add_(weight * b.index_select(0, positive_index).to(cdt))
+    if need_b:
+        grad_b_unscaled.index_add_(0, positive_index, weight * a.to(cdt))
 
 
 class BlockwiseDistill(torch.autograd.Function):
     """Student LSEs, distillation cross terms and positive logits of S = s·A·Bᵀ against T = s_t·A_t·B_tᵀ.
 
     ``apply(a, b, scale, a_t, b_t, scale_t, engine, need_row, need_col, positive_index)`` with a: [n, d],
-    b: [m, d], a_t: [n, d_t], b_t: [m, d_t], scales 0-dim. Returns ``(lse_row [n], lse_col [m], cross_row [n],
-    cross_col [m], positives [n])`` in fp32 (fp64 for fp64 inputs), where crossᵢ = Σⱼ softmax(T)ᵢⱼ·Sᵢⱼ (by
-    row, and by column for cross_col) and positivesᵢ = S[i, positive_index[i]]. An output not asked for is
-    an empty tensor. Neither S nor T is materialised; the teacher LSEs are saved for backward.
+    b: [m, d], a_t: [n, d_t], b_t: [m, d_t], scales 0-dim, positive_index [n] int64. Returns
+    ``(lse_row [n], lse_col [m], cross_row [n], cross_col [m], positives [n])`` in fp32 (fp64 for fp64
+    inputs), where crossᵢ = Σⱼ softmax(T)ᵢⱼ·Sᵢⱼ (by row, and by column for cross_col) and positivesᵢ =
+    S[i, positive_index[i]]; a direction not asked for is empty. Neither S nor T is materialised; the teacher
+    LSEs are saved for backward.
 
     open_clip's distillation term per row is rᵢ − crossᵢ (softmax(T) sums to 1). Gradients reach the
     student features and scale, and the teacher's too when they require grad (through softmax(T), as in
-    open_clip); all terms meet in fp32 before the single cast per input (see :class:`BlockwiseLogSumExp`).
+    open_clip); all terms meet in fp32 before the single cast per input. The positives here are a plain
+    O(n·d) dot product outside the engine (the distillation engine has no positive output).
     """
 
     @staticmethod
-    @_forward_without_autocast
-    def forward(ctx, a, b, scale, a_t, b_t, scale_t, engine, need_row, need_col, positive_index):
-        stats = engine.distill_forward(a, b, scale, a_t, b_t, scale_t, need_row=need_row, need_col=need_col)
-        positives = _positive_logits(a, b, scale, positive_index)
+    def forward(ctx, a, b, scale, a_t, b_t, scale_t, engine: Engine, need_row, need_col, positive_index):
+        with _autocast_off(a.device.type):
+            stats = DistillStats(*ops.distill_forward(
+                a, b, scale, a_t, b_t, scale_t, need_row, need_col, engine.name, engine.chunk_bytes
+            ))
+            positives = _positive_logits(a, b, scale, positive_index)
         ctx.set_materialize_grads(False)
         ctx.engine = engine
-        ctx.save_for_backward(
-            a, b, scale, a_t, b_t, scale_t, positive_index,
-            stats.lse_row, stats.lse_col, stats.teacher_lse_row, stats.teacher_lse_col,
-            stats.cross_row, stats.cross_col,
-        )
-        def out(x):
-            # A fresh empty tensor per missing output (see BlockwiseLogSumExp.forward).
-            return a.new_empty(0, dtype=compute_dtype(a.dtype)) if x is None else x
-
-        return out(stats.lse_row), out(stats.lse_col), out(stats.cross_row), out(stats.cross_col), out(positives)
+        ctx.save_for_backward(a, b, scale, a_t, b_t, scale_t, positive_index, *stats.as_list())
+        return stats.lse_row, stats.lse_col, stats.cross_row, stats.cross_col, positives
 
     @staticmethod
-    @_backward_without_autocast
     def backward(ctx, grad_lse_row, grad_lse_col, grad_cross_row, grad_cross_col, grad_positives):
         a, b, scale, a_t, b_t, scale_t, positive_index, *saved = ctx.saved_tensors
         stats = DistillStats(*saved)
         need_a, need_b, need_scale, need_a_t, need_b_t, need_scale_t = ctx.needs_input_grad[:6]
+        rows, cols = present(stats.lse_row), present(stats.lse_col)
         grads = DistillStats(
-            lse_row=grad_lse_row if stats.lse_row is not None else None,
-            lse_col=grad_lse_col if stats.lse_col is not None else None,
-            cross_row=grad_cross_row if stats.cross_row is not None else None,
-            cross_col=grad_cross_col if stats.cross_col is not None else None,
+            lse_row=grad_lse_row if rows else None,
+            lse_col=grad_lse_col if cols else None,
+            cross_row=grad_cross_row if rows else None,
+            cross_col=grad_cross_col if cols else None,
         )
-        if positive_index is None:
-            grad_positives = None
         need_a_product = need_a or need_scale
         need_a_t_product = need_a_t or need_scale_t
-        grad_a_u = grad_b_u = grad_a_t_u = grad_b_t_u = None
-        if any(g is not None for g in vars(grads).values()):
-            grad_a_u, grad_b_u, grad_a_t_u, grad_b_t_u = ctx.engine.distill_backward(
-                a, b, scale, a_t, b_t, scale_t, stats, grads,
-                need_a=need_a_product, need_b=need_b, need_a_t=need_a_t_product, need_b_t=need_b_t,
+        engine = ctx.engine
+        with _autocast_off(a.device.type):
+            if any(g is not None for g in grads.as_list()):
+                grad_a_u, grad_b_u, grad_a_t_u, grad_b_t_u = ops.distill_backward(
+                    a, b, scale, a_t, b_t, scale_t, stats.as_list(), grads.as_list(),
+                    need_a_product, need_b, need_a_t_product, need_b_t, engine.name, engine.chunk_bytes,
+                )
+            else:
+                cdt = compute_dtype(a.dtype)
+                grad_a_u, grad_b_u = (torch.zeros(x.shape, dtype=cdt, device=a.device) for x in (a, b))
+                grad_a_t_u = grad_b_t_u = a.new_empty(0, dtype=cdt)
+            if grad_positives is not None:
+                _add_positive_grads(grad_positives, a, b, positive_index, grad_a_u, grad_b_u, need_a_product,
+                                    need_b)
+            grad_scale = _scale_grad(a, grad_a_u, scale) if need_scale else None
+            grad_scale_t = _scale_grad(a_t, grad_a_t_u, scale_t) if need_scale_t and present(grad_a_t_u) else None
+            return (
+                _scaled_grad(grad_a_u, scale, a) if need_a else None,
+                _scaled_grad(grad_b_u, scale, b) if need_b else None,
+                grad_scale,
+                _scaled_grad(grad_a_t_u, scale_t, a_t) if need_a_t else None,
+                _scaled_grad(grad_b_t_u, scale_t, b_t) if need_b_t else None,
+                grad_scale_t,
+                None, None, None, None,
             )
-        grad_a_u, grad_b_u = _add_positive_grads(
-            grad_positives, a, b, positive_index, grad_a_u, grad_b_u, need_a_product, need_b
-        )
-        grad_scale = _scale_grad(a, grad_a_u, scale) if need_scale and grad_a_u is not None else None
-        grad_scale_t = _scale_grad(a_t, grad_a_t_u, scale_t) if need_scale_t and grad_a_t_u is not None else None
-        return (
-            _scaled_grad(grad_a_u, scale, a) if need_a else None,
-            _scaled_grad(grad_b_u, scale, b) if need_b else None,
-            grad_scale,
-            _scaled_grad(grad_a_t_u, scale_t, a_t) if need_a_t else None,
-            _scaled_grad(grad_b_t_u, scale_t, b_t) if need_b_t else None,
-            grad_scale_t,
-            None, None, None, None,
-        )
 
 
 class _KeepInGraph(torch.autograd.Function):
@@ -293,11 +243,22 @@ class _KeepInGraph(torch.autograd.Function):
         return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
+def keep_in_graph(value: torch.Tensor, anchor: Optional[torch.Tensor]) -> torch.Tensor:
+    """``value``, with ``anchor`` (if a tensor that requires grad) attached with an exact zero gradient."""
+    if anchor is None or not isinstance(anchor, torch.Tensor) or not anchor.requires_grad:
+        return value
+    return _KeepInGraph.apply(value, anchor)
+
+
+def _or_none(x: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
+    return x if wanted else None
+
+
 def blockwise_lse(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
-    engine,
+    engine: Engine,
     *,
     rows: bool = True,
     cols: bool = True,
@@ -307,21 +268,22 @@ def blockwise_lse(
 
     Args:
         a: [n, d]; b: [m, d], same dtype and device; scale: 0-dim tensor (may require grad).
-        engine: an engine object (``fastcontrast._dispatch.resolve_engine``).
+        engine: an engine (``fastcontrast.blockwise.TorchEngine(...)``, ``fastcontrast.kernels.engine.
+            TritonEngine()``, or what :func:`fastcontrast.resolve_engine` returns).
         rows / cols: which reductions to return.
         exclude_offset: drop entry (i, i + exclude_offset) from both reductions (self-similarity).
     Returns:
         ``(lse_row [n] or None, lse_col [m] or None)``, fp32 (fp64 for fp64 inputs).
     """
-    lse_row, lse_col, _ = BlockwiseLogSumExp.apply(a, b, scale, engine, rows, cols, exclude_offset, None)
-    return (lse_row if rows else None), (lse_col if cols else None)
+    lse_row, lse_col, *_ = BlockwiseLogSumExp.apply(a, b, scale, engine, rows, cols, None, exclude_offset)
+    return _or_none(lse_row, rows), _or_none(lse_col, cols)
 
 
 def blockwise_lse_and_positives(
     a: torch.Tensor,
     b: Optional[torch.Tensor],
     scale: torch.Tensor,
-    engine,
+    engine: Engine,
     positive_index: torch.Tensor,
     *,
     rows: bool = True,
@@ -331,8 +293,8 @@ def blockwise_lse_and_positives(
 ) -> tuple:
     """The LSEs of :func:`blockwise_lse` plus the positive logits S[i, positive_index[i]], in one Function.
 
-    Every softmax loss here is LSE − positive. Computing both in one Function sums their gradients in fp32
-    before the single cast to the input dtype (see :class:`BlockwiseLogSumExp`).
+    Every softmax loss here is LSE − positive; both come from the same tiles, so the difference is exactly
+    0 on a one-hot row, and their gradients meet in fp32 (see :class:`BlockwiseLogSumExp`).
 
     Args:
         a: [n, d]; b: [m, d], or None for S = scale·a·aᵀ (NT-Xent), where ``a`` gets one gradient.
@@ -344,19 +306,13 @@ def blockwise_lse_and_positives(
         ``(lse_row [n] or None, lse_col [m] or None, positives [n])``, fp32 (fp64 for fp64 inputs); with
         ``return_argmax``, followed by ``argmax_row [n] or None, argmax_col [m] or None``.
     """
-    if not return_argmax:
-        lse_row, lse_col, positives = BlockwiseLogSumExp.apply(
-            a, b, scale, engine, rows, cols, exclude_offset, positive_index
-        )
-        return (lse_row if rows else None), (lse_col if cols else None), positives
     lse_row, lse_col, positives, argmax_row, argmax_col = BlockwiseLogSumExp.apply(
-        a, b, scale, engine, rows, cols, exclude_offset, positive_index, True
+        a, b, scale, engine, rows, cols, positive_index, exclude_offset, False, 0, return_argmax
     )
-    if not rows:
-        lse_row = argmax_row = None
-    if not cols:
-        lse_col = argmax_col = None
-    return lse_row, lse_col, positives, argmax_row, argmax_col
+    lse_row, lse_col = _or_none(lse_row, rows), _or_none(lse_col, cols)
+    if not return_argmax:
+        return lse_row, lse_col, positives
+    return lse_row, lse_col, positives, _or_none(argmax_row, rows), _or_none(argmax_col, cols)
 
 
 def blockwise_siglip_sum(
@@ -364,7 +320,7 @@ def blockwise_siglip_sum(
     b: torch.Tensor,
     scale: torch.Tensor,
     bias: Optional[torch.Tensor],
-    engine,
+    engine: Engine,
     *,
     positive_offset: int = 0,
 ) -> torch.Tensor:
@@ -379,13 +335,6 @@ def blockwise_siglip_sum(
     return BlockwiseSigLipSum.apply(a, b, scale, bias, engine, positive_offset)
 
 
-def keep_in_graph(value: torch.Tensor, anchor: Optional[torch.Tensor]) -> torch.Tensor:
-    """``value``, with ``anchor`` (if a tensor that requires grad) attached with an exact zero gradient."""
-    if anchor is None or not isinstance(anchor, torch.Tensor) or not anchor.requires_grad:
-        return value
-    return _KeepInGraph.apply(value, anchor)
-
-
 def blockwise_distill(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -393,7 +342,7 @@ def blockwise_distill(
     a_t: torch.Tensor,
     b_t: torch.Tensor,
     scale_t: torch.Tensor,
-    engine,
+    engine: Engine,
     positive_index: torch.Tensor,
     *,
     rows: bool = True,
@@ -414,8 +363,5 @@ def blockwise_distill(
     lse_row, lse_col, cross_row, cross_col, positives = BlockwiseDistill.apply(
         a, b, scale, a_t, b_t, scale_t, engine, rows, cols, positive_index
     )
-    if not rows:
-        lse_row = cross_row = None
-    if not cols:
-        lse_col = cross_col = None
-    return lse_row, lse_col, cross_row, cross_col, positives
+    return _or_none(lse_row, rows), _or_none(lse_col, cols), _or_none(cross_row, rows), _or_none(cross_col, cols), \
+        positives

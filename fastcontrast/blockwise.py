@@ -10,22 +10,19 @@ layer multiplies by s, casts to the input dtype, and forms the scale gradient �
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from fastcontrast._validation import check_chunk_bytes
+from fastcontrast.engine import DistillStats, compute_dtype, empty_like_result
 
 # 8 MiB of fp32 logits per chunk. Each step holds about two chunk-sized temporaries (S and exp(S − lse)),
 # so the engine's extra memory stays near 16 MiB whatever N is. Measured on a 2-core CPU at N = 8192,
 # d = 256: chunks of 4, 8 and 32 MiB run within a few percent of each other (the GEMMs dominate), and the
 # small chunk keeps even N = 4096 below a quarter of the N×N matrix per tensor.
 DEFAULT_CHUNK_BYTES = 8 * 2**20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs are computed in fp64; fp16, bf16 and fp32 in fp32 (LSE and loss are never half)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(n: int, m: int, chunk_bytes: int, itemsize: int) -> Iterator[tuple[int, int]]:
@@ -45,24 +42,8 @@ def _offset_diagonal(start: int, stop: int, m: int, offset: int, device: torch.d
     return rows, rows + (start + offset)
 
 
-@dataclass
-class DistillStats:
-    """Per-row and per-column statistics of the distillation loss (or their upstream gradients).
-
-    ``lse_*``: student log-sum-exp; ``teacher_lse_*``: teacher log-sum-exp; ``cross_*``: Σ softmax(T)·S.
-    Each is a vector (fp32, fp64 for fp64 inputs) or None where not computed.
-    """
-
-    lse_row: Optional[torch.Tensor] = None
-    lse_col: Optional[torch.Tensor] = None
-    teacher_lse_row: Optional[torch.Tensor] = None
-    teacher_lse_col: Optional[torch.Tensor] = None
-    cross_row: Optional[torch.Tensor] = None
-    cross_col: Optional[torch.Tensor] = None
-
-
 class TorchEngine:
-    """Blockwise PyTorch engine.
+    """Blockwise PyTorch engine (implements :class:`fastcontrast.engine.Engine`).
 
     Args:
         chunk_bytes: budget for one chunk of logits in bytes (default :data:`DEFAULT_CHUNK_BYTES`).
@@ -72,124 +53,93 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, chunk_bytes: Optional[int] = None):
-        if chunk_bytes is None:
-            chunk_bytes = DEFAULT_CHUNK_BYTES
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"`chunk_bytes` must be a positive int (bytes of logits per chunk), got {chunk_bytes!r}.")
-        self.chunk_bytes = chunk_bytes
+        chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
     def _chunks(self, n: int, m: int, dtype: torch.dtype):
         return _row_chunks(n, m, self.chunk_bytes, torch.finfo(dtype).bits // 8)
 
-    def lse_forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        *,
-        need_row: bool,
-        need_col: bool,
-        exclude_offset: Optional[int],
-        need_argmax: bool = False,
-    ):
-        """Row and/or column log-sum-exp of S = s·A·Bᵀ, and optionally each row's / column's argmax.
-
-        Args:
-            a: [n, d]; b: [m, d]; scale: 0-dim.
-            exclude_offset: if not None, entry (i, i + exclude_offset) is left out of both reductions.
-            need_argmax: also return the index of each row's (column's) largest entry, lowest index on ties.
-        Returns:
-            ``(lse_row [n], lse_col [m], argmax_row [n], argmax_col [m])``: LSEs in the compute dtype, argmax
-            int64; None where not asked for.
-        """
+    def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
+                    private_columns, need_argmax):
+        """See :meth:`fastcontrast.engine.Engine.lse_forward`. Chunks of rows: the row LSE chunk by chunk, the
+        column LSE merged across chunks with logaddexp, the positives gathered from the same logits."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
+        device = a.device
         b_c = b.to(cdt)
         s = scale.detach().to(cdt)
-        lse_row = torch.empty(n, dtype=cdt, device=a.device) if need_row else None
-        lse_col = torch.full((m,), float("-inf"), dtype=cdt, device=a.device) if need_col else None
-        argmax_row = torch.empty(n, dtype=torch.long, device=a.device) if need_row and need_argmax else None
-        argmax_col = torch.zeros(m, dtype=torch.long, device=a.device) if need_col and need_argmax else None
-        col_max = torch.full((m,), float("-inf"), dtype=cdt, device=a.device) if argmax_col is not None else None
+        mask = (exclude_offset, exclude_positive, private_columns)
+        need_positives = positive_index is not None
+        lse_row = torch.empty(n, dtype=cdt, device=device) if need_row else empty_like_result(a)
+        lse_col = torch.full((m,), float("-inf"), dtype=cdt, device=device) if need_col else empty_like_result(a)
+        positives = torch.empty(n, dtype=cdt, device=device) if need_positives else empty_like_result(a)
+        argmax_row = torch.empty(n if need_row and need_argmax else 0, dtype=torch.long, device=device)
+        argmax_col = torch.zeros(m if need_col and need_argmax else 0, dtype=torch.long, device=device)
+        col_max = torch.full((m,), float("-inf"), dtype=cdt, device=device) if argmax_col.numel() else None
         for start, stop in self._chunks(n, m, cdt):
-            logits = self._logits(a, b_c, s, start, stop, exclude_offset)
+            logits, chunk_positives = self._masked_logits(a, b_c, s, start, stop, positive_index, *mask)
+            if need_positives:
+                # The very entries the LSE reduces: on a one-hot row lse − positive is then exactly 0.
+                positives[start:stop] = chunk_positives
             if need_row:
                 lse_row[start:stop] = torch.logsumexp(logits, dim=1)
-                if argmax_row is not None:
+                if need_argmax:
                     # torch's max returns the first maximal index: the lowest column on ties.
                     argmax_row[start:stop] = logits.max(dim=1).indices
             if need_col:
                 torch.logaddexp(lse_col, torch.logsumexp(logits, dim=0), out=lse_col)
-                if argmax_col is not None:
+                if col_max is not None:
                     chunk_max, chunk_arg = logits.max(dim=0)
                     # Only a strictly larger max moves the argmax: ties keep the earlier (lower) row.
                     better = chunk_max > col_max
                     argmax_col = torch.where(better, chunk_arg + start, argmax_col)
                     col_max = torch.where(better, chunk_max, col_max)
-        return lse_row, lse_col, argmax_row, argmax_col
+        return lse_row, lse_col, positives, argmax_row, argmax_col
 
     def lse_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        lse_row: Optional[torch.Tensor],
-        lse_col: Optional[torch.Tensor],
-        grad_row: Optional[torch.Tensor],
-        grad_col: Optional[torch.Tensor],
-        *,
-        exclude_offset: Optional[int],
-        need_a: bool,
-        need_b: bool,
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Backward of :meth:`lse_forward`.
-
-        dSᵢⱼ = grad_rowᵢ·exp(Sᵢⱼ − lse_rowᵢ) + grad_colⱼ·exp(Sᵢⱼ − lse_colⱼ), S recomputed chunk by chunk.
-
-        Returns:
-            ``dS·B`` [n, d] and ``dSᵀ·A`` [m, d] in the compute dtype, unscaled (None where not needed).
-        """
+        self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
+        exclude_offset, exclude_positive, private_columns, need_a, need_b,
+    ):
+        """See :meth:`fastcontrast.engine.Engine.lse_backward`: S recomputed chunk by chunk, the positives'
+        gradient folded into dS in the compute dtype before the products."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         b_c = b.to(cdt)
         s = scale.detach().to(cdt)
-        grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else None
-        grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else None
+        mask = (exclude_offset, exclude_positive, private_columns)
+        masked = exclude_offset is not None or exclude_positive or private_columns > 0
+        grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else empty_like_result(a)
+        grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else empty_like_result(a)
         if grad_row is not None:
-            grad_row = grad_row.to(cdt)
+            row_weight = grad_row.to(cdt).unsqueeze(1)
         if grad_col is not None:
             col_shift = lse_col.unsqueeze(0)
             col_weight = grad_col.to(cdt).unsqueeze(0)
+        if grad_positives is not None:
+            grad_positives = grad_positives.to(cdt)
         for start, stop in self._chunks(n, m, cdt):
-            logits = self._logits(a, b_c, s, start, stop, exclude_offset)
+            logits, _ = self._masked_logits(a, b_c, s, start, stop, positive_index, *mask)
+            # Left-out entries are −inf; where a whole row or column is left out its LSE is −inf too, and
+            # exp(−inf − (−inf)) is NaN, which would poison every gradient through dS·B: zero them explicitly.
+            left_out = torch.isneginf(logits) if masked else None
+            grad_logits = torch.zeros_like(logits)
             if grad_row is not None:
-                grad_logits = torch.exp(logits - lse_row[start:stop, None]).mul_(grad_row[start:stop, None])
-                if grad_col is not None:
-                    grad_logits.add_(logits.sub_(col_shift).exp_().mul_(col_weight))
-            else:
-                grad_logits = logits.sub_(col_shift).exp_().mul_(col_weight)
-            if exclude_offset is not None:
-                # Excluded entries get no gradient. Where a whole row or column is excluded its LSE is −inf
-                # and exp(−inf − (−inf)) is NaN, which would poison every gradient through dS·B.
-                rows, cols = _offset_diagonal(start, stop, m, exclude_offset, a.device)
-                grad_logits[rows, cols] = 0
-            self._accumulate(grad_logits, a, b_c, start, stop, grad_a, grad_b)
+                grad_logits.add_(torch.exp(logits - lse_row[start:stop, None]).mul_(row_weight[start:stop]))
+            if grad_col is not None:
+                grad_logits.add_(logits.sub_(col_shift).exp_().mul_(col_weight))
+            if left_out is not None:
+                grad_logits.masked_fill_(left_out, 0)
+            if grad_positives is not None:
+                # Near convergence a row's softmax approaches the one-hot of its positive, and dS there is
+                # p − 1, a small difference of two numbers near 1: formed here in the compute dtype, it keeps
+                # its digits, which a separate product of the positive term would lose in half precision.
+                grad_logits.scatter_add_(1, positive_index[start:stop, None], grad_positives[start:stop, None])
+            self._accumulate(grad_logits, a, b_c, start, stop, grad_a if need_a else None,
+                             grad_b if need_b else None)
         return grad_a, grad_b
 
-    def siglip_forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        *,
-        positive_offset: int,
-    ) -> torch.Tensor:
-        """Σᵢⱼ softplus(−zᵢⱼ·(Sᵢⱼ + bias)), zᵢⱼ = +1 where j = i + positive_offset, else −1.
-
-        Returns:
-            0-dim sum in the compute dtype (the caller divides by n).
-        """
+    def siglip_forward(self, a, b, scale, bias, *, positive_offset):
+        """See :meth:`fastcontrast.engine.Engine.siglip_forward`."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         b_c = b.to(cdt)
@@ -202,34 +152,16 @@ class TorchEngine:
             total -= F.logsigmoid(signed.neg_()).sum()
         return total
 
-    def siglip_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        grad: torch.Tensor,
-        *,
-        positive_offset: int,
-        need_a: bool,
-        need_b: bool,
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-        """Backward of :meth:`siglip_forward` for upstream gradient ``grad`` (0-dim).
-
-        dSᵢⱼ = −zᵢⱼ·σ(−zᵢⱼ·(Sᵢⱼ + bias))·grad.
-
-        Returns:
-            ``dS·B`` [n, d], ``dSᵀ·A`` [m, d] (unscaled, None where not needed) and ``Σ dS`` (0-dim),
-            the bias gradient, all in the compute dtype.
-        """
+    def siglip_backward(self, a, b, scale, bias, grad, *, positive_offset, need_a, need_b):
+        """See :meth:`fastcontrast.engine.Engine.siglip_backward`."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         b_c = b.to(cdt)
         s = scale.detach().to(cdt)
         bias_c = None if bias is None else bias.detach().to(cdt)
         g = grad.to(cdt)
-        grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else None
-        grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else None
+        grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else empty_like_result(a)
+        grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else empty_like_result(a)
         grad_bias = torch.zeros((), dtype=cdt, device=a.device)
         for start, stop in self._chunks(n, m, cdt):
             signed = self._siglip_signed_logits(a, b_c, s, bias_c, start, stop, positive_offset)
@@ -238,37 +170,21 @@ class TorchEngine:
             rows, cols = _offset_diagonal(start, stop, m, positive_offset, a.device)
             grad_logits[rows, cols] = -grad_logits[rows, cols]
             grad_bias += grad_logits.sum()
-            self._accumulate(grad_logits, a, b_c, start, stop, grad_a, grad_b)
+            self._accumulate(grad_logits, a, b_c, start, stop, grad_a if need_a else None,
+                             grad_b if need_b else None)
         return grad_a, grad_b, grad_bias
 
-    def distill_forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        a_t: torch.Tensor,
-        b_t: torch.Tensor,
-        scale_t: torch.Tensor,
-        *,
-        need_row: bool,
-        need_col: bool,
-    ) -> DistillStats:
-        """Statistics of student S = s·A·Bᵀ and teacher T = s_t·A_t·B_tᵀ for the distillation loss.
+    def distill_forward(self, a, b, scale, a_t, b_t, scale_t, *, need_row, need_col):
+        """See :meth:`fastcontrast.engine.Engine.distill_forward`.
 
         Per row: the student LSE rᵢ, the teacher LSE trᵢ and the cross term xrᵢ = Σⱼ softmax(T)ᵢⱼ·Sᵢⱼ; per
         column the same three (c, tc, xc). Then −Σⱼ softmax(T)ᵢⱼ·log_softmax(S)ᵢⱼ = rᵢ − xrᵢ.
-
-        Args:
-            a: [n, d]; b: [m, d]; a_t: [n, d_t]; b_t: [m, d_t]; scale, scale_t: 0-dim.
-        Returns:
-            a :class:`DistillStats` in the compute dtype (row fields None unless ``need_row``, column
-            fields None unless ``need_col``).
         """
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         b_c, bt_c = b.to(cdt), b_t.to(cdt)
         s, s_t = scale.detach().to(cdt), scale_t.detach().to(cdt)
-        stats = DistillStats()
+        stats = DistillStats(*(empty_like_result(a) for _ in range(6)))
         if need_row:
             stats.lse_row, stats.teacher_lse_row, stats.cross_row = (
                 torch.empty(n, dtype=cdt, device=a.device) for _ in range(3)
@@ -279,8 +195,8 @@ class TorchEngine:
             stats.cross_col = torch.zeros(m, dtype=cdt, device=a.device)
         # Two chunk-sized matrices (S and T) live at once: halve the rows per chunk to stay in budget.
         for start, stop in _row_chunks(n, m, max(1, self.chunk_bytes // 2), torch.finfo(cdt).bits // 8):
-            logits = self._logits(a, b_c, s, start, stop, None)
-            teacher = self._logits(a_t, bt_c, s_t, start, stop, None)
+            logits = self._logits(a, b_c, s, start, stop)
+            teacher = self._logits(a_t, bt_c, s_t, start, stop)
             if need_row:
                 stats.lse_row[start:stop] = torch.logsumexp(logits, dim=1)
                 teacher_lse = torch.logsumexp(teacher, dim=1)
@@ -298,46 +214,27 @@ class TorchEngine:
                 stats.teacher_lse_col = merged
         return stats
 
-    def distill_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        a_t: torch.Tensor,
-        b_t: torch.Tensor,
-        scale_t: torch.Tensor,
-        stats: DistillStats,
-        grads: DistillStats,
-        *,
-        need_a: bool,
-        need_b: bool,
-        need_a_t: bool,
-        need_b_t: bool,
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Backward of :meth:`distill_forward` for upstream gradients ``grads`` (fields lse_row, lse_col,
-        cross_row, cross_col; None where there is none). With Pʳ = softmax(T) by row, Pᶜ by column:
+    def distill_backward(self, a, b, scale, a_t, b_t, scale_t, stats, grads, *, need_a, need_b, need_a_t, need_b_t):
+        """See :meth:`fastcontrast.engine.Engine.distill_backward`. With Pʳ = softmax(T) by row, Pᶜ by column:
 
             dSᵢⱼ = g_rᵢ·softmax(S)ʳᵢⱼ + g_cⱼ·softmax(S)ᶜᵢⱼ + g_xrᵢ·Pʳᵢⱼ + g_xcⱼ·Pᶜᵢⱼ
             dTᵢⱼ = g_xrᵢ·Pʳᵢⱼ·(Sᵢⱼ − xrᵢ) + g_xcⱼ·Pᶜᵢⱼ·(Sᵢⱼ − xcⱼ)
-
-        Returns:
-            unscaled ``dS·B`` [n, d], ``dSᵀ·A`` [m, d], ``dT·B_t`` [n, d_t], ``dTᵀ·A_t`` [m, d_t] in the
-            compute dtype (None where not needed).
         """
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         b_c, bt_c = b.to(cdt), b_t.to(cdt)
         s, s_t = scale.detach().to(cdt), scale_t.detach().to(cdt)
         need_teacher = need_a_t or need_b_t
-        grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else None
-        grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else None
-        grad_a_t = torch.empty((n, a_t.shape[1]), dtype=cdt, device=a.device) if need_a_t else None
-        grad_b_t = torch.zeros((m, b_t.shape[1]), dtype=cdt, device=a.device) if need_b_t else None
+        def out(rows, x, wanted, alloc):
+            return alloc((rows, x.shape[1]), dtype=cdt, device=a.device) if wanted else None
+
+        grad_a, grad_b = out(n, a, need_a, torch.empty), out(m, b, need_b, torch.zeros)
+        grad_a_t, grad_b_t = out(n, a_t, need_a_t, torch.empty), out(m, b_t, need_b_t, torch.zeros)
         g = DistillStats(**{k: None if v is None else v.to(cdt) for k, v in vars(grads).items()})
         for start, stop in _row_chunks(n, m, max(1, self.chunk_bytes // 2), torch.finfo(cdt).bits // 8):
             rows = slice(start, stop)
-            logits = self._logits(a, b_c, s, start, stop, None)
-            teacher = self._logits(a_t, bt_c, s_t, start, stop, None)
+            logits = self._logits(a, b_c, s, start, stop)
+            teacher = self._logits(a_t, bt_c, s_t, start, stop)
             grad_s = torch.zeros_like(logits)
             grad_t = torch.zeros_like(teacher) if need_teacher else None
             if g.lse_row is not None:
@@ -357,16 +254,33 @@ class TorchEngine:
             self._accumulate(grad_s, a, b_c, start, stop, grad_a, grad_b)
             if need_teacher:
                 self._accumulate(grad_t, a_t, bt_c, start, stop, grad_a_t, grad_b_t)
-        return grad_a, grad_b, grad_a_t, grad_b_t
+        return tuple(empty_like_result(a) if x is None else x for x in (grad_a, grad_b, grad_a_t, grad_b_t))
 
     @staticmethod
-    def _logits(a, b_c, s, start, stop, exclude_offset):
-        # Fold s into the [rows, d] operand: n·d multiplies instead of n·m.
-        logits = (a[start:stop].to(b_c.dtype) * s) @ b_c.T
+    def _logits(a, b_c, s, start, stop):
+        # Fold s into the [rows, d] operand: n·d multiplies instead of n·m (open_clip's s·I·Tᵀ does the same).
+        return (a[start:stop].to(b_c.dtype) * s) @ b_c.T
+
+    @staticmethod
+    def _masked_logits(a, b_c, s, start, stop, positive_index, exclude_offset, exclude_positive, private_columns):
+        """One chunk of logits with the left-out entries at −inf, and the chunk's positives (or None),
+        read before any masking so that a positive left out of the LSE is still reported."""
+        logits = TorchEngine._logits(a, b_c, s, start, stop)
+        positives = None
+        if positive_index is not None:
+            positives = logits.gather(1, positive_index[start:stop, None]).squeeze(1)
         if exclude_offset is not None:
             rows, cols = _offset_diagonal(start, stop, b_c.shape[0], exclude_offset, a.device)
             logits[rows, cols] = float("-inf")
-        return logits
+        if exclude_positive:
+            logits.scatter_(1, positive_index[start:stop, None], float("-inf"))
+        if private_columns:
+            # Columns j < p belong to row j alone: keep (j, j), drop the rest of that block.
+            rows, cols = _offset_diagonal(start, stop, min(private_columns, b_c.shape[0]), 0, a.device)
+            own = logits[rows, cols]
+            logits[:, :private_columns] = float("-inf")
+            logits[rows, cols] = own
+        return logits, positives
 
     @staticmethod
     def _siglip_signed_logits(a, b_c, s, bias_c, start, stop, positive_offset):

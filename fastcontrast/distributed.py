@@ -9,8 +9,11 @@ batch size of every rank, so that
 - a bad input on one rank, or feature dims or dtypes that differ across ranks, raise a clear error on
   *every* rank instead of leaving the others waiting in a collective.
 
-The price is one tiny collective and one host sync per call (the sizes are needed on the host to allocate
-the gathered tensors).
+The sizes are needed on the host (to allocate the gathered tensors), so this exchange runs on the host
+alone: CPU tensors over a gloo group (the loss's own group when it is gloo, else a gloo twin created once per
+process group). An exchange over NCCL would put the numbers on the GPU, and reading them back would wait
+for every kernel queued before it: the CPU could no longer run ahead of the GPU, and CUDA-graph capture
+would break.
 
 Gathers with gradient use :class:`AllGatherRows`, a small autograd Function over the public collectives:
 all-gather forward, reduce-scatter (sum) backward, which is what ``torch.distributed.nn.all_gather`` and
@@ -213,15 +216,27 @@ def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group: An
     _collective("reduce_scatter_single", "reduce_scatter_tensor")(output, tensor, group=group)
 
 
-def _info_device(features: object, group: Any) -> torch.device:
-    if isinstance(features, torch.Tensor):
-        return features.device
-    # No usable tensor on this rank, yet it must still take part in the exchange with a tensor the backend
-    # accepts: NCCL needs a CUDA tensor, gloo takes a CPU one.
-    backend = str(dist.get_backend(group))
-    if "gloo" not in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def backend_name(group: Any) -> str:
+    """The backend of a process group (None: the default group), e.g. ``"nccl"``, ``"gloo"`` or a mixed
+    ``"cpu:gloo,cuda:nccl"``."""
+    return str(dist.get_backend(group))
+
+
+# Process group (or the default group's object) → the group to exchange host-side numbers over.
+_HOST_GROUPS: dict = {}
+
+
+def host_group(group: DistGroup) -> Any:
+    """A group over the same ranks that takes CPU tensors: the group itself when its backend includes gloo,
+    else a gloo twin, created once per process group (only its members take part in creating it)."""
+    if "gloo" in backend_name(group.group):
+        return group.group
+    key = dist.group.WORLD if group.group is None else group.group
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(
+            ranks=dist.get_process_group_ranks(key), backend="gloo", use_local_synchronization=True
+        )
+    return _HOST_GROUPS[key]
 
 
 def _describe(features: object) -> tuple[int, int, int]:
@@ -259,11 +274,10 @@ def exchange_layout(
     except Exception as exc:  # any failure must still reach the exchange, or the other ranks would hang
         error = exc
     rows, dim, dtype_code = _describe(features) if error is None else (-1, -1, -1)
+    # CPU numbers over a host group: reading them back waits for no GPU work (module docstring).
     info = torch.tensor([rows, dim, dtype_code, int(error is not None)], dtype=torch.int64)
-    # A rank whose checks failed may hold a tensor on the wrong device; it still needs one the backend takes.
-    info = info.to(_info_device(features if error is None else None, group.group))
     table_flat = info.new_empty(group.world_size * 4)
-    _all_gather_single(table_flat, info, group.group)
+    _all_gather_single(table_flat, info, host_group(group))
     table = table_flat.view(group.world_size, 4).tolist()
     failed = [r for r, row in enumerate(table) if row[3]]
     if error is not None:
@@ -389,3 +403,12 @@ def split_views(gathered: torch.Tensor, layout: BatchLayout, views: int) -> list
             parts[v].append(gathered[start + v * n : start + (v + 1) * n])
         start += views * n
     return [torch.cat(p) for p in parts]
+
+
+def gather_for(*, local_loss: bool, with_grad: bool) -> Callable[[torch.Tensor, DistGroup, BatchLayout], torch.Tensor]:
+    """open_clip's gather for its flags (``gather_with_grad``, ``local_loss``): with grad; else without grad
+    for the local loss (the gathered copies are constants); else without grad but with the live local
+    tensor in its slot (the global loss)."""
+    if with_grad:
+        return gather_with_grad
+    return gather_without_grad if local_loss else gather_with_local_slot

@@ -13,25 +13,18 @@ import torch
 from torch import nn
 
 from fastcontrast import distributed, functional
-from fastcontrast._dispatch import check_backend
-from fastcontrast._validation import check_choice, check_features, check_non_negative_int
+from fastcontrast._validation import (
+    SIGLIP_DIST_IMPLS,
+    check_backend,
+    check_choice,
+    check_chunk_bytes,
+    check_features,
+    check_flags,
+    check_positive_temperature,
+    check_rank_world,
+    check_temperature,
+)
 from fastcontrast.memory_bank import MemoryBank
-
-SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
-
-
-def _check_flags(**flags: object) -> None:
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} ({value!r}).")
-
-
-def _check_rank_world(rank: object, world_size: object) -> None:
-    check_non_negative_int("rank", rank)
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"`world_size` must be a positive int, got {world_size!r}.")
-    if rank >= world_size:  # type: ignore[operator]
-        raise ValueError(f"`rank` must be smaller than `world_size` ({world_size}), got {rank}.")
 
 
 def _rank_world_from_group(rank: int, world_size: int, process_group, what: str) -> tuple[int, int]:
@@ -86,11 +79,11 @@ class ClipLoss(nn.Module):
         return_accuracy: bool = False,
     ):
         super().__init__()
-        _check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
-                     return_accuracy=return_accuracy)
+        check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                    return_accuracy=return_accuracy)
         if return_accuracy and type(self) is not ClipLoss:
             raise ValueError(f"`return_accuracy` is a ClipLoss option; {type(self).__name__} does not take it.")
-        _check_rank_world(rank, world_size)
+        check_rank_world(rank, world_size)
         _reject_horovod(use_horovod)
         rank, world_size = _rank_world_from_group(rank, world_size, process_group, "ClipLoss")
         self.local_loss = local_loss
@@ -101,7 +94,7 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.backend = check_backend(backend)
         self.process_group = process_group
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.return_accuracy = return_accuracy
 
     def forward(
@@ -275,18 +268,18 @@ class SigLipLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
     ):
         super().__init__()
-        _check_flags(cache_labels=cache_labels)
-        _check_rank_world(rank, world_size)
+        check_flags(cache_labels=cache_labels)
+        check_rank_world(rank, world_size)
         rank, world_size = _rank_world_from_group(rank, world_size, process_group, "SigLipLoss")
-        dist_impl = dist_impl or "bidir"
-        check_choice("dist_impl", dist_impl, SIGLIP_DIST_IMPLS)
+        dist_impl = dist_impl or "bidir"  # open_clip's default schedule
+        check_choice("dist_impl", dist_impl, SIGLIP_DIST_IMPLS[1:])
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
         self.backend = check_backend(backend)
         self.process_group = process_group
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
 
     def forward(
         self,
@@ -329,15 +322,15 @@ class NTXentLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
     ):
         super().__init__()
-        self.temperature = functional.check_temperature(temperature)
-        _check_flags(gather_distributed=gather_distributed)
+        self.temperature = check_temperature(temperature)
+        check_flags(gather_distributed=gather_distributed)
         if process_group is not None:
             distributed.resolve_gather_group(gather_distributed, process_group, what="NTXentLoss")
         self.memory_bank = MemoryBank(memory_bank_size)
         self.gather_distributed = gather_distributed
         self.backend = check_backend(backend)
         self.process_group = process_group
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         """Args: out0, out1 [n, d], two views of the same n samples. Returns a 0-dim fp32 loss."""
@@ -387,14 +380,14 @@ class SupConLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
     ):
         super().__init__()
-        self.temperature = functional.check_supcon_temperature(temperature)
-        _check_flags(gather_distributed=gather_distributed)
+        self.temperature = check_positive_temperature(temperature)
+        check_flags(gather_distributed=gather_distributed)
         if process_group is not None:
             distributed.resolve_gather_group(gather_distributed, process_group, what="SupConLoss")
         self.gather_distributed = gather_distributed
         self.backend = check_backend(backend)
         self.process_group = process_group
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
 
     def forward(
         self,

@@ -55,7 +55,7 @@ def distill_forward_kernel(
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale = tl.load(SCALE).to(tl.float32)
-    scale_t_log2 = tl.load(SCALE_T).to(tl.float32) * LOG2E
+    scale_t = tl.load(SCALE_T).to(tl.float32)
 
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -66,28 +66,30 @@ def distill_forward_kernel(
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
         m_valid = m_x[:, None] & m_y[None, :]
-        # Natural-log student logits (the cross term is in those units); padding loads as 0, weight 0 below.
+        # Natural-unit logits of both matrices (tiles.py); padding loads as 0 and is masked to −inf below.
         b_s = similarity_tile(
             X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         ) * scale
-        b_t2 = similarity_tile(
+        b_t = similarity_tile(
             XT, YT, o_x, o_y, m_x, m_y, d_t, stride_xt, stride_yt,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-        ) * scale_t_log2
-        b_s2 = tl.where(m_valid, b_s * LOG2E, float("-inf"))
-        b_t2 = tl.where(m_valid, b_t2, float("-inf"))
+        ) * scale_t
+        b_s_masked = tl.where(m_valid, b_s, float("-inf"))
+        b_t = tl.where(m_valid, b_t, float("-inf"))
 
-        b_new_max = tl.maximum(b_max, tl.max(b_s2, 1))
+        b_new_max = tl.maximum(b_max, tl.max(b_s_masked, 1))
         # A padded row has max −inf; shift by 0 instead so exp2 sees −inf, not NaN.
         b_shift = tl.where(b_new_max == float("-inf"), 0.0, b_new_max)
-        b_sum = b_sum * tl.exp2(b_max - b_shift) + tl.sum(tl.exp2(b_s2 - b_shift[:, None]), 1)
+        b_sum = b_sum * tl.exp2((b_max - b_shift) * LOG2E) + tl.sum(
+            tl.exp2((b_s_masked - b_shift[:, None]) * LOG2E), 1
+        )
         b_max = b_new_max
 
-        b_new_t_max = tl.maximum(b_t_max, tl.max(b_t2, 1))
+        b_new_t_max = tl.maximum(b_t_max, tl.max(b_t, 1))
         b_t_shift = tl.where(b_new_t_max == float("-inf"), 0.0, b_new_t_max)
-        b_alpha = tl.exp2(b_t_max - b_t_shift)
-        b_p = tl.exp2(b_t2 - b_t_shift[:, None])
+        b_alpha = tl.exp2((b_t_max - b_t_shift) * LOG2E)
+        b_p = tl.exp2((b_t - b_t_shift[:, None]) * LOG2E)
         b_t_sum = b_t_sum * b_alpha + tl.sum(b_p, 1)
         b_cross = b_cross * b_alpha + tl.sum(b_p * b_s, 1)
         b_t_max = b_new_t_max
@@ -95,33 +97,33 @@ def distill_forward_kernel(
         if WRITE_COL_PARTIAL:
             p_partial = COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y
             plane = tl.num_programs(0).to(tl.int64) * n_y
-            b_col_max = tl.max(b_s2, 0)
+            b_col_max = tl.max(b_s_masked, 0)
             b_col_shift = tl.where(b_col_max == float("-inf"), 0.0, b_col_max)
-            b_col_lse = (b_col_shift + tl.log2(tl.sum(tl.exp2(b_s2 - b_col_shift[None, :]), 0))) * LN2
-            tl.store(p_partial, b_col_lse, mask=m_y)
-            b_col_t_max = tl.max(b_t2, 0)
+            b_col_sum = tl.sum(tl.exp2((b_s_masked - b_col_shift[None, :]) * LOG2E), 0)
+            tl.store(p_partial, b_col_shift + tl.log2(b_col_sum) * LN2, mask=m_y)
+            b_col_t_max = tl.max(b_t, 0)
             b_col_t_shift = tl.where(b_col_t_max == float("-inf"), 0.0, b_col_t_max)
-            b_col_p = tl.exp2(b_t2 - b_col_t_shift[None, :])
+            b_col_p = tl.exp2((b_t - b_col_t_shift[None, :]) * LOG2E)
             b_col_t_sum = tl.sum(b_col_p, 0)
-            tl.store(p_partial + plane, (b_col_t_shift + tl.log2(b_col_t_sum)) * LN2, mask=m_y)
+            tl.store(p_partial + plane, b_col_t_shift + tl.log2(b_col_t_sum) * LN2, mask=m_y)
             tl.store(p_partial + 2 * plane, tl.sum(b_col_p * b_s, 0) / b_col_t_sum, mask=m_y)
 
     b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
-    tl.store(LSE_X + o_x, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)
+    tl.store(LSE_X + o_x, b_shift + tl.log2(b_sum) * LN2, mask=m_x)
     b_t_shift = tl.where(b_t_max == float("-inf"), 0.0, b_t_max)
-    tl.store(TEACHER_LSE_X + o_x, (b_t_shift + tl.log2(b_t_sum)) * LN2, mask=m_x)
+    tl.store(TEACHER_LSE_X + o_x, b_t_shift + tl.log2(b_t_sum) * LN2, mask=m_x)
     tl.store(CROSS_X + o_x, b_cross / b_t_sum, mask=m_x)
 
 
 @triton.jit
 def _load_stats(LSE, GRAD_LSE, TEACHER_LSE, CROSS, GRAD_CROSS, o, m):
-    """One side's statistics for the gradient: (student LSE·log₂e, its grad, teacher LSE·log₂e, cross, grad)."""
-    b_lse2 = tl.load(LSE + o, mask=m, other=0.0) * LOG2E
+    """One side's statistics for the gradient: (student LSE, its grad, teacher LSE, cross, its grad)."""
+    b_lse = tl.load(LSE + o, mask=m, other=0.0)
     b_grad_lse = tl.load(GRAD_LSE + o, mask=m, other=0.0)
-    b_t_lse2 = tl.load(TEACHER_LSE + o, mask=m, other=0.0) * LOG2E
+    b_t_lse = tl.load(TEACHER_LSE + o, mask=m, other=0.0)
     b_cross = tl.load(CROSS + o, mask=m, other=0.0)
     b_grad_cross = tl.load(GRAD_CROSS + o, mask=m, other=0.0)
-    return b_lse2, b_grad_lse, b_t_lse2, b_cross, b_grad_cross
+    return b_lse, b_grad_lse, b_t_lse, b_cross, b_grad_cross
 
 
 @triton.jit(do_not_specialize=["n_x", "n_y"])
@@ -132,6 +134,7 @@ def distill_gradient_kernel(
     YT,
     SCALE,
     SCALE_T,
+    DS_SCALE,
     LSE_X,
     GRAD_LSE_X,
     TEACHER_LSE_X,
@@ -155,6 +158,7 @@ def distill_gradient_kernel(
     TEACHER_GRAD: tl.constexpr,
     HAS_X_TERM: tl.constexpr,
     HAS_Y_TERM: tl.constexpr,
+    SCALE_DS: tl.constexpr,
     REGISTER_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -172,9 +176,12 @@ def distill_gradient_kernel(
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale = tl.load(SCALE).to(tl.float32)
-    scale_t_log2 = tl.load(SCALE_T).to(tl.float32) * LOG2E
+    scale_t = tl.load(SCALE_T).to(tl.float32)
+    ds_scale = 1.0
+    if SCALE_DS:
+        ds_scale = tl.load(DS_SCALE)
     if HAS_X_TERM:
-        b_lse2_x, b_grad_lse_x, b_t_lse2_x, b_cross_x, b_grad_cross_x = _load_stats(
+        b_lse_x, b_grad_lse_x, b_t_lse_x, b_cross_x, b_grad_cross_x = _load_stats(
             LSE_X, GRAD_LSE_X, TEACHER_LSE_X, CROSS_X, GRAD_CROSS_X, o_x, m_x
         )
     if TEACHER_GRAD:
@@ -196,33 +203,35 @@ def distill_gradient_kernel(
             X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         ) * scale
-        b_t2 = similarity_tile(
+        b_t = similarity_tile(
             XT, YT, o_x, o_y, m_x, m_y, d_t, stride_xt, stride_yt,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-        ) * scale_t_log2
+        ) * scale_t
         b_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_X_TERM:
-            b_p_t = tl.exp2(b_t2 - b_t_lse2_x[:, None])
+            b_p_t = tl.exp2((b_t - b_t_lse_x[:, None]) * LOG2E)
             if TEACHER_GRAD:
                 b_w += b_p_t * (b_s - b_cross_x[:, None]) * b_grad_cross_x[:, None]
             else:
-                b_w += tl.exp2(b_s * LOG2E - b_lse2_x[:, None]) * b_grad_lse_x[:, None]
+                b_w += tl.exp2((b_s - b_lse_x[:, None]) * LOG2E) * b_grad_lse_x[:, None]
                 b_w += b_p_t * b_grad_cross_x[:, None]
         if HAS_Y_TERM:
-            b_lse2_y, b_grad_lse_y, b_t_lse2_y, b_cross_y, b_grad_cross_y = _load_stats(
+            b_lse_y, b_grad_lse_y, b_t_lse_y, b_cross_y, b_grad_cross_y = _load_stats(
                 LSE_Y, GRAD_LSE_Y, TEACHER_LSE_Y, CROSS_Y, GRAD_CROSS_Y, o_y, m_y
             )
-            b_p_t = tl.exp2(b_t2 - b_t_lse2_y[None, :])
+            b_p_t = tl.exp2((b_t - b_t_lse_y[None, :]) * LOG2E)
             if TEACHER_GRAD:
                 b_w += b_p_t * (b_s - b_cross_y[None, :]) * b_grad_cross_y[None, :]
             else:
-                b_w += tl.exp2(b_s * LOG2E - b_lse2_y[None, :]) * b_grad_lse_y[None, :]
+                b_w += tl.exp2((b_s - b_lse_y[None, :]) * LOG2E) * b_grad_lse_y[None, :]
                 b_w += b_p_t * b_grad_cross_y[None, :]
         b_w = tl.where(m_x[:, None] & m_y[None, :], b_w, 0.0)
         b_acc = accumulate_product(
-            b_acc, b_w, Y_OUT, o_y, m_y, p_out, m_x, d_out, stride_y_out,
-            REGISTER_ACC, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+            b_acc, b_w, Y_OUT, o_y, m_y, p_out, m_x, d_out, stride_y_out, ds_scale,
+            REGISTER_ACC, BLOCK_D, DOT_FP32, SCALE_DS, INPUT_PRECISION,
         )
 
     if REGISTER_ACC:
+        if SCALE_DS:
+            b_acc = b_acc / ds_scale
         tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d_out))

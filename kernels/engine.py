@@ -1,35 +1,41 @@
-"""The Triton engine: tensor-in / tensor-out launchers behind the engine contract of DESIGN §3.
+"""The Triton engine: tensor-in / tensor-out launchers behind :class:`fastcontrast.engine.Engine`.
 
-Same interface as :class:`fastcontrast.blockwise.TorchEngine`, so the autograd Functions do not know which
-engine runs. Inputs may be fp16, bf16 or fp32 (fp32 uses TF32 only when
-``torch.backends.cuda.matmul.allow_tf32`` is on); LSEs, sums and gradients come back in fp32. The scale and
-bias are read from device pointers inside the kernels: no ``.item()``, no host sync, and no recompile when
-they change. Lengths and offsets are not specialised on, so a new batch size does not recompile.
+Inputs may be fp16, bf16 or fp32 (fp32 uses TF32 only when the user's torch settings say so); LSEs, sums
+and gradients come back in fp32. What every launch here takes care of, because a GPU run would otherwise go
+wrong where the interpreter cannot see it:
+
+- the device: triton launches on the *current* CUDA device and its stream, so every launch runs under a
+  guard for the inputs' device (:func:`launch_device`);
+- the binaries: triton compiles one variant per divisibility of each pointer, d and stride by 16, so
+  features whose d, row stride or address is not a multiple of 16 are copied once into an aligned,
+  zero-padded buffer (zero columns change no dot product) and every tensor argument is 16-byte aligned:
+  only the aligned binaries, the ones the compile checks cover, ever launch;
+- no host sync: the scale and bias are read from device pointers, never ``.item()``; lengths and offsets
+  are not specialised on (``do_not_specialize``), so a new batch size does not recompile;
+- fp16 gradients: dS is scaled by a power of two before its cast to fp16 (tiles.as_dot_operand).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
-from fastcontrast.kernels.configs import distill_config, forward_config, gradient_config
+from fastcontrast.kernels.configs import KernelConfig, distill_config, forward_config, gradient_config
 from fastcontrast.kernels.distill import distill_forward_kernel, distill_gradient_kernel
 from fastcontrast.kernels.gradient import MODE_LSE, MODE_SIGLIP, gradient_kernel
 from fastcontrast.kernels.lse_forward import lse_forward_kernel
 from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
 
-from fastcontrast.blockwise import DistillStats
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastcontrast._dispatch import triton_interpreter_enabled
+from fastcontrast.engine import DistillStats, empty_like_result, tf32_matmul_enabled
 
 # Merge the column LSE in the same pass as the row LSE while its scratch (n / BLOCK_M · m fp32) stays under
 # this many bytes, i.e. up to N ≈ 90k at BLOCK_M = 128; past that a second pass over S is cheaper than
 # the scratch's memory.
 SINGLE_PASS_SCRATCH_BYTES = 256 * 2**20
-
 
 # Below this many programs per SM a launch leaves the GPU idle: rows are then split across programs by
 # column range too (few rows against many columns: a per-rank local loss, a memory bank).
@@ -37,6 +43,14 @@ PROGRAMS_PER_SM = 4
 # In the interpreter, split whenever fewer than this many row blocks exist, so that the tests' small
 # shapes run the split path as well as the plain one.
 INTERPRETER_TARGET_PROGRAMS = 4
+# triton specialises an int or a pointer as "divisible by 16" only when it is (DESIGN §6).
+ALIGNMENT = 16
+
+
+def launch_device(x: torch.Tensor):
+    """The context every launch runs in: the inputs' CUDA device made current (triton launches on the
+    current device and its stream), nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
@@ -58,30 +72,50 @@ def column_splits(n_x: int, n_y: int, block_m: int, block_n: int, device: torch.
     return triton.cdiv(col_blocks, blocks_per_split), blocks_per_split * block_n
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _is_aligned(x: torch.Tensor) -> bool:
+    return x.data_ptr() % ALIGNMENT == 0
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # Kernels need unit stride along d; any row stride is fine. Copy only when the last stride is not 1.
-    return x if x.stride(-1) == 1 else x.contiguous()
+def aligned_features(x: torch.Tensor) -> torch.Tensor:
+    """[n, d] features with unit stride along d and d, row stride and address all multiples of 16 elements
+    or bytes: ``x`` itself when it already is, else an aligned copy zero-padded to d' = ⌈d/16⌉·16 columns."""
+    n, d = x.shape
+    if x.stride(1) == 1 and d % ALIGNMENT == 0 and x.stride(0) % ALIGNMENT == 0 and _is_aligned(x):
+        return x
+    padded = x.new_zeros((n, triton.cdiv(d, ALIGNMENT) * ALIGNMENT))
+    padded[:, :d] = x
+    return padded
 
 
-def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
-    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``."""
-    interpret = interpreter_enabled()
-    dot_fp32 = interpret and dtype == torch.bfloat16
-    if dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32:
+def aligned_vector(x: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """A contiguous, 16-byte aligned vector (or scalar) in ``dtype``: a copy only when it is not one already."""
+    if x is None:
+        return None
+    x = x.to(dtype) if dtype is not None else x
+    x = x.contiguous()
+    return x if _is_aligned(x) else x.clone()
+
+
+def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``: fp32 runs TF32 only where the user enabled it."""
+    dot_fp32 = interpreter and dtype == torch.bfloat16
+    if dtype == torch.float32 and not interpreter and tf32_matmul_enabled():
         return dot_fp32, "tf32"
     return dot_fp32, "ieee"
 
 
-def _check_dtype(a: torch.Tensor) -> None:
-    if a.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"backend='triton' supports float16, bfloat16 and float32 features, got {a.dtype}; "
-            "use backend='torch' for float64."
-        )
+def gradient_scale(dtype: torch.dtype, *bounds: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """For fp16 operands: a power of two 2⁻ᵉ (fp32, on the device, no host sync) that brings Σ max|bound|, a
+    bound of every |dS|, into [0.5, 1); None for other dtypes (bf16 has fp32's range)."""
+    if dtype != torch.float16:
+        return None
+    total = sum(b.detach().abs().amax().float() for b in bounds if b is not None and b.numel())
+    if not isinstance(total, torch.Tensor):
+        return None
+    _, exponent = torch.frexp(total.reshape(1))
+    # A zero bound keeps the factor 1; the clamp keeps the factor a finite fp32 power of two.
+    exponent = torch.where(total > 0, exponent, torch.zeros_like(exponent)).clamp(-120, 120)
+    return torch.ldexp(torch.ones(1, device=total.device), -exponent)
 
 
 def _merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> torch.Tensor:
@@ -93,318 +127,291 @@ def _merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> to
     return partial_argmax.gather(0, best).squeeze(0)
 
 
+def _flags(config: KernelConfig, dtype: torch.dtype) -> dict:
+    """Tile sizes, warps and dot settings of one launch, as kernel keywords."""
+    dot_fp32, precision = dot_settings(dtype, triton_interpreter_enabled())
+    return dict(
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d, DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
 class TritonEngine:
-    """Fused Triton kernels for the blockwise LSE and SigLIP reductions and their gradients."""
+    """Fused Triton kernels for the blockwise LSE, SigLIP and distillation reductions and their gradients
+    (implements :class:`fastcontrast.engine.Engine`; see there for every argument and result)."""
 
     name = "triton"
+    chunk_bytes = 0  # no chunks: the kernels tile S themselves
 
-    def lse_forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        *,
-        need_row: bool,
-        need_col: bool,
-        exclude_offset: Optional[int],
-        need_argmax: bool = False,
-    ):
-        """Row LSE [n] and/or column LSE [m] of S = s·A·Bᵀ, fp32, and with ``need_argmax`` the int64 argmax
-        of each row / column (see ``TorchEngine.lse_forward``)."""
-        _check_dtype(a)
-        a, b = _rows_contiguous(a), _rows_contiguous(b)
-        n, m = a.shape[0], b.shape[0]
-        lse_row = lse_col = argmax_row = argmax_col = None
-        config = forward_config(a.shape[1], a.dtype, interpreter_enabled())
-        n_row_blocks = triton.cdiv(n, config.block_m)
-        scratch = n_row_blocks * m * (4 + (12 if need_argmax else 0))
-        single_pass = need_row and need_col and scratch <= SINGLE_PASS_SCRATCH_BYTES
-        if need_row:
-            lse_row = torch.empty(n, dtype=torch.float32, device=a.device)
-            col_partial = col_max = col_argmax = None
-            if single_pass:
-                col_partial = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
-                if need_argmax:
-                    col_max = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
-                    col_argmax = torch.empty((n_row_blocks, m), dtype=torch.int64, device=a.device)
-            argmax_row = self._launch_lse(a, b, scale, lse_row, col_partial, exclude_offset, need_argmax,
-                                          col_max, col_argmax)
-            if single_pass:
-                lse_col = torch.logsumexp(col_partial, dim=0)
-                if need_argmax:
-                    argmax_col = _merge_argmax(col_max, col_argmax)
-        if need_col and lse_col is None:
-            lse_col = torch.empty(m, dtype=torch.float32, device=a.device)
-            col_offset = None if exclude_offset is None else -exclude_offset
-            argmax_col = self._launch_lse(b, a, scale, lse_col, None, col_offset, need_argmax)
-        return lse_row, lse_col, argmax_row, argmax_col
-
-    def lse_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        lse_row: Optional[torch.Tensor],
-        lse_col: Optional[torch.Tensor],
-        grad_row: Optional[torch.Tensor],
-        grad_col: Optional[torch.Tensor],
-        *,
-        exclude_offset: Optional[int],
-        need_a: bool,
-        need_b: bool,
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Unscaled dS·B [n, d] and dSᵀ·A [m, d], fp32 (see ``TorchEngine.lse_backward``)."""
-        a, b = _rows_contiguous(a), _rows_contiguous(b)
-        row_stats = None if grad_row is None else (lse_row, grad_row.float().contiguous())
-        col_stats = None if grad_col is None else (lse_col, grad_col.float().contiguous())
-        grad_a = grad_b = None
-        if need_a:
-            grad_a = self._launch_gradient(
-                a, b, scale, None, MODE_LSE, row_stats, col_stats, None, exclude_offset, None
-            )
-        if need_b:
-            col_offset = None if exclude_offset is None else -exclude_offset
-            grad_b = self._launch_gradient(
-                b, a, scale, None, MODE_LSE, col_stats, row_stats, None, col_offset, None
-            )
-        return grad_a, grad_b
-
-    def siglip_forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        *,
-        positive_offset: int,
-    ) -> torch.Tensor:
-        """Σᵢⱼ softplus(−zᵢⱼ·(Sᵢⱼ + bias)), 0-dim fp32 (see ``TorchEngine.siglip_forward``)."""
-        _check_dtype(a)
-        a, b = _rows_contiguous(a), _rows_contiguous(b)
-        n, m, d = a.shape[0], b.shape[0], a.shape[1]
-        config = forward_config(d, a.dtype, interpreter_enabled(), kernel="siglip")
-        splits, cols_per_split = column_splits(n, m, config.block_m, config.block_n, a.device)
-        grid = (triton.cdiv(n, config.block_m), splits)
-        partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=a.device)
-        dot_fp32, precision = _dot_settings(a.dtype)
-        siglip_forward_kernel[grid](
-            a, b, scale, scale if bias is None else bias, partial,
-            n, m, d, a.stride(0), b.stride(0), positive_offset, cols_per_split,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+    def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
+                    private_columns, need_argmax):
+        with launch_device(a):
+            d = a.shape[1]
+            a, b = aligned_features(a), aligned_features(b)
+            scale = aligned_vector(scale)
+            positive_index = aligned_vector(positive_index, torch.int64)
+            n, m = a.shape[0], b.shape[0]
+            masks = dict(exclude_offset=exclude_offset, exclude_positive=exclude_positive,
+                         private_columns=private_columns, positive_index=positive_index)
+            lse_row = lse_col = positives = argmax_row = argmax_col = None
+            config = forward_config(d, a.dtype, triton_interpreter_enabled())
+            n_row_blocks = triton.cdiv(n, config.block_m)
+            scratch = n_row_blocks * m * (4 + (12 if need_argmax else 0))
+            single_pass = need_row and need_col and scratch <= SINGLE_PASS_SCRATCH_BYTES
+            if need_row or positive_index is not None:
+                col_partial = col_max = col_argmax = None
+                if single_pass:
+                    col_partial = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
+                    if need_argmax:
+                        col_max = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
+                        col_argmax = torch.empty((n_row_blocks, m), dtype=torch.int64, device=a.device)
+                lse_row, positives, argmax_row = _launch_lse(
+                    x=a, y=b, scale=scale, x_is_a=True, need_positives=positive_index is not None,
+                    need_argmax=need_argmax and need_row, col_partial=col_partial, col_max=col_max,
+                    col_argmax=col_argmax, config=config, **masks,
+                )
+                if single_pass:
+                    lse_col = torch.logsumexp(col_partial, dim=0)
+                    if need_argmax:
+                        argmax_col = _merge_argmax(col_max, col_argmax)
+                if not need_row:  # the pass ran for the positives alone
+                    lse_row = argmax_row = None
+            if need_col and lse_col is None:
+                col_offset = None if exclude_offset is None else -exclude_offset
+                lse_col, _, argmax_col = _launch_lse(
+                    x=b, y=a, scale=scale, x_is_a=False, need_positives=False, need_argmax=need_argmax,
+                    config=config, **{**masks, "exclude_offset": col_offset},
+                )
+        return tuple(empty_like_result(a) if x is None else x for x in (lse_row, lse_col, positives)) + tuple(
+            torch.empty(0, dtype=torch.long, device=a.device) if x is None else x for x in (argmax_row, argmax_col)
         )
-        return partial.sum()
 
-    def siglip_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        grad: torch.Tensor,
-        *,
-        positive_offset: int,
-        need_a: bool,
-        need_b: bool,
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-        """Unscaled dS·B, dSᵀ·A (fp32) and Σ dS (0-dim fp32) (see ``TorchEngine.siglip_backward``)."""
-        a, b = _rows_contiguous(a), _rows_contiguous(b)
-        grad = grad.float().reshape(())
-        # Σ dS (the bias gradient) comes with the dA pass: it sees every (i, j) once. When only dB is
-        # needed the dB pass carries it instead; when neither is, the dA pass runs for it alone.
-        bias_partial = []
-        grad_a = grad_b = None
-        if need_a or not need_b:
-            grad_a = self._launch_gradient(
-                a, b, scale, bias, MODE_SIGLIP, None, None, grad, positive_offset, bias_partial
-            )
-        if need_b:
-            grad_b = self._launch_gradient(
-                b, a, scale, bias, MODE_SIGLIP, None, None, grad, -positive_offset,
-                None if bias_partial else bias_partial,
-            )
-        return (grad_a if need_a else None), grad_b, bias_partial[0].sum()
+    def lse_backward(self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
+                     exclude_offset, exclude_positive, private_columns, need_a, need_b):
+        with launch_device(a):
+            d = a.shape[1]
+            a, b = aligned_features(a), aligned_features(b)
+            scale = aligned_vector(scale)
+            positive_index = aligned_vector(positive_index, torch.int64)
+            row_stats = None if grad_row is None else (aligned_vector(lse_row), aligned_vector(grad_row, torch.float32))
+            col_stats = None if grad_col is None else (aligned_vector(lse_col), aligned_vector(grad_col, torch.float32))
+            grad_positives = aligned_vector(grad_positives, torch.float32)
+            ds_scale = gradient_scale(a.dtype, grad_row, grad_col, grad_positives)
+            common = dict(scale=scale, bias=None, mode=MODE_LSE, grad_total=None, ds_scale=ds_scale,
+                          positive_index=positive_index, grad_positives=grad_positives,
+                          exclude_positive=exclude_positive, private_columns=private_columns, d=d)
+            grad_a = grad_b = None
+            if need_a:
+                grad_a, _ = _launch_gradient(x=a, y=b, x_stats=row_stats, y_stats=col_stats, x_is_a=True,
+                                             offset=exclude_offset, **common)
+            if need_b:
+                col_offset = None if exclude_offset is None else -exclude_offset
+                grad_b, _ = _launch_gradient(x=b, y=a, x_stats=col_stats, y_stats=row_stats, x_is_a=False,
+                                             offset=col_offset, **common)
+        return tuple(empty_like_result(a) if x is None else x for x in (grad_a, grad_b))
 
-    def distill_forward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        a_t: torch.Tensor,
-        b_t: torch.Tensor,
-        scale_t: torch.Tensor,
-        *,
-        need_row: bool,
-        need_col: bool,
-    ) -> DistillStats:
-        """Student / teacher LSEs and cross terms by row and column, fp32 (see ``TorchEngine.distill_forward``).
+    def siglip_forward(self, a, b, scale, bias, *, positive_offset):
+        with launch_device(a):
+            d = a.shape[1]
+            a, b = aligned_features(a), aligned_features(b)
+            n, m = a.shape[0], b.shape[0]
+            config = forward_config(d, a.dtype, triton_interpreter_enabled(), kernel="siglip")
+            splits, cols_per_split = column_splits(n, m, config.block_m, config.block_n, a.device)
+            grid = (triton.cdiv(n, config.block_m), splits)
+            partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=a.device)
+            siglip_forward_kernel[grid](
+                X=a, Y=b, SCALE=aligned_vector(scale), BIAS=aligned_vector(bias), PARTIAL=partial,
+                n_x=n, n_y=m, d=a.shape[1], stride_x=a.stride(0), stride_y=b.stride(0),
+                positive_offset=positive_offset, cols_per_split=cols_per_split, HAS_BIAS=bias is not None,
+                **_flags(config, a.dtype),
+            )
+            return partial.sum()
 
-        Rows and columns come from one pass when the column partials (3 · n / BLOCK_M · m fp32) are small,
-        else the column statistics are a second pass over the transposed problem.
-        """
-        _check_dtype(a)
-        a, b, a_t, b_t = (_rows_contiguous(x) for x in (a, b, a_t, b_t))
-        n, m = a.shape[0], b.shape[0]
-        config = distill_config("forward", a.dtype, interpreter_enabled())
-        n_row_blocks = triton.cdiv(n, config.block_m)
-        single_pass = need_col and 3 * n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
-        stats = DistillStats()
-        if need_row or single_pass:
-            partial = torch.empty((3, n_row_blocks, m), dtype=torch.float32, device=a.device) if single_pass else None
-            stats.lse_row, stats.teacher_lse_row, stats.cross_row = self._launch_distill_forward(
-                a, b, scale, a_t, b_t, scale_t, partial
-            )
-            if single_pass:
-                # Merge the row blocks' partials in a fixed order: LSEs by logsumexp, the cross term
-                # weighted by each block's share of the teacher's column softmax.
-                stats.lse_col = torch.logsumexp(partial[0], dim=0)
-                stats.teacher_lse_col = torch.logsumexp(partial[1], dim=0)
-                stats.cross_col = ((partial[1] - stats.teacher_lse_col).exp_() * partial[2]).sum(dim=0)
-        if need_col and not single_pass:
-            stats.lse_col, stats.teacher_lse_col, stats.cross_col = self._launch_distill_forward(
-                b, a, scale, b_t, a_t, scale_t, None
-            )
-        if not need_row:
-            stats.lse_row = stats.teacher_lse_row = stats.cross_row = None
+    def siglip_backward(self, a, b, scale, bias, grad, *, positive_offset, need_a, need_b):
+        with launch_device(a):
+            d = a.shape[1]
+            a, b = aligned_features(a), aligned_features(b)
+            grad = aligned_vector(grad.reshape(()), torch.float32)
+            common = dict(scale=aligned_vector(scale), bias=aligned_vector(bias), mode=MODE_SIGLIP, x_stats=None,
+                          y_stats=None, grad_total=grad, ds_scale=gradient_scale(a.dtype, grad),
+                          positive_index=None, grad_positives=None, exclude_positive=False, private_columns=0, d=d)
+            # Σ dS (the bias gradient) comes with the dA pass: it sees every (i, j) once. When only dB is
+            # needed the dB pass carries it instead; when neither is, the dA pass runs for it alone.
+            grad_a = grad_b = bias_partial = None
+            if need_a or not need_b:
+                grad_a, bias_partial = _launch_gradient(x=a, y=b, x_is_a=True, offset=positive_offset,
+                                                        write_bias_partial=True, **common)
+            if need_b:
+                grad_b, b_partial = _launch_gradient(x=b, y=a, x_is_a=False, offset=-positive_offset,
+                                                     write_bias_partial=bias_partial is None, **common)
+                bias_partial = b_partial if bias_partial is None else bias_partial
+        return (grad_a if need_a else empty_like_result(a)), (
+            empty_like_result(a) if grad_b is None else grad_b), bias_partial.sum()
+
+    def distill_forward(self, a, b, scale, a_t, b_t, scale_t, *, need_row, need_col):
+        """Rows and columns come from one pass when the column partials (3 · n / BLOCK_M · m fp32) are small,
+        else the column statistics are a second pass over the transposed problem."""
+        with launch_device(a):
+            a, b, a_t, b_t = (aligned_features(x) for x in (a, b, a_t, b_t))
+            scale, scale_t = aligned_vector(scale), aligned_vector(scale_t)
+            n, m = a.shape[0], b.shape[0]
+            config = distill_config("forward", a.dtype, triton_interpreter_enabled())
+            n_row_blocks = triton.cdiv(n, config.block_m)
+            single_pass = need_col and 3 * n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
+            stats = DistillStats(*(empty_like_result(a) for _ in range(6)))
+            if need_row or single_pass:
+                partial = torch.empty((3, n_row_blocks, m), dtype=torch.float32, device=a.device) if single_pass \
+                    else None
+                rows = _launch_distill_forward(x=a, y=b, x_t=a_t, y_t=b_t, scale=scale, scale_t=scale_t,
+                                               col_partial=partial, config=config)
+                if need_row:
+                    stats.lse_row, stats.teacher_lse_row, stats.cross_row = rows
+                if single_pass:
+                    # Merge the row blocks' partials in a fixed order: LSEs by logsumexp, the cross term
+                    # weighted by each block's share of the teacher's column softmax.
+                    stats.lse_col = torch.logsumexp(partial[0], dim=0)
+                    stats.teacher_lse_col = torch.logsumexp(partial[1], dim=0)
+                    stats.cross_col = ((partial[1] - stats.teacher_lse_col).exp_() * partial[2]).sum(dim=0)
+            if need_col and not single_pass:
+                stats.lse_col, stats.teacher_lse_col, stats.cross_col = _launch_distill_forward(
+                    x=b, y=a, x_t=b_t, y_t=a_t, scale=scale, scale_t=scale_t, col_partial=None, config=config
+                )
         return stats
 
-    def distill_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        a_t: torch.Tensor,
-        b_t: torch.Tensor,
-        scale_t: torch.Tensor,
-        stats: DistillStats,
-        grads: DistillStats,
-        *,
-        need_a: bool,
-        need_b: bool,
-        need_a_t: bool,
-        need_b_t: bool,
-    ):
-        """Unscaled dS·B, dSᵀ·A, dT·B_t, dTᵀ·A_t, fp32 (see ``TorchEngine.distill_backward``)."""
-        a, b, a_t, b_t = (_rows_contiguous(x) for x in (a, b, a_t, b_t))
+    def distill_backward(self, a, b, scale, a_t, b_t, scale_t, stats, grads, *, need_a, need_b, need_a_t, need_b_t):
+        with launch_device(a):
+            d, d_t = a.shape[1], a_t.shape[1]
+            a, b, a_t, b_t = (aligned_features(x) for x in (a, b, a_t, b_t))
+            scale, scale_t = aligned_vector(scale), aligned_vector(scale_t)
 
-        def side(lse, teacher_lse, cross, grad_lse, grad_cross):
-            if grad_lse is None and grad_cross is None:
-                return None
-            # A missing upstream gradient is a zero one: one flag per side keeps the kernel's variants few.
-            grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
-            grad_cross = torch.zeros_like(cross) if grad_cross is None else grad_cross.float().contiguous()
-            return lse, grad_lse, teacher_lse, cross, grad_cross
+            def side(lse, teacher_lse, cross, grad_lse, grad_cross):
+                if grad_lse is None and grad_cross is None:
+                    return None
+                # A missing upstream gradient is a zero one: one flag per side keeps the kernel's variants few.
+                grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+                grad_cross = torch.zeros_like(cross) if grad_cross is None else grad_cross
+                return tuple(aligned_vector(x, torch.float32)
+                             for x in (lse, grad_lse, teacher_lse, cross, grad_cross))
 
-        rows = side(stats.lse_row, stats.teacher_lse_row, stats.cross_row, grads.lse_row, grads.cross_row)
-        cols = side(stats.lse_col, stats.teacher_lse_col, stats.cross_col, grads.lse_col, grads.cross_col)
-        launch = self._launch_distill_gradient
-        return (
-            launch(a, b, a_t, b_t, scale, scale_t, rows, cols, teacher=False) if need_a else None,
-            launch(b, a, b_t, a_t, scale, scale_t, cols, rows, teacher=False) if need_b else None,
-            launch(a, b, a_t, b_t, scale, scale_t, rows, cols, teacher=True) if need_a_t else None,
-            launch(b, a, b_t, a_t, scale, scale_t, cols, rows, teacher=True) if need_b_t else None,
-        )
+            rows = side(stats.lse_row, stats.teacher_lse_row, stats.cross_row, grads.lse_row, grads.cross_row)
+            cols = side(stats.lse_col, stats.teacher_lse_col, stats.cross_col, grads.lse_col, grads.cross_col)
+            upstream = [x for s in (rows, cols) if s is not None for x in (s[1], s[4])]
+            ds_scale = gradient_scale(a.dtype, *upstream)
+            student_scale = ds_scale
+            if ds_scale is not None and (need_a_t or need_b_t):
+                # dT = g·P_t·(S − cross): |S − cross| ≤ 2·s·max‖a‖·max‖b‖ enters the teacher's bound.
+                logit_bound = 2 * scale.float() * a.float().norm(dim=1).amax() * b.float().norm(dim=1).amax()
+                ds_scale = gradient_scale(a.dtype, *(g * logit_bound for g in upstream))
+            common = dict(scale=scale, scale_t=scale_t)
+            outs = []
+            for wanted, swap, teacher in ((need_a, False, False), (need_b, True, False),
+                                          (need_a_t, False, True), (need_b_t, True, True)):
+                if not wanted:
+                    outs.append(empty_like_result(a))
+                    continue
+                x, y, x_t, y_t = (b, a, b_t, a_t) if swap else (a, b, a_t, b_t)
+                outs.append(_launch_distill_gradient(
+                    x=x, y=y, x_t=x_t, y_t=y_t, x_stats=cols if swap else rows, y_stats=rows if swap else cols,
+                    teacher=teacher, ds_scale=ds_scale if teacher else student_scale,
+                    d_out=d_t if teacher else d, **common,
+                ))
+        return tuple(outs)
 
-    @staticmethod
-    def _launch_distill_forward(x, y, scale, x_t, y_t, scale_t, col_partial):
-        n_x, n_y = x.shape[0], y.shape[0]
-        config = distill_config("forward", x.dtype, interpreter_enabled())
-        dot_fp32, precision = _dot_settings(x.dtype)
-        lse, teacher_lse, cross = (torch.empty(n_x, dtype=torch.float32, device=x.device) for _ in range(3))
-        distill_forward_kernel[(triton.cdiv(n_x, config.block_m),)](
-            x, y, x_t, y_t, scale, scale_t, lse, teacher_lse, cross, lse if col_partial is None else col_partial,
-            n_x, n_y, x.shape[1], x_t.shape[1], x.stride(0), y.stride(0), x_t.stride(0), y_t.stride(0),
-            WRITE_COL_PARTIAL=col_partial is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        return lse, teacher_lse, cross
 
-    @staticmethod
-    def _launch_distill_gradient(x, y, x_t, y_t, scale, scale_t, x_stats, y_stats, *, teacher):
-        """W·Y_out for the rows of X: fp32 [n_x, d] (student, W = dS) or [n_x, d_t] (teacher, W = dT)."""
-        n_x, n_y = x.shape[0], y.shape[0]
-        d_out = x_t.shape[1] if teacher else x.shape[1]
-        config = distill_config("gradient", x.dtype, interpreter_enabled())
-        dot_fp32, precision = _dot_settings(x.dtype)
-        register_acc = d_out <= config.block_d
-        out = (torch.empty if register_acc else torch.zeros)((n_x, d_out), dtype=torch.float32, device=x.device)
-        placeholder = (out,) * 5
-        distill_gradient_kernel[(triton.cdiv(n_x, config.block_m),)](
-            x, y, x_t, y_t, scale, scale_t,
-            *(x_stats or placeholder), *(y_stats or placeholder), out,
-            n_x, n_y, x.shape[1], x_t.shape[1], x.stride(0), y.stride(0), x_t.stride(0), y_t.stride(0),
-            out.stride(0),
-            TEACHER_GRAD=teacher, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
-            REGISTER_ACC=register_acc,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        return out
+def _launch_lse(*, x, y, scale, x_is_a, need_positives, need_argmax, exclude_offset, exclude_positive,
+                private_columns, positive_index, config, col_partial=None, col_max=None, col_argmax=None):
+    """Row LSE of S = s·X·Yᵀ (and the positives, column partials, argmax when asked): returns
+    ``(lse [n_x], positives [n_x] or None, argmax [n_x] or None)``."""
+    n_x, n_y = x.shape[0], y.shape[0]
+    splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
+    grid = (triton.cdiv(n_x, config.block_m), splits)
+    partial = functools.partial(torch.empty, (splits, n_x), device=x.device)
+    lse = partial(dtype=torch.float32)
+    positives = partial(dtype=torch.float32) if need_positives else None
+    argmax = partial(dtype=torch.int64) if need_argmax else None
+    row_max = partial(dtype=torch.float32) if need_argmax else None
+    lse_forward_kernel[grid](
+        X=x, Y=y, SCALE=scale, POSITIVE_INDEX=positive_index, LSE_X=lse, POSITIVES=positives,
+        COL_PARTIAL=col_partial, ARGMAX_X=argmax, MAX_X=row_max, COL_ARGMAX=col_argmax, COL_MAX=col_max,
+        n_x=n_x, n_y=n_y, d=x.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
+        exclude_offset=0 if exclude_offset is None else exclude_offset, private_columns=private_columns,
+        cols_per_split=cols_per_split,
+        HAS_EXCLUDE=exclude_offset is not None, HAS_POSITIVES=positive_index is not None,
+        EXCLUDE_POSITIVE=exclude_positive, HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a,
+        WRITE_POSITIVES=need_positives, WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
+        **_flags(config, x.dtype),
+    )
+    # Merge the column splits in a fixed order; a positive lies in exactly one split (0 in the others).
+    return (
+        lse[0] if splits == 1 else torch.logsumexp(lse, dim=0),
+        None if positives is None else positives.sum(dim=0),
+        _merge_argmax(row_max, argmax) if need_argmax else None,
+    )
 
-    @staticmethod
-    def _launch_lse(x, y, scale, lse_out, col_partial, exclude_offset, need_argmax=False, col_max=None,
-                    col_argmax=None):
-        """Row LSE of X·Yᵀ into ``lse_out`` (and column partials); returns the rows' argmax if asked."""
-        n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
-        config = forward_config(d, x.dtype, interpreter_enabled())
-        dot_fp32, precision = _dot_settings(x.dtype)
-        splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
-        grid = (triton.cdiv(n_x, config.block_m), splits)
-        lse_split = lse_out if splits == 1 else torch.empty((splits, n_x), dtype=torch.float32, device=x.device)
-        argmax_split = row_max = None
-        if need_argmax:
-            argmax_split = torch.empty((splits, n_x), dtype=torch.int64, device=x.device)
-            row_max = torch.empty((splits, n_x), dtype=torch.float32, device=x.device)
-        placeholder = lse_split  # never written: its flag is off
-        lse_forward_kernel[grid](
-            x, y, scale, lse_split, placeholder if col_partial is None else col_partial,
-            placeholder if argmax_split is None else argmax_split, placeholder if row_max is None else row_max,
-            placeholder if col_argmax is None else col_argmax, placeholder if col_max is None else col_max,
-            n_x, n_y, d, x.stride(0), y.stride(0), 0 if exclude_offset is None else exclude_offset,
-            cols_per_split,
-            HAS_EXCLUDE=exclude_offset is not None, WRITE_COL_PARTIAL=col_partial is not None,
-            WRITE_ARGMAX=need_argmax,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        if splits > 1:
-            torch.logsumexp(lse_split, dim=0, out=lse_out)
-        return _merge_argmax(row_max, argmax_split) if need_argmax else None
 
-    @staticmethod
-    def _launch_gradient(x, y, scale, bias, mode, x_stats, y_stats, grad_total, offset, bias_partial_out):
-        """dS·Y for the rows of X (fp32 [n_x, d]); appends the per-program Σ dS to ``bias_partial_out``."""
-        n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
-        config = gradient_config(d, x.dtype, interpreter_enabled())
-        dot_fp32, precision = _dot_settings(x.dtype)
-        register_acc = d <= config.block_d
-        splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
-        grid = (triton.cdiv(n_x, config.block_m), splits)
-        out_shape = (splits, n_x, d)
-        out = (torch.empty if register_acc else torch.zeros)(out_shape, dtype=torch.float32, device=x.device)
-        write_bias = bias_partial_out is not None
-        bias_partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=x.device) if write_bias else out
-        lse_x, grad_x = x_stats if x_stats is not None else (out, out)
-        lse_y, grad_y = y_stats if y_stats is not None else (out, out)
-        gradient_kernel[grid](
-            x, y, scale, scale if bias is None else bias,
-            lse_x, grad_x, lse_y, grad_y, scale if grad_total is None else grad_total,
-            out, bias_partial,
-            n_x, n_y, d, x.stride(0), y.stride(0), out.stride(1), 0 if offset is None else offset, cols_per_split,
-            MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
-            HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_BIAS=bias is not None,
-            WRITE_BIAS_PARTIAL=write_bias, REGISTER_ACC=register_acc,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        if write_bias:
-            bias_partial_out.append(bias_partial)
-        # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
-        return out[0] if splits == 1 else out.sum(dim=0)
+def _launch_gradient(*, x, y, d, scale, bias, mode, x_stats, y_stats, grad_total, ds_scale, positive_index,
+                     grad_positives, x_is_a, offset, exclude_positive, private_columns, write_bias_partial=False):
+    """dS·Y for the rows of X: ``(fp32 [n_x, d], per-program Σ dS [splits, row blocks] or None)``."""
+    n_x, n_y = x.shape[0], y.shape[0]
+    config = gradient_config(d, x.dtype, triton_interpreter_enabled())
+    d_launch = x.shape[1]
+    register_acc = d_launch <= config.block_d
+    splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
+    grid = (triton.cdiv(n_x, config.block_m), splits)
+    out = (torch.empty if register_acc else torch.zeros)((splits, n_x, d_launch), dtype=torch.float32,
+                                                         device=x.device)
+    bias_partial = torch.empty(grid[::-1], dtype=torch.float32, device=x.device) if write_bias_partial else None
+    lse_x, grad_x = x_stats if x_stats is not None else (None, None)
+    lse_y, grad_y = y_stats if y_stats is not None else (None, None)
+    gradient_kernel[grid](
+        X=x, Y=y, SCALE=scale, BIAS=bias, DS_SCALE=ds_scale, POSITIVE_INDEX=positive_index,
+        GRAD_POSITIVES=grad_positives, LSE_X=lse_x, GRAD_X=grad_x, LSE_Y=lse_y, GRAD_Y=grad_y,
+        GRAD_TOTAL=grad_total, OUT=out, BIAS_PARTIAL=bias_partial,
+        n_x=n_x, n_y=n_y, d=d_launch, stride_x=x.stride(0), stride_y=y.stride(0), stride_out=out.stride(1),
+        offset=0 if offset is None else offset, private_columns=private_columns, cols_per_split=cols_per_split,
+        MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
+        HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=positive_index is not None,
+        GRAD_POSITIVE_TERM=grad_positives is not None, EXCLUDE_POSITIVE=exclude_positive,
+        HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a, HAS_BIAS=bias is not None,
+        WRITE_BIAS_PARTIAL=write_bias_partial, SCALE_DS=ds_scale is not None, REGISTER_ACC=register_acc,
+        **_flags(config, x.dtype),
+    )
+    # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
+    summed = out[0] if splits == 1 else out.sum(dim=0)
+    return summed[:, :d], bias_partial
+
+
+def _launch_distill_forward(*, x, y, x_t, y_t, scale, scale_t, col_partial, config):
+    """(student LSE, teacher LSE, cross term), each fp32 [n_x], of the rows of X; column partials if given."""
+    n_x, n_y = x.shape[0], y.shape[0]
+    lse, teacher_lse, cross = (torch.empty(n_x, dtype=torch.float32, device=x.device) for _ in range(3))
+    distill_forward_kernel[(triton.cdiv(n_x, config.block_m),)](
+        X=x, Y=y, XT=x_t, YT=y_t, SCALE=scale, SCALE_T=scale_t, LSE_X=lse, TEACHER_LSE_X=teacher_lse,
+        CROSS_X=cross, COL_PARTIAL=col_partial,
+        n_x=n_x, n_y=n_y, d=x.shape[1], d_t=x_t.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
+        stride_xt=x_t.stride(0), stride_yt=y_t.stride(0), WRITE_COL_PARTIAL=col_partial is not None,
+        **_flags(config, x.dtype),
+    )
+    return lse, teacher_lse, cross
+
+
+def _launch_distill_gradient(*, x, y, x_t, y_t, scale, scale_t, x_stats, y_stats, teacher, ds_scale, d_out):
+    """W·Y_out for the rows of X: fp32 [n_x, d] (student, W = dS) or [n_x, d_t] (teacher, W = dT)."""
+    n_x, n_y = x.shape[0], y.shape[0]
+    config = distill_config("gradient", x.dtype, triton_interpreter_enabled())
+    d_launch = x_t.shape[1] if teacher else x.shape[1]
+    register_acc = d_launch <= config.block_d
+    out = (torch.empty if register_acc else torch.zeros)((n_x, d_launch), dtype=torch.float32, device=x.device)
+    x_stats = x_stats or (None,) * 5
+    y_stats = y_stats or (None,) * 5
+    names = ("LSE", "GRAD_LSE", "TEACHER_LSE", "CROSS", "GRAD_CROSS")
+    distill_gradient_kernel[(triton.cdiv(n_x, config.block_m),)](
+        X=x, Y=y, XT=x_t, YT=y_t, SCALE=scale, SCALE_T=scale_t, DS_SCALE=ds_scale,
+        **{f"{name}_X": value for name, value in zip(names, x_stats)},
+        **{f"{name}_Y": value for name, value in zip(names, y_stats)},
+        OUT=out, n_x=n_x, n_y=n_y, d=x.shape[1], d_t=x_t.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
+        stride_xt=x_t.stride(0), stride_yt=y_t.stride(0), stride_out=out.stride(0),
+        TEACHER_GRAD=teacher, HAS_X_TERM=x_stats[0] is not None, HAS_Y_TERM=y_stats[0] is not None,
+        SCALE_DS=ds_scale is not None, REGISTER_ACC=register_acc, **_flags(config, x.dtype),
+    )
+    return out[:, :d_out]

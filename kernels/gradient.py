@@ -2,9 +2,11 @@
 
 The same kernel gives both halves of the backward pass with no atomics (FlashAttention's two loops):
 dA = dS·B runs it with (X, Y) = (A, B); dB = dSᵀ·A runs it with (X, Y) = (B, A) and the row/column roles
-of the statistics swapped. Each program owns BLOCK_M rows of OUT, so results are bitwise deterministic.
+of the statistics swapped (``X_IS_A`` false). Each program owns BLOCK_M rows of OUT, so results are bitwise
+deterministic.
 
-MODE_LSE:    dSᵢⱼ = gxᵢ·exp(Sᵢⱼ − lse_xᵢ) + gyⱼ·exp(Sᵢⱼ − lse_yⱼ), entry j = i + offset excluded if asked.
+MODE_LSE:    dSᵢⱼ = gxᵢ·exp(Sᵢⱼ − lse_xᵢ) + gyⱼ·exp(Sᵢⱼ − lse_yⱼ) over the allowed entries (tiles.allowed_entries),
+             plus the positives' gradient at each row's positive entry, folded in fp32 before any rounding.
 MODE_SIGLIP: dSᵢⱼ = −zᵢⱼ·σ(−zᵢⱼ·(Sᵢⱼ + b))·g, z = +1 where j = i + offset; each program also writes the
              partial Σ dS of its rows (the bias gradient), summed on the host in a fixed order.
 
@@ -16,18 +18,28 @@ rows, many columns) each split writes its own [n_x, d] slab and the host sums th
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LOG2E, accumulate_product, similarity_tile
+from fastcontrast.kernels.tiles import (
+    LOG2E,
+    accumulate_product,
+    allowed_entries,
+    lse_gradient_tile,
+    positive_entries,
+    similarity_tile,
+)
 
 MODE_LSE = tl.constexpr(0)
 MODE_SIGLIP = tl.constexpr(1)
 
 
-@triton.jit(do_not_specialize=["n_x", "n_y", "offset", "cols_per_split"])
+@triton.jit(do_not_specialize=["n_x", "n_y", "offset", "private_columns", "cols_per_split"])
 def gradient_kernel(
     X,
     Y,
     SCALE,
     BIAS,
+    DS_SCALE,
+    POSITIVE_INDEX,
+    GRAD_POSITIVES,
     LSE_X,
     GRAD_X,
     LSE_Y,
@@ -42,13 +54,20 @@ def gradient_kernel(
     stride_y,
     stride_out,
     offset,
+    private_columns,
     cols_per_split,
     MODE: tl.constexpr,
     HAS_X_TERM: tl.constexpr,
     HAS_Y_TERM: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
+    HAS_POSITIVES: tl.constexpr,
+    GRAD_POSITIVE_TERM: tl.constexpr,
+    EXCLUDE_POSITIVE: tl.constexpr,
+    HAS_PRIVATE: tl.constexpr,
+    X_IS_A: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_BIAS_PARTIAL: tl.constexpr,
+    SCALE_DS: tl.constexpr,
     REGISTER_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -62,14 +81,25 @@ def gradient_kernel(
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale = tl.load(SCALE).to(tl.float32)
-    scale_log2 = scale * LOG2E
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(BIAS).to(tl.float32)
-    if MODE == 0:
+    ds_scale = 1.0
+    if SCALE_DS:
+        ds_scale = tl.load(DS_SCALE)
+    b_lse_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_grad_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_pos_x = tl.zeros([BLOCK_M], dtype=tl.int64)
+    b_grad_pos_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if MODE == MODE_LSE:
         if HAS_X_TERM:
-            b_lse_x = tl.load(LSE_X + o_x, mask=m_x, other=0.0) * LOG2E
+            b_lse_x = tl.load(LSE_X + o_x, mask=m_x, other=0.0)
             b_grad_x = tl.load(GRAD_X + o_x, mask=m_x, other=0.0)
+        if HAS_POSITIVES:
+            if X_IS_A:
+                b_pos_x = tl.load(POSITIVE_INDEX + o_x, mask=m_x, other=-1)
+                if GRAD_POSITIVE_TERM:
+                    b_grad_pos_x = tl.load(GRAD_POSITIVES + o_x, mask=m_x, other=0.0)
     else:
         grad_total = tl.load(GRAD_TOTAL).to(tl.float32)
 
@@ -85,18 +115,32 @@ def gradient_kernel(
             X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         )
-        m_valid = m_x[:, None] & m_y[None, :]
-        if MODE == 0:
-            if HAS_EXCLUDE:
-                m_valid = m_valid & (o_y[None, :] != o_x[:, None] + offset)
-            b_s2 = b_s * scale_log2
-            b_ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if HAS_X_TERM:
-                b_ds += tl.exp2(b_s2 - b_lse_x[:, None]) * b_grad_x[:, None]
+        if MODE == MODE_LSE:
+            b_lse_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+            b_grad_y = tl.zeros([BLOCK_N], dtype=tl.float32)
             if HAS_Y_TERM:
-                b_lse_y = tl.load(LSE_Y + o_y, mask=m_y, other=0.0) * LOG2E
+                b_lse_y = tl.load(LSE_Y + o_y, mask=m_y, other=0.0)
                 b_grad_y = tl.load(GRAD_Y + o_y, mask=m_y, other=0.0)
-                b_ds += tl.exp2(b_s2 - b_lse_y[None, :]) * b_grad_y[None, :]
+            b_pos_y = tl.zeros([BLOCK_N], dtype=tl.int64)
+            b_grad_pos_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if HAS_POSITIVES:
+                if not X_IS_A:
+                    b_pos_y = tl.load(POSITIVE_INDEX + o_y, mask=m_y, other=-1)
+                    if GRAD_POSITIVE_TERM:
+                        b_grad_pos_y = tl.load(GRAD_POSITIVES + o_y, mask=m_y, other=0.0)
+            m_valid = allowed_entries(
+                o_x, o_y, m_x, m_y, offset, b_pos_x, b_pos_y, private_columns,
+                HAS_EXCLUDE, EXCLUDE_POSITIVE, HAS_PRIVATE, X_IS_A,
+            )
+            b_ds = lse_gradient_tile(b_s * scale, m_valid, b_lse_x, b_grad_x, b_lse_y, b_grad_y,
+                                     HAS_X_TERM, HAS_Y_TERM)
+            if GRAD_POSITIVE_TERM:
+                # The positives' gradient meets the softmax terms in fp32, before dS is rounded (tiles.py).
+                b_is_positive = positive_entries(o_x, o_y, b_pos_x, b_pos_y, X_IS_A)
+                if X_IS_A:
+                    b_ds += tl.where(b_is_positive, b_grad_pos_x[:, None], 0.0)
+                else:
+                    b_ds += tl.where(b_is_positive, b_grad_pos_y[None, :], 0.0)
         else:
             b_logits = b_s * scale + bias
             m_positive = o_y[None, :] == o_x[:, None] + offset
@@ -105,15 +149,18 @@ def gradient_kernel(
             b_e = tl.exp2(-tl.abs(b_t) * LOG2E)
             b_sigmoid = tl.where(b_t >= 0, 1.0 / (1.0 + b_e), b_e / (1.0 + b_e))
             b_ds = tl.where(m_positive, -b_sigmoid, b_sigmoid) * grad_total
-        b_ds = tl.where(m_valid, b_ds, 0.0)
+            b_ds = tl.where(m_x[:, None] & m_y[None, :], b_ds, 0.0)
         if WRITE_BIAS_PARTIAL:
             b_bias_grad += tl.sum(b_ds, 1)
 
         b_acc = accumulate_product(
-            b_acc, b_ds, Y, o_y, m_y, p_out, m_x, d, stride_y, REGISTER_ACC, BLOCK_D, DOT_FP32, INPUT_PRECISION
+            b_acc, b_ds, Y, o_y, m_y, p_out, m_x, d, stride_y, ds_scale,
+            REGISTER_ACC, BLOCK_D, DOT_FP32, SCALE_DS, INPUT_PRECISION,
         )
 
     if REGISTER_ACC:
+        if SCALE_DS:
+            b_acc = b_acc / ds_scale
         tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d))
     if WRITE_BIAS_PARTIAL:
         tl.store(BIAS_PARTIAL + i_s * tl.num_programs(0) + i_m, tl.sum(b_bias_grad, 0))

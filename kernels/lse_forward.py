@@ -1,4 +1,4 @@
-"""Forward log-sum-exp kernel: row LSE of S = s·X·Yᵀ, optionally with per-row-block column partials.
+"""Forward log-sum-exp kernel: row LSE of S = s·X·Yᵀ, the positive logits, optionally column partials.
 
 One pass over S gives both directions of CLIP when the column scratch (n / BLOCK_M · m fp32) is small:
 each program also writes, for every column, the LSE over its own BLOCK_M rows, and the host merges those
@@ -8,15 +8,17 @@ the same kernel run on Y·Xᵀ instead (a second pass, no scratch).
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LN2, LOG2E, similarity_tile
+from fastcontrast.kernels.tiles import LN2, LOG2E, allowed_entries, positive_entries, similarity_tile
 
 
-@triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset", "cols_per_split"])
+@triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset", "private_columns", "cols_per_split"])
 def lse_forward_kernel(
     X,
     Y,
     SCALE,
+    POSITIVE_INDEX,
     LSE_X,
+    POSITIVES,
     COL_PARTIAL,
     ARGMAX_X,
     MAX_X,
@@ -28,8 +30,14 @@ def lse_forward_kernel(
     stride_x,
     stride_y,
     exclude_offset,
+    private_columns,
     cols_per_split,
     HAS_EXCLUDE: tl.constexpr,
+    HAS_POSITIVES: tl.constexpr,
+    EXCLUDE_POSITIVE: tl.constexpr,
+    HAS_PRIVATE: tl.constexpr,
+    X_IS_A: tl.constexpr,
+    WRITE_POSITIVES: tl.constexpr,
     WRITE_COL_PARTIAL: tl.constexpr,
     WRITE_ARGMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -40,13 +48,14 @@ def lse_forward_kernel(
 ):
     """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X against the columns of split i_s of Y.
 
-    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the allowed j of the split (entry j = i +
-    exclude_offset is left out when HAS_EXCLUDE), and if WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] =
-    log Σ_{i in block} exp(Sᵢⱼ). Online softmax in base 2 with the scale folded in (as FlashAttention),
-    fp32 throughout. With more than one split (few rows, many columns: a local loss, a memory bank) the
-    host merges the splits' partial LSEs with one logsumexp, in a fixed order.
+    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the entries the masks allow (``allowed_entries``);
+    with WRITE_POSITIVES, POSITIVES[i_s, rows] = the logit at each row's positive column (0 in splits that do
+    not hold it, so the host's sum over splits is exact); with WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] =
+    log Σ_{i in block} exp(Sᵢⱼ). Online softmax in natural units with exp2 (see tiles.py), fp32
+    throughout. With more than one split (few rows, many columns: a local loss, a memory bank) the host
+    merges the splits' partial LSEs with one logsumexp, in a fixed order.
 
-    If WRITE_ARGMAX, also each row's argmax over the split (ARGMAX_X, with its scaled max in MAX_X) and, with
+    If WRITE_ARGMAX, also each row's argmax over the split (ARGMAX_X, with its max in MAX_X) and, with
     the column partials, each column's argmax over the block's rows (COL_ARGMAX, COL_MAX): retrieval accuracy
     from the same pass. Ties go to the lowest index: within a tile by the reduction, across tiles because
     only a strictly larger max replaces the running one, across splits / row blocks by the host's argmax.
@@ -55,51 +64,68 @@ def lse_forward_kernel(
     i_s = tl.program_id(1)
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
-    scale_log2 = tl.load(SCALE).to(tl.float32) * LOG2E
+    scale = tl.load(SCALE).to(tl.float32)
+    b_pos_x = tl.zeros([BLOCK_M], dtype=tl.int64)
+    if HAS_POSITIVES:
+        if X_IS_A:
+            b_pos_x = tl.load(POSITIVE_INDEX + o_x, mask=m_x, other=-1)
 
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_arg = tl.zeros([BLOCK_M], dtype=tl.int32)
+    b_positive = tl.zeros([BLOCK_M], dtype=tl.float32)
     start_split = i_s * cols_per_split
     for start_n in range(start_split, tl.minimum(n_y, start_split + cols_per_split), BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
-        b_s = similarity_tile(
+        b_pos_y = tl.zeros([BLOCK_N], dtype=tl.int64)
+        if HAS_POSITIVES:
+            if not X_IS_A:
+                b_pos_y = tl.load(POSITIVE_INDEX + o_y, mask=m_y, other=-1)
+        b_logits = similarity_tile(
             X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-        ) * scale_log2
-        m_valid = m_x[:, None] & m_y[None, :]
-        if HAS_EXCLUDE:
-            m_valid = m_valid & (o_y[None, :] != o_x[:, None] + exclude_offset)
-        b_s = tl.where(m_valid, b_s, float("-inf"))
+        ) * scale
+        if WRITE_POSITIVES:
+            b_is_positive = positive_entries(o_x, o_y, b_pos_x, b_pos_y, X_IS_A)
+            b_positive += tl.sum(tl.where(b_is_positive, b_logits, 0.0), 1)
+        m_valid = allowed_entries(
+            o_x, o_y, m_x, m_y, exclude_offset, b_pos_x, b_pos_y, private_columns,
+            HAS_EXCLUDE, EXCLUDE_POSITIVE, HAS_PRIVATE, X_IS_A,
+        )
+        b_logits = tl.where(m_valid, b_logits, float("-inf"))
 
         if WRITE_ARGMAX:
-            b_tile_max, b_tile_arg = tl.max(b_s, 1, return_indices=True)
+            b_tile_max, b_tile_arg = tl.max(b_logits, 1, return_indices=True)
             b_arg = tl.where(b_tile_max > b_max, start_n + b_tile_arg, b_arg)
         else:
-            b_tile_max = tl.max(b_s, 1)
+            b_tile_max = tl.max(b_logits, 1)
         b_new_max = tl.maximum(b_max, b_tile_max)
         # A row with nothing allowed yet has max −inf; shift by 0 instead so exp2 sees −inf, not NaN.
         b_shift = tl.where(b_new_max == float("-inf"), 0.0, b_new_max)
-        b_sum = b_sum * tl.exp2(b_max - b_shift) + tl.sum(tl.exp2(b_s - b_shift[:, None]), 1)
+        b_sum = b_sum * tl.exp2((b_max - b_shift) * LOG2E) + tl.sum(
+            tl.exp2((b_logits - b_shift[:, None]) * LOG2E), 1
+        )
         b_max = b_new_max
 
         if WRITE_COL_PARTIAL:
             if WRITE_ARGMAX:
-                b_col_max, b_col_arg = tl.max(b_s, 0, return_indices=True)
+                b_col_max, b_col_arg = tl.max(b_logits, 0, return_indices=True)
                 p_col = i_m.to(tl.int64) * n_y + o_y
                 tl.store(COL_MAX + p_col, b_col_max, mask=m_y)
                 tl.store(COL_ARGMAX + p_col, (i_m * BLOCK_M + b_col_arg).to(tl.int64), mask=m_y)
             else:
-                b_col_max = tl.max(b_s, 0)
+                b_col_max = tl.max(b_logits, 0)
             b_col_shift = tl.where(b_col_max == float("-inf"), 0.0, b_col_max)
-            b_col_sum = tl.sum(tl.exp2(b_s - b_col_shift[None, :]), 0)
-            b_col_lse = (b_col_shift + tl.log2(b_col_sum)) * LN2
+            b_col_sum = tl.sum(tl.exp2((b_logits - b_col_shift[None, :]) * LOG2E), 0)
+            b_col_lse = b_col_shift + tl.log2(b_col_sum) * LN2
             tl.store(COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y, b_col_lse, mask=m_y)
 
     b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
     p_row = i_s.to(tl.int64) * n_x + o_x
-    tl.store(LSE_X + p_row, (b_shift + tl.log2(b_sum)) * LN2, mask=m_x)
+    tl.store(LSE_X + p_row, b_shift + tl.log2(b_sum) * LN2, mask=m_x)
+    if WRITE_POSITIVES:
+        tl.store(POSITIVES + p_row, b_positive, mask=m_x)
     if WRITE_ARGMAX:
         tl.store(ARGMAX_X + p_row, b_arg.to(tl.int64), mask=m_x)
         tl.store(MAX_X + p_row, b_max, mask=m_x)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 # Tolerances (atol, rtol) for a fastcontrast result in a given input dtype against the fp32 (or fp64)
 # reference. Half-precision inputs are rounded once on the way in; the kernels then accumulate in fp32.
@@ -39,3 +41,27 @@ def assert_close(
             f"(worst at flat index {worst}: got {actual.reshape(-1)[worst].item():.6e}, "
             f"expected {expected.reshape(-1)[worst].item():.6e})"
         )
+
+
+# The memory-bound tests' size: at N = 4096, d = 64 the naive losses create N×N logits (16.8M elements);
+# nothing of BOUND = N²/4 elements or more may be created by the blockwise losses.
+BOUND_N, BOUND_D = 4096, 64
+BOUND = BOUND_N * BOUND_N // 4
+
+
+class TensorSizeRecorder(TorchDispatchMode):
+    """Records (numel, op name) of every tensor returned by every aten op run while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.created.append((item.numel(), str(func)))
+        return out
+
+    def largest(self) -> tuple[int, str]:
+        return max(self.created, default=(0, "no op"))

@@ -454,6 +454,46 @@ def _run_subgroup(rank, world_size):
     }
 
 
+def _run_host_exchange(rank, world_size):
+    """The layout exchange must not touch the loss's (NCCL) group: simulate one and record every all-gather."""
+    from fastcontrast import distributed as fc_dist
+
+    calls = []
+    real_gather, real_backend = fc_dist._all_gather_single, fc_dist.backend_name
+
+    def recording_gather(output, tensor, group):
+        calls.append({"group_is_default": group is None, "device": str(tensor.device), "dtype": str(tensor.dtype),
+                      "group_id": id(group)})
+        return real_gather(output, tensor, group)
+
+    fc_dist._all_gather_single = recording_gather
+    # Every group reports NCCL: its CPU twin must carry the exchange, the features still go through it.
+    fc_dist.backend_name = lambda group: "nccl"
+    try:
+        batch = _global_batch(UNEQUAL_SIZES[world_size], torch.float64)
+        start, stop = _offsets(UNEQUAL_SIZES[world_size])[rank]
+        results = []
+        for _ in range(2):  # the twin is created once, then reused
+            image, text = _leaf(batch["image"][start:stop]), _leaf(batch["text"][start:stop])
+            loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(
+                image, text, batch["scale"]
+            )
+            loss.backward()
+            results.append(loss.detach())
+    finally:
+        fc_dist._all_gather_single, fc_dist.backend_name = real_gather, real_backend
+    exchanges = [c for c in calls if c["dtype"] == "torch.int64"]
+    gathers = [c for c in calls if c["dtype"] != "torch.int64"]
+    return {
+        "loss": results[0],
+        "loss_again": results[1],
+        "exchange_on_default_group": torch.tensor([c["group_is_default"] for c in exchanges]),
+        "exchange_on_cpu": torch.tensor([c["device"] == "cpu" for c in exchanges]),
+        "exchange_groups": torch.tensor(len({c["group_id"] for c in exchanges})),
+        "gathers_on_default_group": torch.tensor([c["group_is_default"] for c in gathers]),
+    }
+
+
 def _cases(world_size, with_triton):
     """Case name -> callable(rank, world_size). Triton cases run last, so their failure disturbs no other."""
     cases = {}
@@ -488,6 +528,7 @@ def _cases(world_size, with_triton):
     )
     cases["errors"] = _run_errors
     cases["warnings"] = _run_warnings
+    cases["host_exchange"] = _run_host_exchange
     if world_size == 3:
         cases["subgroup"] = _run_subgroup
     if with_triton:
@@ -1137,3 +1178,21 @@ def test_invalid_rank_and_world_size_are_errors():
         fastcontrast.siglip_loss(image, image, 5.0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="`dist_impl` must be one of"):
         fastcontrast.siglip_loss(image, image, 5.0, dist_impl="ring")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_layout_exchange_runs_on_a_host_group_not_the_losses_nccl_group(group_results, world_size):
+    """The per-call layout exchange must not put numbers on the GPU stream: reading an NCCL tensor back
+    (``.tolist()``) waits for all queued GPU work. With the group reported as NCCL, the exchange goes to one
+    gloo twin of it, on CPU tensors; the feature gathers stay on the loss's group; the loss is unchanged."""
+    per_rank = _case(group_results(world_size), "host_exchange")
+    sizes = UNEQUAL_SIZES[world_size]
+    for rank, result in enumerate(per_rank):
+        assert result["exchange_on_cpu"].all(), f"rank {rank}: an exchange tensor was not on the CPU"
+        assert result["exchange_on_cpu"].numel() >= 2, f"rank {rank}: expected one exchange per call"
+        assert not result["exchange_on_default_group"].any(), f"rank {rank}: the exchange used the NCCL group"
+        assert int(result["exchange_groups"]) == 1, f"rank {rank}: the host group was created more than once"
+        assert result["gathers_on_default_group"].all(), f"rank {rank}: a feature gather left the loss's group"
+        expected = _per_rank_clip_local(_global_batch(sizes, torch.float64), sizes)[rank]
+        _check("host exchange", f"rank {rank} loss", result["loss"], expected, torch.float64)
+        _check("host exchange", f"rank {rank} loss again", result["loss_again"], expected, torch.float64)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from _helpers import assert_close
 
 import fastcontrast as fc
-import fastcontrast._ops  # noqa: F401  (fc._ops below)
+import fastcontrast.ops  # noqa: F401  (fc.ops below)
 
 D = 16
 BATCH_SIZES = (12, 17)
@@ -104,10 +104,12 @@ def test_engine_calls_are_custom_ops_in_the_compiled_graph():
 
 
 OPCHECK_CASES = {
-    "lse_forward": lambda a, b, s: (a, b, s, True, True, None, True, "torch", 1024),
-    "lse_forward_rows_excluded": lambda a, b, s: (a, b, s, True, False, 1, False, "torch", 1024),
-    "lse_backward": lambda a, b, s: (a, b, s, torch.randn(9), torch.randn(7), torch.randn(9), torch.randn(7), None,
-                                     True, True, "torch", 1024),
+    "lse_forward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, True, True, None, False, 0, True, "torch", 1024),
+    "lse_forward_rows_excluded": lambda a, b, s: (a, b, s, None, True, False, 1, False, 0, False, "torch", 1024),
+    "lse_forward_private_columns": lambda a, b, s: (a, b, s, torch.arange(9) % 7, True, False, None, True, 3, False,
+                                                    "torch", 1024),
+    "lse_backward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, torch.randn(9), torch.randn(7), torch.randn(9),
+                                     torch.randn(7), torch.randn(9), None, False, 0, True, True, "torch", 1024),
     "siglip_forward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, "torch", 1024),
     "siglip_backward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), torch.tensor(1.0), 0, True, False, "torch",
                                         1024),
@@ -115,10 +117,10 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.skipif(not fc._ops.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4")
+@pytest.mark.skipif(not fc.ops.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4")
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_custom_ops_pass_torch_library_opcheck(case):
     """Schema, fake-tensor implementation (shapes, dtypes) and dispatch checked by torch's own opcheck."""
-    op_name = case.replace("_rows_excluded", "")
+    op_name = case.replace("_rows_excluded", "").replace("_private_columns", "")
     args = OPCHECK_CASES[case](torch.randn(9, 5), torch.randn(7, 5), torch.tensor(2.0))
     torch.library.opcheck(getattr(torch.ops.fastcontrast, op_name).default, args)

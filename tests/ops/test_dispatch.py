@@ -56,3 +56,23 @@ def test_importing_fastcontrast_does_not_import_triton():
     code = "import sys, fastcontrast; print('triton' in sys.modules, 'fastcontrast.kernels.engine' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], f"import side effects: triton imported={out[0]}, engine imported={out[1]}"
+
+
+def test_auto_sends_float64_cuda_tensors_to_the_torch_engine_and_says_why(monkeypatch):
+    # The Triton kernels take fp16 / bf16 / fp32: an fp64 CUDA batch must not reach them (it used to, and the
+    # engine then rejected it with a TypeError mid-training).
+    monkeypatch.delenv(_dispatch.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(_dispatch, "triton_import_error", lambda: None)
+    backend, reason = _dispatch.auto_backend(torch.device("cuda"), torch.float64)
+    assert backend == "torch" and "float64" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deliberate choice, not a missing triton: no warning
+        assert _dispatch.resolve_engine("auto", torch.device("cuda"), torch.float64).name == "torch"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _dispatch.auto_backend(torch.device("cuda"), dtype)[0] == "triton"
+
+
+def test_explicit_triton_with_float64_is_a_clear_type_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match="float64"):
+        _dispatch.resolve_engine("triton", torch.device("cpu"), torch.float64)

@@ -13,10 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOLERANCES, assert_close
-from test_memory_bound import BOUND, TensorSizeRecorder
-from test_memory_bound import D as BOUND_D
-from test_memory_bound import N as BOUND_N
+from _helpers import BOUND, BOUND_D, BOUND_N, TOLERANCES, TensorSizeRecorder, assert_close
 
 import fastcontrast as fc
 from fastcontrast import CoCaLoss, DistillClipLoss, reference

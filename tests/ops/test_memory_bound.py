@@ -9,31 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from _helpers import BOUND, TensorSizeRecorder
+from _helpers import BOUND_D as D
+from _helpers import BOUND_N as N
 
 from fastcontrast import ClipLoss, NTXentLoss, SigLipLoss
-
-N, D = 4096, 64
-BOUND = N * N // 4
-
-
-class TensorSizeRecorder(TorchDispatchMode):
-    """Records (numel, op name) of every tensor returned by every aten op run while the mode is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.created: list[tuple[int, str]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
-                self.created.append((item.numel(), str(func)))
-        return out
-
-    def largest(self) -> tuple[int, str]:
-        return max(self.created, default=(0, "no op"))
 
 
 def make_inputs(seed: int):
