@@ -28,10 +28,11 @@ OWN_FLAGS = ("--fastcontrast-backend", "--fastcontrast-chunk-bytes")
 
 USAGE = """\
 python -m fastcontrast.open_clip_train [--fastcontrast-backend {auto,torch,triton,reference}]
-                                       [--fastcontrast-chunk-bytes N] <open_clip_train arguments>
+                                              [--fastcontrast-chunk-bytes N] <open_clip_train arguments>"""
+HELP = f"""usage: {USAGE}
 
 Runs open_clip_train.main with open_clip's losses replaced by fastcontrast's. Every argument other than
-the two --fastcontrast-* flags goes to open_clip_train unchanged; its own help follows.
+the two --fastcontrast-* flags goes to open_clip_train unchanged; open_clip_train's own help follows.
 """
 
 
@@ -83,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run open_clip's trainer on ``argv`` (default ``sys.argv[1:]``) with the losses patched. Returns 0 or 1."""
     own, open_clip_argv = split_argv(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in open_clip_argv):
-        print(USAGE)
+        print(HELP)
     try:
         from open_clip_train.main import main as open_clip_main
     except ImportError as exc:

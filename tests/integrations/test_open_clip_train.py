@@ -177,3 +177,11 @@ def test_cli_rejects_bad_own_flags_with_a_usage_error(argv, capsys):
         split_argv(argv)
     assert exit_info.value.code == 2
     assert "fastcontrast" in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_its_flags_then_open_clip_trains_help():
+    result = subprocess.run([sys.executable, "-m", "fastcontrast.open_clip_train", "--help"], capture_output=True,
+                            text=True, timeout=TIMEOUT_S, env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    ours, open_clips = result.stdout.index("--fastcontrast-chunk-bytes"), result.stdout.index("--train-data")
+    assert ours < open_clips
