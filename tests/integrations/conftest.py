@@ -5,4 +5,12 @@ a test skips only where its package is absent. Importing ``integration_support``
 torchvision stub on ``sys.path`` when no real torchvision imports, before the test modules import open_clip.
 """
 
-import integration_support  # noqa: F401
+import sys
+from pathlib import Path
+
+# The test modules import integration_support by name; pytest's default "prepend" import mode puts this
+# folder on sys.path anyway, but other import modes do not.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+import integration_support  # noqa: E402, F401
