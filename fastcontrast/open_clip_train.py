@@ -1,7 +1,11 @@
 """``python -m fastcontrast.open_clip_train <open_clip_train arguments>``: open_clip's trainer with fastcontrast losses.
 
     python -m fastcontrast.open_clip_train --train-data data.csv --model ViT-B-32 --batch-size 4096 ...
-    torchrun --nproc_per_node 8 -m fastcontrast.open_clip_train --siglip --fastcontrast-backend triton ...
+    torchrun --nproc_per_node 8 -m fastcontrast.open_clip_train -- --siglip --fastcontrast-backend triton ...
+
+(With torchrun, the ``--`` matters as soon as ``--logs`` is among the arguments: torchrun's own parser
+rejects it as an ambiguous abbreviation of its ``--logs-specs``, and drops the ``--`` before the script
+sees it. The same holds for ``torchrun -m open_clip_train.main``.)
 
 It removes its own two flags, applies :func:`fastcontrast.integrations.patch_open_clip`, and runs open_clip's
 own entry point (``open_clip_train.main.main``) with every other argument unchanged, so ``--siglip``,

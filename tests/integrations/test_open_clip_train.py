@@ -26,6 +26,7 @@ from integration_support import subprocess_env
 pytest.importorskip("open_clip")
 pytest.importorskip("open_clip_train.main", reason="open_clip's training extras (pandas, webdataset) are missing")
 
+import fastcontrast  # noqa: E402
 from fastcontrast.open_clip_train import split_argv  # noqa: E402
 
 RUNNER = Path(__file__).parent / "open_clip_runner.py"
@@ -128,11 +129,12 @@ def test_open_clip_train_with_fastcontrast_gives_open_clips_losses_step_by_step(
     # One loss call per batch (with --accum-freq, each batch's call holds the other cached batches too).
     steps = SAMPLES // (BATCH * nproc)
     assert steps >= 10
+    ours = getattr(fastcontrast, loss_name)
+    own, _ = split_argv(own_flags)
     for rank in range(nproc):
         # The patch took: open_clip's create_loss built fastcontrast's class, with the flags' options.
         assert {r["class"] for r in reference[rank]} == {f"open_clip.loss.{loss_name}"}
-        assert all(f"fastcontrast.losses.{loss_name}" in r["mro"] for r in patched[rank])
-        own, _ = split_argv(own_flags)
+        assert all(f"{ours.__module__}.{ours.__qualname__}" in r["mro"] for r in patched[rank])
         assert {(r["backend"], r["chunk_bytes"]) for r in patched[rank]} == {
             (own.fastcontrast_backend, own.fastcontrast_chunk_bytes)
         }
