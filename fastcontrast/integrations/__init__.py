@@ -1,0 +1,123 @@
+"""One line to use fastcontrast inside the trainers people already run.
+
+    from fastcontrast.integrations import patch_open_clip
+    patch_open_clip()                     # open_clip's create_loss now builds fastcontrast losses
+
+    with patch_lightly(backend="torch"):  # or scoped, undone on exit
+        ...
+
+Each ``patch_*`` function rebinds the library's loss classes to fastcontrast's wherever the library looks
+them up, and returns a :class:`Patch` handle (``handle.undo()``, idempotent; also a context manager).
+``backend=`` and ``chunk_bytes=`` become the defaults of every loss the library constructs while patched.
+The replacements take the originals' constructor and ``forward`` arguments and give their values and
+gradients (see the README's drop-in table); inputs are the same shapes as the originals'.
+
+Importing this module imports none of the libraries; each function imports its own when called, and
+raises an ImportError naming the pip package when it is missing. For open_clip's command line, see
+``python -m fastcontrast.open_clip_train``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import fastcontrast
+from fastcontrast.integrations._patching import Patch, check_options, import_library, patch_names, with_options
+
+__all__ = ["Patch", "patch_lightly", "patch_open_clip", "patch_pytorch_metric_learning"]
+
+OPEN_CLIP_LOSSES = ("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss")
+LIGHTLY_LOSSES = {"NTXentLoss": "lightly.loss.ntx_ent_loss", "DCLLoss": "lightly.loss.dcl_loss",
+                  "DCLWLoss": "lightly.loss.dcl_loss"}
+
+
+def patch_open_clip(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
+    """Make open_clip (3.x) build fastcontrast's ``ClipLoss``, ``SigLipLoss``, ``CoCaLoss`` and ``DistillClipLoss``.
+
+    Rebinds those names in ``open_clip.loss`` (where they are defined), in ``open_clip.factory`` (which
+    ``create_loss`` — and so ``open_clip_train`` — reads; it imported them at import time), in the top-level
+    ``open_clip`` package, and in any other imported ``open_clip`` / ``open_clip_train`` module that holds
+    them. Classes open_clip already derived from the originals are not affected.
+
+    The losses take the same inputs as open_clip's: image/text features ``[n, d]`` (``[n, L, V]`` caption
+    logits and ``[n, L]`` labels for CoCa; teacher features ``[n, d_t]`` for distillation), the exponentiated
+    ``logit_scale``, SigLIP's ``logit_bias``, ``output_dict=``; distributed flags behave as in open_clip.
+
+    Args:
+        backend: default ``backend=`` of the losses: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
+        chunk_bytes: default ``chunk_bytes=`` (logits bytes per chunk for the torch engine); None = its default.
+
+    Returns:
+        A :class:`Patch`; ``undo()`` (or leaving its ``with`` block) restores open_clip's classes.
+
+    Raises:
+        ImportError: open_clip is not installed (``pip install open_clip_torch``) or does not import.
+        ValueError: an unknown ``backend`` or a ``chunk_bytes`` that is not a positive int.
+    """
+    check_options(backend, chunk_bytes)
+    import_library("open_clip", "open_clip_torch", "patch_open_clip")
+    names = [
+        ("open_clip.loss", name, with_options(getattr(fastcontrast, name), backend, chunk_bytes))
+        for name in OPEN_CLIP_LOSSES
+    ]
+    return patch_names("open_clip", names, ("open_clip.factory", "open_clip"), ("open_clip", "open_clip_train"))
+
+
+def patch_lightly(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
+    """Make lightly (1.6) use fastcontrast's ``NTXentLoss``, and ``DCLLoss`` / ``DCLWLoss`` once fastcontrast has them.
+
+    Rebinds ``lightly.loss.NTXentLoss`` and its defining module ``lightly.loss.ntx_ent_loss`` (likewise
+    ``lightly.loss.dcl_loss`` for the DCL losses), plus any other imported ``lightly`` module holding them.
+    Classes lightly already derived from the originals (``DirectCLRLoss``) keep their original base.
+
+    Inputs are lightly's: ``forward(out0, out1)`` with two views ``[n, d]``; memory bank and
+    ``gather_distributed`` behave as in lightly.
+
+    Args:
+        backend, chunk_bytes: defaults for the losses constructed while patched (see :func:`patch_open_clip`).
+
+    Returns:
+        A :class:`Patch` that restores lightly's classes.
+
+    Raises:
+        ImportError: lightly is not installed (``pip install lightly``) or does not import.
+        ValueError: an unknown ``backend`` or a bad ``chunk_bytes``.
+    """
+    check_options(backend, chunk_bytes)
+    import_library("lightly.loss", "lightly", "patch_lightly")
+    names = [
+        (defining, name, with_options(getattr(fastcontrast, name), backend, chunk_bytes))
+        for name, defining in LIGHTLY_LOSSES.items()
+        # DCLLoss / DCLWLoss: only once fastcontrast provides them.
+        if getattr(fastcontrast, name, None) is not None
+    ]
+    return patch_names("lightly", names, ("lightly.loss",), ("lightly",))
+
+
+def patch_pytorch_metric_learning(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
+    """Make pytorch-metric-learning (2.x) use fastcontrast's ``SupConLoss``.
+
+    Rebinds ``pytorch_metric_learning.losses.SupConLoss`` and its defining module
+    ``pytorch_metric_learning.losses.supcon_loss``, plus any other imported PML module holding it.
+
+    Inputs are PML's: ``forward(embeddings [n, d], labels [n], indices_tuple=None, ref_emb=None,
+    ref_labels=None)``. Only ``temperature=`` is accepted at construction (PML's ``distance=``, ``reducer=``,
+    regularisers raise TypeError), and a miner's ``indices_tuple`` raises ValueError: fastcontrast scores
+    all pairs without materialising them.
+
+    Args:
+        backend, chunk_bytes: defaults for the losses constructed while patched (see :func:`patch_open_clip`).
+
+    Returns:
+        A :class:`Patch` that restores PML's class.
+
+    Raises:
+        ImportError: PML is not installed (``pip install pytorch-metric-learning``) or does not import.
+        ValueError: an unknown ``backend`` or a bad ``chunk_bytes``.
+    """
+    check_options(backend, chunk_bytes)
+    import_library("pytorch_metric_learning.losses", "pytorch-metric-learning", "patch_pytorch_metric_learning")
+    names = [("pytorch_metric_learning.losses.supcon_loss", "SupConLoss",
+              with_options(fastcontrast.SupConLoss, backend, chunk_bytes))]
+    return patch_names("pytorch_metric_learning", names, ("pytorch_metric_learning.losses",),
+                       ("pytorch_metric_learning",))

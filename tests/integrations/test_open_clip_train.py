@@ -1,0 +1,189 @@
+"""``python -m fastcontrast.open_clip_train`` against open_clip's own trainer, run for real on CPU.
+
+A tiny CLIP (1-layer ViT on 32 px images and a 1-layer text tower, width 32) is trained on a CSV dataset of
+random images with distinct captions (``--dataset-type synthetic`` repeats one sample, so its loss is a
+constant and would prove nothing), once by ``open_clip_train.main`` unpatched and once through
+``fastcontrast.open_clip_train``. Same seed, same data order, same augmentation draws (the loss consumes
+no randomness), so every step's loss must agree to fp32 rounding, while parameters drift apart only by
+rounding. Losses are recorded exactly by ``open_clip_runner.py`` through a module forward hook, which also
+proves which loss class the trainer built. Two-rank runs use torchrun with gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import pytest
+from integration_support import subprocess_env
+
+pytest.importorskip("open_clip")
+pytest.importorskip("open_clip_train.main", reason="open_clip's training extras (pandas, webdataset) are missing")
+
+import fastcontrast  # noqa: E402
+from fastcontrast.open_clip_train import split_argv  # noqa: E402
+
+RUNNER = Path(__file__).parent / "open_clip_runner.py"
+SAMPLES = 160  # 20 steps of 8 in one process, 10 steps of 8 per rank with two ranks
+BATCH = 8
+TIMEOUT_S = 240  # per trainer run; a hung collective fails the test instead of blocking CI
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    # SimpleTokenizer's BPE ids need the full CLIP vocabulary; the context is short to keep steps cheap.
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Dict[str, Path]:
+    """A local-dir model config and a CSV of SAMPLES random 40×40 images with distinct captions."""
+    import numpy as np
+    from PIL import Image
+
+    # The directory name matters: open_clip picks CoCaLoss for any model name containing "coca".
+    root = tmp_path_factory.mktemp("open_clip_data")
+    model_dir = root / "tiny-clip"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    rng = np.random.default_rng(0)
+    words = "red green blue cat dog tree house car boat bird sun moon river hill road".split()
+    lines = ["filepath\ttitle"]
+    for i in range(SAMPLES):
+        path = root / f"image_{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        lines.append(f"{path}\t{' '.join(rng.choice(words, 4))} photo {i}")
+    csv = root / "train.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return {"root": root, "model": model_dir, "csv": csv}
+
+
+def train(dataset, name: str, via: str, nproc: int, flags: Sequence[str]) -> List[dict]:
+    """Run one training (``via`` = "open_clip" or "fastcontrast"); return each rank's recorded loss calls."""
+    root = dataset["root"]
+    argv = [
+        "--model", f"local-dir:{dataset['model']}", "--train-data", str(dataset["csv"]), "--dataset-type", "csv",
+        "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+        "--lr", "1e-3", "--warmup", "2", "--seed", "0", "--logs", str(root / "logs"), "--name", name,
+        "--log-every-n-steps", "1", *flags,
+    ]
+    prefix = root / name
+    job = root / f"{name}.job.json"
+    job.write_text(json.dumps({"prefix": str(prefix), "via": via, "argv": argv}))
+    runner = [str(RUNNER), str(job)]
+    if nproc == 1:
+        command = [sys.executable, *runner]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *runner]
+    # A new session, so that on a timeout the whole tree (torchrun and its workers) can be killed.
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{name}: open_clip training did not finish in {TIMEOUT_S} s:\n{output[-4000:]}")
+    assert process.returncode == 0, f"{name} failed (exit {process.returncode}):\n{output[-4000:]}"
+    return [json.loads(Path(f"{prefix}.rank{rank}.json").read_text())["records"] for rank in range(nproc)]
+
+
+def assert_losses_match(reference: List[dict], patched: List[dict], steps: int) -> None:
+    assert len(reference) == len(patched) == steps
+    for step, (ref, ours) in enumerate(zip(reference, patched)):
+        assert ref["terms"].keys() == ours["terms"].keys()
+        for term, expected in ref["terms"].items():
+            # fp32 rounding (measured: at most 3e-7 relative over 20 steps), with room for the parameters'
+            # rounding-level drift over the steps before on other CPUs.
+            assert math.isclose(ours["terms"][term], expected, rel_tol=4e-6, abs_tol=1e-7), (
+                f"step {step} {term}: fastcontrast {ours['terms'][term]!r} vs open_clip {expected!r}"
+            )
+
+
+CASES = {
+    # name: (fastcontrast class, open_clip trainer flags, fastcontrast flags, ranks)
+    "clip-1-process": ("ClipLoss", [], [], 1),
+    "siglip-1-process": ("SigLipLoss", ["--siglip"], [], 1),
+    "clip-1-process-accum-freq-2": ("ClipLoss", ["--accum-freq", "2"], [], 1),
+    "clip-2-ranks-local-loss-gather-with-grad": (
+        "ClipLoss", ["--local-loss", "--gather-with-grad"],
+        ["--fastcontrast-backend", "torch", "--fastcontrast-chunk-bytes", "128"], 2,
+    ),
+    "siglip-2-ranks": ("SigLipLoss", ["--siglip"], ["--fastcontrast-chunk-bytes=128"], 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_open_clip_train_with_fastcontrast_gives_open_clips_losses_step_by_step(dataset, case):
+    loss_name, flags, own_flags, nproc = CASES[case]
+    reference = train(dataset, f"{case}-open_clip", "open_clip", nproc, flags)
+    patched = train(dataset, f"{case}-fastcontrast", "fastcontrast", nproc, [*flags, *own_flags])
+    # One loss call per batch (with --accum-freq, each batch's call holds the other cached batches too).
+    steps = SAMPLES // (BATCH * nproc)
+    assert steps >= 10
+    ours = getattr(fastcontrast, loss_name)
+    own, _ = split_argv(own_flags)
+    for rank in range(nproc):
+        # The patch took: open_clip's create_loss built fastcontrast's class, with the flags' options.
+        assert {r["class"] for r in reference[rank]} == {f"open_clip.loss.{loss_name}"}
+        assert all(f"{ours.__module__}.{ours.__qualname__}" in r["mro"] for r in patched[rank])
+        assert {(r["backend"], r["chunk_bytes"]) for r in patched[rank]} == {
+            (own.fastcontrast_backend, own.fastcontrast_chunk_bytes)
+        }
+        # The data varies, so equal losses mean something (a synthetic dataset would give one value).
+        values = [r["terms"]["contrastive_loss"] for r in reference[rank]]
+        assert max(values) - min(values) > 1e-2
+        assert_losses_match(reference[rank], patched[rank], steps)
+    if nproc > 1:
+        # Each rank scored its own batch: the ranks' losses differ.
+        assert reference[0][0]["terms"] != reference[1][0]["terms"]
+
+
+@pytest.mark.parametrize(
+    "argv, backend, chunk_bytes, rest",
+    [
+        pytest.param(["--siglip", "--lr", "1e-3"], "auto", None, ["--siglip", "--lr", "1e-3"], id="no-own-flags"),
+        pytest.param(
+            ["--model", "ViT-B-32", "--fastcontrast-backend", "torch", "--local-loss", "--fastcontrast-chunk-bytes",
+             "4096", "--gather-with-grad"],
+            "torch", 4096, ["--model", "ViT-B-32", "--local-loss", "--gather-with-grad"], id="separate-values",
+        ),
+        pytest.param(["--fastcontrast-backend=reference", "--wd", "-0.1", "--fastcontrast-chunk-bytes=64"],
+                     "reference", 64, ["--wd", "-0.1"], id="equals-form-and-negative-open-clip-value"),
+    ],
+)
+def test_cli_takes_out_only_its_own_flags_and_keeps_the_rest_in_order(argv, backend, chunk_bytes, rest):
+    own, remaining = split_argv(argv)
+    assert (own.fastcontrast_backend, own.fastcontrast_chunk_bytes, remaining) == (backend, chunk_bytes, rest)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["--fastcontrast-backend", "cuda"], id="unknown-backend"),
+        pytest.param(["--fastcontrast-chunk-bytes", "0"], id="zero-chunk-bytes"),
+        pytest.param(["--fastcontrast-chunk-bytes", "8MiB"], id="non-integer-chunk-bytes"),
+        pytest.param(["--lr", "1e-3", "--fastcontrast-backend"], id="missing-value"),
+    ],
+)
+def test_cli_rejects_bad_own_flags_with_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        split_argv(argv)
+    assert exit_info.value.code == 2
+    assert "fastcontrast" in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_its_flags_then_open_clip_trains_help():
+    result = subprocess.run([sys.executable, "-m", "fastcontrast.open_clip_train", "--help"], capture_output=True,
+                            text=True, timeout=TIMEOUT_S, env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    ours, open_clips = result.stdout.index("--fastcontrast-chunk-bytes"), result.stdout.index("--train-data")
+    assert ours < open_clips
