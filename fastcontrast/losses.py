@@ -81,7 +81,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                     return_accuracy=return_accuracy)
-        if return_accuracy and type(self) is not ClipLoss:
+        if return_accuracy and isinstance(self, (DistillClipLoss, CoCaLoss)):
             raise ValueError(f"`return_accuracy` is a ClipLoss option; {type(self).__name__} does not take it.")
         check_rank_world(rank, world_size)
         _reject_horovod(use_horovod)

@@ -7,14 +7,17 @@ passes (student and teacher, each with its own d); neither matrix is written to 
 - :func:`distill_forward_kernel`: one pass gives the row statistics, and optionally, per row block, the
   three column partials (student LSE, teacher LSE and the cross term normalised by the block's teacher
   sum), merged on the host in a fixed order.
-- :func:`distill_gradient_kernel`: OUT = W·Y_out for the rows of X, with W = dS (student gradient, Y_out = Y)
-  or W = dT (teacher gradient, Y_out = Y_t), both tiles recomputed. Run with X and Y swapped (and the
-  statistics swapped) for the other side. Each program owns its rows: no atomics, bitwise deterministic.
+- :func:`distill_gradient_kernel` (output dim ≤ 64): OUT = W·Y_out for the rows of X, with W = dS (student
+  gradient, Y_out = Y) or W = dT (teacher gradient, Y_out = Y_t), both tiles recomputed, the accumulator in
+  registers. Run with X and Y swapped (and the statistics swapped) for the other side. Each program owns its
+  rows: no atomics, bitwise deterministic.
+- :func:`distill_panel_kernel` (larger dims): W (and dT) of one panel written once, multiplied out by
+  :func:`fastcontrast.kernels.panel.panel_matmul_kernel`, as for the other losses (kernels/panel.py).
 """
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LN2, LOG2E, accumulate_product, similarity_tile
+from fastcontrast.kernels.tiles import LN2, LOG2E, as_dot_operand, round_to_bfloat16, similarity_tile
 
 
 @triton.jit(do_not_specialize=["n_x", "n_y"])
@@ -126,6 +129,52 @@ def _load_stats(LSE, GRAD_LSE, TEACHER_LSE, CROSS, GRAD_CROSS, o, m):
     return b_lse, b_grad_lse, b_t_lse, b_cross, b_grad_cross
 
 
+@triton.jit
+def distill_weights(
+    X, Y, XT, YT, scale, scale_t, o_x, o_y, m_x, m_y, d, d_t, stride_x, stride_y, stride_xt, stride_yt,
+    LSE_X, GRAD_LSE_X, TEACHER_LSE_X, CROSS_X, GRAD_CROSS_X,
+    LSE_Y, GRAD_LSE_Y, TEACHER_LSE_Y, CROSS_Y, GRAD_CROSS_Y,
+    HAS_X_TERM: tl.constexpr, HAS_Y_TERM: tl.constexpr, STUDENT: tl.constexpr, TEACHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """(W, dT) of one tile, fp32, 0 outside the matrix; each [BLOCK_M, BLOCK_N] (zeros where not asked for).
+
+    With Pˢ = softmax(S) and Pᵗ = softmax(T), by row for the X-side term and by column for the Y-side term:
+    W = g_lse·Pˢ + g_cross·Pᵗ (the student's dS) and dT = g_cross·Pᵗ·(S − cross) (the teacher's).
+    """
+    b_s = similarity_tile(
+        X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+    ) * scale
+    b_t = similarity_tile(
+        XT, YT, o_x, o_y, m_x, m_y, d_t, stride_xt, stride_yt, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+    ) * scale_t
+    b_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    b_dt = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_X_TERM:
+        b_lse_x, b_grad_lse_x, b_t_lse_x, b_cross_x, b_grad_cross_x = _load_stats(
+            LSE_X, GRAD_LSE_X, TEACHER_LSE_X, CROSS_X, GRAD_CROSS_X, o_x, m_x
+        )
+        b_p_t = tl.exp2((b_t - b_t_lse_x[:, None]) * LOG2E)
+        if STUDENT:
+            b_w += tl.exp2((b_s - b_lse_x[:, None]) * LOG2E) * b_grad_lse_x[:, None]
+            b_w += b_p_t * b_grad_cross_x[:, None]
+        if TEACHER:
+            b_dt += b_p_t * (b_s - b_cross_x[:, None]) * b_grad_cross_x[:, None]
+    if HAS_Y_TERM:
+        b_lse_y, b_grad_lse_y, b_t_lse_y, b_cross_y, b_grad_cross_y = _load_stats(
+            LSE_Y, GRAD_LSE_Y, TEACHER_LSE_Y, CROSS_Y, GRAD_CROSS_Y, o_y, m_y
+        )
+        b_p_t = tl.exp2((b_t - b_t_lse_y[None, :]) * LOG2E)
+        if STUDENT:
+            b_w += tl.exp2((b_s - b_lse_y[None, :]) * LOG2E) * b_grad_lse_y[None, :]
+            b_w += b_p_t * b_grad_cross_y[None, :]
+        if TEACHER:
+            b_dt += b_p_t * (b_s - b_cross_y[None, :]) * b_grad_cross_y[None, :]
+    m_tile = m_x[:, None] & m_y[None, :]
+    return tl.where(m_tile, b_w, 0.0), tl.where(m_tile, b_dt, 0.0)
+
+
 @triton.jit(do_not_specialize=["n_x", "n_y"])
 def distill_gradient_kernel(
     X,
@@ -159,19 +208,14 @@ def distill_gradient_kernel(
     HAS_X_TERM: tl.constexpr,
     HAS_Y_TERM: tl.constexpr,
     SCALE_DS: tl.constexpr,
-    REGISTER_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: OUT[rows of block i_m] = Σ over column blocks of W·Y_out, fp32 and unscaled.
-
-    With Pˢ = softmax(S) and Pᵗ = softmax(T) (by row for the X-side term, by column for the Y-side term):
-    student (TEACHER_GRAD false, Y_out = Y): W = g_lse·Pˢ + g_cross·Pᵗ;
-    teacher (TEACHER_GRAD true, Y_out = Y_t): W = g_cross·Pᵗ·(S − cross).
-    """
+    """One program: OUT[rows of block i_m] = Σ over column blocks of W·Y (student) or dT·Y_t (TEACHER_GRAD),
+    fp32 and unscaled, the [BLOCK_M, BLOCK_D] accumulator in registers (output dim ≤ BLOCK_D)."""
     i_m = tl.program_id(0)
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
@@ -180,10 +224,6 @@ def distill_gradient_kernel(
     ds_scale = 1.0
     if SCALE_DS:
         ds_scale = tl.load(DS_SCALE)
-    if HAS_X_TERM:
-        b_lse_x, b_grad_lse_x, b_t_lse_x, b_cross_x, b_grad_cross_x = _load_stats(
-            LSE_X, GRAD_LSE_X, TEACHER_LSE_X, CROSS_X, GRAD_CROSS_X, o_x, m_x
-        )
     if TEACHER_GRAD:
         Y_OUT = YT
         d_out = d_t
@@ -192,46 +232,104 @@ def distill_gradient_kernel(
         Y_OUT = Y
         d_out = d
         stride_y_out = stride_y
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < d_out
 
-    o_d0 = tl.arange(0, BLOCK_D)
-    p_out = OUT + o_x.to(tl.int64)[:, None] * stride_out
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, n_y, BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
-        b_s = similarity_tile(
-            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+        b_w, b_dt = distill_weights(
+            X, Y, XT, YT, scale, scale_t, o_x, o_y, m_x, m_y, d, d_t, stride_x, stride_y, stride_xt, stride_yt,
+            LSE_X, GRAD_LSE_X, TEACHER_LSE_X, CROSS_X, GRAD_CROSS_X,
+            LSE_Y, GRAD_LSE_Y, TEACHER_LSE_Y, CROSS_Y, GRAD_CROSS_Y,
+            HAS_X_TERM, HAS_Y_TERM, not TEACHER_GRAD, TEACHER_GRAD,
             BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-        ) * scale
-        b_t = similarity_tile(
-            XT, YT, o_x, o_y, m_x, m_y, d_t, stride_xt, stride_yt,
-            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
-        ) * scale_t
-        b_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_X_TERM:
-            b_p_t = tl.exp2((b_t - b_t_lse_x[:, None]) * LOG2E)
-            if TEACHER_GRAD:
-                b_w += b_p_t * (b_s - b_cross_x[:, None]) * b_grad_cross_x[:, None]
-            else:
-                b_w += tl.exp2((b_s - b_lse_x[:, None]) * LOG2E) * b_grad_lse_x[:, None]
-                b_w += b_p_t * b_grad_cross_x[:, None]
-        if HAS_Y_TERM:
-            b_lse_y, b_grad_lse_y, b_t_lse_y, b_cross_y, b_grad_cross_y = _load_stats(
-                LSE_Y, GRAD_LSE_Y, TEACHER_LSE_Y, CROSS_Y, GRAD_CROSS_Y, o_y, m_y
-            )
-            b_p_t = tl.exp2((b_t - b_t_lse_y[None, :]) * LOG2E)
-            if TEACHER_GRAD:
-                b_w += b_p_t * (b_s - b_cross_y[None, :]) * b_grad_cross_y[None, :]
-            else:
-                b_w += tl.exp2((b_s - b_lse_y[None, :]) * LOG2E) * b_grad_lse_y[None, :]
-                b_w += b_p_t * b_grad_cross_y[None, :]
-        b_w = tl.where(m_x[:, None] & m_y[None, :], b_w, 0.0)
-        b_acc = accumulate_product(
-            b_acc, b_w, Y_OUT, o_y, m_y, p_out, m_x, d_out, stride_y_out, ds_scale,
-            REGISTER_ACC, BLOCK_D, DOT_FP32, SCALE_DS, INPUT_PRECISION,
         )
+        if TEACHER_GRAD:
+            b_w = b_dt
+        b_y = tl.load(Y_OUT + o_y.to(tl.int64)[:, None] * stride_y_out + o_d[None, :],
+                      mask=m_y[:, None] & m_d[None, :], other=0.0)
+        if DOT_FP32:
+            b_y = b_y.to(tl.float32)  # interpreter only, see tiles.similarity_tile
+        # [BM, BN] @ [BN, BD] -> [BM, BD]
+        b_acc = tl.dot(as_dot_operand(b_w, b_y, ds_scale, DOT_FP32, SCALE_DS), b_y, b_acc,
+                       input_precision=INPUT_PRECISION)
 
-    if REGISTER_ACC:
-        if SCALE_DS:
-            b_acc = b_acc / ds_scale
-        tl.store(p_out + o_d0[None, :], b_acc, mask=m_x[:, None] & (o_d0[None, :] < d_out))
+    if SCALE_DS:
+        b_acc = b_acc / ds_scale
+    tl.store(OUT + o_x.to(tl.int64)[:, None] * stride_out + o_d[None, :], b_acc, mask=m_x[:, None] & m_d[None, :])
+
+
+@triton.jit(do_not_specialize=["row_start", "row_stop", "col_start", "col_stop"])
+def distill_panel_kernel(
+    A,
+    B,
+    AT,
+    BT,
+    SCALE,
+    SCALE_T,
+    DS_SCALE,
+    LSE_ROW,
+    GRAD_LSE_ROW,
+    TEACHER_LSE_ROW,
+    CROSS_ROW,
+    GRAD_CROSS_ROW,
+    LSE_COL,
+    GRAD_LSE_COL,
+    TEACHER_LSE_COL,
+    CROSS_COL,
+    GRAD_CROSS_COL,
+    W,
+    DT,
+    row_start,
+    row_stop,
+    col_start,
+    col_stop,
+    d,
+    d_t,
+    stride_a,
+    stride_b,
+    stride_at,
+    stride_bt,
+    stride_panel,
+    HAS_ROW_TERM: tl.constexpr,
+    HAS_COL_TERM: tl.constexpr,
+    STUDENT: tl.constexpr,
+    TEACHER: tl.constexpr,
+    SCALE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: tile (i_m, i_n) of the panel's W (STUDENT) and dT (TEACHER), stored in the panels' dtype
+    (fp16 multiplied by DS_SCALE, as in kernels/panel.py)."""
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    o_x = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_y = col_start + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_x = o_x < row_stop
+    m_y = o_y < col_stop
+    b_w, b_dt = distill_weights(
+        A, B, AT, BT, tl.load(SCALE).to(tl.float32), tl.load(SCALE_T).to(tl.float32), o_x, o_y, m_x, m_y, d, d_t,
+        stride_a, stride_b, stride_at, stride_bt,
+        LSE_ROW, GRAD_LSE_ROW, TEACHER_LSE_ROW, CROSS_ROW, GRAD_CROSS_ROW,
+        LSE_COL, GRAD_LSE_COL, TEACHER_LSE_COL, CROSS_COL, GRAD_CROSS_COL,
+        HAS_ROW_TERM, HAS_COL_TERM, STUDENT, TEACHER, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+    )
+    p_tile = (o_x - row_start).to(tl.int64)[:, None] * stride_panel + (o_y - col_start)[None, :]
+    m_tile = m_x[:, None] & m_y[None, :]
+    if SCALE_DS:
+        ds_scale = tl.load(DS_SCALE)
+        b_w = b_w * ds_scale
+        b_dt = b_dt * ds_scale
+    if DOT_FP32:
+        # Interpreter only: its fp32 → bf16 cast truncates; round to nearest even as the GPU does.
+        b_w = round_to_bfloat16(b_w)
+        b_dt = round_to_bfloat16(b_dt)
+    if STUDENT:
+        tl.store(W + p_tile, b_w.to(W.dtype.element_ty), mask=m_tile)
+    if TEACHER:
+        tl.store(DT + p_tile, b_dt.to(DT.dtype.element_ty), mask=m_tile)

@@ -13,6 +13,9 @@ wrong where the interpreter cannot see it:
 - no host sync: the scale and bias are read from device pointers, never ``.item()``; lengths and offsets
   are not specialised on (``do_not_specialize``), so a new batch size does not recompile;
 - fp16 gradients: dS is scaled by a power of two before its cast to fp16 (tiles.as_dot_operand).
+
+The gradient takes the fused kernels for d up to ``configs.FUSED_MAX_D`` and the panel path above
+(kernels/panel.py; configs.py says why).
 """
 
 from __future__ import annotations
@@ -23,10 +26,20 @@ from typing import Optional
 
 import torch
 import triton
-from fastcontrast.kernels.configs import KernelConfig, distill_config, forward_config, gradient_config
-from fastcontrast.kernels.distill import distill_forward_kernel, distill_gradient_kernel
-from fastcontrast.kernels.gradient import MODE_LSE, MODE_SIGLIP, gradient_kernel
+from fastcontrast.kernels.configs import (
+    DISTILL_FUSED_MAX_D,
+    KernelConfig,
+    distill_config,
+    forward_config,
+    fused_gradient,
+    gradient_config,
+    panel_configs,
+    target_for,
+)
+from fastcontrast.kernels.distill import distill_forward_kernel, distill_gradient_kernel, distill_panel_kernel
+from fastcontrast.kernels.gradient import gradient_kernel
 from fastcontrast.kernels.lse_forward import lse_forward_kernel
+from fastcontrast.kernels.panel import ds_panel_kernel, panel_matmul_kernel
 from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
 
 from fastcontrast._dispatch import triton_interpreter_enabled
@@ -127,6 +140,9 @@ def _merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> to
     return partial_argmax.gather(0, best).squeeze(0)
 
 
+MODE_LSE, MODE_SIGLIP = 0, 1  # the MODE constexpr of the gradient kernels (tiles.gradient_tile)
+
+
 def _flags(config: KernelConfig, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and dot settings of one launch, as kernel keywords."""
     dot_fp32, precision = dot_settings(dtype, triton_interpreter_enabled())
@@ -134,6 +150,16 @@ def _flags(config: KernelConfig, dtype: torch.dtype) -> dict:
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d, DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def _unpadded(d: int, *outputs: Optional[torch.Tensor]) -> tuple:
+    """The outputs (or None) without the zero columns the aligned buffers added past d."""
+    return tuple(None if x is None else x[:, :d] for x in outputs)
+
+
+def _empty_results(like: torch.Tensor, *results: Optional[torch.Tensor]) -> tuple:
+    """The engine's fixed outputs: each result, or the empty tensor that stands for one not computed."""
+    return tuple(empty_like_result(like) if x is None else x for x in results)
 
 
 class TritonEngine:
@@ -146,15 +172,14 @@ class TritonEngine:
     def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
                     private_columns, need_argmax):
         with launch_device(a):
-            d = a.shape[1]
             a, b = aligned_features(a), aligned_features(b)
             scale = aligned_vector(scale)
             positive_index = aligned_vector(positive_index, torch.int64)
             n, m = a.shape[0], b.shape[0]
             masks = dict(exclude_offset=exclude_offset, exclude_positive=exclude_positive,
-                         private_columns=private_columns, positive_index=positive_index)
+                         private_columns=private_columns)
             lse_row = lse_col = positives = argmax_row = argmax_col = None
-            config = forward_config(d, a.dtype, triton_interpreter_enabled())
+            config = forward_config(target_for(a.device), a.dtype, a.shape[1])
             n_row_blocks = triton.cdiv(n, config.block_m)
             scratch = n_row_blocks * m * (4 + (12 if need_argmax else 0))
             single_pass = need_row and need_col and scratch <= SINGLE_PASS_SCRATCH_BYTES
@@ -166,7 +191,7 @@ class TritonEngine:
                         col_max = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
                         col_argmax = torch.empty((n_row_blocks, m), dtype=torch.int64, device=a.device)
                 lse_row, positives, argmax_row = _launch_lse(
-                    x=a, y=b, scale=scale, x_is_a=True, need_positives=positive_index is not None,
+                    x=a, y=b, scale=scale, x_is_a=True, positive_index=positive_index,
                     need_argmax=need_argmax and need_row, col_partial=col_partial, col_max=col_max,
                     col_argmax=col_argmax, config=config, **masks,
                 )
@@ -177,13 +202,15 @@ class TritonEngine:
                 if not need_row:  # the pass ran for the positives alone
                     lse_row = argmax_row = None
             if need_col and lse_col is None:
-                col_offset = None if exclude_offset is None else -exclude_offset
+                # The column pass needs the positive index only where a mask depends on it.
+                masked_by_positive = exclude_positive or private_columns > 0
                 lse_col, _, argmax_col = _launch_lse(
-                    x=b, y=a, scale=scale, x_is_a=False, need_positives=False, need_argmax=need_argmax,
-                    config=config, **{**masks, "exclude_offset": col_offset},
+                    x=b, y=a, scale=scale, x_is_a=False, positive_index=positive_index if masked_by_positive else None,
+                    need_argmax=need_argmax, config=config,
+                    **{**masks, "exclude_offset": None if exclude_offset is None else -exclude_offset},
                 )
-        return tuple(empty_like_result(a) if x is None else x for x in (lse_row, lse_col, positives)) + tuple(
-            torch.empty(0, dtype=torch.long, device=a.device) if x is None else x for x in (argmax_row, argmax_col)
+        return _empty_results(a, lse_row, lse_col, positives) + tuple(
+            empty_like_result(a, torch.long) if x is None else x for x in (argmax_row, argmax_col)
         )
 
     def lse_backward(self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
@@ -191,31 +218,24 @@ class TritonEngine:
         with launch_device(a):
             d = a.shape[1]
             a, b = aligned_features(a), aligned_features(b)
-            scale = aligned_vector(scale)
-            positive_index = aligned_vector(positive_index, torch.int64)
             row_stats = None if grad_row is None else (aligned_vector(lse_row), aligned_vector(grad_row, torch.float32))
             col_stats = None if grad_col is None else (aligned_vector(lse_col), aligned_vector(grad_col, torch.float32))
             grad_positives = aligned_vector(grad_positives, torch.float32)
-            ds_scale = gradient_scale(a.dtype, grad_row, grad_col, grad_positives)
-            common = dict(scale=scale, bias=None, mode=MODE_LSE, grad_total=None, ds_scale=ds_scale,
-                          positive_index=positive_index, grad_positives=grad_positives,
-                          exclude_positive=exclude_positive, private_columns=private_columns, d=d)
-            grad_a = grad_b = None
-            if need_a:
-                grad_a, _ = _launch_gradient(x=a, y=b, x_stats=row_stats, y_stats=col_stats, x_is_a=True,
-                                             offset=exclude_offset, **common)
-            if need_b:
-                col_offset = None if exclude_offset is None else -exclude_offset
-                grad_b, _ = _launch_gradient(x=b, y=a, x_stats=col_stats, y_stats=row_stats, x_is_a=False,
-                                             offset=col_offset, **common)
-        return tuple(empty_like_result(a) if x is None else x for x in (grad_a, grad_b))
+            problem = dict(
+                a=a, b=b, d=d, scale=aligned_vector(scale), bias=None, mode=MODE_LSE, row_stats=row_stats,
+                col_stats=col_stats, grad_total=None, ds_scale=gradient_scale(a.dtype, grad_row, grad_col,
+                                                                              grad_positives),
+                positive_index=aligned_vector(positive_index, torch.int64), grad_positives=grad_positives,
+                offset=exclude_offset, exclude_positive=exclude_positive, private_columns=private_columns,
+            )
+            grad_a, grad_b, _ = _gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
+        return _empty_results(a, *_unpadded(d, grad_a, grad_b))
 
     def siglip_forward(self, a, b, scale, bias, *, positive_offset):
         with launch_device(a):
-            d = a.shape[1]
             a, b = aligned_features(a), aligned_features(b)
             n, m = a.shape[0], b.shape[0]
-            config = forward_config(d, a.dtype, triton_interpreter_enabled(), kernel="siglip")
+            config = forward_config(target_for(a.device), a.dtype, a.shape[1], kernel="siglip")
             splits, cols_per_split = column_splits(n, m, config.block_m, config.block_n, a.device)
             grid = (triton.cdiv(n, config.block_m), splits)
             partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=a.device)
@@ -223,7 +243,7 @@ class TritonEngine:
                 X=a, Y=b, SCALE=aligned_vector(scale), BIAS=aligned_vector(bias), PARTIAL=partial,
                 n_x=n, n_y=m, d=a.shape[1], stride_x=a.stride(0), stride_y=b.stride(0),
                 positive_offset=positive_offset, cols_per_split=cols_per_split, HAS_BIAS=bias is not None,
-                **_flags(config, a.dtype),
+                X_RESIDENT=a.shape[1] <= config.block_d, **_flags(config, a.dtype),
             )
             return partial.sum()
 
@@ -232,21 +252,14 @@ class TritonEngine:
             d = a.shape[1]
             a, b = aligned_features(a), aligned_features(b)
             grad = aligned_vector(grad.reshape(()), torch.float32)
-            common = dict(scale=aligned_vector(scale), bias=aligned_vector(bias), mode=MODE_SIGLIP, x_stats=None,
-                          y_stats=None, grad_total=grad, ds_scale=gradient_scale(a.dtype, grad),
-                          positive_index=None, grad_positives=None, exclude_positive=False, private_columns=0, d=d)
-            # Σ dS (the bias gradient) comes with the dA pass: it sees every (i, j) once. When only dB is
-            # needed the dB pass carries it instead; when neither is, the dA pass runs for it alone.
-            grad_a = grad_b = bias_partial = None
-            if need_a or not need_b:
-                grad_a, bias_partial = _launch_gradient(x=a, y=b, x_is_a=True, offset=positive_offset,
-                                                        write_bias_partial=True, **common)
-            if need_b:
-                grad_b, b_partial = _launch_gradient(x=b, y=a, x_is_a=False, offset=-positive_offset,
-                                                     write_bias_partial=bias_partial is None, **common)
-                bias_partial = b_partial if bias_partial is None else bias_partial
-        return (grad_a if need_a else empty_like_result(a)), (
-            empty_like_result(a) if grad_b is None else grad_b), bias_partial.sum()
+            problem = dict(
+                a=a, b=b, d=d, scale=aligned_vector(scale), bias=aligned_vector(bias), mode=MODE_SIGLIP,
+                row_stats=None, col_stats=None, grad_total=grad, ds_scale=gradient_scale(a.dtype, grad),
+                positive_index=None, grad_positives=None, offset=positive_offset, exclude_positive=False,
+                private_columns=0,
+            )
+            grad_a, grad_b, grad_bias = _gradients(problem, need_a=need_a, need_b=need_b, need_bias=True)
+        return _empty_results(a, *_unpadded(d, grad_a, grad_b)) + (grad_bias,)
 
     def distill_forward(self, a, b, scale, a_t, b_t, scale_t, *, need_row, need_col):
         """Rows and columns come from one pass when the column partials (3 · n / BLOCK_M · m fp32) are small,
@@ -255,7 +268,7 @@ class TritonEngine:
             a, b, a_t, b_t = (aligned_features(x) for x in (a, b, a_t, b_t))
             scale, scale_t = aligned_vector(scale), aligned_vector(scale_t)
             n, m = a.shape[0], b.shape[0]
-            config = distill_config("forward", a.dtype, triton_interpreter_enabled())
+            config = distill_config(target_for(a.device), "forward", a.dtype)
             n_row_blocks = triton.cdiv(n, config.block_m)
             single_pass = need_col and 3 * n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
             stats = DistillStats(*(empty_like_result(a) for _ in range(6)))
@@ -296,38 +309,33 @@ class TritonEngine:
             rows = side(stats.lse_row, stats.teacher_lse_row, stats.cross_row, grads.lse_row, grads.cross_row)
             cols = side(stats.lse_col, stats.teacher_lse_col, stats.cross_col, grads.lse_col, grads.cross_col)
             upstream = [x for s in (rows, cols) if s is not None for x in (s[1], s[4])]
-            ds_scale = gradient_scale(a.dtype, *upstream)
-            student_scale = ds_scale
-            if ds_scale is not None and (need_a_t or need_b_t):
+            student_scale = teacher_scale = gradient_scale(a.dtype, *upstream)
+            need_teacher = need_a_t or need_b_t
+            if student_scale is not None and need_teacher:
                 # dT = g·P_t·(S − cross): |S − cross| ≤ 2·s·max‖a‖·max‖b‖ enters the teacher's bound.
                 logit_bound = 2 * scale.float() * a.float().norm(dim=1).amax() * b.float().norm(dim=1).amax()
-                ds_scale = gradient_scale(a.dtype, *(g * logit_bound for g in upstream))
-            common = dict(scale=scale, scale_t=scale_t)
-            outs = []
-            for wanted, swap, teacher in ((need_a, False, False), (need_b, True, False),
-                                          (need_a_t, False, True), (need_b_t, True, True)):
-                if not wanted:
-                    outs.append(empty_like_result(a))
-                    continue
-                x, y, x_t, y_t = (b, a, b_t, a_t) if swap else (a, b, a_t, b_t)
-                outs.append(_launch_distill_gradient(
-                    x=x, y=y, x_t=x_t, y_t=y_t, x_stats=cols if swap else rows, y_stats=rows if swap else cols,
-                    teacher=teacher, ds_scale=ds_scale if teacher else student_scale,
-                    d_out=d_t if teacher else d, **common,
-                ))
-        return tuple(outs)
+                teacher_scale = gradient_scale(a.dtype, *(g * logit_bound for g in upstream))
+            problem = dict(a=a, b=b, a_t=a_t, b_t=b_t, scale=scale, scale_t=scale_t, rows=rows, cols=cols,
+                           student_scale=student_scale, teacher_scale=teacher_scale)
+            widest = max(a.shape[1], a_t.shape[1] if need_teacher else 0)
+            if widest <= DISTILL_FUSED_MAX_D:
+                outs = _fused_distill_gradients(problem, needs=(need_a, need_b, need_a_t, need_b_t))
+            else:
+                outs = _panel_distill_gradients(problem, needs=(need_a, need_b, need_a_t, need_b_t))
+        return _empty_results(a, *_unpadded(d, *outs[:2]), *_unpadded(d_t, *outs[2:]))
 
 
-def _launch_lse(*, x, y, scale, x_is_a, need_positives, need_argmax, exclude_offset, exclude_positive,
-                private_columns, positive_index, config, col_partial=None, col_max=None, col_argmax=None):
+def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_offset, exclude_positive,
+                private_columns, config, col_partial=None, col_max=None, col_argmax=None):
     """Row LSE of S = s·X·Yᵀ (and the positives, column partials, argmax when asked): returns
     ``(lse [n_x], positives [n_x] or None, argmax [n_x] or None)``."""
     n_x, n_y = x.shape[0], y.shape[0]
     splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
     grid = (triton.cdiv(n_x, config.block_m), splits)
     partial = functools.partial(torch.empty, (splits, n_x), device=x.device)
+    write_positives = x_is_a and positive_index is not None
     lse = partial(dtype=torch.float32)
-    positives = partial(dtype=torch.float32) if need_positives else None
+    positives = partial(dtype=torch.float32) if write_positives else None
     argmax = partial(dtype=torch.int64) if need_argmax else None
     row_max = partial(dtype=torch.float32) if need_argmax else None
     lse_forward_kernel[grid](
@@ -338,8 +346,8 @@ def _launch_lse(*, x, y, scale, x_is_a, need_positives, need_argmax, exclude_off
         cols_per_split=cols_per_split,
         HAS_EXCLUDE=exclude_offset is not None, HAS_POSITIVES=positive_index is not None,
         EXCLUDE_POSITIVE=exclude_positive, HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a,
-        WRITE_POSITIVES=need_positives, WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
-        **_flags(config, x.dtype),
+        WRITE_POSITIVES=write_positives, WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
+        X_RESIDENT=x.shape[1] <= config.block_d, **_flags(config, x.dtype),
     )
     # Merge the column splits in a fixed order; a positive lies in exactly one split (0 in the others).
     return (
@@ -349,36 +357,142 @@ def _launch_lse(*, x, y, scale, x_is_a, need_positives, need_argmax, exclude_off
     )
 
 
-def _launch_gradient(*, x, y, d, scale, bias, mode, x_stats, y_stats, grad_total, ds_scale, positive_index,
-                     grad_positives, x_is_a, offset, exclude_positive, private_columns, write_bias_partial=False):
-    """dS·Y for the rows of X: ``(fp32 [n_x, d], per-program Σ dS [splits, row blocks] or None)``."""
-    n_x, n_y = x.shape[0], y.shape[0]
-    config = gradient_config(d, x.dtype, triton_interpreter_enabled())
-    d_launch = x.shape[1]
-    register_acc = d_launch <= config.block_d
+def _gradients(problem: dict, *, need_a: bool, need_b: bool, need_bias: bool):
+    """dS·B, dSᵀ·A (fp32, padded width) and Σ dS (or None) of an LSE / SigLIP problem: the fused kernels while
+    the accumulator fits on chip, else the panel path."""
+    a = problem["a"]
+    target = target_for(a.device)
+    if fused_gradient(target, a.shape[1], a.dtype):
+        return _fused_gradients(problem, target, need_a=need_a, need_b=need_b, need_bias=need_bias)
+    return _panel_gradients(problem, target, need_a=need_a, need_b=need_b, need_bias=need_bias)
+
+
+def _fused_gradients(problem, target, *, need_a, need_b, need_bias):
+    # Σ dS (the bias gradient) comes with the dA pass: it sees every (i, j) once. When only dB is needed the
+    # dB pass carries it instead; when neither is, the dA pass runs for it alone.
+    grad_a = grad_b = bias_partial = None
+    if need_a or (need_bias and not need_b):
+        grad_a, bias_partial = _launch_gradient(problem, target, transposed=False, write_bias=need_bias)
+    if need_b:
+        grad_b, b_partial = _launch_gradient(problem, target, transposed=True,
+                                             write_bias=need_bias and bias_partial is None)
+        bias_partial = b_partial if bias_partial is None else bias_partial
+    return (grad_a if need_a else None), grad_b, (None if bias_partial is None else bias_partial.sum())
+
+
+def _launch_gradient(problem, target, *, transposed, write_bias):
+    """dS·Y for the rows of X (X = A, or X = B with ``transposed``): ``(fp32 [n_x, d_pad], Σ dS partials)``."""
+    x, y = (problem["b"], problem["a"]) if transposed else (problem["a"], problem["b"])
+    x_stats, y_stats = (problem["col_stats"], problem["row_stats"]) if transposed else (problem["row_stats"],
+                                                                                        problem["col_stats"])
+    offset = problem["offset"]
+    if offset is not None and transposed:
+        offset = -offset
+    n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
+    config = gradient_config(target, d, x.dtype)
     splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
     grid = (triton.cdiv(n_x, config.block_m), splits)
-    out = (torch.empty if register_acc else torch.zeros)((splits, n_x, d_launch), dtype=torch.float32,
-                                                         device=x.device)
-    bias_partial = torch.empty(grid[::-1], dtype=torch.float32, device=x.device) if write_bias_partial else None
+    out = torch.empty((splits, n_x, d), dtype=torch.float32, device=x.device)
+    bias_partial = torch.empty(grid[::-1], dtype=torch.float32, device=x.device) if write_bias else None
     lse_x, grad_x = x_stats if x_stats is not None else (None, None)
     lse_y, grad_y = y_stats if y_stats is not None else (None, None)
+    mode = problem["mode"]
     gradient_kernel[grid](
-        X=x, Y=y, SCALE=scale, BIAS=bias, DS_SCALE=ds_scale, POSITIVE_INDEX=positive_index,
-        GRAD_POSITIVES=grad_positives, LSE_X=lse_x, GRAD_X=grad_x, LSE_Y=lse_y, GRAD_Y=grad_y,
-        GRAD_TOTAL=grad_total, OUT=out, BIAS_PARTIAL=bias_partial,
-        n_x=n_x, n_y=n_y, d=d_launch, stride_x=x.stride(0), stride_y=y.stride(0), stride_out=out.stride(1),
-        offset=0 if offset is None else offset, private_columns=private_columns, cols_per_split=cols_per_split,
-        MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
-        HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=positive_index is not None,
-        GRAD_POSITIVE_TERM=grad_positives is not None, EXCLUDE_POSITIVE=exclude_positive,
-        HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a, HAS_BIAS=bias is not None,
-        WRITE_BIAS_PARTIAL=write_bias_partial, SCALE_DS=ds_scale is not None, REGISTER_ACC=register_acc,
-        **_flags(config, x.dtype),
+        X=x, Y=y, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
+        POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"], LSE_X=lse_x,
+        GRAD_X=grad_x, LSE_Y=lse_y, GRAD_Y=grad_y, GRAD_TOTAL=problem["grad_total"], OUT=out,
+        BIAS_PARTIAL=bias_partial, n_x=n_x, n_y=n_y, d=d, stride_x=x.stride(0), stride_y=y.stride(0),
+        stride_out=out.stride(1), offset=0 if offset is None else offset, private_columns=problem["private_columns"],
+        cols_per_split=cols_per_split, MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
+        HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=problem["positive_index"] is not None,
+        GRAD_POSITIVE_TERM=problem["grad_positives"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
+        HAS_PRIVATE=problem["private_columns"] > 0, X_IS_A=not transposed, HAS_BIAS=problem["bias"] is not None,
+        WRITE_BIAS_PARTIAL=write_bias, SCALE_DS=problem["ds_scale"] is not None, **_flags(config, x.dtype),
     )
     # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
-    summed = out[0] if splits == 1 else out.sum(dim=0)
-    return summed[:, :d], bias_partial
+    return (out[0] if splits == 1 else out.sum(dim=0)), bias_partial
+
+
+def _panels(n: int, m: int, rows: int, cols: int):
+    """The panels (row range, column range) of an n×m matrix, column panels outermost: a fixed order."""
+    for c0 in range(0, m, cols):
+        for r0 in range(0, n, rows):
+            yield (r0, min(n, r0 + rows)), (c0, min(m, c0 + cols))
+
+
+def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
+    """The panel path (kernels/panel.py): per panel one dS kernel and up to two GEMM kernels."""
+    a, b = problem["a"], problem["b"]
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    panel, ds_config, matmul_config = panel_configs(target, a.dtype)
+    rows, cols = min(n, panel.rows), min(m, panel.cols)
+    ds = _panel_scratch(rows, cols, a)
+    grad_a = torch.empty((n, d), dtype=torch.float32, device=a.device) if need_a else None
+    grad_b = torch.empty((m, d), dtype=torch.float32, device=a.device) if need_b else None
+    row_stats, col_stats = problem["row_stats"], problem["col_stats"]
+    offset, mode = problem["offset"], problem["mode"]
+    bias_partials = []
+    for (r0, r1), (c0, c1) in _panels(n, m, rows, cols):
+        grid = (triton.cdiv(r1 - r0, ds_config.block_m), triton.cdiv(c1 - c0, ds_config.block_n))
+        bias_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if need_bias else None
+        ds_panel_kernel[grid](
+            A=a, B=b, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
+            POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"],
+            LSE_ROW=None if row_stats is None else row_stats[0], GRAD_ROW=None if row_stats is None else row_stats[1],
+            LSE_COL=None if col_stats is None else col_stats[0], GRAD_COL=None if col_stats is None else col_stats[1],
+            GRAD_TOTAL=problem["grad_total"], DS=ds, BIAS_PARTIAL=bias_partial,
+            row_start=r0, row_stop=r1, col_start=c0, col_stop=c1, d=d, stride_a=a.stride(0), stride_b=b.stride(0),
+            stride_ds=ds.stride(0), offset=0 if offset is None else offset,
+            private_columns=problem["private_columns"], MODE=mode, HAS_ROW_TERM=row_stats is not None,
+            HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
+            HAS_POSITIVES=problem["positive_index"] is not None,
+            GRAD_POSITIVE_TERM=problem["grad_positives"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
+            HAS_PRIVATE=problem["private_columns"] > 0, HAS_BIAS=problem["bias"] is not None,
+            WRITE_BIAS_PARTIAL=need_bias, SCALE_DS=problem["ds_scale"] is not None, **_flags(ds_config, a.dtype),
+        )
+        if need_bias:
+            bias_partials.append(bias_partial.reshape(-1))
+        _multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config,
+                        out_a=grad_a, out_b=grad_b, a=a, b=b)
+    grad_bias = torch.cat(bias_partials).sum() if need_bias else None
+    return grad_a, grad_b, grad_bias
+
+
+def _panel_scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """The [rows, cols] dS panel in the input dtype, its row stride padded to 16 elements (aligned binaries)."""
+    return torch.empty((rows, triton.cdiv(cols, ALIGNMENT) * ALIGNMENT), dtype=like.dtype, device=like.device)
+
+
+def _multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):
+    """out_a[r0:r1] (+)= P·B[c0:c1] and out_b[c0:c1] (+)= Pᵀ·A[r0:r1] for the panel P of rows r0:r1 and
+    columns c0:c1 (the first panel of each output row range writes, the later ones add)."""
+    if out_a is not None:
+        _launch_panel_matmul(out=out_a[r0:r1], p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
+                             y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config)
+    if out_b is not None:
+        _launch_panel_matmul(out=out_b[c0:c1], p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
+                             y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config)
+
+
+def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, config):
+    """out (+)= P[:rows, :depth] @ y (fp32), with the reduction split across programs when the output tiles
+    alone would leave the GPU idle (few rows: a local loss); the splits are summed in a fixed order."""
+    rows, cols = out.shape
+    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(cols, config.block_n)
+    splits = max(1, min(_target_programs(out.device) // tiles, triton.cdiv(depth, 4 * config.block_d)))
+    k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
+    splits = triton.cdiv(depth, k_per_split)
+    target = out if splits == 1 else torch.empty((splits, rows, cols), dtype=torch.float32, device=out.device)
+    panel_matmul_kernel[(tiles, splits)](
+        P=p, Y=y, OUT=target, DS_SCALE=ds_scale, rows=rows, cols=cols, depth=depth, k_per_split=k_per_split,
+        stride_p_row=p_strides[0], stride_p_k=p_strides[1], stride_y=y.stride(0), stride_out=out.stride(0),
+        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, **_flags(config, y.dtype),
+    )
+    if splits > 1:
+        if accumulate:
+            out.add_(target.sum(dim=0))
+        else:
+            torch.sum(target, dim=0, out=out)
 
 
 def _launch_distill_forward(*, x, y, x_t, y_t, scale, scale_t, col_partial, config):
@@ -395,23 +509,74 @@ def _launch_distill_forward(*, x, y, x_t, y_t, scale, scale_t, col_partial, conf
     return lse, teacher_lse, cross
 
 
-def _launch_distill_gradient(*, x, y, x_t, y_t, scale, scale_t, x_stats, y_stats, teacher, ds_scale, d_out):
-    """W·Y_out for the rows of X: fp32 [n_x, d] (student, W = dS) or [n_x, d_t] (teacher, W = dT)."""
-    n_x, n_y = x.shape[0], y.shape[0]
-    config = distill_config("gradient", x.dtype, triton_interpreter_enabled())
-    d_launch = x_t.shape[1] if teacher else x.shape[1]
-    register_acc = d_launch <= config.block_d
-    out = (torch.empty if register_acc else torch.zeros)((n_x, d_launch), dtype=torch.float32, device=x.device)
-    x_stats = x_stats or (None,) * 5
-    y_stats = y_stats or (None,) * 5
-    names = ("LSE", "GRAD_LSE", "TEACHER_LSE", "CROSS", "GRAD_CROSS")
-    distill_gradient_kernel[(triton.cdiv(n_x, config.block_m),)](
-        X=x, Y=y, XT=x_t, YT=y_t, SCALE=scale, SCALE_T=scale_t, DS_SCALE=ds_scale,
-        **{f"{name}_X": value for name, value in zip(names, x_stats)},
-        **{f"{name}_Y": value for name, value in zip(names, y_stats)},
-        OUT=out, n_x=n_x, n_y=n_y, d=x.shape[1], d_t=x_t.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
-        stride_xt=x_t.stride(0), stride_yt=y_t.stride(0), stride_out=out.stride(0),
-        TEACHER_GRAD=teacher, HAS_X_TERM=x_stats[0] is not None, HAS_Y_TERM=y_stats[0] is not None,
-        SCALE_DS=ds_scale is not None, REGISTER_ACC=register_acc, **_flags(config, x.dtype),
-    )
-    return out[:, :d_out]
+_STAT_NAMES = ("LSE", "GRAD_LSE", "TEACHER_LSE", "CROSS", "GRAD_CROSS")
+
+
+def _fused_distill_gradients(problem, *, needs):
+    """The four distillation gradients (or None) with the fused kernel, accumulator in registers."""
+    outs = []
+    for wanted, swap, teacher in zip(needs, (False, True, False, True), (False, False, True, True)):
+        if not wanted:
+            outs.append(None)
+            continue
+        x, y, x_t, y_t = (problem[k] for k in (("b", "a", "b_t", "a_t") if swap else ("a", "b", "a_t", "b_t")))
+        x_stats, y_stats = (problem["cols"], problem["rows"]) if swap else (problem["rows"], problem["cols"])
+        config = distill_config(target_for(x.device), "gradient", x.dtype)
+        n_x, n_y = x.shape[0], y.shape[0]
+        out = torch.empty((n_x, (x_t if teacher else x).shape[1]), dtype=torch.float32, device=x.device)
+        ds_scale = problem["teacher_scale" if teacher else "student_scale"]
+        distill_gradient_kernel[(triton.cdiv(n_x, config.block_m),)](
+            X=x, Y=y, XT=x_t, YT=y_t, SCALE=problem["scale"], SCALE_T=problem["scale_t"], DS_SCALE=ds_scale,
+            **{f"{name}_X": value for name, value in zip(_STAT_NAMES, x_stats or (None,) * 5)},
+            **{f"{name}_Y": value for name, value in zip(_STAT_NAMES, y_stats or (None,) * 5)},
+            OUT=out, n_x=n_x, n_y=n_y, d=x.shape[1], d_t=x_t.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
+            stride_xt=x_t.stride(0), stride_yt=y_t.stride(0), stride_out=out.stride(0),
+            TEACHER_GRAD=teacher, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
+            SCALE_DS=ds_scale is not None, **_flags(config, x.dtype),
+        )
+        outs.append(out)
+    return outs
+
+
+def _panel_distill_gradients(problem, *, needs):
+    """The four distillation gradients (or None) by the panel path: W (and dT) per panel, then GEMMs."""
+    a, b, a_t, b_t = (problem[k] for k in ("a", "b", "a_t", "b_t"))
+    need_a, need_b, need_a_t, need_b_t = needs
+    student, teacher = need_a or need_b, need_a_t or need_b_t
+    target = target_for(a.device)
+    n, m = a.shape[0], b.shape[0]
+    panel, _, matmul_config = panel_configs(target, a.dtype)
+    config = distill_config(target, "panel", a.dtype)
+    rows, cols = min(n, panel.rows), min(m, panel.cols)
+
+    def scratch(wanted):
+        return _panel_scratch(rows, cols, a) if wanted else None
+
+    def output(x, wanted):
+        return torch.empty((x.shape[0], x.shape[1]), dtype=torch.float32, device=a.device) if wanted else None
+
+    w_panel, t_panel = scratch(student), scratch(teacher)
+    outs = [output(a, need_a), output(b, need_b), output(a_t, need_a_t), output(b_t, need_b_t)]
+    row_stats, col_stats = problem["rows"], problem["cols"]
+    for (r0, r1), (c0, c1) in _panels(n, m, rows, cols):
+        grid = (triton.cdiv(r1 - r0, config.block_m), triton.cdiv(c1 - c0, config.block_n))
+        distill_panel_kernel[grid](
+            A=a, B=b, AT=a_t, BT=b_t, SCALE=problem["scale"], SCALE_T=problem["scale_t"],
+            DS_SCALE=problem["teacher_scale"] if teacher else problem["student_scale"],
+            **{f"{name}_ROW": value for name, value in zip(_STAT_NAMES, row_stats or (None,) * 5)},
+            **{f"{name}_COL": value for name, value in zip(_STAT_NAMES, col_stats or (None,) * 5)},
+            W=w_panel, DT=t_panel, row_start=r0, row_stop=r1, col_start=c0, col_stop=c1, d=a.shape[1],
+            d_t=a_t.shape[1], stride_a=a.stride(0), stride_b=b.stride(0), stride_at=a_t.stride(0),
+            stride_bt=b_t.stride(0), stride_panel=(w_panel if student else t_panel).stride(0),
+            HAS_ROW_TERM=row_stats is not None, HAS_COL_TERM=col_stats is not None, STUDENT=student, TEACHER=teacher,
+            SCALE_DS=problem["student_scale"] is not None, **_flags(config, a.dtype),
+        )
+        # One fp16 scale for both panels (the teacher's bound is the larger): W and dT share DS_SCALE.
+        shared_scale = problem["teacher_scale"] if teacher else problem["student_scale"]
+        if student:
+            _multiply_panel(w_panel, r0, r1, c0, c1, shared_scale, matmul_config, out_a=outs[0], out_b=outs[1],
+                            a=a, b=b)
+        if teacher:
+            _multiply_panel(t_panel, r0, r1, c0, c1, shared_scale, matmul_config, out_a=outs[2], out_b=outs[3],
+                            a=a_t, b=b_t)
+    return outs

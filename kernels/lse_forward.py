@@ -8,7 +8,7 @@ the same kernel run on Y·Xᵀ instead (a second pass, no scratch).
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LN2, LOG2E, allowed_entries, positive_entries, similarity_tile
+from fastcontrast.kernels.tiles import LN2, LOG2E, allowed_entries, load_rows, positive_entries, row_tile_similarity
 
 
 @triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset", "private_columns", "cols_per_split"])
@@ -40,13 +40,15 @@ def lse_forward_kernel(
     WRITE_POSITIVES: tl.constexpr,
     WRITE_COL_PARTIAL: tl.constexpr,
     WRITE_ARGMAX: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X against the columns of split i_s of Y.
+    """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X against the columns of split i_s of Y (with
+    X_RESIDENT, d ≤ BLOCK_D: the row tile loaded once and kept on chip for the whole column loop).
 
     Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the entries the masks allow (``allowed_entries``);
     with WRITE_POSITIVES, POSITIVES[i_s, rows] = the logit at each row's positive column (0 in splits that do
@@ -69,6 +71,9 @@ def lse_forward_kernel(
     if HAS_POSITIVES:
         if X_IS_A:
             b_pos_x = tl.load(POSITIVE_INDEX + o_x, mask=m_x, other=-1)
+    b_x = tl.zeros([BLOCK_M, BLOCK_D], dtype=X.dtype.element_ty)
+    if X_RESIDENT:
+        b_x = load_rows(X, o_x, m_x, d, stride_x, BLOCK_D, DOT_FP32)
 
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -82,9 +87,9 @@ def lse_forward_kernel(
         if HAS_POSITIVES:
             if not X_IS_A:
                 b_pos_y = tl.load(POSITIVE_INDEX + o_y, mask=m_y, other=-1)
-        b_logits = similarity_tile(
-            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
-            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        b_logits = row_tile_similarity(
+            X, Y, b_x, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+            X_RESIDENT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         ) * scale
         if WRITE_POSITIVES:
             b_is_positive = positive_entries(o_x, o_y, b_pos_x, b_pos_y, X_IS_A)

@@ -6,7 +6,7 @@ same inputs always give the same bits.
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LN2, LOG2E, similarity_tile
+from fastcontrast.kernels.tiles import LN2, LOG2E, load_rows, row_tile_similarity
 
 
 @triton.jit
@@ -40,6 +40,7 @@ def siglip_forward_kernel(
     positive_offset,
     cols_per_split,
     HAS_BIAS: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -56,15 +57,18 @@ def siglip_forward_kernel(
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(BIAS).to(tl.float32)
+    b_x = tl.zeros([BLOCK_M, BLOCK_D], dtype=X.dtype.element_ty)
+    if X_RESIDENT:
+        b_x = load_rows(X, o_x, m_x, d, stride_x, BLOCK_D, DOT_FP32)
 
     b_total = tl.zeros([BLOCK_M], dtype=tl.float32)
     start_split = i_s * cols_per_split
     for start_n in range(start_split, tl.minimum(n_y, start_split + cols_per_split), BLOCK_N):
         o_y = start_n + tl.arange(0, BLOCK_N)
         m_y = o_y < n_y
-        b_logits = similarity_tile(
-            X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
-            BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+        b_logits = row_tile_similarity(
+            X, Y, b_x, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
+            X_RESIDENT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         ) * scale + bias
         m_positive = o_y[None, :] == o_x[:, None] + positive_offset
         # −z·x: +x for negatives, −x for the positive pair.

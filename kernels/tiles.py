@@ -1,4 +1,4 @@
-"""Tile helpers shared by the kernels: the S tile, the masks of left-out entries, the gradient tile.
+"""Tile helpers shared by the kernels: the S tile, the masks of left-out entries, the dS tile.
 
 Naming (STYLE.md): ``i_`` program ids, ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` block values.
 X / Y are the kernel's row and column operands: (X, Y) = (A, B) for the row direction and (B, A) for the
@@ -55,6 +55,40 @@ def similarity_tile(
         # [BM, BD] @ [BD, BN] -> [BM, BN]
         b_s = tl.dot(b_x, tl.trans(b_y), b_s, input_precision=INPUT_PRECISION)
     return b_s
+
+
+@triton.jit
+def row_tile_similarity(
+    X,
+    Y,
+    b_x,
+    o_x,
+    o_y,
+    m_x,
+    m_y,
+    d,
+    stride_x,
+    stride_y,
+    X_RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """X[o_x]·Y[o_y]ᵀ (fp32). X_RESIDENT (d ≤ BLOCK_D): from the row tile ``b_x`` the program loaded once
+    (:func:`load_rows`), so only the Y tile is read per column block; else :func:`similarity_tile`."""
+    if X_RESIDENT:
+        o_d = tl.arange(0, BLOCK_D)
+        b_y = tl.load(Y + o_y.to(tl.int64)[:, None] * stride_y + o_d[None, :],
+                      mask=m_y[:, None] & (o_d[None, :] < d), other=0.0)
+        if DOT_FP32:
+            b_y = b_y.to(tl.float32)
+        # [BM, BD] @ [BD, BN] -> [BM, BN]
+        return tl.dot(b_x, tl.trans(b_y), input_precision=INPUT_PRECISION)
+    else:
+        return similarity_tile(X, Y, o_x, o_y, m_x, m_y, d, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D,
+                               DOT_FP32, INPUT_PRECISION)
 
 
 @triton.jit
@@ -156,52 +190,107 @@ def as_dot_operand(b_ds, b_y, ds_scale, DOT_FP32: tl.constexpr, SCALE_DS: tl.con
 
 
 @triton.jit
-def accumulate_product(
-    b_acc,
-    b_ds,
-    Y,
-    o_y,
-    m_y,
-    p_out,
-    m_x,
-    d,
-    stride_y,
-    ds_scale,
-    REGISTER_ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    SCALE_DS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Add the fp32 tile dS [BLOCK_M, BLOCK_N] times Y[o_y] [BLOCK_N, d] to a program's own output rows.
+def load_rows(X, o_x, m_x, d, stride_x, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """X[o_x, :BLOCK_D] as one [BLOCK_M, BLOCK_D] tile (d ≤ BLOCK_D; the ragged end loads as 0), ready for a dot."""
+    o_d = tl.arange(0, BLOCK_D)
+    b_x = tl.load(X + o_x.to(tl.int64)[:, None] * stride_x + o_d[None, :], mask=m_x[:, None] & (o_d[None, :] < d),
+                  other=0.0)
+    if DOT_FP32:
+        b_x = b_x.to(tl.float32)  # interpreter only, see similarity_tile
+    return b_x
 
-    REGISTER_ACC (d ≤ BLOCK_D): into the register accumulator ``b_acc``, returned (still multiplied by
-    ``ds_scale`` under SCALE_DS: the caller divides once at the end). Otherwise into the fp32 rows at
-    ``p_out`` (owned by this program, so no atomics), read-modify-written per BLOCK_D chunk of d, divided by
-    ``ds_scale`` on the way; ``b_acc`` is returned unchanged. dS goes to the tensor cores in Y's dtype, as
-    FlashAttention does with P.
+
+@triton.jit
+def gradient_tile(
+    b_s,
+    o_x,
+    o_y,
+    m_x,
+    m_y,
+    scale,
+    bias,
+    offset,
+    private_columns,
+    grad_total,
+    b_lse_x,
+    b_grad_x,
+    b_pos_x,
+    b_grad_pos_x,
+    LSE_Y,
+    GRAD_Y,
+    POSITIVE_INDEX,
+    GRAD_POSITIVES,
+    MODE: tl.constexpr,
+    HAS_X_TERM: tl.constexpr,
+    HAS_Y_TERM: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    HAS_POSITIVES: tl.constexpr,
+    GRAD_POSITIVE_TERM: tl.constexpr,
+    EXCLUDE_POSITIVE: tl.constexpr,
+    HAS_PRIVATE: tl.constexpr,
+    X_IS_A: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The fp32 dS tile of the unscaled similarity tile ``b_s`` = X[o_x]·Y[o_y]ᵀ, 0 outside the allowed entries.
+
+    MODE 0 (LSE): gxᵢ·exp(xᵢⱼ − lse_xᵢ) + gyⱼ·exp(xᵢⱼ − lse_yⱼ) over the entries the LSEs counted, plus the
+    positives' gradient at each row's positive entry, folded in fp32 before any rounding (a row near one-hot
+    has dS = p − 1 there, a small difference that rounding each term first would lose). Row statistics come
+    loaded (``b_*_x``), column ones are loaded here. MODE 1 (SigLIP): −zᵢⱼ·σ(−zᵢⱼ·(xᵢⱼ + b))·g with
+    zᵢⱼ = +1 where j = i + offset.
     """
-    p_y = Y + o_y.to(tl.int64)[:, None] * stride_y
-    o_d0 = tl.arange(0, BLOCK_D)
-    if REGISTER_ACC:
-        b_y = tl.load(p_y + o_d0[None, :], mask=m_y[:, None] & (o_d0[None, :] < d), other=0.0)
-        b_p = as_dot_operand(b_ds, b_y, ds_scale, DOT_FP32, SCALE_DS)
-        if DOT_FP32:
-            b_y = b_y.to(tl.float32)
-        # [BM, BN] @ [BN, BD] -> [BM, BD]
-        b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
+    if MODE == 0:
+        b_lse_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+        b_grad_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_Y_TERM:
+            b_lse_y = tl.load(LSE_Y + o_y, mask=m_y, other=0.0)
+            b_grad_y = tl.load(GRAD_Y + o_y, mask=m_y, other=0.0)
+        b_pos_y = tl.zeros([BLOCK_N], dtype=tl.int64)
+        b_grad_pos_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_POSITIVES:
+            if not X_IS_A:
+                b_pos_y = tl.load(POSITIVE_INDEX + o_y, mask=m_y, other=-1)
+                if GRAD_POSITIVE_TERM:
+                    b_grad_pos_y = tl.load(GRAD_POSITIVES + o_y, mask=m_y, other=0.0)
+        m_valid = allowed_entries(
+            o_x, o_y, m_x, m_y, offset, b_pos_x, b_pos_y, private_columns,
+            HAS_EXCLUDE, EXCLUDE_POSITIVE, HAS_PRIVATE, X_IS_A,
+        )
+        b_ds = lse_gradient_tile(b_s * scale, m_valid, b_lse_x, b_grad_x, b_lse_y, b_grad_y, HAS_X_TERM, HAS_Y_TERM)
+        if GRAD_POSITIVE_TERM:
+            b_is_positive = positive_entries(o_x, o_y, b_pos_x, b_pos_y, X_IS_A)
+            if X_IS_A:
+                b_ds += tl.where(b_is_positive, b_grad_pos_x[:, None], 0.0)
+            else:
+                b_ds += tl.where(b_is_positive, b_grad_pos_y[None, :], 0.0)
     else:
-        for i_k in range(0, tl.cdiv(d, BLOCK_D)):
-            o_d = i_k * BLOCK_D + o_d0
-            m_d = o_d < d
-            b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
-            b_p = as_dot_operand(b_ds, b_y, ds_scale, DOT_FP32, SCALE_DS)
-            if DOT_FP32:
-                b_y = b_y.to(tl.float32)
-            m_out = m_x[:, None] & m_d[None, :]
-            b_out = tl.load(p_out + o_d[None, :], mask=m_out, other=0.0)
-            b_product = tl.dot(b_p, b_y, input_precision=INPUT_PRECISION)
-            if SCALE_DS:
-                b_product = b_product / ds_scale
-            tl.store(p_out + o_d[None, :], b_out + b_product, mask=m_out)
-    return b_acc
+        b_logits = b_s * scale + bias
+        m_positive = o_y[None, :] == o_x[:, None] + offset
+        # t = −z·x; d softplus(t)/dx = −z·σ(t). σ(t) from e^−|t| so neither branch overflows.
+        b_t = tl.where(m_positive, -b_logits, b_logits)
+        b_e = tl.exp2(-tl.abs(b_t) * LOG2E)
+        b_sigmoid = tl.where(b_t >= 0, 1.0 / (1.0 + b_e), b_e / (1.0 + b_e))
+        b_ds = tl.where(m_positive, -b_sigmoid, b_sigmoid) * grad_total
+        b_ds = tl.where(m_x[:, None] & m_y[None, :], b_ds, 0.0)
+    return b_ds
+
+
+@triton.jit
+def load_row_statistics(LSE_X, GRAD_X, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x, MODE: tl.constexpr,
+                        HAS_X_TERM: tl.constexpr, HAS_POSITIVES: tl.constexpr, GRAD_POSITIVE_TERM: tl.constexpr,
+                        X_IS_A: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The per-row inputs of :func:`gradient_tile`: (lse_x, grad_x, positive index, positives' gradient)."""
+    b_lse_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_grad_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_pos_x = tl.zeros([BLOCK_M], dtype=tl.int64)
+    b_grad_pos_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if MODE == 0:
+        if HAS_X_TERM:
+            b_lse_x = tl.load(LSE_X + o_x, mask=m_x, other=0.0)
+            b_grad_x = tl.load(GRAD_X + o_x, mask=m_x, other=0.0)
+        if HAS_POSITIVES:
+            if X_IS_A:
+                b_pos_x = tl.load(POSITIVE_INDEX + o_x, mask=m_x, other=-1)
+                if GRAD_POSITIVE_TERM:
+                    b_grad_pos_x = tl.load(GRAD_POSITIVES + o_x, mask=m_x, other=0.0)
+    return b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x

@@ -155,8 +155,9 @@ def test_every_launch_gets_16_aligned_pointers_dims_and_strides(d, sliced):
         for key, value in kwargs.items():
             if isinstance(value, torch.Tensor) and value.data_ptr() % 16:
                 misaligned.append((name, key, value.data_ptr() % 16))
+            # A unit stride is specialised as 1 (a transposed panel read): a variant of its own, also aligned.
             if key in ("d", "d_t") or key.startswith("stride"):
-                if value % 16:
+                if value % 16 and value != 1:
                     misaligned.append((name, key, value))
     assert launches and not misaligned, f"misaligned launch arguments: {misaligned[:10]}"
 

@@ -1,0 +1,68 @@
+"""Kernel launches recorded instead of run: the engine's own host code decides what would launch.
+
+The compile checks (:mod:`fastcontrast.kernels.aot`) and the work model (:mod:`fastcontrast.kernels.
+work_model`) both need to know exactly which kernels the engine launches, with which arguments, tile
+configs and flags, for a given call. Rather than repeat the launchers' decisions (a second source of truth
+that drifts), they run the real :class:`~fastcontrast.kernels.engine.TritonEngine` on CPU tensors inside
+:func:`recorded_launches`, which replaces the launch of every ``@triton.jit`` function (compiled or
+interpreted) by a record. Nothing is computed: outputs keep whatever their buffers held.
+
+The tile configs follow the target :func:`fastcontrast.kernels.configs.assume_target` names, so a record
+taken on this CPU machine is what an sm_90 (or sm_80, gfx942, …) GPU would launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+
+@dataclass
+class Launch:
+    """One recorded launch: the jit function, its grid and its arguments (keywords as the launcher passed them)."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    @property
+    def programs(self) -> int:
+        grid = tuple(self.grid) + (1, 1)
+        return int(grid[0]) * int(grid[1]) * int(grid[2])
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Within the block, every ``kernel[grid](...)`` appends a :class:`Launch` to the yielded list instead of
+    running (works with and without ``TRITON_INTERPRET=1``)."""
+    from triton.runtime.jit import JITFunction
+
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - every triton 3.x has the interpreter
+        pass
+    launches: list[Launch] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        if callable(grid):
+            grid = grid(kwargs)
+        launches.append(Launch(self, tuple(grid), args, kwargs))
+        return None
+
+    saved = [(cls, cls.run) for cls in classes]
+    for cls in classes:
+        cls.run = record
+    try:
+        yield launches
+    finally:
+        for cls, run in saved:
+            cls.run = run

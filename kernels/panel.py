@@ -1,0 +1,168 @@
+"""Panel gradient path for large d: dS written once per panel, then multiplied out by two GEMM kernels.
+
+At real CLIP widths (d = 512–1280) the fused gradient's fp32 accumulator [BLOCK_M, d] cannot stay on chip,
+and read-modify-writing it per column block moved 8·n·m·d/BLOCK_N bytes (about 32 FLOP/byte, memory-bound
+several times over on an H100). Here, for one panel of R rows × C columns of S:
+
+1. :func:`ds_panel_kernel` recomputes the S tiles, forms dS exactly as the fused kernel would
+   (:func:`fastcontrast.kernels.tiles.gradient_tile`: LSE terms, positives, masks; or SigLIP) and stores it
+   once, in the input dtype (fp16 scaled by a power of two, see tiles.as_dot_operand): 2·R·C bytes.
+2. :func:`panel_matmul_kernel` twice: dA[rows] (+)= dS·B[cols] and dB[cols] (+)= dSᵀ·A[rows], each an ordinary
+   tiled GEMM that reads the panel once more.
+
+Per panel that is 3 passes of 2·R·C·d FLOPs (the fused path needs 4: S is recomputed for dA and for dB) for
+about 6·R·C bytes: d FLOPs per byte, above an H100's ridge (~295) from d = 512. The host walks the panels in
+a fixed order and every output tile has one owner, so results are deterministic without atomics.
+"""
+
+import triton
+import triton.language as tl
+from fastcontrast.kernels.tiles import (
+    gradient_tile,
+    load_row_statistics,
+    round_to_bfloat16,
+    similarity_tile,
+)
+
+
+@triton.jit(do_not_specialize=["row_start", "row_stop", "col_start", "col_stop", "offset", "private_columns"])
+def ds_panel_kernel(
+    A,
+    B,
+    SCALE,
+    BIAS,
+    DS_SCALE,
+    POSITIVE_INDEX,
+    GRAD_POSITIVES,
+    LSE_ROW,
+    GRAD_ROW,
+    LSE_COL,
+    GRAD_COL,
+    GRAD_TOTAL,
+    DS,
+    BIAS_PARTIAL,
+    row_start,
+    row_stop,
+    col_start,
+    col_stop,
+    d,
+    stride_a,
+    stride_b,
+    stride_ds,
+    offset,
+    private_columns,
+    MODE: tl.constexpr,
+    HAS_ROW_TERM: tl.constexpr,
+    HAS_COL_TERM: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    HAS_POSITIVES: tl.constexpr,
+    GRAD_POSITIVE_TERM: tl.constexpr,
+    EXCLUDE_POSITIVE: tl.constexpr,
+    HAS_PRIVATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_BIAS_PARTIAL: tl.constexpr,
+    SCALE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: DS[tile (i_m, i_n) of the panel] = dS of rows [row_start + i_m·BM, …) of A against columns
+    [col_start + i_n·BN, …) of B, in DS's dtype; with WRITE_BIAS_PARTIAL also the tile's Σ dS (SigLIP)."""
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    o_x = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_y = col_start + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_x = o_x < row_stop
+    m_y = o_y < col_stop
+    scale = tl.load(SCALE).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(BIAS).to(tl.float32)
+    grad_total = 0.0
+    if MODE == 1:
+        grad_total = tl.load(GRAD_TOTAL).to(tl.float32)
+    b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x = load_row_statistics(
+        LSE_ROW, GRAD_ROW, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x,
+        MODE, HAS_ROW_TERM, HAS_POSITIVES, GRAD_POSITIVE_TERM, True, BLOCK_M,
+    )
+    b_s = similarity_tile(
+        A, B, o_x, o_y, m_x, m_y, d, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
+    )
+    b_ds = gradient_tile(
+        b_s, o_x, o_y, m_x, m_y, scale, bias, offset, private_columns, grad_total,
+        b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x, LSE_COL, GRAD_COL, POSITIVE_INDEX, GRAD_POSITIVES,
+        MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE, HAS_POSITIVES, GRAD_POSITIVE_TERM, EXCLUDE_POSITIVE,
+        HAS_PRIVATE, True, BLOCK_N,
+    )
+    if WRITE_BIAS_PARTIAL:
+        tl.store(BIAS_PARTIAL + i_m * tl.num_programs(1) + i_n, tl.sum(tl.sum(b_ds, 1), 0))
+    if SCALE_DS:
+        b_ds = b_ds * tl.load(DS_SCALE)
+    if DOT_FP32:
+        # Interpreter only: its fp32 → bf16 cast truncates; round to nearest even as the GPU does.
+        b_ds = round_to_bfloat16(b_ds)
+    p_ds = DS + (o_x - row_start).to(tl.int64)[:, None] * stride_ds + (o_y - col_start)[None, :]
+    tl.store(p_ds, b_ds.to(DS.dtype.element_ty), mask=m_x[:, None] & m_y[None, :])
+
+
+@triton.jit(do_not_specialize=["rows", "cols", "depth", "k_per_split"])
+def panel_matmul_kernel(
+    P,
+    Y,
+    OUT,
+    DS_SCALE,
+    rows,
+    cols,
+    depth,
+    k_per_split,
+    stride_p_row,
+    stride_p_k,
+    stride_y,
+    stride_out,
+    ACCUMULATE: tl.constexpr,
+    SCALE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program: the [BLOCK_M, BLOCK_N] tile (i_t) of OUT[i_s] (+)= P[:, k-range of split i_s] @ Y[k-range].
+
+    P is the dS panel, read as [rows, depth] through its strides (dS itself for dA, dSᵀ for dB); Y is [depth,
+    cols] row-major (B's or A's rows, cols = padded d); OUT is fp32 [splits, rows, cols]. ACCUMULATE adds to
+    what OUT holds (the earlier panels); SCALE_DS divides by the fp16 scale of dS. BLOCK_D is the K chunk.
+    """
+    i_t = tl.program_id(0)
+    i_s = tl.program_id(1)
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    i_m = i_t // tiles_n
+    i_n = i_t % tiles_n
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < rows
+    m_n = o_n < cols
+    k_start = i_s * k_per_split
+    k_stop = tl.minimum(depth, k_start + k_per_split)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start_k in range(k_start, k_stop, BLOCK_D):
+        o_k = start_k + tl.arange(0, BLOCK_D)
+        m_k = o_k < k_stop
+        b_p = tl.load(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_y = tl.load(Y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :], mask=m_k[:, None] & m_n[None, :],
+                      other=0.0)
+        if DOT_FP32:
+            b_p = b_p.to(tl.float32)  # interpreter only, see tiles.similarity_tile
+            b_y = b_y.to(tl.float32)
+        # [BM, BK] @ [BK, BN] -> [BM, BN]
+        b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
+    if SCALE_DS:
+        b_acc = b_acc / tl.load(DS_SCALE)
+    p_out = OUT + i_s.to(tl.int64) * rows * stride_out + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]
+    m_out = m_m[:, None] & m_n[None, :]
+    if ACCUMULATE:
+        b_acc += tl.load(p_out, mask=m_out, other=0.0)
+    tl.store(p_out, b_acc, mask=m_out)
