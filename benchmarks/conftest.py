@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from fastcontrast._bench import (
+from fastcontrast.tools.bench import (
     LOSSES,
     MODES,
     PROVIDERS,
@@ -83,8 +83,8 @@ class PeakMemory:
     """Peak extra memory of one call of a case.
 
     On CUDA, in this process (``max_memory_allocated`` after a reset). On CPU, in a memory worker
-    subprocess (``fastcontrast._bench.Runner``'s): VmHWM needs glibc's mmap threshold fixed from the
-    process's start, which would slow the timed calls here (see ``fastcontrast/_bench.py``).
+    subprocess (``fastcontrast.tools.bench.Runner``'s): VmHWM needs glibc's mmap threshold fixed from the
+    process's start, which would slow the timed calls here (see ``fastcontrast/tools/bench/meters.py``).
     """
 
     def __init__(self, device: torch.device):

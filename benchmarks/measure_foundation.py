@@ -5,7 +5,7 @@ at most 25 % of the naive reference's, and its time is no worse than the referen
 
     .venv/bin/python benchmarks/measure_foundation.py [--n 8192 --d 256 --rounds 2 --repeats 3 --json PATH]
 
-Every case runs in worker subprocesses (fastcontrast._bench.Runner: peak memory in one whose glibc mmap
+Every case runs in worker subprocesses (fastcontrast.tools.bench.Runner: peak memory in one whose glibc mmap
 threshold is fixed, times in one with glibc's defaults). The providers alternate round by round so that
 a change in machine load affects both; the time is the median over all timed calls, the memory the
 largest peak seen. Peak memory is measured as
@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 
-from fastcontrast._bench import Case, Runner, format_bytes, format_seconds, load_average, now_utc
+from fastcontrast.tools.bench import Case, Runner, format_bytes, format_seconds, load_average, now_utc
 
 MEMORY_RATIO_MAX = 0.25
 TIME_RATIO_MAX = 1.0

@@ -12,7 +12,7 @@ import argparse
 import statistics
 import sys
 
-from fastcontrast._bench import MIB, Case, Runner, format_bytes, format_seconds, load_average, now_utc
+from fastcontrast.tools.bench import MIB, Case, Runner, format_bytes, format_seconds, load_average, now_utc
 
 
 def main(argv=None) -> int:

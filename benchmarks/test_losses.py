@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcontrast._bench import (
+from fastcontrast.tools.bench import (
     DTYPES,
     FLOPS_FORMULA,
     Case,

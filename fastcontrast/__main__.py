@@ -1,10 +1,12 @@
-"""``python -m fastcontrast bench | check | info``.
+"""``python -m fastcontrast bench | check | info | gpu-check | model`` (the commands live in fastcontrast.tools).
 
 - ``bench``: time and peak memory of the naive reference, the blockwise torch engine and the Triton engine
   (CUDA) on this device, as a table, plus the largest batch each fits in a memory budget.
 - ``check``: a self-test of every backend available here against the reference (values and gradients).
-- ``info``: versions, devices, the backend ``"auto"`` picks and why; ``--kernels`` adds the Triton
-  kernels' compile table (registers, shared memory, spills) for sm_80 / sm_90.
+- ``info``: versions, devices, the backend ``"auto"`` picks and why; ``--kernels`` adds the compile table
+  of every kernel variant (sm_80, sm_90, sm_100, gfx90a, gfx942; no GPU needed).
+- ``gpu-check``: the one-shot check for a first GPU run (``--dry``: the same at tiny sizes on the CPU).
+- ``model``: modelled H100 / H200 time of every kernel and loss from counted work (a model).
 
 Importing this module imports nothing heavy (no triton, matplotlib or tqdm) and never touches CUDA; each
 command imports what it needs when it runs.
@@ -32,7 +34,7 @@ def _positive_float(text: str) -> float:
 
 
 def _size(text: str) -> int:
-    from fastcontrast._bench import parse_bytes
+    from fastcontrast.tools.bench.cases import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastcontrast",
         description="fastcontrast: blockwise contrastive losses with O(N·d) memory.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{bench,check,info}")
+    commands = parser.add_subparsers(dest="command", metavar="{bench,check,info,gpu-check,model}")
 
     bench = commands.add_parser(
         "bench",
@@ -110,30 +112,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="versions, devices, and which backend 'auto' picks and why")
     info.add_argument("--kernels", action="store_true",
-                      help="also compile every Triton kernel for sm_80 / sm_90 and print registers, shared "
-                      "memory and spills (no GPU needed; takes a while)")
+                      help="also compile every launchable kernel variant for sm_80, sm_90, sm_100, gfx90a and "
+                      "gfx942 and print registers, spills, stack, shared memory, wgmma shapes (no GPU needed; "
+                      "tens of minutes on 2 cores for all targets)")
+    info.add_argument("--arch", nargs="+", default=None, choices=["sm_80", "sm_90", "sm_100", "gfx90a", "gfx942"],
+                      help="with --kernels: only these targets")
+    info.add_argument("--json", metavar="FILE", default=None,
+                      help="with --kernels: write the table as JSON (one row per binary)")
+    info.add_argument("--markdown", action="store_true",
+                      help="with --kernels: print only the table, as Markdown (docs/kernels.md's)")
+
+    gpu = commands.add_parser(
+        "gpu-check", help="the one-shot check for a first GPU run: crash paths, numerics, offsets, speed",
+        description="Crash scenarios first, then numerics against float64, int64 offsets, determinism, the "
+        "launched binaries and TFLOP/s; one line per check, JSON lines in --out as they finish.",
+    )
+    gpu.add_argument("--out", metavar="DIR", default=None, help="folder for gpu_check.jsonl")
+    gpu.add_argument("--budget", metavar="SECONDS", type=_positive_float, default=480.0,
+                     help="start no new check past this many seconds")
+    gpu.add_argument("--dry", action="store_true",
+                     help="tiny shapes on the CPU in triton's interpreter (what the test suite runs)")
+    gpu.add_argument("--table", metavar="FILE", default=None,
+                     help="the committed compile table to compare the launched binaries with "
+                     "(default: docs/compile_table.json next to the package, if present)")
+
+    # Parsed by fastcontrast.tools.model itself (main() hands it the arguments); listed here for --help.
+    commands.add_parser("model", help="modelled H100 / H200 time of every kernel and loss (a model)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["model"]:  # its own parser (fastcontrast.tools.model)
+        from fastcontrast.tools.model import model_cli
+
+        return model_cli(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "bench":
-        from fastcontrast._bench import bench_cli
+        from fastcontrast.tools.bench.cli import bench_cli
 
         args.argv = argv[1:]
         return bench_cli(args)
     if args.command == "check":
-        from fastcontrast._check import check_cli
+        from fastcontrast.tools.check import check_cli
 
         return check_cli(args)
-    from fastcontrast._info import info_cli
+    if args.command == "gpu-check":
+        from fastcontrast.tools.gpu_check import gpu_check_cli
+
+        if args.table is None:
+            args.table = _default_table()
+        return gpu_check_cli(args)
+    from fastcontrast.tools.info import info_cli
 
     return info_cli(args)
+
+
+def _default_table():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "compile_table.json")
+    return path if os.path.exists(path) else None
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ class PanelConfig:
     cols: int
 
 
+# SMs (CUs on AMD) of the usual part of each target: A100, H100 / H200, B200, MI250X (per GCD), MI300X. Used
+# only where the target is assumed rather than present (the compile checks and the work model).
+TYPICAL_MULTIPROCESSORS = {("cuda", 80): 108, ("cuda", 90): 132, ("cuda", 100): 148, ("hip", "gfx90a"): 110,
+                           ("hip", "gfx942"): 304}
+
 _TARGET_OVERRIDE: contextvars.ContextVar[Optional[Target]] = contextvars.ContextVar("target", default=None)
 
 
@@ -90,7 +95,11 @@ def _family(target: Target) -> str:
         return "interpreter"
     if target[0] == "hip":
         return "amd"
-    return "hopper" if target[1] >= 90 else "ampere"
+    return "blackwell" if target[1] >= 100 else "hopper" if target[1] >= 90 else "ampere"
+
+
+# Where a family has no entry of its own it takes the next one's: Blackwell runs Hopper's tiles.
+_FALLBACK = {"blackwell": "hopper", "amd": "ampere"}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -108,16 +117,25 @@ _GPU_PANEL = {"half": PanelConfig(4096, 4096), "fp32": PanelConfig(2048, 4096)}
 # The largest d the fused gradient keeps on chip, per precision (above: the panel path).
 FUSED_MAX_D = {"half": 256, "fp32": 128}
 
-_FORWARD = {  # lse_forward, siglip_forward, ds_panel: (family, precision) -> config
+_FORWARD = {  # lse_forward, siglip_forward: (family, precision) -> config
+    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ("hopper", "fp32"): KernelConfig(32, 64, 32, num_warps=4, num_stages=3),
+    ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ("ampere", "fp32"): KernelConfig(32, 64, 32, num_warps=4, num_stages=2),
+}
+# SigLIP's softplus keeps more values live than the online max/sum: 8 warps on Ampere.
+_SIGLIP_FORWARD = {
+    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ("hopper", "fp32"): KernelConfig(32, 64, 32, num_warps=4, num_stages=3),
+    ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+}
+# The dS kernel of the panel path keeps no running reductions: the full 128×128 tile fits.
+_DS_PANEL = {
     ("hopper", "half"): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
     ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
     ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=4, num_stages=3),
     ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
-}
-# SigLIP's softplus keeps more values live than the online max/sum: 8 warps on Ampere.
-_SIGLIP_FORWARD = {
-    ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
 }
 
 # Fused gradient by d bucket (upper bounds), with BLOCK_D the accumulator's width (the whole padded d).
@@ -132,13 +150,15 @@ _GRADIENT = {
         (128, KernelConfig(64, 64, 128, num_warps=8, num_stages=2)),
         (256, KernelConfig(64, 32, 256, num_warps=8, num_stages=2)),
     ),
+    # fp32 without tensor cores (the IEEE default) computes each dot on the CUDA cores from registers: small
+    # row tiles, and a single stage where a second one would spill.
     ("hopper", "fp32"): (
-        (64, KernelConfig(64, 64, 64, num_warps=4, num_stages=2)),
-        (128, KernelConfig(32, 64, 128, num_warps=8, num_stages=2)),
+        (64, KernelConfig(32, 64, 64, num_warps=8, num_stages=1)),
+        (128, KernelConfig(32, 64, 128, num_warps=8, num_stages=1)),
     ),
     ("ampere", "fp32"): (
-        (64, KernelConfig(32, 64, 64, num_warps=4, num_stages=2)),
-        (128, KernelConfig(32, 64, 128, num_warps=8, num_stages=2)),
+        (64, KernelConfig(32, 64, 64, num_warps=8, num_stages=1)),
+        (128, KernelConfig(32, 64, 128, num_warps=8, num_stages=1)),
     ),
 }
 
@@ -147,31 +167,37 @@ _PANEL_MATMUL = {
     ("hopper", "half"): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
     ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
     ("ampere", "half"): KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
-    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
+    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
 }
 
 # Distillation kernels hold two S tiles (student and teacher), and in the forward the column partials of
 # both: 8 warps halve each tile's share per thread. The fused gradient keeps its accumulator on chip for
 # d ≤ 64; above, the panel path.
 _DISTILL_FORWARD = {
-    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    ("hopper", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
+    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=1),
     ("ampere", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
-    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    ("ampere", "fp32"): KernelConfig(32, 64, 32, num_warps=8, num_stages=1),
 }
 _DISTILL_GRADIENT = {
     ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=2),
-    ("hopper", "fp32"): KernelConfig(32, 64, 64, num_warps=4, num_stages=2),
+    ("hopper", "fp32"): KernelConfig(32, 64, 64, num_warps=8, num_stages=1),
     ("ampere", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
-    ("ampere", "fp32"): KernelConfig(32, 64, 64, num_warps=4, num_stages=2),
+    ("ampere", "fp32"): KernelConfig(32, 64, 64, num_warps=8, num_stages=1),
+}
+_DISTILL_PANEL = {
+    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    ("ampere", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
+    ("ampere", "fp32"): KernelConfig(32, 64, 32, num_warps=8, num_stages=1),
 }
 DISTILL_FUSED_MAX_D = 64
 
 
 def _lookup(table: dict, target: Target, dtype: torch.dtype):
     family = _family(target)
-    if family == "amd":
-        family = "ampere"
+    while (family, _precision(dtype)) not in table:
+        family = _FALLBACK[family]
     return table[(family, _precision(dtype))]
 
 
@@ -182,10 +208,7 @@ def forward_config(target: Target, dtype: torch.dtype, d: int, kernel: str = "ls
     """
     if target == "interpreter":
         return INTERPRETER_CONFIG
-    if kernel == "siglip" and _family(target) != "hopper":
-        config = _lookup(_SIGLIP_FORWARD, target, dtype)
-    else:
-        config = _lookup(_FORWARD, target, dtype)
+    config = _lookup(_SIGLIP_FORWARD if kernel == "siglip" else _FORWARD, target, dtype)
     if _precision(dtype) == "half" and config.block_d < d <= 2 * config.block_d:
         return dataclasses.replace(config, block_d=2 * config.block_d)
     return config
@@ -217,7 +240,7 @@ def panel_configs(target: Target, dtype: torch.dtype) -> tuple[PanelConfig, Kern
     """(panel size, dS kernel config, GEMM config) of the panel gradient path."""
     if target == "interpreter":
         return INTERPRETER_PANEL, INTERPRETER_CONFIG, INTERPRETER_CONFIG
-    return (_GPU_PANEL[_precision(dtype)], _lookup(_FORWARD, target, dtype),
+    return (_GPU_PANEL[_precision(dtype)], _lookup(_DS_PANEL, target, dtype),
             _lookup(_PANEL_MATMUL, target, dtype))
 
 
@@ -225,5 +248,5 @@ def distill_config(target: Target, kernel: str, dtype: torch.dtype) -> KernelCon
     """Config of a distillation kernel (``kernel``: ``"forward"``, ``"gradient"`` or ``"panel"``)."""
     if target == "interpreter":
         return INTERPRETER_CONFIG
-    table = _DISTILL_FORWARD if kernel in ("forward", "panel") else _DISTILL_GRADIENT
+    table = {"forward": _DISTILL_FORWARD, "gradient": _DISTILL_GRADIENT, "panel": _DISTILL_PANEL}[kernel]
     return _lookup(table, target, dtype)

@@ -28,6 +28,7 @@ import torch
 import triton
 from fastcontrast.kernels.configs import (
     DISTILL_FUSED_MAX_D,
+    TYPICAL_MULTIPROCESSORS,
     KernelConfig,
     distill_config,
     forward_config,
@@ -67,10 +68,19 @@ def launch_device(x: torch.Tensor):
 
 
 @functools.cache
-def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_TARGET_PROGRAMS
+def _device_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the GPU: from the device itself, or an assumed target's typical size (the compile
+    checks and the work model record what such a GPU would launch)."""
+    target = target_for(device)
+    if target == "interpreter":
+        return INTERPRETER_TARGET_PROGRAMS
+    if device.type == "cuda":
+        return _device_programs(device)
+    return PROGRAMS_PER_SM * TYPICAL_MULTIPROCESSORS.get(target, 132)
 
 
 def column_splits(n_x: int, n_y: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -152,6 +162,11 @@ def _flags(config: KernelConfig, dtype: torch.dtype) -> dict:
     )
 
 
+def _bias_or_zero(bias: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """SigLIP's bias, or an fp32 zero on the device when the loss has none: one binary serves both."""
+    return aligned_vector(bias) if bias is not None else torch.zeros((), dtype=torch.float32, device=like.device)
+
+
 def _unpadded(d: int, *outputs: Optional[torch.Tensor]) -> tuple:
     """The outputs (or None) without the zero columns the aligned buffers added past d."""
     return tuple(None if x is None else x[:, :d] for x in outputs)
@@ -220,6 +235,8 @@ class TritonEngine:
             a, b = aligned_features(a), aligned_features(b)
             row_stats = None if grad_row is None else (aligned_vector(lse_row), aligned_vector(grad_row, torch.float32))
             col_stats = None if grad_col is None else (aligned_vector(lse_col), aligned_vector(grad_col, torch.float32))
+            if positive_index is not None and grad_positives is None:
+                grad_positives = torch.zeros(positive_index.shape, dtype=torch.float32, device=a.device)
             grad_positives = aligned_vector(grad_positives, torch.float32)
             problem = dict(
                 a=a, b=b, d=d, scale=aligned_vector(scale), bias=None, mode=MODE_LSE, row_stats=row_stats,
@@ -240,9 +257,9 @@ class TritonEngine:
             grid = (triton.cdiv(n, config.block_m), splits)
             partial = torch.empty((splits, grid[0]), dtype=torch.float32, device=a.device)
             siglip_forward_kernel[grid](
-                X=a, Y=b, SCALE=aligned_vector(scale), BIAS=aligned_vector(bias), PARTIAL=partial,
+                X=a, Y=b, SCALE=aligned_vector(scale), BIAS=_bias_or_zero(bias, scale), PARTIAL=partial,
                 n_x=n, n_y=m, d=a.shape[1], stride_x=a.stride(0), stride_y=b.stride(0),
-                positive_offset=positive_offset, cols_per_split=cols_per_split, HAS_BIAS=bias is not None,
+                positive_offset=positive_offset, cols_per_split=cols_per_split,
                 X_RESIDENT=a.shape[1] <= config.block_d, **_flags(config, a.dtype),
             )
             return partial.sum()
@@ -253,7 +270,7 @@ class TritonEngine:
             a, b = aligned_features(a), aligned_features(b)
             grad = aligned_vector(grad.reshape(()), torch.float32)
             problem = dict(
-                a=a, b=b, d=d, scale=aligned_vector(scale), bias=aligned_vector(bias), mode=MODE_SIGLIP,
+                a=a, b=b, d=d, scale=aligned_vector(scale), bias=_bias_or_zero(bias, scale), mode=MODE_SIGLIP,
                 row_stats=None, col_stats=None, grad_total=grad, ds_scale=gradient_scale(a.dtype, grad),
                 positive_index=None, grad_positives=None, offset=positive_offset, exclude_positive=False,
                 private_columns=0,
@@ -334,6 +351,7 @@ def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_off
     grid = (triton.cdiv(n_x, config.block_m), splits)
     partial = functools.partial(torch.empty, (splits, n_x), device=x.device)
     write_positives = x_is_a and positive_index is not None
+    x_is_a = x_is_a or positive_index is None  # the orientation matters only with positives (tiles.py)
     lse = partial(dtype=torch.float32)
     positives = partial(dtype=torch.float32) if write_positives else None
     argmax = partial(dtype=torch.int64) if need_argmax else None
@@ -346,7 +364,7 @@ def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_off
         cols_per_split=cols_per_split,
         HAS_EXCLUDE=exclude_offset is not None, HAS_POSITIVES=positive_index is not None,
         EXCLUDE_POSITIVE=exclude_positive, HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a,
-        WRITE_POSITIVES=write_positives, WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
+        WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
         X_RESIDENT=x.shape[1] <= config.block_d, **_flags(config, x.dtype),
     )
     # Merge the column splits in a fixed order; a positive lies in exactly one split (0 in the others).
@@ -368,20 +386,21 @@ def _gradients(problem: dict, *, need_a: bool, need_b: bool, need_bias: bool):
 
 
 def _fused_gradients(problem, target, *, need_a, need_b, need_bias):
-    # Σ dS (the bias gradient) comes with the dA pass: it sees every (i, j) once. When only dB is needed the
-    # dB pass carries it instead; when neither is, the dA pass runs for it alone.
+    # Σ dS (the bias gradient) comes with the SigLIP passes (each sees every (i, j) once): the dA pass's when
+    # it runs, else the dB pass's; when neither gradient is needed, the dA pass runs for it alone.
     grad_a = grad_b = bias_partial = None
     if need_a or (need_bias and not need_b):
-        grad_a, bias_partial = _launch_gradient(problem, target, transposed=False, write_bias=need_bias)
+        grad_a, bias_partial = _launch_gradient(problem, target, transposed=False)
     if need_b:
-        grad_b, b_partial = _launch_gradient(problem, target, transposed=True,
-                                             write_bias=need_bias and bias_partial is None)
+        grad_b, b_partial = _launch_gradient(problem, target, transposed=True)
         bias_partial = b_partial if bias_partial is None else bias_partial
-    return (grad_a if need_a else None), grad_b, (None if bias_partial is None else bias_partial.sum())
+    grad_bias = bias_partial.sum() if need_bias else None
+    return (grad_a if need_a else None), grad_b, grad_bias
 
 
-def _launch_gradient(problem, target, *, transposed, write_bias):
-    """dS·Y for the rows of X (X = A, or X = B with ``transposed``): ``(fp32 [n_x, d_pad], Σ dS partials)``."""
+def _launch_gradient(problem, target, *, transposed):
+    """dS·Y for the rows of X (X = A, or X = B with ``transposed``): ``(fp32 [n_x, d_pad], Σ dS partials
+    [splits, row blocks] for SigLIP, else None)``."""
     x, y = (problem["b"], problem["a"]) if transposed else (problem["a"], problem["b"])
     x_stats, y_stats = (problem["col_stats"], problem["row_stats"]) if transposed else (problem["row_stats"],
                                                                                         problem["col_stats"])
@@ -393,10 +412,11 @@ def _launch_gradient(problem, target, *, transposed, write_bias):
     splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
     grid = (triton.cdiv(n_x, config.block_m), splits)
     out = torch.empty((splits, n_x, d), dtype=torch.float32, device=x.device)
-    bias_partial = torch.empty(grid[::-1], dtype=torch.float32, device=x.device) if write_bias else None
+    mode = problem["mode"]
+    bias_partial = torch.empty(grid[::-1], dtype=torch.float32, device=x.device) if mode == MODE_SIGLIP else None
     lse_x, grad_x = x_stats if x_stats is not None else (None, None)
     lse_y, grad_y = y_stats if y_stats is not None else (None, None)
-    mode = problem["mode"]
+    has_positives = problem["positive_index"] is not None
     gradient_kernel[grid](
         X=x, Y=y, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
         POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"], LSE_X=lse_x,
@@ -404,10 +424,9 @@ def _launch_gradient(problem, target, *, transposed, write_bias):
         BIAS_PARTIAL=bias_partial, n_x=n_x, n_y=n_y, d=d, stride_x=x.stride(0), stride_y=y.stride(0),
         stride_out=out.stride(1), offset=0 if offset is None else offset, private_columns=problem["private_columns"],
         cols_per_split=cols_per_split, MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
-        HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=problem["positive_index"] is not None,
-        GRAD_POSITIVE_TERM=problem["grad_positives"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
-        HAS_PRIVATE=problem["private_columns"] > 0, X_IS_A=not transposed, HAS_BIAS=problem["bias"] is not None,
-        WRITE_BIAS_PARTIAL=write_bias, SCALE_DS=problem["ds_scale"] is not None, **_flags(config, x.dtype),
+        HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=has_positives,
+        EXCLUDE_POSITIVE=problem["exclude_positive"], HAS_PRIVATE=problem["private_columns"] > 0,
+        X_IS_A=not (transposed and has_positives), SCALE_DS=problem["ds_scale"] is not None, **_flags(config, x.dtype),
     )
     # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
     return (out[0] if splits == 1 else out.sum(dim=0)), bias_partial
@@ -434,7 +453,7 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
     bias_partials = []
     for (r0, r1), (c0, c1) in _panels(n, m, rows, cols):
         grid = (triton.cdiv(r1 - r0, ds_config.block_m), triton.cdiv(c1 - c0, ds_config.block_n))
-        bias_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if need_bias else None
+        bias_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if mode == MODE_SIGLIP else None
         ds_panel_kernel[grid](
             A=a, B=b, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
             POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"],
@@ -445,10 +464,9 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
             stride_ds=ds.stride(0), offset=0 if offset is None else offset,
             private_columns=problem["private_columns"], MODE=mode, HAS_ROW_TERM=row_stats is not None,
             HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
-            HAS_POSITIVES=problem["positive_index"] is not None,
-            GRAD_POSITIVE_TERM=problem["grad_positives"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
-            HAS_PRIVATE=problem["private_columns"] > 0, HAS_BIAS=problem["bias"] is not None,
-            WRITE_BIAS_PARTIAL=need_bias, SCALE_DS=problem["ds_scale"] is not None, **_flags(ds_config, a.dtype),
+            HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
+            HAS_PRIVATE=problem["private_columns"] > 0, SCALE_DS=problem["ds_scale"] is not None,
+            **_flags(ds_config, a.dtype),
         )
         if need_bias:
             bias_partials.append(bias_partial.reshape(-1))

@@ -4,7 +4,8 @@ The same kernel gives both halves of the backward pass with no atomics (FlashAtt
 dA = dS·B runs it with (X, Y) = (A, B); dB = dSᵀ·A runs it with (X, Y) = (B, A) and the row/column roles
 of the statistics swapped (``X_IS_A`` false). Each program owns BLOCK_M rows of OUT, so results are bitwise
 deterministic. dS is :func:`fastcontrast.kernels.tiles.gradient_tile` (MODE 0: the LSE terms and the
-positives; MODE 1: SigLIP, with the per-program Σ dS of the bias gradient, summed on the host in a fixed order).
+positives; MODE 1: SigLIP, always with its bias (0 if the loss has none) and the per-program Σ dS of the bias
+gradient, summed on the host in a fixed order).
 
 The whole feature dim fits one BLOCK_D chunk (the launcher pads d to a multiple of 16): the row tile of X and
 the [BLOCK_M, BLOCK_D] fp32 accumulator stay in registers across the column loop, and each Y tile is loaded
@@ -49,12 +50,9 @@ def gradient_kernel(
     HAS_Y_TERM: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
     HAS_POSITIVES: tl.constexpr,
-    GRAD_POSITIVE_TERM: tl.constexpr,
     EXCLUDE_POSITIVE: tl.constexpr,
     HAS_PRIVATE: tl.constexpr,
     X_IS_A: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WRITE_BIAS_PARTIAL: tl.constexpr,
     SCALE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -70,18 +68,16 @@ def gradient_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < d
     scale = tl.load(SCALE).to(tl.float32)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
     ds_scale = 1.0
     if SCALE_DS:
         ds_scale = tl.load(DS_SCALE)
+    bias = 0.0
     grad_total = 0.0
     if MODE == 1:
+        bias = tl.load(BIAS).to(tl.float32)
         grad_total = tl.load(GRAD_TOTAL).to(tl.float32)
     b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x = load_row_statistics(
-        LSE_X, GRAD_X, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x,
-        MODE, HAS_X_TERM, HAS_POSITIVES, GRAD_POSITIVE_TERM, X_IS_A, BLOCK_M,
+        LSE_X, GRAD_X, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x, MODE, HAS_X_TERM, HAS_POSITIVES, X_IS_A, BLOCK_M,
     )
     # The row tile stays on chip for the whole column loop.
     b_x = load_rows(X, o_x, m_x, d, stride_x, BLOCK_D, DOT_FP32)
@@ -102,10 +98,10 @@ def gradient_kernel(
         b_ds = gradient_tile(
             b_s, o_x, o_y, m_x, m_y, scale, bias, offset, private_columns, grad_total,
             b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x, LSE_Y, GRAD_Y, POSITIVE_INDEX, GRAD_POSITIVES,
-            MODE, HAS_X_TERM, HAS_Y_TERM, HAS_EXCLUDE, HAS_POSITIVES, GRAD_POSITIVE_TERM, EXCLUDE_POSITIVE,
-            HAS_PRIVATE, X_IS_A, BLOCK_N,
+            MODE, HAS_X_TERM, HAS_Y_TERM, HAS_EXCLUDE, HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, X_IS_A,
+            BLOCK_N,
         )
-        if WRITE_BIAS_PARTIAL:
+        if MODE == 1:
             b_bias_grad += tl.sum(b_ds, 1)
         # [BM, BN] @ [BN, BD] -> [BM, BD]; dS goes to the tensor cores in Y's dtype, as FlashAttention does with P.
         b_acc = tl.dot(as_dot_operand(b_ds, b_y, ds_scale, DOT_FP32, SCALE_DS), b_y, b_acc,
@@ -115,5 +111,5 @@ def gradient_kernel(
         b_acc = b_acc / ds_scale
     p_out = OUT + i_s.to(tl.int64) * n_x * stride_out + o_x.to(tl.int64)[:, None] * stride_out + o_d[None, :]
     tl.store(p_out, b_acc, mask=m_x[:, None] & m_d[None, :])
-    if WRITE_BIAS_PARTIAL:
+    if MODE == 1:
         tl.store(BIAS_PARTIAL + i_s * tl.num_programs(0) + i_m, tl.sum(b_bias_grad, 0))

@@ -40,7 +40,22 @@ class Launch:
 @contextlib.contextmanager
 def recorded_launches() -> Iterator[list[Launch]]:
     """Within the block, every ``kernel[grid](...)`` appends a :class:`Launch` to the yielded list instead of
-    running (works with and without ``TRITON_INTERPRET=1``)."""
+    running (with and without ``TRITON_INTERPRET=1``, triton 3.2 and newer: ``kernel[grid]`` is the one
+    launch syntax every version shares)."""
+    launches: list[Launch] = []
+
+    def index(self, grid):
+        def record(*args, **kwargs):
+            launches.append(Launch(self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs))
+
+        return record
+
+    with patched_launch_index(index):
+        yield launches
+
+
+def kernel_classes() -> list:
+    """The classes whose instances ``@triton.jit`` returns, compiled and interpreted."""
     from triton.runtime.jit import JITFunction
 
     classes = [JITFunction]
@@ -50,19 +65,20 @@ def recorded_launches() -> Iterator[list[Launch]]:
         classes.append(InterpretedFunction)
     except ImportError:  # pragma: no cover - every triton 3.x has the interpreter
         pass
-    launches: list[Launch] = []
+    return classes
 
-    def record(self, *args, grid, warmup, **kwargs):
-        if callable(grid):
-            grid = grid(kwargs)
-        launches.append(Launch(self, tuple(grid), args, kwargs))
-        return None
 
-    saved = [(cls, cls.run) for cls in classes]
-    for cls in classes:
-        cls.run = record
+@contextlib.contextmanager
+def patched_launch_index(index) -> Iterator[None]:
+    """Replace ``kernel[grid]`` of every jit function by ``index(kernel, grid)`` within the block."""
+    saved = [(cls, cls.__dict__.get("__getitem__")) for cls in kernel_classes()]
+    for cls, _ in saved:
+        cls.__getitem__ = index
     try:
-        yield launches
+        yield
     finally:
-        for cls, run in saved:
-            cls.run = run
+        for cls, original in saved:
+            if original is None:
+                del cls.__getitem__  # it was inherited (JITFunction takes KernelInterface's)
+            else:
+                cls.__getitem__ = original

@@ -37,7 +37,6 @@ def lse_forward_kernel(
     EXCLUDE_POSITIVE: tl.constexpr,
     HAS_PRIVATE: tl.constexpr,
     X_IS_A: tl.constexpr,
-    WRITE_POSITIVES: tl.constexpr,
     WRITE_COL_PARTIAL: tl.constexpr,
     WRITE_ARGMAX: tl.constexpr,
     X_RESIDENT: tl.constexpr,
@@ -50,12 +49,12 @@ def lse_forward_kernel(
     """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X against the columns of split i_s of Y (with
     X_RESIDENT, d ≤ BLOCK_D: the row tile loaded once and kept on chip for the whole column loop).
 
-    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the entries the masks allow (``allowed_entries``);
-    with WRITE_POSITIVES, POSITIVES[i_s, rows] = the logit at each row's positive column (0 in splits that do
-    not hold it, so the host's sum over splits is exact); with WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] =
-    log Σ_{i in block} exp(Sᵢⱼ). Online softmax in natural units with exp2 (see tiles.py), fp32
-    throughout. With more than one split (few rows, many columns: a local loss, a memory bank) the host
-    merges the splits' partial LSEs with one logsumexp, in a fixed order.
+    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the entries the masks allow (``allowed_entries``).
+    With positives on A's rows (HAS_POSITIVES and X_IS_A), POSITIVES[i_s, rows] = the logit at each row's
+    positive column (0 in splits that do not hold it, so the host's sum over splits is exact). With
+    WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] = log Σ_{i in block} exp(Sᵢⱼ). Online softmax in natural units
+    with exp2 (see tiles.py), fp32 throughout. With more than one split (few rows, many columns: a local
+    loss, a memory bank) the host merges the splits' partial LSEs with one logsumexp, in a fixed order.
 
     If WRITE_ARGMAX, also each row's argmax over the split (ARGMAX_X, with its max in MAX_X) and, with
     the column partials, each column's argmax over the block's rows (COL_ARGMAX, COL_MAX): retrieval accuracy
@@ -91,7 +90,7 @@ def lse_forward_kernel(
             X, Y, b_x, o_x, o_y, m_x, m_y, d, stride_x, stride_y,
             X_RESIDENT, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
         ) * scale
-        if WRITE_POSITIVES:
+        if HAS_POSITIVES and X_IS_A:
             b_is_positive = positive_entries(o_x, o_y, b_pos_x, b_pos_y, X_IS_A)
             b_positive += tl.sum(tl.where(b_is_positive, b_logits, 0.0), 1)
         m_valid = allowed_entries(
@@ -129,7 +128,7 @@ def lse_forward_kernel(
     b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
     p_row = i_s.to(tl.int64) * n_x + o_x
     tl.store(LSE_X + p_row, b_shift + tl.log2(b_sum) * LN2, mask=m_x)
-    if WRITE_POSITIVES:
+    if HAS_POSITIVES and X_IS_A:
         tl.store(POSITIVES + p_row, b_positive, mask=m_x)
     if WRITE_ARGMAX:
         tl.store(ARGMAX_X + p_row, b_arg.to(tl.int64), mask=m_x)

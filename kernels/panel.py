@@ -56,11 +56,8 @@ def ds_panel_kernel(
     HAS_COL_TERM: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
     HAS_POSITIVES: tl.constexpr,
-    GRAD_POSITIVE_TERM: tl.constexpr,
     EXCLUDE_POSITIVE: tl.constexpr,
     HAS_PRIVATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WRITE_BIAS_PARTIAL: tl.constexpr,
     SCALE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -69,7 +66,7 @@ def ds_panel_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """One program: DS[tile (i_m, i_n) of the panel] = dS of rows [row_start + i_m·BM, …) of A against columns
-    [col_start + i_n·BN, …) of B, in DS's dtype; with WRITE_BIAS_PARTIAL also the tile's Σ dS (SigLIP)."""
+    [col_start + i_n·BN, …) of B, in DS's dtype; for SigLIP (MODE 1) also the tile's Σ dS."""
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
     o_x = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,14 +75,12 @@ def ds_panel_kernel(
     m_y = o_y < col_stop
     scale = tl.load(SCALE).to(tl.float32)
     bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
     grad_total = 0.0
     if MODE == 1:
+        bias = tl.load(BIAS).to(tl.float32)
         grad_total = tl.load(GRAD_TOTAL).to(tl.float32)
     b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x = load_row_statistics(
-        LSE_ROW, GRAD_ROW, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x,
-        MODE, HAS_ROW_TERM, HAS_POSITIVES, GRAD_POSITIVE_TERM, True, BLOCK_M,
+        LSE_ROW, GRAD_ROW, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x, MODE, HAS_ROW_TERM, HAS_POSITIVES, True, BLOCK_M,
     )
     b_s = similarity_tile(
         A, B, o_x, o_y, m_x, m_y, d, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
@@ -93,10 +88,9 @@ def ds_panel_kernel(
     b_ds = gradient_tile(
         b_s, o_x, o_y, m_x, m_y, scale, bias, offset, private_columns, grad_total,
         b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x, LSE_COL, GRAD_COL, POSITIVE_INDEX, GRAD_POSITIVES,
-        MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE, HAS_POSITIVES, GRAD_POSITIVE_TERM, EXCLUDE_POSITIVE,
-        HAS_PRIVATE, True, BLOCK_N,
+        MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE, HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, True, BLOCK_N,
     )
-    if WRITE_BIAS_PARTIAL:
+    if MODE == 1:
         tl.store(BIAS_PARTIAL + i_m * tl.num_programs(1) + i_n, tl.sum(tl.sum(b_ds, 1), 0))
     if SCALE_DS:
         b_ds = b_ds * tl.load(DS_SCALE)

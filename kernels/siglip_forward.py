@@ -39,7 +39,6 @@ def siglip_forward_kernel(
     stride_y,
     positive_offset,
     cols_per_split,
-    HAS_BIAS: tl.constexpr,
     X_RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -54,9 +53,7 @@ def siglip_forward_kernel(
     o_x = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_x = o_x < n_x
     scale = tl.load(SCALE).to(tl.float32)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
+    bias = tl.load(BIAS).to(tl.float32)  # 0 when the loss has none: one binary for both
     b_x = tl.zeros([BLOCK_M, BLOCK_D], dtype=X.dtype.element_ty)
     if X_RESIDENT:
         b_x = load_rows(X, o_x, m_x, d, stride_x, BLOCK_D, DOT_FP32)

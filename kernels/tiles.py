@@ -109,7 +109,8 @@ def allowed_entries(
     """[BLOCK_M, BLOCK_N] mask of the entries an LSE counts (DESIGN §2; the masks of fastcontrast.engine).
 
     ``exclude_offset`` is already in this orientation (the launcher negates it for X = B). ``b_pos_x`` holds
-    the positive column of each X row (X = A), ``b_pos_y`` that of each Y row (X = B).
+    the positive column of each X row (X = A), ``b_pos_y`` that of each Y row (X = B). X_IS_A matters only
+    with positives: launchers pass True without them, so no second binary exists for nothing.
     """
     m_valid = m_x[:, None] & m_y[None, :]
     if HAS_EXCLUDE:
@@ -225,7 +226,6 @@ def gradient_tile(
     HAS_Y_TERM: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
     HAS_POSITIVES: tl.constexpr,
-    GRAD_POSITIVE_TERM: tl.constexpr,
     EXCLUDE_POSITIVE: tl.constexpr,
     HAS_PRIVATE: tl.constexpr,
     X_IS_A: tl.constexpr,
@@ -233,8 +233,9 @@ def gradient_tile(
 ):
     """The fp32 dS tile of the unscaled similarity tile ``b_s`` = X[o_x]·Y[o_y]ᵀ, 0 outside the allowed entries.
 
-    MODE 0 (LSE): gxᵢ·exp(xᵢⱼ − lse_xᵢ) + gyⱼ·exp(xᵢⱼ − lse_yⱼ) over the entries the LSEs counted, plus the
-    positives' gradient at each row's positive entry, folded in fp32 before any rounding (a row near one-hot
+    MODE 0 (LSE): gxᵢ·exp(xᵢⱼ − lse_xᵢ) + gyⱼ·exp(xᵢⱼ − lse_yⱼ) over the entries the LSEs counted, plus (with
+    HAS_POSITIVES, whose gradient GRAD_POSITIVES then always holds, zeros when it has none) the positives'
+    gradient at each row's positive entry, folded in fp32 before any rounding (a row near one-hot
     has dS = p − 1 there, a small difference that rounding each term first would lose). Row statistics come
     loaded (``b_*_x``), column ones are loaded here. MODE 1 (SigLIP): −zᵢⱼ·σ(−zᵢⱼ·(xᵢⱼ + b))·g with
     zᵢⱼ = +1 where j = i + offset.
@@ -250,14 +251,13 @@ def gradient_tile(
         if HAS_POSITIVES:
             if not X_IS_A:
                 b_pos_y = tl.load(POSITIVE_INDEX + o_y, mask=m_y, other=-1)
-                if GRAD_POSITIVE_TERM:
-                    b_grad_pos_y = tl.load(GRAD_POSITIVES + o_y, mask=m_y, other=0.0)
+                b_grad_pos_y = tl.load(GRAD_POSITIVES + o_y, mask=m_y, other=0.0)
         m_valid = allowed_entries(
             o_x, o_y, m_x, m_y, offset, b_pos_x, b_pos_y, private_columns,
             HAS_EXCLUDE, EXCLUDE_POSITIVE, HAS_PRIVATE, X_IS_A,
         )
         b_ds = lse_gradient_tile(b_s * scale, m_valid, b_lse_x, b_grad_x, b_lse_y, b_grad_y, HAS_X_TERM, HAS_Y_TERM)
-        if GRAD_POSITIVE_TERM:
+        if HAS_POSITIVES:
             b_is_positive = positive_entries(o_x, o_y, b_pos_x, b_pos_y, X_IS_A)
             if X_IS_A:
                 b_ds += tl.where(b_is_positive, b_grad_pos_x[:, None], 0.0)
@@ -277,8 +277,8 @@ def gradient_tile(
 
 @triton.jit
 def load_row_statistics(LSE_X, GRAD_X, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x, MODE: tl.constexpr,
-                        HAS_X_TERM: tl.constexpr, HAS_POSITIVES: tl.constexpr, GRAD_POSITIVE_TERM: tl.constexpr,
-                        X_IS_A: tl.constexpr, BLOCK_M: tl.constexpr):
+                        HAS_X_TERM: tl.constexpr, HAS_POSITIVES: tl.constexpr, X_IS_A: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
     """The per-row inputs of :func:`gradient_tile`: (lse_x, grad_x, positive index, positives' gradient)."""
     b_lse_x = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_grad_x = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -291,6 +291,5 @@ def load_row_statistics(LSE_X, GRAD_X, POSITIVE_INDEX, GRAD_POSITIVES, o_x, m_x,
         if HAS_POSITIVES:
             if X_IS_A:
                 b_pos_x = tl.load(POSITIVE_INDEX + o_x, mask=m_x, other=-1)
-                if GRAD_POSITIVE_TERM:
-                    b_grad_pos_x = tl.load(GRAD_POSITIVES + o_x, mask=m_x, other=0.0)
+                b_grad_pos_x = tl.load(GRAD_POSITIVES + o_x, mask=m_x, other=0.0)
     return b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x

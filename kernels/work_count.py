@@ -7,12 +7,10 @@ them counts exactly what the kernels ask for:
 - FLOPs: 2·M·N·K per ``tl.dot``, tile padding included (what the tensor cores really execute);
 - transcendentals: elements through exp / exp2 / log / log2 (the SFU work: FlashAttention-3 shows it can
   rival the tensor cores at small d);
-- bytes requested: active (unmasked) elements × element size for every load and store. This is traffic
-  *requested* from the memory system with no cache model, so an upper bound on DRAM traffic: a B tile
-  that every row block re-reads is counted every time, though on a GPU it mostly hits L2.
-
-:func:`roofline_seconds` turns counts into a modelled time on an H100 (989 TFLOP/s dense bf16,
-3.35 TB/s). It is a model, never a measurement.
+- bytes requested: active (unmasked) elements × element size for every load and store (unmasked ones go
+  through the masked path too). This is traffic *requested* from the memory system with no cache model, so
+  an upper bound on DRAM traffic: a B tile that every row block re-reads is counted every time, though on a
+  GPU it mostly hits L2. ``python -m fastcontrast model`` turns the counts into a modelled time.
 """
 
 from __future__ import annotations
@@ -20,11 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-
-H100_BF16_FLOPS = 989e12
-H100_HBM_BYTES_PER_S = 3.35e12
-# exp2 / log2 run on the SFUs: 16 per clock per SM, 132 SMs at 1.83 GHz (H100 SXM boost clock).
-H100_TRANSCENDENTALS_PER_S = 16 * 132 * 1.83e9
 
 # Interpreter ops counted as transcendental (one SFU op per element, padding included).
 TRANSCENDENTALS = ("create_exp", "create_exp2", "create_log", "create_log2")
@@ -109,25 +102,3 @@ def count_work():
 def gemm_passes(flops: int, n: int, m: int, d: int) -> float:
     """FLOPs expressed in GEMM passes over the similarity matrix: one pass = 2·n·m·d."""
     return flops / (2 * n * m * d)
-
-
-def roofline_seconds(flops: float, bytes_moved: float, transcendentals: float = 0.0) -> float:
-    """Modelled H100 time of one kernel: the slowest of tensor cores, SFUs and HBM. A model, not a measurement."""
-    return max(
-        flops / H100_BF16_FLOPS,
-        transcendentals / H100_TRANSCENDENTALS_PER_S,
-        bytes_moved / H100_HBM_BYTES_PER_S,
-    )
-
-
-@contextlib.contextmanager
-def gpu_configs():
-    """Run the interpreter with the GPU config table (tile sizes that ship), to count their work."""
-    from fastcontrast.kernels import configs
-
-    previous = configs._GPU_TABLE_IN_INTERPRETER
-    configs._GPU_TABLE_IN_INTERPRETER = True
-    try:
-        yield
-    finally:
-        configs._GPU_TABLE_IN_INTERPRETER = previous

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _helpers import assert_close
+from _helpers import DISTRIBUTED, assert_close
 
 import fastcontrast
 from fastcontrast import reference
@@ -63,7 +63,7 @@ TEACHER_DIM = 5
 DISTILL_WEIGHT = 0.7  # the distillation term's weight in the loss that is differentiated
 DISTILL_FEATURES = ("image", "text", "dist_image", "dist_text")
 DISTILL_SCALARS = ("scale", "dist_scale")
-TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (5e-5, 5e-5)}
+TOLERANCE = DISTRIBUTED
 
 pytestmark = pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
 

@@ -70,12 +70,13 @@ def test_tf32_is_read_through_the_api_the_user_set_without_raising(setting):
 
 @contextlib.contextmanager
 def _record_launches():
-    """Every interpreted kernel launch: (kernel name, its keyword arguments, the guard device active then)."""
+    """Every kernel launch, run as usual: (kernel name, its keyword arguments, the guard device active then)."""
     from fastcontrast.kernels import engine
-    from triton.runtime.interpreter import InterpretedFunction
+    from fastcontrast.kernels.launches import kernel_classes, patched_launch_index
 
     launches, active = [], []
-    real_run, real_guard = InterpretedFunction.run, engine.launch_device
+    real_guard = engine.launch_device
+    real_index = {cls: cls.__getitem__ for cls in kernel_classes()}
 
     @contextlib.contextmanager
     def recording_guard(x):
@@ -86,15 +87,19 @@ def _record_launches():
         finally:
             active.pop()
 
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        launches.append((self.fn.__name__, dict(kwargs), active[-1] if active else None))
-        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    def index(self, grid):
+        def launch(*args, **kwargs):
+            launches.append((self.fn.__name__, dict(kwargs), active[-1] if active else None))
+            return real_index[type(self)](self, grid)(*args, **kwargs)
 
-    InterpretedFunction.run, engine.launch_device = recording_run, recording_guard
+        return launch
+
+    engine.launch_device = recording_guard
     try:
-        yield launches
+        with patched_launch_index(index):
+            yield launches
     finally:
-        InterpretedFunction.run, engine.launch_device = real_run, real_guard
+        engine.launch_device = real_guard
 
 
 def _every_loss(dtype, d, n=33):

@@ -1,4 +1,4 @@
-"""`python -m fastcontrast bench | check | info`, run as a user would, at tiny sizes."""
+"""`python -m fastcontrast bench | check | info | gpu-check | model`, run as a user would, at tiny sizes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from fastcontrast import __main__ as cli
-from fastcontrast import _bench
-from fastcontrast._bench import Case, largest_n, model_flops, parse_bytes
+from fastcontrast.tools import bench as _bench
+from fastcontrast.tools.bench import Case, largest_n, model_flops, parse_bytes
 
 
 def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -67,15 +67,45 @@ def test_info_cli_reports_auto_backend():
     assert "torch" in proc.stdout
 
 
-def test_info_kernels_exits_nonzero_when_compile_report_does_not_import(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "fastcontrast.kernels.compile_report", None)  # import raises ImportError
+def test_info_kernels_exits_nonzero_when_the_compile_checks_do_not_import(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastcontrast.kernels.aot", None)  # import raises ImportError
     assert cli.main(["info", "--kernels"]) == 1
-    assert "compile_report failed" in capsys.readouterr().err
+    assert "cannot build the kernel table" in capsys.readouterr().err
 
 
-def test_info_without_kernels_does_not_need_compile_report(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "fastcontrast.kernels.compile_report", None)
+def test_info_without_kernels_does_not_need_the_compile_checks(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastcontrast.kernels.aot", None)
     assert cli.main(["info"]) == 0
+
+
+def test_info_kernels_json_has_one_row_per_binary_with_its_resources(tmp_path):
+    """One target, written as JSON; the test suite's compile checks cover every target."""
+    path = tmp_path / "table.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastcontrast", "info", "--kernels", "--arch", "gfx942", "--json",
+                           str(path)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(path.read_text())
+    assert table["rows"] and {r["arch"] for r in table["rows"]} == {"gfx942"}
+    for key in ("kernel", "arch", "dtype", "precision", "constexprs", "registers", "spill_stores", "stack",
+                "shared"):
+        assert all(key in row for row in table["rows"]), key
+
+
+def test_gpu_check_dry_runs_every_check_in_the_interpreter(tmp_path):
+    """The one-shot GPU check at tiny sizes on the CPU, so that the script cannot rot before a GPU comes."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fastcontrast", "gpu-check", "--dry", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    checks = {r["check"].split(" d=")[0].split(" N=")[0] for r in records}
+    for expected in ("fp32 under the new TF32 API", "fp16 gradients with dS below fp16 subnormals",
+                     "fp32 near one-hot batch at scale 100", "numerics", "int64 offsets past 2^31 elements",
+                     "single-pass vs two-pass forward", "argmax ties", "bitwise determinism",
+                     "performance CLIP bf16"):
+        assert expected in checks, f"{expected!r} missing from {sorted(checks)}"
+    assert not [r for r in records if r["status"] == "fail"]
 
 
 def test_cli_module_imports_without_triton_matplotlib_or_cuda():

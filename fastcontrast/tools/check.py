@@ -15,13 +15,8 @@ from typing import Optional
 
 import torch
 
-# (atol, rtol) per input dtype, as in tests/_helpers.py.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (5e-3, 5e-3),
-}
+from fastcontrast.tools.tolerances import ELEMENTWISE as TOLERANCES
+
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Awkward sizes: a single-row edge, rows not dividing any block, d not a power of two.
 SHAPES = ((1, 8), (37, 64), (130, 257))

@@ -1,0 +1,432 @@
+"""``python -m fastcontrast model``: modelled H100 / H200 time of every kernel and every loss, from counted work.
+
+A model, never a measurement (no GPU is used). How the numbers are made:
+
+1. **What launches.** Each loss runs forward and backward at the target size (bf16, N = 65 536) on CPU tensors,
+   through the real engine under :func:`fastcontrast.kernels.configs.assume_target` ``("cuda", 90)``, with
+   every kernel launch recorded instead of run (:func:`fastcontrast.kernels.launches.recorded_launches`): the
+   launch schedule, tile configs and flags are the engine's own. The torch ops between launches (merges,
+   casts, the scale gradient) run for real and their bytes are counted by a ``TorchDispatchMode``.
+2. **Counted work.** For each distinct launch, program 0 runs in triton's interpreter under
+   :func:`fastcontrast.kernels.work_count.count_work` (every ``tl.dot``, exp2 / log2 and load / store), and the
+   count is multiplied by the number of programs: exact at these sizes, where every program does the same
+   work (tile-aligned shapes; ``tests/kernels/test_work_model.py`` checks the rule against full counts).
+   ``flops`` and ``bytes`` (every global load and store) are counts.
+3. **Modelled HBM bytes** (``bytes_hbm``), an assumption per kernel, stated in :func:`hbm_bytes`: stores go to
+   HBM once; the row operand is read once; the column operand once per wave of resident programs unless it fits
+   half the L2; a panel GEMM reads its dS panel and operand strip once (both fit the 50 MB L2 together).
+4. **Time** = max(tensor, SFU, memory): tensor = FLOPs / (peak × efficiency of the kernel's wgmma instruction
+   shape, :data:`WGMMA_EFFICIENCY`), SFU = exp2 / log2 elements / (16 per clock per SM), memory = bytes_hbm /
+   HBM bandwidth. A loss is the sum of its launches plus its torch ops' traffic.
+5. **Naive** (open_clip / lightly as written): matmul FLOPs and every op's bytes counted by a dispatch mode at
+   small N and extrapolated exactly (each count is a polynomial of degree ≤ 2 in N); time = GEMM FLOPs at
+   :data:`CUBLAS_EFFICIENCY` of peak + all bytes at HBM speed (its elementwise ops are separate kernels).
+6. **Calibration.** The same model applied to a published, measured Triton kernel on H100 (:data:`REFERENCE`):
+   how far it lands from the measurement is printed, and every fused time is also given × that factor.
+
+    python -m fastcontrast model [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+N_TARGET = 65_536
+DIMS = (512, 768, 1024, 1280)
+QUICK_DIMS = (512, 1280)
+LOSSES = ("CLIP", "SigLIP", "NT-Xent")
+SAMPLE_N = (256, 512, 768)  # the naive loss's counts, extrapolated
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    tensor_flops: float  # dense bf16 FLOP/s
+    hbm_bytes_per_s: float
+    sfu_per_s: float  # exp2 / log2 elements per second
+    sms: int
+    l2_bytes: int
+
+
+# Vendor figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s; H200 SXM the same chip with 4.8 TB/s
+# HBM3e. SFU: 16 exp2 per clock per SM, 132 SMs, 1.83 GHz boost clock.
+GPUS = {
+    "H100": GpuSpec("H100 SXM", 989e12, 3.35e12, 16 * 132 * 1.83e9, 132, 50 * 2**20),
+    "H200": GpuSpec("H200 SXM", 989e12, 4.8e12, 16 * 132 * 1.83e9, 132, 50 * 2**20),
+}
+# Fraction of peak a kernel's tensor-core work reaches, by the N of its narrowest wgmma instruction. An
+# assumption: larger N amortises the A-operand reads of each warpgroup (FlashAttention-3, §3; CUTLASS's
+# Hopper tile guidance), m64n256 being the full-width instruction.
+WGMMA_EFFICIENCY = {256: 0.80, 128: 0.75, 64: 0.65, 32: 0.45, 16: 0.35, 8: 0.30}
+# Large bf16 GEMMs on cuBLAS reach about 750 of 989 TFLOP/s on an H100 SXM (an assumption for the naive loss).
+CUBLAS_EFFICIENCY = 0.75
+# Launches cost a few µs each on the host's side; counted per launch (an assumption).
+LAUNCH_S = 4e-6
+
+# A published measurement of a Triton kernel on an H100: Triton's fused-attention tutorial (FlashAttention-2
+# forward) in pytorch/benchmark, "triton_tutorial_flash_v2" at batch 128, 8 heads, head dim 128, sequence
+# 16384: 334.992 ms, 420.1 TFLOP/s (github.com/pytorch/benchmark, PR #2296, commit d5f0a12b). Its work: 4·B·H·S²·D
+# FLOPs, B·H·S² exp2, Q/K/V/O read or written once; tiles 128×128 with 8 warps (m64n128 instructions).
+REFERENCE = {
+    "name": "Triton tutorial FlashAttention-2 forward, H100 SXM, B=128 H=8 D=128 S=16384 (pytorch/benchmark #2296)",
+    "measured_s": 0.334992,
+    "flops": 4 * 128 * 8 * 16384**2 * 128,
+    "transcendentals": 128 * 8 * 16384**2,
+    "bytes_hbm": 4 * 128 * 8 * 16384 * 128 * 2,
+    "instruction_n": 128,
+}
+
+
+def wgmma_n(kernel: str, kwargs: dict, warps: int) -> int:
+    """The N of the narrowest wgmma instruction of a 16-bit kernel on Hopper: a dot's N divided by the
+    warpgroups along N (the warpgroups split M first, 64 rows each)."""
+    block_m, block_n, block_d = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"]
+    warpgroups = max(1, warps // 4)
+    along_m = max(1, min(warpgroups, block_m // 64))
+    along_n = max(1, warpgroups // along_m)
+    dot_ns = {"gradient_kernel": (block_n, block_d), "distill_gradient_kernel": (block_n, block_d)}.get(
+        kernel, (block_n,))
+    return min(256, min(n // along_n for n in dot_ns))
+
+
+def _efficiency(n: int) -> float:
+    return max(e for width, e in WGMMA_EFFICIENCY.items() if width <= max(n, 8))
+
+
+def hbm_bytes(launch, bytes_stored: int, gpu: GpuSpec, resident_per_sm: int = 1) -> int:
+    """Modelled HBM traffic of one launch (the assumptions of the module docstring, item 3)."""
+    kw = launch.kwargs
+    name = launch.name
+
+    def nbytes(t, rows=None):
+        if t is None:
+            return 0
+        if t.dim() == 0:
+            return t.element_size()
+        rows = t.shape[0] if rows is None else rows
+        return rows * (t.numel() // max(1, t.shape[0])) * t.element_size()
+
+    vectors = sum(nbytes(v) for k, v in kw.items() if hasattr(v, "dim") and v.dim() <= 1)
+    if name == "panel_matmul_kernel":
+        p_bytes = kw["rows"] * kw["depth"] * kw["P"].element_size()
+        y_bytes = kw["depth"] * kw["cols"] * kw["Y"].element_size()
+        out_read = kw["rows"] * kw["cols"] * 4 if kw["ACCUMULATE"] else 0
+        return p_bytes + y_bytes + out_read + bytes_stored + vectors
+    if name in ("ds_panel_kernel", "distill_panel_kernel"):
+        rows = kw["row_stop"] - kw["row_start"]
+        cols = kw["col_stop"] - kw["col_start"]
+        operands = sum(nbytes(kw[k], rows) for k in ("A", "AT") if k in kw) + sum(
+            nbytes(kw[k], cols) for k in ("B", "BT") if k in kw)
+        return operands + bytes_stored + vectors
+    # Row-block kernels: X once; Y (and the teacher's) once per wave unless it fits half the L2.
+    programs = launch.programs
+    waves = -(-programs // (gpu.sms * resident_per_sm))
+    y_bytes = nbytes(kw["Y"]) + nbytes(kw.get("YT"))
+    y_reads = 1 if y_bytes <= gpu.l2_bytes // 2 else waves
+    return nbytes(kw["X"]) + nbytes(kw.get("XT")) + y_reads * y_bytes + bytes_stored + vectors
+
+
+@dataclass
+class KernelRecord:
+    loss: str
+    kernel: str
+    d: int
+    n: int
+    launches: int
+    flops: float
+    transcendentals: float
+    bytes: float
+    bytes_hbm: float
+    instruction_n: int
+    tensor_s: float
+    sfu_s: float
+    memory_s: float
+    modelled_s: float
+    naive_s: Optional[float] = None
+    gpu: str = "H100"
+
+
+def _inputs(loss: str, n: int, d: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(torch.bfloat16).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(torch.bfloat16).requires_grad_()
+    return a, b
+
+
+def _run_loss(loss: str, a, b, backend: str):
+    import torch
+
+    import fastcontrast as fc
+    from fastcontrast import reference
+
+    if loss == "CLIP":
+        scale = torch.tensor(14.3, requires_grad=True)
+        value = fc.clip_loss(a, b, scale, backend=backend) if backend else reference.clip_loss_reference(a, b, scale)
+    elif loss == "SigLIP":
+        scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+        value = (fc.siglip_loss(a, b, scale, bias, backend=backend) if backend
+                 else reference.siglip_loss_reference(a, b, scale, bias))
+    else:  # NT-Xent over the 2n×2n matrix of both views
+        value = fc.nt_xent_loss(a, b, 0.1, backend=backend) if backend else reference.nt_xent_loss_reference(a, b, 0.1)
+    value.backward()
+
+
+class _TrafficCounter:
+    """A TorchDispatchMode counting matmul FLOPs and the bytes every other (non-view) op reads and writes."""
+
+    VIEWS = ("view", "_unsafe_view", "t", "transpose", "expand", "detach", "alias", "select", "slice", "unsqueeze",
+             "squeeze", "permute", "as_strided", "empty", "new_empty", "empty_like", "empty_strided")
+
+    def __init__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counter = self
+        self.flops = 0
+        self.bytes = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if getattr(func, "namespace", "") == "fastcontrast":
+                    return out  # the engine's own op: its kernels are counted apart, its torch ops one by one
+                tensors_in = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+                tensors_out = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+                name = func.__name__.split(".")[0]
+                if name in ("mm", "bmm", "addmm"):
+                    x, y = [t for t in tensors_in if t.dim() >= 2][-2:]
+                    counter.flops += 2 * x.shape[-2] * x.shape[-1] * y.shape[-1] * (x.shape[0] if x.dim() == 3 else 1)
+                    counter.bytes += sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
+                elif name not in counter.VIEWS:
+                    counter.bytes += sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
+                return out
+
+        self.mode = Mode()
+
+
+# Kernels whose programs loop over a long dimension: (the arguments bounding program 0's loop, the block that
+# one iteration covers). Program 0's work is linear in its iterations, so it is counted at 1 and 2 of them and
+# extended exactly to the launch's count.
+_LOOPS = {
+    "lse_forward_kernel": (("n_y", "cols_per_split"), "BLOCK_N"),
+    "siglip_forward_kernel": (("n_y", "cols_per_split"), "BLOCK_N"),
+    "gradient_kernel": (("n_y", "cols_per_split"), "BLOCK_N"),
+    "distill_forward_kernel": (("n_y",), "BLOCK_N"),
+    "distill_gradient_kernel": (("n_y",), "BLOCK_N"),
+    "panel_matmul_kernel": (("depth", "k_per_split"), "BLOCK_D"),
+}
+# Arguments that only place a launch (which panel), not its work.
+_PLACEMENT = ("row_start", "row_stop", "col_start", "col_stop")
+
+
+def _launch_key(launch) -> tuple:
+    kw = launch.kwargs
+    scalars = tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, (int, float, str, bool)) and
+                           k not in _PLACEMENT))
+    extents = tuple(kw[stop] - kw[start] for start, stop in (("row_start", "row_stop"), ("col_start", "col_stop"))
+                    if start in kw)
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in kw.items() if hasattr(v, "shape")))
+    return (launch.name, tuple(launch.grid), scalars, extents, shapes)
+
+
+def _count_program_zero(launch, **overrides):
+    from fastcontrast.kernels.work_count import count_work
+
+    with count_work() as count:
+        launch.kernel[(1, 1, 1)](*launch.args, **{**launch.kwargs, **overrides})
+    return count
+
+
+def count_launch(launch):
+    """Exact work of one launch: program 0 counted in the interpreter, times the programs (module docstring)."""
+    from fastcontrast.kernels.work_count import WorkCount
+
+    fields = ("flops", "dots", "transcendentals", "bytes_loaded", "bytes_stored")
+    if launch.name in _LOOPS:
+        bounds, block_name = _LOOPS[launch.name]
+        block = launch.kwargs[block_name]
+        extent = min(launch.kwargs[name] for name in bounds)
+        iterations = -(-extent // block)
+        one, two = (_count_program_zero(launch, **{name: k * block for name in bounds}) for k in (1, 2))
+        per_program = [getattr(one, f) + (getattr(two, f) - getattr(one, f)) * (iterations - 1) for f in fields]
+    else:
+        count = _count_program_zero(launch)
+        per_program = [getattr(count, f) for f in fields]
+    return WorkCount(*(launch.programs * v for v in per_program))
+
+
+def count_loss(loss: str, d: int, n: int) -> tuple[list, int]:
+    """The launches of one loss's forward + backward with their counted work, and its torch ops' bytes."""
+    from fastcontrast.kernels.configs import assume_target
+    from fastcontrast.kernels.launches import recorded_launches
+
+    a, b = _inputs(loss, n, d)
+    glue = _TrafficCounter()
+    with assume_target(("cuda", 90)), recorded_launches() as launches, glue.mode:
+        _run_loss(loss, a, b, "triton")
+    counted: dict = {}
+    for launch in launches:
+        key = _launch_key(launch)
+        if key not in counted:
+            counted[key] = count_launch(launch)
+    return [(launch, counted[_launch_key(launch)]) for launch in launches], glue.bytes
+
+
+def time_loss(loss: str, d: int, n: int, launches: list, glue_bytes: int, gpu: GpuSpec):
+    """Per-kernel records of one loss's counted launches on ``gpu``, and the loss's own record."""
+    by_kernel: dict[str, KernelRecord] = {}
+    for launch, work in launches:
+        n_instr = wgmma_n(launch.name, launch.kwargs, launch.kwargs["num_warps"])
+        hbm = hbm_bytes(launch, work.bytes_stored, gpu)
+        tensor_s = work.flops / (gpu.tensor_flops * _efficiency(n_instr))
+        sfu_s = work.transcendentals / gpu.sfu_per_s
+        memory_s = hbm / gpu.hbm_bytes_per_s
+        record = by_kernel.setdefault(launch.name, KernelRecord(loss, launch.name, d, n, 0, 0, 0, 0, 0, n_instr, 0, 0,
+                                                                 0, 0, gpu=gpu.name))
+        record.launches += 1
+        record.flops += work.flops
+        record.transcendentals += work.transcendentals
+        record.bytes += work.bytes_requested
+        record.bytes_hbm += hbm
+        record.instruction_n = min(record.instruction_n, n_instr)
+        record.tensor_s += tensor_s
+        record.sfu_s += sfu_s
+        record.memory_s += memory_s
+        record.modelled_s += max(tensor_s, sfu_s, memory_s) + LAUNCH_S
+    kernels = list(by_kernel.values())
+    glue_s = glue_bytes / gpu.hbm_bytes_per_s
+    total = {
+        "loss": loss, "kernel": "forward+backward", "d": d, "n": n, "gpu": gpu.name,
+        "launches": sum(k.launches for k in kernels),
+        "flops": sum(k.flops for k in kernels), "transcendentals": sum(k.transcendentals for k in kernels),
+        "bytes": sum(k.bytes for k in kernels) + glue_bytes,
+        "bytes_hbm": sum(k.bytes_hbm for k in kernels) + glue_bytes,
+        "glue_bytes": glue_bytes, "tensor_s": sum(k.tensor_s for k in kernels), "sfu_s": sum(k.sfu_s for k in kernels),
+        "memory_s": sum(k.memory_s for k in kernels) + glue_s,
+        "modelled_s": sum(k.modelled_s for k in kernels) + glue_s,
+        "passes": sum(k.flops for k in kernels) / (2 * _rows(loss, n) ** 2 * d),
+    }
+    return kernels, total
+
+
+def _rows(loss: str, n: int) -> int:
+    return 2 * n if loss == "NT-Xent" else n
+
+
+def naive_model(loss: str, d: int, n: int, gpu: GpuSpec) -> dict:
+    """The naive loss's counted FLOPs and bytes at ``n`` (extrapolated from :data:`SAMPLE_N`) and its time."""
+    import numpy as np
+
+    samples = []
+    for sample in SAMPLE_N:
+        a, b = _inputs(loss, sample, d)
+        counter = _TrafficCounter()
+        with counter.mode:
+            _run_loss(loss, a, b, None)
+        samples.append((counter.flops, counter.bytes))
+    flops, nbytes = (float(np.polyval(np.polyfit(SAMPLE_N, [s[i] for s in samples], 2), n)) for i in range(2))
+    seconds = flops / (gpu.tensor_flops * CUBLAS_EFFICIENCY) + nbytes / gpu.hbm_bytes_per_s
+    return {"flops": flops, "bytes": nbytes, "naive_s": seconds, "passes": flops / (2 * _rows(loss, n) ** 2 * d)}
+
+
+def calibration(gpu: GpuSpec) -> dict:
+    """The model applied to :data:`REFERENCE`, and how far it lands from the measurement."""
+    tensor_s = REFERENCE["flops"] / (gpu.tensor_flops * _efficiency(REFERENCE["instruction_n"]))
+    sfu_s = REFERENCE["transcendentals"] / gpu.sfu_per_s
+    memory_s = REFERENCE["bytes_hbm"] / gpu.hbm_bytes_per_s
+    modelled = max(tensor_s, sfu_s, memory_s)
+    return {"name": REFERENCE["name"], "measured_s": REFERENCE["measured_s"], "modelled_s": modelled,
+            "tensor_s": tensor_s, "sfu_s": sfu_s, "memory_s": memory_s,
+            "measured_over_modelled": REFERENCE["measured_s"] / modelled}
+
+
+def run(dims=DIMS, losses=LOSSES, n: int = N_TARGET, gpus=("H100", "H200")) -> dict:
+    """Every record (kernels and losses) for ``losses`` × ``dims`` on ``gpus``, with the calibration."""
+    records, totals = [], []
+    cal = calibration(GPUS["H100"])
+    for loss in losses:
+        for d in dims:
+            launches, glue_bytes = count_loss(loss, d, n)
+            naive_counts = naive_model(loss, d, n, GPUS[gpus[0]])
+            for gpu_name in gpus:
+                gpu = GPUS[gpu_name]
+                naive_s = naive_counts["flops"] / (gpu.tensor_flops * CUBLAS_EFFICIENCY) + (
+                    naive_counts["bytes"] / gpu.hbm_bytes_per_s)
+                kernels, total = time_loss(loss, d, n, launches, glue_bytes, gpu)
+                for record in kernels:
+                    record.naive_s = naive_s
+                    records.append(asdict(record))
+                total.update(naive_s=naive_s, naive_flops=naive_counts["flops"], naive_bytes=naive_counts["bytes"],
+                             naive_passes=naive_counts["passes"],
+                             calibrated_s=total["modelled_s"] * cal["measured_over_modelled"])
+                totals.append(total)
+                print(f"  {gpu.name} {loss} d={d}: fused {total['modelled_s'] * 1e3:.1f} ms (model), naive "
+                      f"{naive_s * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    return {"assumptions": {"gpus": {k: asdict(v) for k, v in GPUS.items()}, "wgmma_efficiency": WGMMA_EFFICIENCY,
+                            "cublas_efficiency": CUBLAS_EFFICIENCY, "launch_s": LAUNCH_S, "n": n, "dtype": "bf16"},
+            "calibration": cal, "kernels": records, "losses": totals}
+
+
+def format_markdown(result: dict) -> str:
+    """The per-loss table of the README / docs (a model: says so in its header)."""
+    cal = result["calibration"]
+    lines = [
+        f"Model (not a measurement), bf16, N = {result['assumptions']['n']:,}: fused = slowest of tensor cores, SFU "
+        f"and HBM per kernel, every byte counted; naive = open_clip / lightly as written. The same model lands "
+        f"{cal['measured_over_modelled']:.2f}× under a measured Triton kernel ({cal['name']}): the 'calibrated' "
+        "column multiplies by that.",
+        "",
+        "| GPU | loss | d | passes | bytes to HBM | fused (model) | fused (calibrated) | naive (model) "
+        "| naive / calibrated |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in result["losses"]:
+        lines.append(
+            f"| {t['gpu']} | {t['loss']} | {t['d']} | {t['passes']:.2f} | {t['bytes_hbm'] / 2**30:.2f} GiB | "
+            f"{t['modelled_s'] * 1e3:.1f} ms | {t['calibrated_s'] * 1e3:.1f} ms | {t['naive_s'] * 1e3:.1f} ms | "
+            f"{t['naive_s'] / t['calibrated_s']:.2f}× |"
+        )
+    lines += ["", "| GPU | loss | d | kernel | launches | FLOPs | bytes counted | bytes to HBM (model) | wgmma N | "
+              "tensor | SFU | memory | modelled |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in result["kernels"]:
+        lines.append(
+            f"| {k['gpu']} | {k['loss']} | {k['d']} | {k['kernel']} | {k['launches']} | {k['flops']:.3g} | "
+            f"{k['bytes'] / 2**30:.2f} GiB | {k['bytes_hbm'] / 2**30:.2f} GiB | {k['instruction_n']} | "
+            f"{k['tensor_s'] * 1e3:.2f} ms | {k['sfu_s'] * 1e3:.2f} ms | {k['memory_s'] * 1e3:.2f} ms | "
+            f"{k['modelled_s'] * 1e3:.2f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def model_cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastcontrast model", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CLIP only at d = {', '.join(map(str, QUICK_DIMS))}, H100 only (under 2 minutes)")
+    parser.add_argument("--json", metavar="FILE", help="write every record as JSON")
+    parser.add_argument("--n", type=int, default=N_TARGET, help="batch size (a multiple of 4096)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # The counts come from the interpreter, which must be on before triton is imported.
+        if "triton" in sys.modules:
+            raise SystemExit("python -m fastcontrast model needs TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+    if args.n % 4096:
+        raise SystemExit(f"--n must be a multiple of 4096 (tile-aligned panels), got {args.n}")
+    if args.quick:
+        result = run(dims=QUICK_DIMS, losses=("CLIP",), n=args.n, gpus=("H100",))
+    else:
+        result = run(n=args.n)
+    print(format_markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
