@@ -6,16 +6,16 @@
 #               and one kernel in triton's interpreter, `info --kernels` (tests/packaging/smoke.py)
 #   sdist       the same, installed from the sdist (pip builds it: a file missing from MANIFEST.in fails),
 #               less `info --kernels`, which compiles the same installed files as the wheel's (--quick)
-#   extras      each of $SMOKE_EXTRAS from the wheel in its own venv: every requirement installed and
-#               importable (check_extra.py), then what the extra is for: [bench] a tiny `bench --plot`,
-#               [test] the sdist's test suite collects, [dev] ruff, [release] build and twine
+#   extras      [bench], [release], [test], [dev] from the wheel: every requirement installed and importable
+#               (check_extra.py), then what the extra is for: [bench] a tiny `bench --plot`, [test] the
+#               sdist's test suite collects, [dev] ruff, [release] build and twine
 #   triton-min  the lower bound triton>=3.2: [test] with $TRITON_MIN_SPEC, then the sdist's test suite
 #               (-m interpreter: every kernel in triton's interpreter against the references)
 #
 # Every venv gets $TORCH_SPEC first and installs under a constraints file that pins torch and triton, so that
 # pip never resolves an unpinned torch (a multi-GB CUDA build) nor drifts to a new triton. pip's cache is
 # shared by all of them. Environment: PYTHON, TORCH_SPEC, TRITON_SPEC, TRITON_MIN_SPEC, DIST, SMOKE_DIR,
-# SMOKE_EXTRAS, SMOKE_PYTEST_ARGS (the Makefile passes its own values).
+# SMOKE_PYTEST_ARGS (the Makefile passes its own values but the last).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +26,6 @@ TRITON_SPEC="${TRITON_SPEC:-triton==3.9.0}"
 TRITON_MIN_SPEC="${TRITON_MIN_SPEC:-triton==3.2.0}"
 DIST="$(cd "${DIST:-$ROOT/dist}" && pwd)"
 SMOKE_DIR="${SMOKE_DIR:-${TMPDIR:-/tmp}/fastcontrast-smoke}"
-SMOKE_EXTRAS="${SMOKE_EXTRAS:-bench test dev release}"
 # Markers rather than file names, so that the selection survives the test suite's reorganisations.
 read -r -a PYTEST_ARGS <<< "${SMOKE_PYTEST_ARGS:--m interpreter}"
 
@@ -61,7 +60,7 @@ new_venv() {
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv"
     pip_install "$venv" -c "$constraints" "$TORCH_SPEC"
-    log "$1: fresh venv, $("$venv/bin/python" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"
+    log "$1: fresh venv, $("$venv/bin/python" -W ignore -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"
 }
 
 # An empty working folder outside the checkout, holding only copies of the smoke scripts.
@@ -125,35 +124,45 @@ smoke_artifact() {  # smoke_artifact wheel|sdist PATH [smoke.py options]
     log "$kind: passed in $((SECONDS - start)) s"
 }
 
+# install_extra VENV EXTRA [check_extra.py options]: fastcontrast[EXTRA] from the wheel into VENV, then
+# `pip check` and check_extra.py.
+install_extra() {
+    local venv="$1" extra="$2" cwd
+    shift 2
+    pip_install "$venv" -c "$EXTRAS_CONS" "fastcontrast[$extra] @ file://$WHEEL"
+    "$venv/bin/python" -m pip check
+    cwd="$(scratch "extra-$extra")"
+    (cd "$cwd" && "$venv/bin/python" check_extra.py "$extra" "$@")
+}
+
+# [bench] and [test] each go into a fresh venv, so that nothing another extra brings can hide a requirement
+# they lack ([test] lacked numpy). [release] then goes on top of [bench] (neither needs what the other brings),
+# and [dev] on top of [test], after check_extra.py has checked that [dev] declares all of [test] and [bench].
 smoke_extras() {
-    local extra venv cons cwd start flags
-    cons="$(constraints extras "$TORCH_SPEC" "$TRITON_SPEC")"
-    for extra in $SMOKE_EXTRAS; do
-        start=$SECONDS
-        venv="$SMOKE_DIR/extra-$extra"
-        new_venv "extra-$extra" "$cons"
-        pip_install "$venv" -c "$cons" "fastcontrast[$extra] @ file://$WHEEL"
-        "$venv/bin/python" -m pip check
-        cwd="$(scratch "extra-$extra")"
-        flags=()
-        case "$extra" in test|dev) flags=(--interpreter);; esac  # the test suite runs triton's interpreter
-        (cd "$cwd" && "$venv/bin/python" check_extra.py "$extra" "${flags[@]}")
-        case "$extra" in
-            bench)
-                (cd "$cwd" && "$venv/bin/python" -m fastcontrast bench --loss clip --n 64 128 --d 16 --repeats 1 \
-                    --no-search --json bench.json --plot bench.png --quiet > bench.txt \
-                    && test -s bench.json && test -s bench.png)
-                log "extra-bench: python -m fastcontrast bench --json --plot: ok";;
-            test)  # every test module imports; triton-min runs the interpreter tests with a [test] install
-                run_pytest "$venv" --collect-only -qq;;
-            dev)  # its test and bench parts are checked by check_extra.py above and by [test] and [bench]
-                "$venv/bin/ruff" --version;;
-            release)
-                "$venv/bin/python" -m build --version
-                "$venv/bin/twine" --version;;
-        esac
-        log "extra-$extra: passed in $((SECONDS - start)) s"
-    done
+    local venv start=$SECONDS
+    EXTRAS_CONS="$(constraints extras "$TORCH_SPEC" "$TRITON_SPEC")"
+
+    venv="$SMOKE_DIR/extras-bench"
+    new_venv extras-bench "$EXTRAS_CONS"
+    install_extra "$venv" bench
+    # Sizes whose measured peak memory is never 0: with every value 0, --plot's log axis fails.
+    (cd "$(scratch extra-bench)" && "$venv/bin/python" -m fastcontrast bench --loss clip --n 256 512 --d 32 \
+        --repeats 1 --no-search --json bench.json --plot bench.png --quiet > bench.txt \
+        && test -s bench.json && test -s bench.png)
+    log "extras: [bench] python -m fastcontrast bench --json --plot: ok"
+    install_extra "$venv" release
+    "$venv/bin/python" -m build --version
+    "$venv/bin/twine" --version
+    log "extras: [bench], [release] passed in $((SECONDS - start)) s"
+
+    start=$SECONDS
+    venv="$SMOKE_DIR/extras-test"
+    new_venv extras-test "$EXTRAS_CONS"
+    install_extra "$venv" test --interpreter  # the test suite runs the kernels in triton's interpreter
+    run_pytest "$venv" --collect-only -qq  # every test module imports; triton-min runs the interpreter tests
+    install_extra "$venv" dev --interpreter --includes test bench
+    "$venv/bin/ruff" --version
+    log "extras: [test], [dev] passed in $((SECONDS - start)) s"
 }
 
 smoke_triton_min() {
@@ -163,7 +172,7 @@ smoke_triton_min() {
     # (CPU) is affected; on a GPU triton does not use numpy.
     cons="$(constraints triton-min "$TORCH_SPEC" "$TRITON_MIN_SPEC" "numpy<2.4")"
     new_venv triton-min "$cons"
-    pip_install "$venv" -c "$cons" "fastcontrast[test] @ file://$WHEEL" numpy
+    pip_install "$venv" -c "$cons" "fastcontrast[test] @ file://$WHEEL"
     "$venv/bin/python" -m pip check
     cwd="$(scratch triton-min)"
     (cd "$cwd" && "$venv/bin/python" check_extra.py test --interpreter)
