@@ -38,6 +38,10 @@ if [ "${#wheels[@]}" -ne 1 ] || [ "${#sdists[@]}" -ne 1 ]; then
 fi
 WHEEL="${wheels[0]}"
 SDIST="${sdists[0]}"
+# Installed by URL with the file's hash: pip caches the wheel it builds from an sdist under the sdist's URL,
+# so a rebuilt sdist at the same path would otherwise install the previous build's wheel from that cache.
+url_of() { echo "file://$1#sha256=$(sha256sum "$1" | cut -d' ' -f1)"; }
+WHEEL_URL="$(url_of "$WHEEL")"
 case "$SMOKE_DIR" in "$ROOT"|"$ROOT"/*) echo "run_smokes: SMOKE_DIR must be outside the checkout" >&2; exit 1;; esac
 mkdir -p "$SMOKE_DIR"
 
@@ -104,17 +108,18 @@ run_pytest() {
 }
 
 smoke_artifact() {  # smoke_artifact wheel|sdist PATH [smoke.py options]
-    local kind="$1" artifact="$2" venv="$SMOKE_DIR/$1" cons cwd
+    local kind="$1" artifact="$2" venv="$SMOKE_DIR/$1" cons cwd url
     shift 2
+    url="$(url_of "$artifact")"
     local start=$SECONDS
     cons="$(constraints "$kind" "$TORCH_SPEC" "$TRITON_SPEC")"
     new_venv "$kind" "$cons"
-    pip_install "$venv" -c "$cons" "$artifact"
+    pip_install "$venv" -c "$cons" "fastcontrast @ $url"
     "$venv/bin/python" -m pip check
     cwd="$(scratch "$kind")"
     log "$kind: $(basename "$artifact") without triton"
     (cd "$cwd" && "$venv/bin/python" smoke.py --triton absent)
-    pip_install "$venv" -c "$cons" "fastcontrast[triton] @ file://$artifact"
+    pip_install "$venv" -c "$cons" "fastcontrast[triton] @ $url"
     (cd "$cwd" && "$venv/bin/python" check_extra.py triton)
     # triton's interpreter (TRITON_INTERPRET=1, the only way to run the kernels on a CPU) imports numpy,
     # which triton does not declare; [test] and [dev] bring it, [triton] (for GPUs) does not.
@@ -129,7 +134,7 @@ smoke_artifact() {  # smoke_artifact wheel|sdist PATH [smoke.py options]
 install_extra() {
     local venv="$1" extra="$2" cwd
     shift 2
-    pip_install "$venv" -c "$EXTRAS_CONS" "fastcontrast[$extra] @ file://$WHEEL"
+    pip_install "$venv" -c "$EXTRAS_CONS" "fastcontrast[$extra] @ $WHEEL_URL"
     "$venv/bin/python" -m pip check
     cwd="$(scratch "extra-$extra")"
     (cd "$cwd" && "$venv/bin/python" check_extra.py "$extra" "$@")
@@ -172,7 +177,7 @@ smoke_triton_min() {
     # (CPU) is affected; on a GPU triton does not use numpy.
     cons="$(constraints triton-min "$TORCH_SPEC" "$TRITON_MIN_SPEC" "numpy<2.4")"
     new_venv triton-min "$cons"
-    pip_install "$venv" -c "$cons" "fastcontrast[test] @ file://$WHEEL"
+    pip_install "$venv" -c "$cons" "fastcontrast[test] @ $WHEEL_URL"
     "$venv/bin/python" -m pip check
     cwd="$(scratch triton-min)"
     (cd "$cwd" && "$venv/bin/python" check_extra.py test --interpreter)
