@@ -44,6 +44,7 @@ url_of() { echo "file://$1#sha256=$(sha256sum "$1" | cut -d' ' -f1)"; }
 WHEEL_URL="$(url_of "$WHEEL")"
 case "$SMOKE_DIR" in "$ROOT"|"$ROOT"/*) echo "run_smokes: SMOKE_DIR must be outside the checkout" >&2; exit 1;; esac
 mkdir -p "$SMOKE_DIR"
+rm -rf "$SMOKE_DIR/sdist-src"
 
 log() { printf '[run_smokes] %s\n' "$*"; }
 
@@ -83,7 +84,8 @@ constraints() {  # constraints NAME LINE...
     echo "$file"
 }
 
-# The sdist's own tests/ (and its pyproject.toml, for the pytest settings), unpacked outside the checkout.
+# The sdist's own tests/ (and its pyproject.toml, for the pytest settings), unpacked outside the checkout,
+# once per run of this script (sdist-src is cleared at its start).
 sdist_tests() {
     local dir="$SMOKE_DIR/sdist-src"
     if [ ! -d "$dir/tests" ]; then
