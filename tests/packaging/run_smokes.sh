@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Install what `make dist` built into fresh virtual environments (never editable) and test it from outside
+# the source tree. Usage: tests/packaging/run_smokes.sh {wheel|sdist|extras|triton-min|all}...
+#
+#   wheel       the wheel alone (torch and reference backends, `check`, `info`), then with [triton]: a loss
+#               and one kernel in triton's interpreter, `info --kernels` (tests/packaging/smoke.py)
+#   sdist       the same, installed from the sdist (pip builds it: a file missing from MANIFEST.in fails),
+#               less `info --kernels`, which compiles the same installed files as the wheel's (--quick)
+#   extras      [bench], [release], [test], [dev] from the wheel: every requirement installed and importable
+#               (check_extra.py), then what the extra is for: [bench] a tiny `bench --plot`, [test] the
+#               sdist's test suite collects, [dev] ruff, [release] build and twine
+#   triton-min  the lower bound triton>=3.2: [test] with $TRITON_MIN_SPEC, then the sdist's test suite
+#               (-m interpreter: every kernel in triton's interpreter against the references)
+#
+# Every venv gets $TORCH_SPEC first and installs under a constraints file that pins torch and triton, so that
+# pip never resolves an unpinned torch (a multi-GB CUDA build) nor drifts to a new triton. pip's cache is
+# shared by all of them. Environment: PYTHON, TORCH_SPEC, TRITON_SPEC, TRITON_MIN_SPEC, DIST, SMOKE_DIR,
+# SMOKE_PYTEST_ARGS (the Makefile passes its own values but the last).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+TRITON_SPEC="${TRITON_SPEC:-triton==3.9.0}"
+TRITON_MIN_SPEC="${TRITON_MIN_SPEC:-triton==3.2.0}"
+DIST="$(cd "${DIST:-$ROOT/dist}" && pwd)"
+SMOKE_DIR="${SMOKE_DIR:-${TMPDIR:-/tmp}/fastcontrast-smoke}"
+# Markers rather than file names, so that the selection survives the test suite's reorganisations.
+read -r -a PYTEST_ARGS <<< "${SMOKE_PYTEST_ARGS:--m interpreter}"
+
+shopt -s nullglob
+wheels=("$DIST"/fastcontrast-*.whl)
+sdists=("$DIST"/fastcontrast-*.tar.gz)
+if [ "${#wheels[@]}" -ne 1 ] || [ "${#sdists[@]}" -ne 1 ]; then
+    echo "run_smokes: expected one wheel and one sdist in $DIST (run \`make dist\` first)" >&2
+    exit 1
+fi
+WHEEL="${wheels[0]}"
+SDIST="${sdists[0]}"
+# Installed by URL with the file's hash: pip caches the wheel it builds from an sdist under the sdist's URL,
+# so a rebuilt sdist at the same path would otherwise install the previous build's wheel from that cache.
+url_of() { echo "file://$1#sha256=$(sha256sum "$1" | cut -d' ' -f1)"; }
+WHEEL_URL="$(url_of "$WHEEL")"
+case "$SMOKE_DIR" in "$ROOT"|"$ROOT"/*) echo "run_smokes: SMOKE_DIR must be outside the checkout" >&2; exit 1;; esac
+mkdir -p "$SMOKE_DIR"
+rm -rf "$SMOKE_DIR/sdist-src"
+
+log() { printf '[run_smokes] %s\n' "$*"; }
+
+# pip install, without the machine's pip-config noise ("Location … is ignored") on success.
+pip_install() {
+    local venv="$1"; shift
+    local err="$SMOKE_DIR/pip-stderr.txt"
+    if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> "$err"; then
+        grep -v "is ignored: it is neither a file nor a directory" "$err" >&2 || true
+        return 1
+    fi
+    grep -v "is ignored: it is neither a file nor a directory" "$err" >&2 || true
+}
+
+# new_venv NAME CONSTRAINTS: a fresh venv with torch only; prints its path's name in the log.
+new_venv() {
+    local venv="$SMOKE_DIR/$1" constraints="$2"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    pip_install "$venv" -c "$constraints" "$TORCH_SPEC"
+    log "$1: fresh venv, $("$venv/bin/python" -W ignore -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"
+}
+
+# An empty working folder outside the checkout, holding only copies of the smoke scripts.
+scratch() {
+    local dir="$SMOKE_DIR/$1-cwd"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cp "$HERE/smoke.py" "$HERE/check_extra.py" "$dir/"
+    echo "$dir"
+}
+
+constraints() {  # constraints NAME LINE...
+    local file="$SMOKE_DIR/$1-constraints.txt"
+    shift
+    printf '%s\n' "$@" > "$file"
+    echo "$file"
+}
+
+# The sdist's own tests/ (and its pyproject.toml, for the pytest settings), unpacked outside the checkout,
+# once per run of this script (sdist-src is cleared at its start).
+sdist_tests() {
+    local dir="$SMOKE_DIR/sdist-src"
+    if [ ! -d "$dir/tests" ]; then
+        rm -rf "$dir" "$SMOKE_DIR/sdist-unpack"
+        mkdir -p "$SMOKE_DIR/sdist-unpack" "$dir"
+        tar -xzf "$SDIST" -C "$SMOKE_DIR/sdist-unpack"
+        cp -r "$SMOKE_DIR"/sdist-unpack/*/tests "$SMOKE_DIR"/sdist-unpack/*/pyproject.toml "$dir/"
+        rm -rf "$SMOKE_DIR/sdist-unpack"
+    fi
+    echo "$dir"
+}
+
+# run_pytest VENV [ARGS]: the sdist's test suite (ARGS, else PYTEST_ARGS) against the installed package.
+run_pytest() {
+    local venv="$1" dir
+    shift
+    [ "$#" -gt 0 ] || set -- "${PYTEST_ARGS[@]}"
+    dir="$(sdist_tests)"
+    # `pytest` (not `python -m pytest`) so that the working folder is not put on sys.path; the folder has no
+    # fastcontrast/ anyway, so the package can only come from the venv.
+    (cd "$dir" && "$venv/bin/pytest" -q -p no:cacheprovider "$@" tests)
+}
+
+smoke_artifact() {  # smoke_artifact wheel|sdist PATH [smoke.py options]
+    local kind="$1" artifact="$2" venv="$SMOKE_DIR/$1" cons cwd url
+    shift 2
+    url="$(url_of "$artifact")"
+    local start=$SECONDS
+    cons="$(constraints "$kind" "$TORCH_SPEC" "$TRITON_SPEC")"
+    new_venv "$kind" "$cons"
+    pip_install "$venv" -c "$cons" "fastcontrast @ $url"
+    "$venv/bin/python" -m pip check
+    cwd="$(scratch "$kind")"
+    log "$kind: $(basename "$artifact") without triton"
+    (cd "$cwd" && "$venv/bin/python" smoke.py --triton absent)
+    pip_install "$venv" -c "$cons" "fastcontrast[triton] @ $url"
+    (cd "$cwd" && "$venv/bin/python" check_extra.py triton)
+    # triton's interpreter (TRITON_INTERPRET=1, the only way to run the kernels on a CPU) imports numpy,
+    # which triton does not declare; [test] and [dev] bring it, [triton] (for GPUs) does not.
+    pip_install "$venv" -c "$cons" numpy
+    log "$kind: $(basename "$artifact") with $("$venv/bin/python" -c 'import triton; print("triton", triton.__version__)') (interpreter)"
+    (cd "$cwd" && "$venv/bin/python" smoke.py --triton present "$@")
+    log "$kind: passed in $((SECONDS - start)) s"
+}
+
+# install_extra VENV EXTRA [check_extra.py options]: fastcontrast[EXTRA] from the wheel into VENV, then
+# `pip check` and check_extra.py.
+install_extra() {
+    local venv="$1" extra="$2" cwd
+    shift 2
+    pip_install "$venv" -c "$EXTRAS_CONS" "fastcontrast[$extra] @ $WHEEL_URL"
+    "$venv/bin/python" -m pip check
+    cwd="$(scratch "extra-$extra")"
+    (cd "$cwd" && "$venv/bin/python" check_extra.py "$extra" "$@")
+}
+
+# [bench] and [test] each go into a fresh venv, so that nothing another extra brings can hide a requirement
+# they lack ([test] lacked numpy). [release] then goes on top of [bench] (neither needs what the other brings),
+# and [dev] on top of [test], after check_extra.py has checked that [dev] declares all of [test] and [bench].
+smoke_extras() {
+    local venv start=$SECONDS
+    EXTRAS_CONS="$(constraints extras "$TORCH_SPEC" "$TRITON_SPEC")"
+
+    venv="$SMOKE_DIR/extras-bench"
+    new_venv extras-bench "$EXTRAS_CONS"
+    install_extra "$venv" bench
+    # Sizes whose measured peak memory is never 0: with every value 0, --plot's log axis fails.
+    (cd "$(scratch extra-bench)" && "$venv/bin/python" -m fastcontrast bench --loss clip --n 256 512 --d 32 \
+        --repeats 1 --no-search --json bench.json --plot bench.png --quiet > bench.txt \
+        && test -s bench.json && test -s bench.png)
+    log "extras: [bench] python -m fastcontrast bench --json --plot: ok"
+    install_extra "$venv" release
+    "$venv/bin/python" -m build --version
+    "$venv/bin/twine" --version
+    log "extras: [bench], [release] passed in $((SECONDS - start)) s"
+
+    start=$SECONDS
+    venv="$SMOKE_DIR/extras-test"
+    new_venv extras-test "$EXTRAS_CONS"
+    install_extra "$venv" test --interpreter  # the test suite runs the kernels in triton's interpreter
+    run_pytest "$venv" --collect-only -qq  # every test module imports; triton-min runs the interpreter tests
+    install_extra "$venv" dev --interpreter --includes test bench
+    "$venv/bin/ruff" --version
+    log "extras: [test], [dev] passed in $((SECONDS - start)) s"
+}
+
+smoke_triton_min() {
+    local venv="$SMOKE_DIR/triton-min" cons cwd start=$SECONDS
+    # triton < 3.7's interpreter turns 1-element arrays into ints, which numpy 2.4 refuses ("only
+    # 0-dimensional arrays can be converted to Python scalars"): it needs numpy < 2.4. Only the interpreter
+    # (CPU) is affected; on a GPU triton does not use numpy.
+    cons="$(constraints triton-min "$TORCH_SPEC" "$TRITON_MIN_SPEC" "numpy<2.4")"
+    new_venv triton-min "$cons"
+    pip_install "$venv" -c "$cons" "fastcontrast[test] @ $WHEEL_URL"
+    "$venv/bin/python" -m pip check
+    cwd="$(scratch triton-min)"
+    (cd "$cwd" && "$venv/bin/python" check_extra.py test --interpreter)
+    log "triton-min: the sdist's tests ${PYTEST_ARGS[*]} with $("$venv/bin/python" -c 'import triton, numpy; print(f"triton {triton.__version__}, numpy {numpy.__version__}")')"
+    run_pytest "$venv"
+    log "triton-min: passed in $((SECONDS - start)) s"
+}
+
+[ "$#" -gt 0 ] || set -- all
+for target in "$@"; do
+    case "$target" in
+        wheel) smoke_artifact wheel "$WHEEL";;
+        sdist) smoke_artifact sdist "$SDIST" --quick;;
+        extras) smoke_extras;;
+        triton-min) smoke_triton_min;;
+        all) smoke_artifact wheel "$WHEEL"; smoke_artifact sdist "$SDIST" --quick; smoke_extras; smoke_triton_min;;
+        *) echo "run_smokes: unknown target $target (wheel, sdist, extras, triton-min, all)" >&2; exit 2;;
+    esac
+done
