@@ -1,4 +1,5 @@
-"""fastcontrast: blockwise contrastive losses with O(N·d) memory, drop-ins for open_clip and lightly.
+"""fastcontrast: blockwise contrastive losses with O(N·d) memory, drop-ins for open_clip, lightly and
+pytorch-metric-learning.
 
     from fastcontrast import ClipLoss, SigLipLoss, NTXentLoss
 
@@ -16,13 +17,24 @@ from fastcontrast.autograd import (
 )
 from fastcontrast.functional import (
     clip_loss,
+    dcl_loss,
     distill_clip_loss,
+    negative_mises_fisher_weights,
     nt_xent_loss,
     nt_xent_memory_bank_loss,
     siglip_loss,
     supcon_loss,
 )
-from fastcontrast.losses import ClipLoss, CoCaLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss
+from fastcontrast.losses import (
+    ClipLoss,
+    CoCaLoss,
+    DCLLoss,
+    DCLWLoss,
+    DistillClipLoss,
+    NTXentLoss,
+    SigLipLoss,
+    SupConLoss,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +44,8 @@ __all__ = [
     "BlockwiseSigLipSum",
     "ClipLoss",
     "CoCaLoss",
+    "DCLLoss",
+    "DCLWLoss",
     "DistillClipLoss",
     "NTXentLoss",
     "SigLipLoss",
@@ -42,7 +56,9 @@ __all__ = [
     "blockwise_lse_and_positives",
     "blockwise_siglip_sum",
     "clip_loss",
+    "dcl_loss",
     "distill_clip_loss",
+    "negative_mises_fisher_weights",
     "nt_xent_loss",
     "nt_xent_memory_bank_loss",
     "siglip_loss",

@@ -58,7 +58,9 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, sa
         )
 
 
-def check_positive_finite_number(name: str, value: float) -> None:
+def check_positive_finite_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}.")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a finite positive number, got {value}.")
 

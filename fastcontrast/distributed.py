@@ -178,6 +178,16 @@ def resolve_group(
     return DistGroup(None, group_rank, group_size)
 
 
+def check_gather_available(gather_distributed: bool, *, what: str) -> None:
+    """lightly 1.6's constructor rule: ``gather_distributed=True`` on a torch built without distributed
+    support is a ValueError (one ``torch.distributed.is_available()`` call, as lightly makes)."""
+    if gather_distributed and not dist.is_available():
+        raise ValueError(
+            f"{what}: gather_distributed is True but torch.distributed is not available. Set "
+            "gather_distributed=False or install a torch build with distributed support."
+        )
+
+
 def resolve_gather_group(
     gather_distributed: bool, process_group: object, *, what: str
 ) -> Optional[DistGroup]:

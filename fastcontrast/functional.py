@@ -37,7 +37,9 @@ Scalar = Union[torch.Tensor, float]
 
 __all__ = [
     "clip_loss",
+    "dcl_loss",
     "distill_clip_loss",
+    "negative_mises_fisher_weights",
     "normalize_rows",
     "nt_xent_loss",
     "nt_xent_memory_bank_loss",
@@ -353,6 +355,57 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(compute_dtype(x.dtype)), dim=1, eps=1e-12).to(x.dtype)
 
 
+def _two_view_setup(out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, what):
+    """NT-Xent's and DCL's common start: checks, the engine, and across processes the exchanged layout.
+
+    Returns ``(out0, out1, temperature, engine, layout, group)``: the features as autocast would cast them,
+    τ checked, and ``layout``/``group`` None for a single process.
+    """
+    check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        out0, out1 = cast_like_autocast(out0, out1)
+    temperature = check_temperature(temperature)
+    group = distributed.resolve_gather_group(gather_distributed, process_group, what=what)
+
+    def check():
+        check_features("out0", out0)
+        check_features("out1", out1)
+        check_pair("out0", out0, "out1", out1, same_batch=True)
+        return resolve_engine(backend, out0.device, out0.dtype, chunk_bytes)
+
+    if group is None:
+        return out0, out1, temperature, check(), None, None
+    engine, layout = distributed.exchange_layout(group, out0, check, what=what, name="out0")
+    return out0, out1, temperature, engine, layout, group
+
+
+def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive):
+    """Row LSEs and positive logits of the 2n rows z = [z0; z1] (unit rows) against every rank's rows.
+
+    Row i's candidates are all gathered rows but itself (and, with ``exclude_positive``, but its positive,
+    the other view of its sample). Returns ``(lse [2n], positives [2n], views)``, ``views`` the layout of
+    the gathered [z0; z1] stacks (None for one process).
+    """
+    n = z.shape[0] // 2
+    # Each rank contributes its [z0; z1]: the gathered tensor is rank by rank, so this rank's own rows start
+    # at 2·offset, and row i's self-similarity is column 2·offset + i.
+    views = None if layout is None else layout.scaled(2)
+    z_all = None if layout is None else distributed.gather_with_grad(z, group, views)
+    offset = 0 if views is None else views.offset
+    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
+    # Row i's positive is the other view of its sample: i + n for the first view, i − n for the second.
+    partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n).add_(offset)
+    lse, _, positives, _, _ = BlockwiseLogSumExp.apply(
+        z, z_all, inv_temperature, engine, True, False, partner, offset, exclude_positive
+    )
+    return lse, positives, views
+
+
+def _gathered_views(z, group, layout):
+    """lightly's ``out0_large``, ``out1_large``: every rank's normalised views, in rank order."""
+    return distributed.split_views(distributed.gather_with_grad(z, group, layout.scaled(2)), layout, 2)
+
+
 def nt_xent_loss(
     out0: torch.Tensor,
     out1: torch.Tensor,
@@ -379,42 +432,97 @@ def nt_xent_loss(
         0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
-    check_backend(backend)
-    if backend != "reference":  # the reference is the original math, which autocast changes by itself
-        out0, out1 = cast_like_autocast(out0, out1)
-    temperature = check_temperature(temperature)
-    group = distributed.resolve_gather_group(gather_distributed, process_group, what="NTXentLoss")
-
-    def check():
-        check_features("out0", out0)
-        check_features("out1", out1)
-        check_pair("out0", out0, "out1", out1, same_batch=True)
-        return resolve_engine(backend, out0.device, out0.dtype, chunk_bytes)
-
-    if group is None:
-        engine, layout = check(), None
-        if engine is None:
-            return reference.nt_xent_loss_reference(out0, out1, temperature)
-    else:
-        engine, layout = distributed.exchange_layout(group, out0, check, what="NTXentLoss", name="out0")
-    normalize = reference.lightly_normalize if engine is None else normalize_rows
-    z = torch.cat([normalize(out0), normalize(out1)])
-    n = out0.shape[0]
-    # Each rank contributes its [z0; z1]: the gathered tensor is rank by rank, so this rank's own rows start
-    # at 2·offset, and row i's self-similarity is column 2·offset + i.
-    views = None if layout is None else layout.scaled(2)
-    z_all = None if layout is None else distributed.gather_with_grad(z, group, views)
-    offset = 0 if views is None else views.offset
+    out0, out1, temperature, engine, layout, group = _two_view_setup(
+        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "NTXentLoss"
+    )
     if engine is None:
-        z0_all, z1_all = distributed.split_views(z_all, layout, 2)
-        loss = reference.nt_xent_loss_gathered_reference(z[:n], z[n:], z0_all, z1_all, temperature,
-                                                         offset=layout.offset)
+        if layout is None:
+            return reference.nt_xent_loss_reference(out0, out1, temperature)
+        z0, z1 = reference.lightly_normalize(out0), reference.lightly_normalize(out1)
+        z0_all, z1_all = _gathered_views(torch.cat([z0, z1]), group, layout)
+        loss = reference.nt_xent_loss_gathered_reference(z0, z1, z0_all, z1_all, temperature, offset=layout.offset)
         return loss if layout.equal else loss * layout.loss_weight()
-    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
-    # Row i's positive is the other view of its sample: i + n for the first view, i − n for the second.
-    partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n).add_(offset)
-    lse, _, pos, _, _ = BlockwiseLogSumExp.apply(z, z_all, inv_temperature, engine, True, False, partner, offset)
-    return _rank_mean(lse - pos, views)
+    z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
+    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False)
+    return _rank_mean(lse - positives, views)
+
+
+def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """lightly's DCLW weighting: wᵢ = 2 − n·softmax_i(⟨out0ᵢ, out1ᵢ⟩/σ), a constant (no gradient).
+
+    Args:
+        out0, out1: [n, d] (normalised) views. sigma: the weights' temperature.
+    Returns:
+        [n] weights in the inputs' dtype, as lightly computes them.
+    """
+    similarity = torch.einsum("nm,nm->n", out0.detach(), out1.detach()) / sigma
+    return (2 - out0.shape[0] * F.softmax(similarity, dim=0)).detach()
+
+
+def _positive_weights(weight_fn, z0: torch.Tensor, z1: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """[2n] weights of the positive terms: weight_fn(z0, z1) for the first view's rows, weight_fn(z1, z0) for
+    the second's (lightly's symmetric ``_loss`` calls), each a scalar or [n]; differentiable if weight_fn is."""
+    n = z0.shape[0]
+    weights = []
+    for first, second in ((z0, z1), (z1, z0)):
+        w = weight_fn(first, second)
+        if not isinstance(w, torch.Tensor):
+            w = torch.as_tensor(w, device=z0.device)
+        if w.dim() > 1 or (w.dim() == 1 and w.shape[0] not in (1, n)):
+            raise ValueError(
+                f"DCLLoss: `weight_fn` must return a scalar or one weight per sample (shape ({n},)), "
+                f"got shape {tuple(w.shape)}."
+            )
+        weights.append(w.to(device=z0.device, dtype=cdt).expand(n))
+    return torch.cat(weights)
+
+
+def dcl_loss(
+    out0: torch.Tensor,
+    out1: torch.Tensor,
+    temperature: float = 0.1,
+    weight_fn=None,
+    *,
+    gather_distributed: bool = False,
+    process_group=None,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+) -> torch.Tensor:
+    """lightly's decoupled contrastive loss (DCL; DCLW with ``weight_fn=negative_mises_fisher_weights``).
+
+    NT-Xent with the positive taken out of the denominator: with z = [normalize(out0); normalize(out1)] and
+    S = z·zᵀ/τ, loss = mean over the 2n rows of (LSE_{j ∉ {i, i±n}} Sᵢⱼ − wᵢ·S_{i, i±n}), wᵢ = 1 without
+    ``weight_fn``. Two masked row LSEs and n positive dot products: O(n·d) memory.
+
+    Args:
+        out0, out1: [n, d] projections of two views, same dtype and device.
+        temperature: τ; |τ| < 1e-8 is an error (lightly divides by it).
+        weight_fn: ``weight_fn(out0, out1)`` → scalar or [n] weights of the positive terms, called on the
+            normalised local views (and again with them swapped), as lightly does; None for no weighting.
+        gather_distributed, process_group, backend, chunk_bytes: see :func:`nt_xent_loss`.
+    Returns:
+        0-dim loss, fp32 (fp64 for fp64 features).
+    """
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"DCLLoss: `weight_fn` must be callable or None, got {type(weight_fn).__name__}.")
+    out0, out1, temperature, engine, layout, group = _two_view_setup(
+        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "DCLLoss"
+    )
+    if engine is None:
+        if layout is None:
+            return reference.dcl_loss_reference(out0, out1, temperature, weight_fn)
+        z0, z1 = reference.lightly_normalize(out0), reference.lightly_normalize(out1)
+        z0_all, z1_all = _gathered_views(torch.cat([z0, z1]), group, layout)
+        loss = reference.dcl_loss_gathered_reference(
+            z0, z1, z0_all, z1_all, temperature, weight_fn, offset=layout.offset
+        )
+        return loss if layout.equal else loss * layout.loss_weight()
+    n = out0.shape[0]
+    z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
+    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=True)
+    if weight_fn is not None:
+        positives = positives * _positive_weights(weight_fn, z[:n], z[n:], positives.dtype)
+    return _rank_mean(lse - positives, views)
 
 
 def nt_xent_memory_bank_loss(

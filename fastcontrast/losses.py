@@ -1,5 +1,5 @@
 """``nn.Module`` drop-ins for open_clip 3.x ``ClipLoss`` / ``DistillClipLoss`` / ``CoCaLoss`` / ``SigLipLoss``
-and lightly 1.6 ``NTXentLoss``.
+lightly 1.6 ``NTXentLoss`` / ``DCLLoss`` / ``DCLWLoss`` and pytorch-metric-learning 2.x ``SupConLoss``.
 
 Argument handling only: the math is in :mod:`fastcontrast.functional`. Constructor and ``forward``
 signatures match the originals (keyword names included); extra options are keyword-only and come last.
@@ -7,6 +7,7 @@ signatures match the originals (keyword names included); extra options are keywo
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -20,6 +21,7 @@ from fastcontrast._validation import (
     check_chunk_bytes,
     check_features,
     check_flags,
+    check_positive_finite_number,
     check_positive_temperature,
     check_rank_world,
     check_temperature,
@@ -304,10 +306,10 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: τ; ``abs(τ) < 1e-8`` raises ValueError (lightly's rule). Negative τ is accepted.
-        memory_bank_size: 0 (no bank), ``(K, D)``, or an int K (D inferred from the first batch).
+        memory_bank_size: 0 (no bank) or ``(K, D)``; a bare int K > 0 raises ValueError (lightly 1.6's rule).
         gather_distributed: gather negatives from all ranks, with gradient (lightly's semantics); with a
             memory bank, the keys of all ranks are enqueued instead. Without an initialised process group it
-            gathers nothing, as in lightly.
+            gathers nothing, as in lightly; on a torch without ``torch.distributed`` it raises ValueError.
         backend, process_group, chunk_bytes: see :class:`ClipLoss`.
     """
 
@@ -322,11 +324,13 @@ class NTXentLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
     ):
         super().__init__()
+        # lightly's order of checks: the bank's size, τ, then distributed availability.
+        self.memory_bank = MemoryBank(memory_bank_size)
         self.temperature = check_temperature(temperature)
         check_flags(gather_distributed=gather_distributed)
+        distributed.check_gather_available(gather_distributed, what="NTXentLoss")
         if process_group is not None:
             distributed.resolve_gather_group(gather_distributed, process_group, what="NTXentLoss")
-        self.memory_bank = MemoryBank(memory_bank_size)
         self.gather_distributed = gather_distributed
         self.backend = check_backend(backend)
         self.process_group = process_group
@@ -341,7 +345,7 @@ class NTXentLoss(nn.Module):
                 backend=self.backend, chunk_bytes=self.chunk_bytes,
             )
         check_features("out1", out1)
-        bank = self.memory_bank.read(out1)
+        bank = self.memory_bank.read()
         loss = functional.nt_xent_memory_bank_loss(
             out0, out1, bank, self.temperature, backend=self.backend, chunk_bytes=self.chunk_bytes
         )
@@ -353,6 +357,82 @@ class NTXentLoss(nn.Module):
             else:
                 self.memory_bank.enqueue(keys)
         return loss
+
+
+class DCLLoss(nn.Module):
+    """Drop-in for lightly's ``DCLLoss`` (decoupled contrastive learning), O(N·d) memory.
+
+    NT-Xent with each row's positive left out of its denominator; see :func:`fastcontrast.functional.dcl_loss`.
+
+    Args:
+        temperature: τ; ``abs(τ) < 1e-8`` raises ValueError.
+        weight_fn: ``weight_fn(out0, out1)`` → weights of the positive terms ([n] or scalar), or None.
+        gather_distributed: negatives from all ranks, gathered with gradient (lightly's semantics); a single
+            process when no group is initialised; ValueError on a torch without ``torch.distributed``.
+        backend, process_group, chunk_bytes: see :class:`ClipLoss` (``process_group`` needs
+            ``gather_distributed=True``).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        weight_fn=None,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        if weight_fn is not None and not callable(weight_fn):
+            raise TypeError(f"`weight_fn` must be callable or None, got {type(weight_fn).__name__}.")
+        self.weight_fn = weight_fn
+        check_flags(gather_distributed=gather_distributed)
+        distributed.check_gather_available(gather_distributed, what=type(self).__name__)
+        if process_group is not None:
+            distributed.resolve_gather_group(gather_distributed, process_group, what=type(self).__name__)
+        self.gather_distributed = gather_distributed
+        self.backend = check_backend(backend)
+        self.process_group = process_group
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        """Args: out0, out1 [n, d], two views of the same n samples. Returns a 0-dim fp32 loss."""
+        return functional.dcl_loss(
+            out0, out1, self.temperature, self.weight_fn,
+            gather_distributed=self.gather_distributed, process_group=self.process_group,
+            backend=self.backend, chunk_bytes=self.chunk_bytes,
+        )
+
+
+class DCLWLoss(DCLLoss):
+    """Drop-in for lightly's ``DCLWLoss``: :class:`DCLLoss` weighted by
+    :func:`~fastcontrast.functional.negative_mises_fisher_weights` with ``sigma``.
+
+    Args:
+        temperature: τ. sigma: the weights' temperature (σ > 0).
+        gather_distributed, backend, process_group, chunk_bytes: see :class:`DCLLoss`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        sigma: float = 0.5,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+        process_group=None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        check_positive_finite_number("sigma", sigma)
+        super().__init__(
+            temperature=temperature,
+            weight_fn=functools.partial(functional.negative_mises_fisher_weights, sigma=sigma),
+            gather_distributed=gather_distributed, backend=backend, process_group=process_group,
+            chunk_bytes=chunk_bytes,
+        )
+        self.sigma = sigma
 
 
 class SupConLoss(nn.Module):

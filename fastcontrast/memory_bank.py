@@ -7,8 +7,7 @@ rule (a batch that reaches the end fills the tail and the rest of that batch is 
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -21,49 +20,52 @@ class MemoryBank(nn.Module):
     """FIFO bank of negatives, lightly-compatible.
 
     Args:
-        size: ``(K, D)``, or an int K (the dim D is then taken from the first batch, with lightly's
-            warning). ``K == 0`` disables the bank.
+        size: ``(K, D)``, or 0 to disable the bank. As in lightly 1.6, a bare int K > 0 is an error: the
+            feature dimension is required (lightly 1.4 guessed it from the first batch, which breaks
+            distributed training), and so is anything that is not 0 or a pair of non-negative ints.
     """
 
     def __init__(self, size: Union[int, Sequence[int]]):
         super().__init__()
+        if not isinstance(size, (int, tuple, list, torch.Size)):
+            raise TypeError(f"`memory_bank_size` must be 0 or a tuple (K, D) of ints, got {size!r}.")
         size_tuple = (size,) if isinstance(size, int) else tuple(size)
-        if any(isinstance(x, bool) or not isinstance(x, int) for x in size_tuple) or len(size_tuple) not in (1, 2):
-            raise ValueError(f"`memory_bank_size` must be an int K or a tuple (K, D) of ints, got {size!r}.")
+        if isinstance(size, bool):
+            raise ValueError(f"`memory_bank_size` must be 0 or a tuple (K, D) of ints, got {size!r}.")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in size_tuple):
+            raise TypeError(f"`memory_bank_size` must be 0 or a tuple (K, D) of ints, got {size!r}.")
         if any(x < 0 for x in size_tuple):
-            raise ValueError(f"`memory_bank_size` entries must be non-negative, got {size!r}.")
+            raise ValueError(f"Illegal memory bank size {size!r}: all entries must be non-negative.")
+        if isinstance(size, int) and size > 0:
+            raise ValueError(
+                f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
+                f"'memory_bank_size=({size}, dim)', or pass 0 to disable the memory bank (lightly 1.6's rule)."
+            )
+        if size_tuple != (0,) and len(size_tuple) != 2:
+            raise ValueError(
+                f"Illegal memory bank size {size!r}: expected a (num_features, dim) tuple, or 0 to disable the bank."
+            )
         self.size = size_tuple
         self.register_buffer("bank", torch.empty(size=self.size, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
         self._ptr = 0
-        if isinstance(size, int) and size > 0:
-            warnings.warn(
-                f"Memory bank size 'size={size}' does not specify feature dimension. It is recommended to set "
-                "the feature dimension with 'size=(n, dim)' when creating the memory bank. Distributed training "
-                "might fail if the feature dimension is not set.",
-                UserWarning,
-                stacklevel=3,
-            )
-        else:
-            self._init_bank(None)
+        if len(size_tuple) == 2:
+            self._init_bank()
 
     @property
     def enabled(self) -> bool:
         return self.size[0] > 0
 
     @torch.no_grad()
-    def _init_bank(self, dim: Optional[int]) -> None:
+    def _init_bank(self) -> None:
         # Same RNG draws as lightly (torch.randn of the bank's shape, then normalised), so a seeded run
         # starts from the same bank.
-        size = self.size if dim is None else (self.size[0], dim)
-        self.bank = nn.functional.normalize(torch.randn(size).type_as(self.bank), dim=-1).to(self.bank.device)
+        self.bank = nn.functional.normalize(torch.randn(self.size).type_as(self.bank), dim=-1).to(self.bank.device)
         self.bank_ptr = torch.zeros(1, dtype=torch.long, device=self.bank_ptr.device)
         self._ptr = 0
 
-    def read(self, keys: torch.Tensor) -> torch.Tensor:
-        """The bank as it is now ([K, D] fp32, a detached copy), initialising it lazily if needed."""
-        if self.bank.dim() == 1:
-            self._init_bank(keys.shape[1])
+    def read(self) -> torch.Tensor:
+        """The bank as it is now: [K, D] fp32, a detached copy."""
         return self.bank.clone().detach()
 
     @torch.no_grad()

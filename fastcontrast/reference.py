@@ -6,6 +6,7 @@ full logits matrix exactly as the original does (that is the point: it is what f
 - :func:`clip_loss_reference`: open_clip 3.x ``ClipLoss.forward`` for one process.
 - :func:`siglip_loss_reference`: open_clip 3.x ``SigLipLoss._loss`` for one process.
 - :func:`nt_xent_loss_reference`: lightly 1.6 ``NTXentLoss.forward`` without a memory bank.
+- :func:`dcl_loss_reference`: lightly 1.6 ``DCLLoss`` / ``DCLWLoss`` for one process.
 - :func:`nt_xent_memory_bank_loss_reference`: lightly 1.6 ``NTXentLoss.forward`` with a memory bank
   (the bank tensor is passed in; reading and enqueueing it is :class:`fastcontrast.memory_bank.MemoryBank`).
 """
@@ -210,6 +211,62 @@ def nt_xent_loss_gathered_reference(
     logits = torch.cat([logits_0100, logits_1011], dim=0)
     labels = (rows + offset).repeat(2)
     return F.cross_entropy(logits, labels)
+
+
+def dcl_loss_gathered_reference(
+    z0: torch.Tensor,
+    z1: torch.Tensor,
+    z0_all: torch.Tensor,
+    z1_all: torch.Tensor,
+    temperature: float,
+    weight_fn=None,
+    *,
+    offset: int = 0,
+) -> torch.Tensor:
+    """lightly 1.6 ``DCLLoss`` (``DCLWLoss`` with its weight_fn) on one rank, given the normalised views.
+
+    For each view: −w·(positive logit) + LSE over the logits against both gathered views without the own
+    column ``offset + i`` of either (self and positive both leave the denominator); mean over rows; the two
+    views averaged.
+
+    Args:
+        z0, z1: [n, d] this rank's views, already normalised.
+        z0_all, z1_all: [N, d] every rank's views in rank order (z0, z1 for one process).
+        weight_fn: ``weight_fn(z0, z1)`` → weights of the positive terms, or None.
+        offset: this rank's first row in the gathered views (lightly's ``eye_rank``).
+    Returns:
+        0-dim loss.
+    """
+    batch_size = z0.shape[0]
+    rows = torch.arange(batch_size, device=z0.device)
+    diag_mask = torch.zeros((batch_size, z0_all.shape[0]), dtype=torch.bool, device=z0.device)
+    diag_mask[rows, rows + offset] = True
+
+    def one_view(a, b, a_all, b_all):
+        sim_aa = torch.einsum("nc,mc->nm", a, a_all) / temperature
+        sim_ab = torch.einsum("nc,mc->nm", a, b_all) / temperature
+        positive_loss = -sim_ab[diag_mask]
+        if weight_fn:
+            positive_loss = positive_loss * weight_fn(a, b)
+        sim_aa = sim_aa[~diag_mask].view(batch_size, -1)
+        sim_ab = sim_ab[~diag_mask].view(batch_size, -1)
+        negative_loss = torch.logsumexp(torch.cat([sim_aa, sim_ab], dim=1), dim=1)
+        return (positive_loss + negative_loss).mean()
+
+    return 0.5 * (one_view(z0, z1, z0_all, z1_all) + one_view(z1, z0, z1_all, z0_all))
+
+
+def dcl_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.1, weight_fn=None):
+    """lightly 1.6 ``DCLLoss`` / ``DCLWLoss`` for one process: both views normalised, then
+    :func:`dcl_loss_gathered_reference` with the local views as the gathered ones.
+
+    Args:
+        out0, out1: [n, d] projections of two views of the same n images.
+    Returns:
+        0-dim loss.
+    """
+    z0, z1 = lightly_normalize(out0), lightly_normalize(out1)
+    return dcl_loss_gathered_reference(z0, z1, z0, z1, temperature, weight_fn)
 
 
 def distill_logits_reference(

@@ -53,11 +53,9 @@ _ROWS = 70  # rows of the recording calls: any size gives the same variants (len
 
 def target_of(arch: str):
     """``"sm_90"`` → ``GPUTarget("cuda", 90, 32)``; ``"gfx942"`` → ``GPUTarget("hip", "gfx942", 64)``."""
-    from triton.backends.compiler import GPUTarget
+    from fastcontrast.kernels.configs import gpu_target
 
-    if arch.startswith("sm_"):
-        return GPUTarget("cuda", int(arch[3:]), 32)
-    return GPUTarget("hip", arch, 64)
+    return gpu_target(_config_target(arch))
 
 
 def _config_target(arch: str):

@@ -98,6 +98,30 @@ def _family(target: Target) -> str:
     return "blackwell" if target[1] >= 100 else "hopper" if target[1] >= 90 else "ampere"
 
 
+def gpu_target(target: Target):
+    """triton's ``GPUTarget`` for a (non-interpreter) target."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget(target[0], target[1], 64 if target[0] == "hip" else 32)
+
+
+@functools.cache
+def has_tf32(target: Target) -> bool:
+    """Whether triton's backend for ``target`` takes ``input_precision="tf32"``: every NVIDIA target; on AMD
+    only where the backend enables it (gfx942's XF32, as of triton 3.9), never gfx90a."""
+    if target == "interpreter":
+        return False
+    if target[0] == "cuda":
+        return True
+    from triton.compiler import make_backend
+
+    try:
+        options = make_backend(gpu_target(target)).parse_options({})
+    except Exception:  # a backend this triton cannot build for: it cannot launch there either
+        return False
+    return "tf32" in getattr(options, "allowed_dot_input_precisions", ())
+
+
 # Where a family has no entry of its own it takes the next one's: Blackwell runs Hopper's tiles.
 _FALLBACK = {"blackwell": "hopper", "amd": "ampere"}
 

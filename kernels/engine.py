@@ -30,10 +30,12 @@ from fastcontrast.kernels.configs import (
     DISTILL_FUSED_MAX_D,
     TYPICAL_MULTIPROCESSORS,
     KernelConfig,
+    Target,
     distill_config,
     forward_config,
     fused_gradient,
     gradient_config,
+    has_tf32,
     panel_configs,
     target_for,
 )
@@ -119,10 +121,15 @@ def aligned_vector(x: Optional[torch.Tensor], dtype: Optional[torch.dtype] = Non
     return x if _is_aligned(x) else x.clone()
 
 
-def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
-    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``: fp32 runs TF32 only where the user enabled it."""
+def dot_settings(dtype: torch.dtype, target: Target) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype`` on ``target``.
+
+    The interpreter's bf16 ``tl.dot`` is wrong (DESIGN §6): there bf16 tiles are multiplied in fp32. fp32 runs
+    TF32 only where the user enabled it and the target's triton backend has it (gfx90a's HIP backend rejects
+    "tf32")."""
+    interpreter = triton_interpreter_enabled()
     dot_fp32 = interpreter and dtype == torch.bfloat16
-    if dtype == torch.float32 and not interpreter and tf32_matmul_enabled():
+    if dtype == torch.float32 and not interpreter and tf32_matmul_enabled() and has_tf32(target):
         return dot_fp32, "tf32"
     return dot_fp32, "ieee"
 
@@ -153,9 +160,9 @@ def _merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> to
 MODE_LSE, MODE_SIGLIP = 0, 1  # the MODE constexpr of the gradient kernels (tiles.gradient_tile)
 
 
-def _flags(config: KernelConfig, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and dot settings of one launch, as kernel keywords."""
-    dot_fp32, precision = dot_settings(dtype, triton_interpreter_enabled())
+def _flags(config: KernelConfig, operand: torch.Tensor) -> dict:
+    """Tile sizes, warps and dot settings of one launch with ``operand``'s dtype and device, as kernel keywords."""
+    dot_fp32, precision = dot_settings(operand.dtype, target_for(operand.device))
     return dict(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d, DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -260,7 +267,7 @@ class TritonEngine:
                 X=a, Y=b, SCALE=aligned_vector(scale), BIAS=_bias_or_zero(bias, scale), PARTIAL=partial,
                 n_x=n, n_y=m, d=a.shape[1], stride_x=a.stride(0), stride_y=b.stride(0),
                 positive_offset=positive_offset, cols_per_split=cols_per_split,
-                X_RESIDENT=a.shape[1] <= config.block_d, **_flags(config, a.dtype),
+                X_RESIDENT=a.shape[1] <= config.block_d, **_flags(config, a),
             )
             return partial.sum()
 
@@ -365,7 +372,7 @@ def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_off
         HAS_EXCLUDE=exclude_offset is not None, HAS_POSITIVES=positive_index is not None,
         EXCLUDE_POSITIVE=exclude_positive, HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a,
         WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
-        X_RESIDENT=x.shape[1] <= config.block_d, **_flags(config, x.dtype),
+        X_RESIDENT=x.shape[1] <= config.block_d, **_flags(config, x),
     )
     # Merge the column splits in a fixed order; a positive lies in exactly one split (0 in the others).
     return (
@@ -426,7 +433,7 @@ def _launch_gradient(problem, target, *, transposed):
         cols_per_split=cols_per_split, MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
         HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=has_positives,
         EXCLUDE_POSITIVE=problem["exclude_positive"], HAS_PRIVATE=problem["private_columns"] > 0,
-        X_IS_A=not (transposed and has_positives), SCALE_DS=problem["ds_scale"] is not None, **_flags(config, x.dtype),
+        X_IS_A=not (transposed and has_positives), SCALE_DS=problem["ds_scale"] is not None, **_flags(config, x),
     )
     # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
     return (out[0] if splits == 1 else out.sum(dim=0)), bias_partial
@@ -466,7 +473,7 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
             HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
             HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
             HAS_PRIVATE=problem["private_columns"] > 0, SCALE_DS=problem["ds_scale"] is not None,
-            **_flags(ds_config, a.dtype),
+            **_flags(ds_config, a),
         )
         if need_bias:
             bias_partials.append(bias_partial.reshape(-1))
@@ -504,7 +511,7 @@ def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, c
     panel_matmul_kernel[(tiles, splits)](
         P=p, Y=y, OUT=target, DS_SCALE=ds_scale, rows=rows, cols=cols, depth=depth, k_per_split=k_per_split,
         stride_p_row=p_strides[0], stride_p_k=p_strides[1], stride_y=y.stride(0), stride_out=out.stride(0),
-        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, **_flags(config, y.dtype),
+        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, **_flags(config, y),
     )
     if splits > 1:
         if accumulate:
@@ -522,7 +529,7 @@ def _launch_distill_forward(*, x, y, x_t, y_t, scale, scale_t, col_partial, conf
         CROSS_X=cross, COL_PARTIAL=col_partial,
         n_x=n_x, n_y=n_y, d=x.shape[1], d_t=x_t.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
         stride_xt=x_t.stride(0), stride_yt=y_t.stride(0), WRITE_COL_PARTIAL=col_partial is not None,
-        **_flags(config, x.dtype),
+        **_flags(config, x),
     )
     return lse, teacher_lse, cross
 
@@ -550,7 +557,7 @@ def _fused_distill_gradients(problem, *, needs):
             OUT=out, n_x=n_x, n_y=n_y, d=x.shape[1], d_t=x_t.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
             stride_xt=x_t.stride(0), stride_yt=y_t.stride(0), stride_out=out.stride(0),
             TEACHER_GRAD=teacher, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
-            SCALE_DS=ds_scale is not None, **_flags(config, x.dtype),
+            SCALE_DS=ds_scale is not None, **_flags(config, x),
         )
         outs.append(out)
     return outs
@@ -587,7 +594,7 @@ def _panel_distill_gradients(problem, *, needs):
             d_t=a_t.shape[1], stride_a=a.stride(0), stride_b=b.stride(0), stride_at=a_t.stride(0),
             stride_bt=b_t.stride(0), stride_panel=(w_panel if student else t_panel).stride(0),
             HAS_ROW_TERM=row_stats is not None, HAS_COL_TERM=col_stats is not None, STUDENT=student, TEACHER=teacher,
-            SCALE_DS=problem["student_scale"] is not None, **_flags(config, a.dtype),
+            SCALE_DS=problem["student_scale"] is not None, **_flags(config, a),
         )
         # One fp16 scale for both panels (the teacher's bound is the larger): W and dT share DS_SCALE.
         shared_scale = problem["teacher_scale"] if teacher else problem["student_scale"]

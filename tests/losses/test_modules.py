@@ -250,28 +250,44 @@ def test_memory_bank_with_k_d_size_starts_as_lightlys_seeded_random_unit_vectors
     assert int(loss_fn.memory_bank.bank_ptr) == 0
 
 
-def test_int_memory_bank_size_draws_the_bank_at_the_first_forward():
+@pytest.mark.parametrize("size", [20, 1])
+def test_a_bare_int_memory_bank_size_is_a_value_error_as_in_lightly_1_6(size):
+    # lightly 1.6 requires the feature dim ((K, D)); 1.4 guessed it at the first batch and warned.
+    with pytest.raises(ValueError, match="feature dimension"):
+        NTXentLoss(memory_bank_size=size)
+
+
+@pytest.mark.parametrize("size", [-1, (4, -2), (4, 2, 1), (4,), True])
+def test_a_malformed_memory_bank_size_is_a_value_error(size):
+    with pytest.raises(ValueError, match="memory bank size|memory_bank_size"):
+        NTXentLoss(memory_bank_size=size)
+
+
+@pytest.mark.parametrize("size", ["8", (4.0, 2), None])
+def test_a_memory_bank_size_of_the_wrong_type_is_a_type_error(size):
+    with pytest.raises(TypeError, match="memory_bank_size"):
+        NTXentLoss(memory_bank_size=size)
+
+
+@pytest.mark.parametrize("size", [0, (0, 8)])
+def test_a_zero_memory_bank_size_disables_the_bank(size):
+    loss_fn = NTXentLoss(memory_bank_size=size, backend="torch")
+    assert not loss_fn.memory_bank.enabled
     out0, out1 = unit(4, 6, seed=13), unit(4, 6, seed=14)
-    with pytest.warns(UserWarning, match="does not specify feature dimension"):
-        loss_fn = NTXentLoss(memory_bank_size=20, backend="torch")
-    torch.manual_seed(99)
-    loss = loss_fn(out0, out1)  # out0 does not require grad: the bank is drawn, not updated
-    expected_bank = lightly_initial_bank(99, 20, 6)
-    assert loss_fn.memory_bank.bank.shape == (20, 6)
-    assert torch.equal(loss_fn.memory_bank.bank, expected_bank)
-    atol, rtol = TOLERANCES[torch.float32]
-    assert_close(
-        "loss", loss, reference.nt_xent_memory_bank_loss_reference(out0, out1, expected_bank), atol, rtol
-    )
+    assert torch.equal(loss_fn(out0, out1), fastcontrast.nt_xent_loss(out0, out1, backend="torch"))
 
 
-def test_int_memory_bank_size_does_not_consume_random_numbers_at_construction():
-    torch.manual_seed(7)
-    expected = torch.randn(5)
-    torch.manual_seed(7)
-    with pytest.warns(UserWarning, match="does not specify feature dimension"):
-        NTXentLoss(memory_bank_size=20)
-    assert torch.equal(torch.randn(5), expected)
+@pytest.mark.parametrize("cls", ["NTXentLoss", "DCLLoss", "DCLWLoss"])
+def test_gather_distributed_checks_that_torch_distributed_is_available_once(cls, monkeypatch):
+    # lightly 1.6's tests: exactly one torch.distributed.is_available() call, ValueError when it is False.
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: calls.append(1) or True)
+    getattr(fastcontrast, cls)(gather_distributed=True)
+    assert len(calls) == 1
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch.distributed is not available"):
+        getattr(fastcontrast, cls)(gather_distributed=True)
+    getattr(fastcontrast, cls)(gather_distributed=False)
 
 
 def test_memory_bank_is_read_before_this_batch_is_enqueued():
