@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", metavar="FILE", default=None,
                       help="with --kernels: write the table as JSON (one row per binary)")
     info.add_argument("--markdown", action="store_true",
-                      help="with --kernels: print only the table, as Markdown (docs/kernels.md's)")
+                      help="with --kernels: print only the table, as Markdown (one row per binary)")
+    info.add_argument("--update-doc", metavar="FILE", default=None,
+                      help="with --kernels: rewrite the summary table between FILE's compile-table markers "
+                      "(docs/kernels.md)")
 
     gpu = commands.add_parser(
         "gpu-check", help="the one-shot check for a first GPU run: crash paths, numerics, offsets, speed",

@@ -186,6 +186,27 @@ def check_siglip_dist_impl(dist_impl: object) -> Optional[str]:
     return dist_impl  # type: ignore[return-value]
 
 
+EXCHANGES = ("gather", "ring")
+
+
+def check_exchange(exchange: object, *, what: str, needs: Optional[dict] = None, refuses: Optional[dict] = None) -> str:
+    """``exchange="gather"`` or ``"ring"``. The ring scores only a rank's own rows with gradients through every
+    block: ``needs`` are the flags that must be True for it, ``refuses`` the options it does not take."""
+    check_choice("exchange", exchange, EXCHANGES)
+    if exchange == "ring":
+        missing = [name for name, value in (needs or {}).items() if not value]
+        if missing:
+            raise ValueError(
+                f"{what}: exchange='ring' computes the loss of this rank's rows with gradients through every "
+                f"rank's features, which needs {' and '.join(f'{n}=True' for n in missing)}; set "
+                f"{'them' if len(missing) > 1 else 'it'}, or use exchange='gather'."
+            )
+        refused = [name for name, value in (refuses or {}).items() if value]
+        if refused:
+            raise ValueError(f"{what}: exchange='ring' does not take {', '.join(refused)}; use exchange='gather'.")
+    return exchange
+
+
 def check_temperature(temperature: object) -> float:
     """lightly's rule: |τ| < 1e-8 is an error; a negative τ is accepted, as lightly accepts it."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -215,6 +236,44 @@ def check_labels(name: str, labels: object, *, rows: int, like: torch.Tensor) ->
     if labels.device != like.device:
         raise ValueError(f"`{name}` must be on the embeddings' device {like.device}, got {labels.device}.")
     return labels
+
+
+def check_indices_tuple(indices_tuple: object, *, rows: int, ref_rows: int, like: torch.Tensor) -> tuple:
+    """A miner's output as PML's pairs (a1, p, a2, n), on ``like``'s device.
+
+    Takes pairs (a1, p, a2, n) or triplets (a, p, n, read as the pairs (a, p) and (a, n), as PML does): 1-D
+    integer tensors, each anchor index in [0, rows) and each reference index in [0, ref_rows).
+    """
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "`indices_tuple` must be a miner's pairs (a1, p, a2, n) or triplets (a, p, n) of index tensors, "
+            f"got {type(indices_tuple).__name__}"
+            + (f" of length {len(indices_tuple)}." if isinstance(indices_tuple, (tuple, list)) else ".")
+        )
+    names = ("a1", "p", "a2", "n") if len(indices_tuple) == 4 else ("a", "p", "n")
+    checked = []
+    for name, x in zip(names, indices_tuple):
+        if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
+            described = (f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                         else type(x).__name__)
+            raise TypeError(f"`indices_tuple` entry `{name}` must be a 1-D integer tensor, got {described}.")
+        checked.append(x.to(device=like.device, dtype=torch.long))
+    pairs = tuple(checked) if len(checked) == 4 else (checked[0], checked[1], checked[0], checked[2])
+    pair_names = (("a1", "p"), ("a2", "n")) if len(names) == 4 else (("a", "p"), ("a", "n"))
+    for (i, j), (name_i, name_j) in zip(((0, 1), (2, 3)), pair_names):
+        if pairs[i].shape != pairs[j].shape:
+            raise ValueError(
+                f"`indices_tuple`: `{name_i}` and `{name_j}` must have the same length, got "
+                f"{pairs[i].shape[0]} and {pairs[j].shape[0]}."
+            )
+    for k, x in enumerate(pairs):
+        bound, what = (rows, "embeddings") if k % 2 == 0 else (ref_rows, "reference embeddings")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
+            raise ValueError(
+                f"`indices_tuple` holds an index out of range for the {bound} {what}: "
+                f"got values in [{int(x.min())}, {int(x.max())}]."
+            )
+    return pairs
 
 
 def check_two_towers(

@@ -225,6 +225,49 @@ class BlockwiseDistill(torch.autograd.Function):
             )
 
 
+class PairDots(torch.autograd.Function):
+    """sₖ = ⟨x[rows[k]], y[cols[k]]⟩ for P index pairs, in the compute dtype, saving no [P, d] tensor.
+
+    ``apply(x, y, rows, cols, chunk)`` with x: [n, d], y: [m, d] (or the same tensor), rows, cols: [P] int64;
+    returns [P]. The pairs are taken ``chunk`` at a time in both directions (a miner's pairs can number
+    n², and their gathered rows would then be an n²×d tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, rows, cols, chunk):
+        cdt = compute_dtype(x.dtype)
+        out = torch.empty(rows.shape[0], dtype=cdt, device=x.device)
+        for start in range(0, rows.shape[0], chunk):
+            r, c = rows[start : start + chunk], cols[start : start + chunk]
+            out[start : start + chunk] = (x.index_select(0, r).to(cdt) * y.index_select(0, c).to(cdt)).sum(dim=1)
+        ctx.chunk = chunk
+        ctx.save_for_backward(x, y, rows, cols)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, rows, cols = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[:2]
+        cdt = grad.dtype
+        grad_x = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
+        grad_y = torch.zeros(y.shape, dtype=cdt, device=y.device) if need_y else None
+        for start in range(0, rows.shape[0], ctx.chunk):
+            r, c = rows[start : start + ctx.chunk], cols[start : start + ctx.chunk]
+            g = grad[start : start + ctx.chunk].unsqueeze(1)
+            if need_x:
+                grad_x.index_add_(0, r, g * y.index_select(0, c).to(cdt))
+            if need_y:
+                grad_y.index_add_(0, c, g * x.index_select(0, r).to(cdt))
+        return (None if grad_x is None else grad_x.to(x.dtype), None if grad_y is None else grad_y.to(y.dtype),
+                None, None, None)
+
+
+def pair_dots(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """[P] dot products of the index pairs (see :class:`PairDots`), ``chunk_elements`` gathered values at a time."""
+    return PairDots.apply(x, y, rows, cols, max(1, chunk_elements // max(1, x.shape[1])))
+
+
 class _KeepInGraph(torch.autograd.Function):
     """Return ``value`` unchanged and give ``anchor`` an exact zero gradient.
 

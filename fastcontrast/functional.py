@@ -22,7 +22,9 @@ from fastcontrast._dispatch import resolve_engine
 from fastcontrast._validation import (
     cast_like_autocast,
     check_backend,
+    check_exchange,
     check_features,
+    check_indices_tuple,
     check_labels,
     check_pair,
     check_positive_temperature,
@@ -30,8 +32,9 @@ from fastcontrast._validation import (
     check_temperature,
     check_two_towers,
 )
-from fastcontrast.autograd import BlockwiseDistill, BlockwiseLogSumExp, BlockwiseSigLipSum, keep_in_graph
+from fastcontrast.autograd import BlockwiseDistill, BlockwiseLogSumExp, BlockwiseSigLipSum, keep_in_graph, pair_dots
 from fastcontrast.engine import compute_dtype
+from fastcontrast.ring import Direction, Ring, RingDistill, RingLogSumExp, RingSigLipSum
 
 Scalar = Union[torch.Tensor, float]
 
@@ -44,6 +47,8 @@ __all__ = [
     "nt_xent_loss",
     "nt_xent_memory_bank_loss",
     "siglip_loss",
+    "supcon_anchor_losses",
+    "supcon_anchor_losses_with_distance",
     "supcon_loss",
 ]
 
@@ -82,6 +87,7 @@ def clip_loss(
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
     return_accuracy: bool = False,
+    exchange: str = "gather",
 ):
     """open_clip's CLIP loss, blockwise: ½[mean(r − p) + mean(c − p)].
 
@@ -103,6 +109,9 @@ def clip_loss(
         chunk_bytes: logits budget per chunk for the torch engine (bytes).
         return_accuracy: also return retrieval top-1 accuracy from the same forward pass (the kernels keep
             each row's and column's argmax, lowest index on ties): image→text and text→image.
+        exchange: across processes, ``"gather"`` (all-gather the features, open_clip's way) or ``"ring"``
+            (:mod:`fastcontrast.ring`: the other tower's blocks travel, O(n·d) memory per rank; needs
+            ``local_loss=True, gather_with_grad=True``, and gives the same loss and gradients).
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). Across processes, ranks may hold different batch sizes;
         the local loss is then weighted by W·n_k/N so that the average over ranks is the global-batch loss.
@@ -111,6 +120,8 @@ def clip_loss(
         loss).
     """
     check_backend(backend)
+    check_exchange(exchange, what="ClipLoss", needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
+                   refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference"})
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="ClipLoss")
@@ -127,6 +138,14 @@ def clip_loss(
         (scale, bias, engine), layout = distributed.exchange_layout(
             group, image_features, check, what="ClipLoss", name="image_features"
         )
+        if exchange == "ring":
+            home = torch.arange(image_features.shape[0], device=image_features.device)
+            lse_image, pos_image, lse_text, pos_text = RingLogSumExp.apply(
+                Ring(group, layout), engine, (Direction(0, 1, home), Direction(1, 0, home)), scale,
+                image_features, text_features,
+            )
+            loss = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
+            return keep_in_graph(loss, bias)
         gather = distributed.gather_for(local_loss=local_loss, with_grad=gather_with_grad)
         all_image, all_text = gather(image_features, group, layout), gather(text_features, group, layout)
     # The local loss scores this rank's rows against every rank's (positives at its offset); otherwise the
@@ -177,6 +196,7 @@ def siglip_loss(
     process_group=None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
+    exchange: str = "gather",
 ) -> torch.Tensor:
     """open_clip's SigLIP loss, blockwise: −Σᵢⱼ log σ(zᵢⱼ·(s·Iᵢ·Tⱼ + b)) / n.
 
@@ -191,12 +211,15 @@ def siglip_loss(
             every rank); here all four are that same function, computed by one gather of the text features
             with gradient and one rectangular blockwise call with the positives at this rank's offset.
         backend, chunk_bytes: see :func:`clip_loss`.
+        exchange: ``"gather"`` or ``"ring"`` (the text blocks travel round the ranks, as open_clip's
+            ``'bidir'`` / ``'shift'`` schedules do, with O(n·d) memory per rank); see :func:`clip_loss`.
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
     check_backend(backend)
     check_siglip_dist_impl(dist_impl)
+    check_exchange(exchange, what="SigLipLoss", refuses={"backend='reference'": backend == "reference"})
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="SigLipLoss")
@@ -213,12 +236,15 @@ def siglip_loss(
         (scale, bias, engine), layout = distributed.exchange_layout(
             group, image_features, check, what="SigLipLoss", name="image_features"
         )
-        all_text = distributed.gather_with_grad(text_features, group, layout)
+        all_text = None if exchange == "ring" else distributed.gather_with_grad(text_features, group, layout)
     offset = 0 if layout is None else layout.offset
     if engine is None:
         loss = reference.siglip_loss_reference(image_features, all_text, scale, bias, positive_offset=offset)
         return loss if layout is None or layout.equal else loss * layout.loss_weight()
-    total = BlockwiseSigLipSum.apply(image_features, all_text, scale, bias, engine, offset)
+    if all_text is None:
+        total = RingSigLipSum.apply(Ring(group, layout), engine, scale, bias, image_features, text_features)
+    else:
+        total = BlockwiseSigLipSum.apply(image_features, all_text, scale, bias, engine, offset)
     if layout is None or layout.equal:
         return total / image_features.shape[0]
     return total * (layout.world_size / layout.total)
@@ -263,6 +289,7 @@ def distill_clip_loss(
     process_group=None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
+    exchange: str = "gather",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's DistillClipLoss, blockwise: (contrastive loss, distillation loss).
 
@@ -280,11 +307,14 @@ def distill_clip_loss(
         dist_logit_scale: the teacher's exponentiated scale.
         local_loss, gather_with_grad, rank, world_size, process_group: as :func:`clip_loss`; the teacher's
             features are gathered the same way as the student's (open_clip calls ``get_logits`` on both).
-        backend, chunk_bytes: see :func:`clip_loss`.
+        backend, chunk_bytes, exchange: see :func:`clip_loss` (the ring carries the teacher's blocks too).
     Returns:
         ``(contrastive_loss, distill_loss)``, 0-dim fp32 (fp64 for fp64 features).
     """
     check_backend(backend)
+    check_exchange(exchange, what="DistillClipLoss",
+                   needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
+                   refuses={"backend='reference'": backend == "reference"})
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features, dist_image_features, dist_text_features = cast_like_autocast(
             image_features, text_features, dist_image_features, dist_text_features
@@ -310,6 +340,13 @@ def distill_clip_loss(
         distributed.exchange_layout(
             group, dist_image_features, lambda: None, what="DistillClipLoss", name="dist_image_features"
         )
+        if exchange == "ring":
+            lse_image, cross_image, pos_image, lse_text, cross_text, pos_text = RingDistill.apply(
+                Ring(group, layout), engine, scale, scale_t, *towers
+            )
+            contrastive = (_rank_mean(lse_image - pos_image, layout) + _rank_mean(lse_text - pos_text, layout)) / 2
+            distill = (_rank_mean(lse_image - cross_image, layout) + _rank_mean(lse_text - cross_text, layout)) / 2
+            return contrastive, distill
         gather = distributed.gather_for(local_loss=local_loss, with_grad=gather_with_grad)
         gathered = tuple(gather(x, group, layout) for x in towers)
     all_image, all_text, all_image_t, all_text_t = gathered
@@ -355,13 +392,16 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(compute_dtype(x.dtype)), dim=1, eps=1e-12).to(x.dtype)
 
 
-def _two_view_setup(out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, what):
+def _two_view_setup(out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, what,
+                    exchange):
     """NT-Xent's and DCL's common start: checks, the engine, and across processes the exchanged layout.
 
     Returns ``(out0, out1, temperature, engine, layout, group)``: the features as autocast would cast them,
     τ checked, and ``layout``/``group`` None for a single process.
     """
     check_backend(backend)
+    check_exchange(exchange, what=what, needs={"gather_distributed": gather_distributed},
+                   refuses={"backend='reference'": backend == "reference"})
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         out0, out1 = cast_like_autocast(out0, out1)
     temperature = check_temperature(temperature)
@@ -379,7 +419,7 @@ def _two_view_setup(out0, out1, temperature, gather_distributed, process_group, 
     return out0, out1, temperature, engine, layout, group
 
 
-def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive):
+def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive, exchange):
     """Row LSEs and positive logits of the 2n rows z = [z0; z1] (unit rows) against every rank's rows.
 
     Row i's candidates are all gathered rows but itself (and, with ``exclude_positive``, but its positive,
@@ -387,12 +427,19 @@ def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive):
     the gathered [z0; z1] stacks (None for one process).
     """
     n = z.shape[0] // 2
+    views = None if layout is None else layout.scaled(2)
+    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
+    if views is not None and exchange == "ring":
+        # The [z0; z1] blocks travel; in this rank's own block, row i leaves out column i and its positive
+        # is the other view, i ± n.
+        home = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
+        direction = Direction(0, 0, home, exclude_offset=0, exclude_positive=exclude_positive)
+        lse, positives = RingLogSumExp.apply(Ring(group, views), engine, (direction,), inv_temperature, z)
+        return lse, positives, views
     # Each rank contributes its [z0; z1]: the gathered tensor is rank by rank, so this rank's own rows start
     # at 2·offset, and row i's self-similarity is column 2·offset + i.
-    views = None if layout is None else layout.scaled(2)
     z_all = None if layout is None else distributed.gather_with_grad(z, group, views)
     offset = 0 if views is None else views.offset
-    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
     # Row i's positive is the other view of its sample: i + n for the first view, i − n for the second.
     partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n).add_(offset)
     lse, _, positives, _, _ = BlockwiseLogSumExp.apply(
@@ -415,6 +462,7 @@ def nt_xent_loss(
     process_group=None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
+    exchange: str = "gather",
 ) -> torch.Tensor:
     """lightly's NT-Xent (SimCLR) loss, blockwise, without memory bank.
 
@@ -428,12 +476,13 @@ def nt_xent_loss(
             gradient, labels offset by the rank. Without an initialised process group it gathers nothing.
         process_group: the group to gather over (None: the default group); needs ``gather_distributed``.
         backend, chunk_bytes: see :func:`clip_loss`.
+        exchange: ``"gather"`` or ``"ring"`` (needs ``gather_distributed=True``); see :func:`clip_loss`.
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
     out0, out1, temperature, engine, layout, group = _two_view_setup(
-        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "NTXentLoss"
+        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "NTXentLoss", exchange
     )
     if engine is None:
         if layout is None:
@@ -443,7 +492,8 @@ def nt_xent_loss(
         loss = reference.nt_xent_loss_gathered_reference(z0, z1, z0_all, z1_all, temperature, offset=layout.offset)
         return loss if layout.equal else loss * layout.loss_weight()
     z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
-    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False)
+    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False,
+                                           exchange=exchange)
     return _rank_mean(lse - positives, views)
 
 
@@ -466,8 +516,8 @@ def _positive_weights(weight_fn, z0: torch.Tensor, z1: torch.Tensor, cdt: torch.
     weights = []
     for first, second in ((z0, z1), (z1, z0)):
         w = weight_fn(first, second)
-        if not isinstance(w, torch.Tensor):
-            w = torch.as_tensor(w, device=z0.device)
+        if not isinstance(w, torch.Tensor):  # a Python number: exact in the compute dtype, as lightly applies it
+            w = torch.as_tensor(w, dtype=cdt, device=z0.device)
         if w.dim() > 1 or (w.dim() == 1 and w.shape[0] not in (1, n)):
             raise ValueError(
                 f"DCLLoss: `weight_fn` must return a scalar or one weight per sample (shape ({n},)), "
@@ -487,6 +537,7 @@ def dcl_loss(
     process_group=None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
+    exchange: str = "gather",
 ) -> torch.Tensor:
     """lightly's decoupled contrastive loss (DCL; DCLW with ``weight_fn=negative_mises_fisher_weights``).
 
@@ -499,14 +550,14 @@ def dcl_loss(
         temperature: τ; |τ| < 1e-8 is an error (lightly divides by it).
         weight_fn: ``weight_fn(out0, out1)`` → scalar or [n] weights of the positive terms, called on the
             normalised local views (and again with them swapped), as lightly does; None for no weighting.
-        gather_distributed, process_group, backend, chunk_bytes: see :func:`nt_xent_loss`.
+        gather_distributed, process_group, backend, chunk_bytes, exchange: see :func:`nt_xent_loss`.
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features).
     """
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"DCLLoss: `weight_fn` must be callable or None, got {type(weight_fn).__name__}.")
     out0, out1, temperature, engine, layout, group = _two_view_setup(
-        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "DCLLoss"
+        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "DCLLoss", exchange
     )
     if engine is None:
         if layout is None:
@@ -519,7 +570,8 @@ def dcl_loss(
         return loss if layout.equal else loss * layout.loss_weight()
     n = out0.shape[0]
     z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
-    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=True)
+    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=True,
+                                           exchange=exchange)
     if weight_fn is not None:
         positives = positives * _positive_weights(weight_fn, z[:n], z[n:], positives.dtype)
     return _rank_mean(lse - positives, views)
@@ -649,23 +701,186 @@ def _supcon_anchor_losses(
     return -mean_log_prob, positive_count, negative_count
 
 
-def _supcon_reduce(losses, positive_pairs, negative_pairs, *, total_nonzero=None, world_scale=1.0):
-    """PML's rules: mean over anchors with a loss > 0; 0 without a positive or a negative pair, or with at
-    most one of each. ``total_nonzero`` (all ranks) and ``world_scale`` (W) make the per-rank share exact."""
+def _supcon_mined_anchor_losses(
+    z: torch.Tensor, z_ref: torch.Tensor, pairs: tuple, inv_temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-anchor SupCon losses over a miner's pairs only, O(P·d) for P pairs (no n×m tensor).
+
+    Anchor i's softmax runs over its mined positives and negatives (each pair once, as PML's masks hold it);
+    lossᵢ = −mean over its positives of (Sᵢₚ − LSEᵢ), 0 without positives.
+
+    Returns:
+        ``(losses [n], valid)``: ``valid`` a 0-dim bool, False where PML returns its zero losses.
+    """
+    cdt = compute_dtype(z.dtype)
+    n, m = z.shape[0], z_ref.shape[0]
+    a1, p, a2, neg = pairs
+    # PML writes the pairs into masks: duplicates count once, and a pair may not be both.
+    pos_keys = torch.unique(a1 * m + p)
+    neg_keys = torch.unique(a2 * m + neg)
+    if bool(torch.isin(pos_keys, neg_keys).any()):
+        raise ValueError("`indices_tuple`: each pair should be either positive or negative, not both.")
+    keys = torch.cat([pos_keys, neg_keys])
+    rows, cols = keys.div(m, rounding_mode="floor"), keys.remainder(m)
+    logits = pair_dots(z, z_ref, rows, cols) * inv_temperature
+    # Segment log-sum-exp per anchor, max-subtracted (the max is a constant for the gradient).
+    row_max = torch.full((n,), float("-inf"), dtype=cdt, device=z.device).scatter_reduce(
+        0, rows, logits.detach(), reduce="amax"
+    )
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sums = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, rows, torch.exp(logits - shift[rows]))
+    lse = torch.log(sums.clamp(min=torch.finfo(cdt).tiny)) + shift
+    n_pos = pos_keys.shape[0]
+    pos_rows = rows[:n_pos]
+    positive_count = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, pos_rows, torch.ones_like(logits[:n_pos]))
+    positive_sum = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, pos_rows, logits[:n_pos])
+    has_positive = positive_count > 0
+    losses = torch.where(
+        has_positive, -(positive_sum - positive_count * lse) / positive_count.clamp(min=1), torch.zeros_like(lse)
+    )
+    valid = torch.tensor(n_pos > 0 and neg_keys.shape[0] > 0, device=z.device)
+    return losses, valid
+
+
+def _supcon_label_validity(positive_pairs, negative_pairs) -> torch.Tensor:
+    """PML's early exits over all label pairs: a positive and a negative pair, and more than one of either."""
+    return (positive_pairs > 0) & (negative_pairs > 0) & ((positive_pairs > 1) | (negative_pairs > 1))
+
+
+def _supcon_reduce(losses, valid, *, total_nonzero=None, world_scale=1.0):
+    """PML's AvgNonZeroReducer: the mean over anchors with a loss > 0, and 0 where PML returns its zero losses
+    (``valid`` False) or no anchor has a loss > 0. ``total_nonzero`` (all ranks) and ``world_scale`` (W)
+    make the per-rank share exact."""
     nonzero = losses > 0
     count = nonzero.sum() if total_nonzero is None else total_nonzero
     value = torch.where(nonzero, losses, torch.zeros_like(losses)).sum() * world_scale / count.clamp(min=1)
-    valid = (positive_pairs > 0) & (negative_pairs > 0) & ((positive_pairs > 1) | (negative_pairs > 1)) & (count > 0)
-    return torch.where(valid, value, torch.zeros_like(value))
+    return torch.where(valid & (count > 0), value, torch.zeros_like(value))
 
 
-def supcon_loss(
+def _check_supcon(embeddings, labels, ref_emb, ref_labels, temperature, indices_tuple, backend, chunk_bytes):
+    """Single-process SupCon inputs checked: ``(embeddings, ref_emb, temperature, pairs, engine)`` with
+    autocast's casts applied and ``pairs`` the miner's (a1, p, a2, n) or None."""
+    check_backend(backend)
+    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+        embeddings, ref_emb = cast_like_autocast(embeddings, ref_emb)
+    temperature = check_positive_temperature(temperature)
+    check_features("embeddings", embeddings)
+    if indices_tuple is None and labels is None:
+        raise ValueError("SupConLoss: `labels` is required without `indices_tuple` (one integer label per row).")
+    if labels is not None:
+        check_labels("labels", labels, rows=embeddings.shape[0], like=embeddings)
+    if ref_emb is not None:
+        check_features("ref_emb", ref_emb)
+        check_pair("embeddings", embeddings, "ref_emb", ref_emb, same_batch=False)
+        if ref_labels is not None:
+            check_labels("ref_labels", ref_labels, rows=ref_emb.shape[0], like=embeddings)
+        elif indices_tuple is None:
+            raise ValueError("`ref_emb` and `ref_labels` must be given together (a reference set), or neither.")
+    elif ref_labels is not None:
+        raise ValueError("`ref_emb` and `ref_labels` must be given together (a reference set), or neither.")
+    pairs = None
+    if indices_tuple is not None:
+        ref_rows = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
+        pairs = check_indices_tuple(indices_tuple, rows=embeddings.shape[0], ref_rows=ref_rows, like=embeddings)
+    engine = resolve_engine(backend, embeddings.device, embeddings.dtype, chunk_bytes)
+    return embeddings, ref_emb, temperature, pairs, engine
+
+
+def supcon_anchor_losses(
     embeddings: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Optional[torch.Tensor],
     ref_emb: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
     temperature: float = 0.1,
     *,
+    indices_tuple: Optional[tuple] = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pytorch-metric-learning's SupCon per-anchor losses (the "element" losses its reducer sees), blockwise.
+
+    Args:
+        embeddings, labels, ref_emb, ref_labels, temperature: see :func:`supcon_loss`.
+        indices_tuple: a miner's pairs (a1, p, a2, n) or triplets (a, p, n): each anchor's softmax then runs
+            over its mined pairs only, O(pairs·d); labels are not needed (may be None).
+        normalize: True for PML's ``CosineSimilarity`` (unit rows), False for ``DotProductSimilarity(
+            normalize_embeddings=False)`` (raw dot products).
+        backend, chunk_bytes: see :func:`clip_loss`.
+    Returns:
+        ``(losses [n], valid)``: losses fp32 (fp64 for fp64 embeddings; the input dtype for
+        ``backend="reference"``); ``valid`` a 0-dim bool tensor, False where PML returns its zero losses
+        (its reducers then give 0 whatever the losses).
+    """
+    embeddings, ref_emb, temperature, pairs, engine = _check_supcon(
+        embeddings, labels, ref_emb, ref_labels, temperature, indices_tuple, backend, chunk_bytes
+    )
+    # PML leaves an anchor's own entry out when its labels are the reference labels (no reference set, or
+    # the same labels tensor passed again).
+    exclude = ref_emb is None or (ref_labels is labels and labels is not None)
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+    if engine is None:
+        mat = reference.cosine_similarity_reference(embeddings, ref_emb) if normalize else embeddings @ ref_emb.T
+        pairs = pairs if pairs is not None else reference.supcon_pairs_reference(labels, ref_labels)
+        losses = reference.supcon_anchor_losses_reference(mat, pairs, temperature)
+        valid = losses is not None
+        losses = losses if valid else torch.zeros(embeddings.shape[0], dtype=mat.dtype, device=mat.device)
+        return losses, torch.tensor(valid, device=embeddings.device)
+    cdt = compute_dtype(embeddings.dtype)
+    # Normalised in fp32, then kept in the input dtype: half embeddings run on the tensor cores.
+    z = normalize_rows(embeddings) if normalize else embeddings
+    z_ref = z if ref_emb is embeddings else (normalize_rows(ref_emb) if normalize else ref_emb)
+    inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
+    if pairs is not None:
+        if all(len(x) <= 1 for x in pairs):  # PML's first early exit counts the pairs as given
+            # Zeros that stay in the graph, as PML's sum(embeddings·0) does.
+            return (z.to(cdt) * 0).sum(dim=1), torch.tensor(False, device=z.device)
+        return _supcon_mined_anchor_losses(z, z_ref, pairs, inv_temperature)
+    losses, positives, negatives = _supcon_anchor_losses(
+        z, labels, z_ref, ref_labels, inv_temperature, engine, exclude_offset=0 if exclude else None
+    )
+    return losses, _supcon_label_validity(positives.sum(), negatives.sum())
+
+
+def supcon_anchor_losses_with_distance(
+    distance,
+    embeddings: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    temperature: float = 0.1,
+    *,
+    indices_tuple: Optional[tuple] = None,
+) -> Optional[torch.Tensor]:
+    """PML's per-anchor SupCon losses under any PML ``distance``: the full [n, m] matrix from the distance,
+    then PML's masked log-softmax (:func:`fastcontrast.reference.supcon_anchor_losses_reference`).
+
+    The exact path for distances with no blockwise form (``LpDistance``, ``SNRDistance``, custom ones):
+    O(n·m) memory, like PML. Returns the losses [n] in the matrix's dtype, or None where PML returns its
+    zero losses.
+    """
+    embeddings, ref_emb, temperature, pairs, _ = _check_supcon(
+        embeddings, labels, ref_emb, ref_labels, temperature, indices_tuple, "reference", None
+    )
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+    pairs = pairs if pairs is not None else reference.supcon_pairs_reference(labels, ref_labels)
+    if all(len(x) <= 1 for x in pairs):
+        return None
+    mat = distance(embeddings, ref_emb)
+    return reference.supcon_anchor_losses_reference(mat, pairs, temperature, inverted=distance.is_inverted)
+
+
+def supcon_loss(
+    embeddings: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    temperature: float = 0.1,
+    *,
+    indices_tuple: Optional[tuple] = None,
+    normalize: bool = True,
     gather_distributed: bool = False,
     process_group=None,
     backend: str = "auto",
@@ -680,69 +895,62 @@ def supcon_loss(
     the positive logits from per-class sums of the embeddings.
 
     Args:
-        embeddings: [n, d] (fp16, bf16, fp32 or fp64); labels: [n] integer class labels.
-        ref_emb, ref_labels: optional [m, d] / [m] reference set (both or neither): anchors are scored against
-            it, with no self-exclusion, as in PML.
+        embeddings: [n, d] (fp16, bf16, fp32 or fp64); labels: [n] integer class labels (None allowed with
+            ``indices_tuple``).
+        ref_emb, ref_labels: optional [m, d] / [m] reference set: anchors are scored against it, with no
+            self-exclusion, as in PML.
         temperature: τ > 0 (PML's default 0.1).
+        indices_tuple: a miner's pairs (a1, p, a2, n) or triplets (a, p, n): only those pairs enter each
+            anchor's softmax (O(pairs·d)), as in PML's ``indices_tuple``.
+        normalize: False for PML's ``DotProductSimilarity(normalize_embeddings=False)``.
         gather_distributed: anchors of this rank against the embeddings of every rank of the group (gathered
             with gradient, labels gathered too), with gradients exact under DDP averaging. Not with a
-            reference set. Without an initialised process group it gathers nothing.
+            reference set or ``indices_tuple``. Without an initialised process group it gathers nothing.
         process_group: the group to gather over (None: the default group); needs ``gather_distributed``.
         backend, chunk_bytes: see :func:`clip_loss`.
     Returns:
         0-dim loss, fp32 (fp64 for fp64 embeddings).
     """
+    group = distributed.resolve_gather_group(gather_distributed, process_group, what="SupConLoss")
+    if group is None:
+        if backend == "reference" and normalize:
+            _check_supcon(embeddings, labels, ref_emb, ref_labels, temperature, indices_tuple, backend, chunk_bytes)
+            return reference.supcon_loss_reference(embeddings, labels, temperature, ref_emb, ref_labels,
+                                                   indices_tuple=indices_tuple)
+        losses, valid = supcon_anchor_losses(
+            embeddings, labels, ref_emb, ref_labels, temperature, indices_tuple=indices_tuple,
+            normalize=normalize, backend=backend, chunk_bytes=chunk_bytes,
+        )
+        return _supcon_reduce(losses, valid)
     check_backend(backend)
-    if backend != "reference":  # the reference is the original math, which autocast changes by itself
+    if backend != "reference":
         embeddings, ref_emb = cast_like_autocast(embeddings, ref_emb)
     temperature = check_positive_temperature(temperature)
-    group = distributed.resolve_gather_group(gather_distributed, process_group, what="SupConLoss")
+    if ref_emb is not None or ref_labels is not None or indices_tuple is not None:
+        raise ValueError(
+            "SupConLoss: `gather_distributed=True` takes labels only, not a reference set (`ref_emb`) or a "
+            "miner's `indices_tuple` (its indices would refer to this rank's batch alone)."
+        )
 
     def check():
         check_features("embeddings", embeddings)
+        if labels is None:
+            raise ValueError("SupConLoss: `labels` is required (one integer class label per embedding).")
         check_labels("labels", labels, rows=embeddings.shape[0], like=embeddings)
         return resolve_engine(backend, embeddings.device, embeddings.dtype, chunk_bytes)
 
-    if group is not None:
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError("SupConLoss: `gather_distributed=True` does not take a reference set (`ref_emb`).")
-        engine, layout = distributed.exchange_layout(group, embeddings, check, what="SupConLoss", name="embeddings")
-        cdt = compute_dtype(embeddings.dtype)
-        z = normalize_rows(embeddings)
-        z_all = distributed.gather_with_grad(z, group, layout)
-        labels_all = distributed.gather_without_grad(labels.reshape(-1, 1), group, layout).reshape(-1)
-        inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
-        losses, positives, negatives = _supcon_anchor_losses(
-            z, labels, z_all, labels_all, inv_temperature, engine, exclude_offset=layout.offset
-        )
-        # Each rank's loss is W·(Σ of its nonzero anchor losses)/(nonzero anchors on all ranks), so that the
-        # average over ranks, and its gradient under DDP, is the global-batch loss: one all-reduce of counts.
-        counts = torch.stack([(losses > 0).sum().to(cdt), positives.sum(), negatives.sum()]).detach()
-        distributed.all_reduce_sum(counts, group)
-        return _supcon_reduce(
-            losses, counts[1], counts[2], total_nonzero=counts[0], world_scale=float(layout.world_size)
-        )
-    engine = check()
-    if (ref_emb is None) != (ref_labels is None):
-        raise ValueError("`ref_emb` and `ref_labels` must be given together (a reference set), or neither.")
-    # PML leaves an anchor's own entry out when its labels are the reference labels (no reference set, or
-    # the same labels tensor passed again).
-    exclude = ref_emb is None or ref_labels is labels
-    if ref_emb is not None:
-        check_features("ref_emb", ref_emb)
-        check_pair("embeddings", embeddings, "ref_emb", ref_emb, same_batch=False)
-        check_labels("ref_labels", ref_labels, rows=ref_emb.shape[0], like=embeddings)
-    if engine is None:
-        return reference.supcon_loss_reference(embeddings, labels, temperature, ref_emb, ref_labels)
-    if ref_emb is None:
-        ref_emb, ref_labels = embeddings, labels
+    engine, layout = distributed.exchange_layout(group, embeddings, check, what="SupConLoss", name="embeddings")
     cdt = compute_dtype(embeddings.dtype)
-    # Normalised in fp32, then kept in the input dtype: half embeddings run on the tensor cores.
-    z = normalize_rows(embeddings)
-    z_ref = z if ref_emb is embeddings else normalize_rows(ref_emb)
+    z = normalize_rows(embeddings) if normalize else embeddings
+    z_all = distributed.gather_with_grad(z, group, layout)
+    labels_all = distributed.gather_without_grad(labels.reshape(-1, 1), group, layout).reshape(-1)
     inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
     losses, positives, negatives = _supcon_anchor_losses(
-        z, labels, z_ref, ref_labels, inv_temperature, engine, exclude_offset=0 if exclude else None
+        z, labels, z_all, labels_all, inv_temperature, engine, exclude_offset=layout.offset
     )
-    return _supcon_reduce(losses, positives.sum(), negatives.sum())
-
+    # Each rank's loss is W·(Σ of its nonzero anchor losses)/(nonzero anchors on all ranks), so that the
+    # average over ranks, and its gradient under DDP, is the global-batch loss: one all-reduce of counts.
+    counts = torch.stack([(losses > 0).sum().to(cdt), positives.sum(), negatives.sum()]).detach()
+    distributed.all_reduce_sum(counts, group)
+    return _supcon_reduce(losses, _supcon_label_validity(counts[1], counts[2]), total_nonzero=counts[0],
+                          world_scale=float(layout.world_size))

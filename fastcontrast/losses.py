@@ -7,7 +7,9 @@ signatures match the originals (keyword names included); extra options are keywo
 
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,6 +21,7 @@ from fastcontrast._validation import (
     check_backend,
     check_choice,
     check_chunk_bytes,
+    check_exchange,
     check_features,
     check_flags,
     check_positive_finite_number,
@@ -64,6 +67,9 @@ class ClipLoss(nn.Module):
         return_accuracy: also report image→text and text→image top-1 retrieval accuracy, taken from the
             forward pass's argmax (no second materialisation of the logits; lowest index on ties). The
             default output is open_clip's.
+        exchange: ``"gather"`` (open_clip's all-gather) or ``"ring"``: the other tower's blocks pass from
+            rank to rank, so per-rank memory stays O(n·d) at any world size (docs/distributed.md); needs
+            ``local_loss=True, gather_with_grad=True``; same loss and gradients.
     """
 
     def __init__(
@@ -79,10 +85,15 @@ class ClipLoss(nn.Module):
         process_group=None,
         chunk_bytes: Optional[int] = None,
         return_accuracy: bool = False,
+        exchange: str = "gather",
     ):
         super().__init__()
         check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                     return_accuracy=return_accuracy)
+        self.exchange = check_exchange(
+            exchange, what=type(self).__name__, needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
+            refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference"},
+        )
         if return_accuracy and isinstance(self, (DistillClipLoss, CoCaLoss)):
             raise ValueError(f"`return_accuracy` is a ClipLoss option; {type(self).__name__} does not take it.")
         check_rank_world(rank, world_size)
@@ -119,6 +130,7 @@ class ClipLoss(nn.Module):
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
             rank=self.rank, world_size=self.world_size, process_group=self.process_group,
             backend=self.backend, chunk_bytes=self.chunk_bytes, return_accuracy=self.return_accuracy,
+            exchange=self.exchange,
         )
         if not self.return_accuracy:
             return {"contrastive_loss": result} if output_dict else result
@@ -137,7 +149,8 @@ class DistillClipLoss(ClipLoss):
     LSE and the cross term Σ softmax(teacher)·student (two GEMM tiles per block, one reduction more).
 
     Args: the same as :class:`ClipLoss` (open_clip's constructor is ClipLoss's). The teacher's features are
-    gathered across ranks exactly like the student's, as open_clip does.
+    gathered across ranks exactly like the student's, as open_clip does; with ``exchange="ring"`` they travel
+    with the student's blocks.
     """
 
     def forward(
@@ -160,7 +173,7 @@ class DistillClipLoss(ClipLoss):
             image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
             rank=self.rank, world_size=self.world_size, process_group=self.process_group,
-            backend=self.backend, chunk_bytes=self.chunk_bytes,
+            backend=self.backend, chunk_bytes=self.chunk_bytes, exchange=self.exchange,
         )
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
@@ -255,7 +268,8 @@ class SigLipLoss(nn.Module):
             four communication schedules for the same function; here all four *are* the same function (one
             gather of the text features with gradient, one rectangular blockwise call), with open_clip's
             value and gradients.
-        backend, process_group, chunk_bytes: see :class:`ClipLoss`.
+        backend, process_group, chunk_bytes, exchange: see :class:`ClipLoss` (with ``"ring"`` the text blocks
+            travel round the ranks, as open_clip's ``'bidir'`` / ``'shift'`` do; every ``dist_impl`` takes it).
     """
 
     def __init__(
@@ -268,9 +282,12 @@ class SigLipLoss(nn.Module):
         backend: str = "auto",
         process_group=None,
         chunk_bytes: Optional[int] = None,
+        exchange: str = "gather",
     ):
         super().__init__()
         check_flags(cache_labels=cache_labels)
+        self.exchange = check_exchange(exchange, what="SigLipLoss",
+                                       refuses={"backend='reference'": backend == "reference"})
         check_rank_world(rank, world_size)
         rank, world_size = _rank_world_from_group(rank, world_size, process_group, "SigLipLoss")
         dist_impl = dist_impl or "bidir"  # open_clip's default schedule
@@ -297,6 +314,7 @@ class SigLipLoss(nn.Module):
             image_features, text_features, logit_scale, logit_bias,
             rank=self.rank, world_size=self.world_size, dist_impl=self.dist_impl,
             process_group=self.process_group, backend=self.backend, chunk_bytes=self.chunk_bytes,
+            exchange=self.exchange,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -311,6 +329,8 @@ class NTXentLoss(nn.Module):
             memory bank, the keys of all ranks are enqueued instead. Without an initialised process group it
             gathers nothing, as in lightly; on a torch without ``torch.distributed`` it raises ValueError.
         backend, process_group, chunk_bytes: see :class:`ClipLoss`.
+        exchange: ``"gather"`` or ``"ring"`` (needs ``gather_distributed=True``, no memory bank); see
+            :class:`ClipLoss`.
     """
 
     def __init__(
@@ -322,10 +342,15 @@ class NTXentLoss(nn.Module):
         backend: str = "auto",
         process_group=None,
         chunk_bytes: Optional[int] = None,
+        exchange: str = "gather",
     ):
         super().__init__()
         # lightly's order of checks: the bank's size, τ, then distributed availability.
         self.memory_bank = MemoryBank(memory_bank_size)
+        self.exchange = check_exchange(
+            exchange, what="NTXentLoss", needs={"gather_distributed": gather_distributed},
+            refuses={"a memory bank": self.memory_bank.enabled, "backend='reference'": backend == "reference"},
+        )
         self.temperature = check_temperature(temperature)
         check_flags(gather_distributed=gather_distributed)
         distributed.check_gather_available(gather_distributed, what="NTXentLoss")
@@ -342,7 +367,7 @@ class NTXentLoss(nn.Module):
             return functional.nt_xent_loss(
                 out0, out1, self.temperature,
                 gather_distributed=self.gather_distributed, process_group=self.process_group,
-                backend=self.backend, chunk_bytes=self.chunk_bytes,
+                backend=self.backend, chunk_bytes=self.chunk_bytes, exchange=self.exchange,
             )
         check_features("out1", out1)
         bank = self.memory_bank.read()
@@ -371,6 +396,7 @@ class DCLLoss(nn.Module):
             process when no group is initialised; ValueError on a torch without ``torch.distributed``.
         backend, process_group, chunk_bytes: see :class:`ClipLoss` (``process_group`` needs
             ``gather_distributed=True``).
+        exchange: ``"gather"`` or ``"ring"`` (needs ``gather_distributed=True``); see :class:`ClipLoss`.
     """
 
     def __init__(
@@ -382,9 +408,13 @@ class DCLLoss(nn.Module):
         backend: str = "auto",
         process_group=None,
         chunk_bytes: Optional[int] = None,
+        exchange: str = "gather",
     ):
         super().__init__()
         self.temperature = check_temperature(temperature)
+        self.exchange = check_exchange(exchange, what=type(self).__name__,
+                                       needs={"gather_distributed": gather_distributed},
+                                       refuses={"backend='reference'": backend == "reference"})
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"`weight_fn` must be callable or None, got {type(weight_fn).__name__}.")
         self.weight_fn = weight_fn
@@ -402,7 +432,7 @@ class DCLLoss(nn.Module):
         return functional.dcl_loss(
             out0, out1, self.temperature, self.weight_fn,
             gather_distributed=self.gather_distributed, process_group=self.process_group,
-            backend=self.backend, chunk_bytes=self.chunk_bytes,
+            backend=self.backend, chunk_bytes=self.chunk_bytes, exchange=self.exchange,
         )
 
 
@@ -424,19 +454,37 @@ class DCLWLoss(DCLLoss):
         backend: str = "auto",
         process_group=None,
         chunk_bytes: Optional[int] = None,
+        exchange: str = "gather",
     ):
         check_positive_finite_number("sigma", sigma)
         super().__init__(
             temperature=temperature,
             weight_fn=functools.partial(functional.negative_mises_fisher_weights, sigma=sigma),
             gather_distributed=gather_distributed, backend=backend, process_group=process_group,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=chunk_bytes, exchange=exchange,
         )
         self.sigma = sigma
 
 
+def _similarity_of(distance) -> Optional[bool]:
+    """For a PML distance the blockwise path computes exactly, its ``normalize`` flag (True: cosine
+    similarity, False: raw dot products); None for any other distance. None (PML's default) is cosine."""
+    if distance is None:
+        return True
+    try:
+        from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
+    except ImportError:  # not a PML distance then, since PML is what defines them
+        return None
+    # Exact types only: a subclass may override compute_mat.
+    if type(distance) not in (CosineSimilarity, DotProductSimilarity) or distance.power != 1:
+        return None
+    if distance.normalize_embeddings and distance.p != 2:
+        return None
+    return bool(distance.normalize_embeddings)
+
+
 class SupConLoss(nn.Module):
-    """Drop-in for pytorch-metric-learning 2.x ``SupConLoss(temperature=0.1)``, with O(N·d) memory.
+    """Drop-in for pytorch-metric-learning 2.x ``SupConLoss(temperature=0.1, **kwargs)``, O(N·d) memory.
 
     Multi-positive contrastive loss by class label on cosine similarities: for each anchor, −mean over its
     positives (same label, itself excluded) of the log-softmax over every other item, averaged over the
@@ -444,16 +492,32 @@ class SupConLoss(nn.Module):
 
     Args:
         temperature: τ > 0.
+        distance: PML's ``distance=``. ``CosineSimilarity()`` (the default) and ``DotProductSimilarity()``
+            run blockwise; any other distance is computed exactly through the distance itself, which builds
+            the N×M matrix (a warning says so at construction).
+        reducer: PML's ``reducer=``: it receives the per-anchor losses, as in PML. None: PML's default
+            ``AvgNonZeroReducer``, computed without host syncs.
+        embedding_regularizer, embedding_reg_weight: PML's: the regulariser's loss is added through PML's
+            ``MultipleReducers``, as in PML.
+        collect_stats: accepted for PML compatibility (fastcontrast keeps no statistics).
         gather_distributed: anchors of this rank against the embeddings of every rank (gathered with gradient),
-            exact under DDP averaging; a single process when no group is initialised.
+            exact under DDP averaging; a single process when no group is initialised. Not with a custom
+            distance, reducer or regulariser.
         backend, process_group, chunk_bytes: see :class:`ClipLoss` (``process_group`` needs
             ``gather_distributed=True``).
+
+    Any other keyword is a TypeError, as in PML.
     """
 
     def __init__(
         self,
         temperature: float = 0.1,
         *,
+        distance=None,
+        reducer=None,
+        embedding_regularizer=None,
+        embedding_reg_weight: float = 1,
+        collect_stats: Optional[bool] = None,
         gather_distributed: bool = False,
         backend: str = "auto",
         process_group=None,
@@ -468,6 +532,47 @@ class SupConLoss(nn.Module):
         self.backend = check_backend(backend)
         self.process_group = process_group
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.collect_stats = collect_stats
+        self.distance = distance
+        self.embedding_regularizer = embedding_regularizer
+        self.embedding_reg_weight = embedding_reg_weight
+        self._normalize = _similarity_of(distance)
+        if distance is not None and not callable(distance):
+            raise TypeError(f"SupConLoss: `distance` must be a PML distance, got {type(distance).__name__}.")
+        if self._normalize is None and not hasattr(distance, "is_inverted"):
+            raise TypeError(
+                f"SupConLoss: `distance` must be a PML distance (with `is_inverted`), got {type(distance).__name__}."
+            )
+        if embedding_regularizer is not None and not callable(embedding_regularizer):
+            raise TypeError(
+                f"SupConLoss: `embedding_regularizer` must be callable, got {type(embedding_regularizer).__name__}."
+            )
+        custom = reducer is not None or embedding_regularizer is not None or self._normalize is None
+        if custom and gather_distributed:
+            raise ValueError(
+                "SupConLoss: gather_distributed=True takes the default distance, reducer and no regulariser: "
+                "their per-rank shares are only exact for PML's defaults."
+            )
+        if self._normalize is None:
+            warnings.warn(
+                f"SupConLoss: distance {type(distance).__name__} has no blockwise form; the loss is computed "
+                "exactly through the distance, which builds the full N×M matrix (O(N·M) memory).",
+                stacklevel=2,
+            )
+        self.reducer = self._pml_reducer(reducer) if reducer is not None or embedding_regularizer is not None else None
+
+    def _pml_reducer(self, reducer):
+        """PML's ``set_reducer``: the reducer as given (copied), or per sub-loss under ``MultipleReducers``."""
+        from pytorch_metric_learning.reducers import AvgNonZeroReducer, DoNothingReducer, MultipleReducers
+
+        if isinstance(reducer, (MultipleReducers, DoNothingReducer)):
+            return reducer
+        if self.embedding_regularizer is None:
+            return copy.deepcopy(reducer)
+        names = ("loss", "embedding_reg_loss")
+        return MultipleReducers(
+            {k: AvgNonZeroReducer() if reducer is None else copy.deepcopy(reducer) for k in names}
+        )
 
     def forward(
         self,
@@ -477,20 +582,44 @@ class SupConLoss(nn.Module):
         ref_emb: Optional[torch.Tensor] = None,
         ref_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Args: embeddings [n, d], labels [n] integer; optional reference set ref_emb [m, d], ref_labels [m]
-        (anchors against it, no self-exclusion). Returns a 0-dim fp32 loss.
-
-        ``indices_tuple`` (PML's miner output) is not supported: it raises rather than being ignored.
-        """
-        if indices_tuple is not None:
-            raise ValueError(
-                "SupConLoss: `indices_tuple` (miner output) is not supported: fastcontrast computes the loss over "
-                "all pairs without materialising them. Pass labels only."
+        """Args: embeddings [n, d]; labels [n] integer (optional with ``indices_tuple``); ``indices_tuple``
+        a miner's pairs (a1, p, a2, n) or triplets (a, p, n); optional reference set ref_emb [m, d],
+        ref_labels [m] (anchors against it, no self-exclusion). Returns a 0-dim fp32 loss."""
+        if self.reducer is None and self._normalize is not None:
+            return functional.supcon_loss(
+                embeddings, labels, ref_emb, ref_labels, self.temperature, indices_tuple=indices_tuple,
+                normalize=self._normalize, gather_distributed=self.gather_distributed,
+                process_group=self.process_group, backend=self.backend, chunk_bytes=self.chunk_bytes,
             )
-        if labels is None:
-            raise ValueError("SupConLoss: `labels` is required (one integer class label per embedding).")
-        return functional.supcon_loss(
-            embeddings, labels, ref_emb, ref_labels, self.temperature,
-            gather_distributed=self.gather_distributed, process_group=self.process_group,
-            backend=self.backend, chunk_bytes=self.chunk_bytes,
-        )
+        loss_dict = {"loss": self._anchor_losses(embeddings, labels, indices_tuple, ref_emb, ref_labels)}
+        if self.embedding_regularizer is not None:
+            loss_dict["embedding_reg_loss"] = {
+                "losses": self.embedding_regularizer(embeddings) * self.embedding_reg_weight,
+                "indices": None, "reduction_type": "already_reduced",
+            }
+        if self.reducer is None:  # a non-blockwise distance with PML's default reducer
+            info = loss_dict["loss"]
+            if info["reduction_type"] == "already_reduced":
+                return torch.sum(embeddings * 0)
+            nonzero = info["losses"] > 0
+            return info["losses"][nonzero].mean() if bool(nonzero.any()) else torch.sum(embeddings * 0)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def _anchor_losses(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
+        """PML's loss dict entry: per-anchor "element" losses, or its zero loss."""
+        if self._normalize is not None:
+            losses, valid = functional.supcon_anchor_losses(
+                embeddings, labels, ref_emb, ref_labels, self.temperature, indices_tuple=indices_tuple,
+                normalize=self._normalize, backend=self.backend, chunk_bytes=self.chunk_bytes,
+            )
+            valid = bool(valid)  # the reducer branches on it, as PML does
+        else:
+            losses = functional.supcon_anchor_losses_with_distance(
+                self.distance, embeddings, labels, ref_emb, ref_labels, self.temperature,
+                indices_tuple=indices_tuple,
+            )
+            valid = losses is not None
+        if not valid:
+            return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+        return {"losses": losses, "indices": torch.arange(losses.shape[0], device=losses.device),
+                "reduction_type": "element"}

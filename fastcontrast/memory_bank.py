@@ -35,15 +35,16 @@ class MemoryBank(nn.Module):
         if any(isinstance(x, bool) or not isinstance(x, int) for x in size_tuple):
             raise TypeError(f"`memory_bank_size` must be 0 or a tuple (K, D) of ints, got {size!r}.")
         if any(x < 0 for x in size_tuple):
-            raise ValueError(f"Illegal memory bank size {size!r}: all entries must be non-negative.")
+            raise ValueError(f"Illegal memory bank size `memory_bank_size`={size!r}: all entries must be non-negative.")
         if isinstance(size, int) and size > 0:
             raise ValueError(
-                f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
+                f"Memory bank size `memory_bank_size`={size} does not specify the feature dimension. Set it with "
                 f"'memory_bank_size=({size}, dim)', or pass 0 to disable the memory bank (lightly 1.6's rule)."
             )
         if size_tuple != (0,) and len(size_tuple) != 2:
             raise ValueError(
-                f"Illegal memory bank size {size!r}: expected a (num_features, dim) tuple, or 0 to disable the bank."
+                f"Illegal memory bank size `memory_bank_size`={size!r}: expected a (num_features, dim) tuple, or 0 "
+                "to disable the bank."
             )
         self.size = size_tuple
         self.register_buffer("bank", torch.empty(size=self.size, dtype=torch.float), persistent=False)

@@ -15,7 +15,9 @@ Targets: sm_80, sm_90, sm_100 (``GPUTarget("cuda", arch, 32)``) and gfx90a, gfx9
 - NVIDIA: ``cuobjdump --dump-resource-usage`` on the cubin (REG, STACK, SHARED) and ``ptxas-blackwell -v`` on
   the PTX (exact spill stores / loads; triton's plain ptxas may reject the PTX version triton emits);
   for sm_90 the PTX's wgmma shapes and ``cp.async`` count (pipelining).
-- AMD: the amdgcn text's ``vgpr_count``, ``sgpr_count``, ``vgpr_spill_count``, ``sgpr_spill_count``.
+- AMD: the amdgcn text's ``vgpr_count``, ``sgpr_count``, ``vgpr_spill_count`` (spills to memory),
+  ``private_segment_fixed_size`` (scratch: the "stack") and ``sgpr_spill_count`` (reported only: SGPRs spill
+  into VGPR lanes, not memory).
 
 This must run in a process without ``TRITON_INTERPRET=1`` (``@triton.jit`` then returns an
 InterpretedFunction that ``triton.compile`` cannot take): :func:`compile_table` re-runs itself in a clean
@@ -45,8 +47,10 @@ DTYPES = ("fp16", "bf16", "fp32")
 # Feature dims covering every config bucket (forward resident / looped, fused gradient 64 / 128 / 256, panel
 # path) plus dims that are not multiples of 16, which the engine pads: they must add no variant.
 DIMS = (48, 64, 100, 128, 200, 256, 300, 512, 1000)
-# Per-block shared memory a kernel may use (opt-in maximum), bytes; AMD: LDS per workgroup.
-SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "sm_100": 232448, "gfx90a": 65536, "gfx942": 65536}
+# Per-block shared memory a kernel may use (opt-in maximum), bytes; AMD: LDS per workgroup. sm_80 binaries
+# stand for every part that gets the Ampere tiles (configs._family): sm_86 / sm_89 / sm_120 (RTX, A10, L4,
+# L40) allow 99 KiB against the A100's 163 KiB, so the smaller limit is the one checked.
+SHARED_LIMIT = {"sm_80": 101376, "sm_90": 232448, "sm_100": 232448, "gfx90a": 65536, "gfx942": 65536}
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ROWS = 70  # rows of the recording calls: any size gives the same variants (lengths are not specialised)
 
@@ -183,6 +187,12 @@ class Variant:
                 tuple(sorted((k, repr(v)) for k, v in self.attrs.items())),
                 self.options.num_warps, self.options.num_stages)
 
+    def digest(self) -> str:
+        """A short stable name of :meth:`key`: the compile table's row key."""
+        import hashlib
+
+        return hashlib.sha256(repr(self.key()).encode()).hexdigest()[:16]
+
     def flags(self) -> str:
         """The constexpr flags that are set, and the pointer arguments passed as None, in short."""
         names = list(self.signature)
@@ -199,6 +209,10 @@ class Variant:
         return f"{value.get('BLOCK_M')}x{value.get('BLOCK_N')}x{value.get('BLOCK_D')}"
 
 
+# triton's argument binder of each (kernel, target): built once, it is generated code.
+_BINDERS: dict = {}
+
+
 def _specialise(launch, arch: str, backend) -> Variant:
     """The (signature, constexprs, attrs, options) triton's launcher would build for ``launch`` on ``arch``."""
     try:
@@ -213,7 +227,10 @@ def _specialise(launch, arch: str, backend) -> Variant:
     for option in ("instrumentation_mode", "fpsan_homomorphic_casts"):
         if hasattr(knobs.compilation, option):
             kwargs.setdefault(option, getattr(knobs.compilation, option))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    binder_key = (id(kernel), str(backend.target))
+    binder = _BINDERS.get(binder_key)
+    if binder is None:
+        binder = _BINDERS[binder_key] = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     x = launch.kwargs.get("X", launch.kwargs.get("A", launch.kwargs.get("P")))
@@ -296,9 +313,12 @@ def _amd_usage(compiled) -> dict:
         match = re.search(rf"\.{name}:\s+(\d+)", text)
         return int(match.group(1)) if match else -1
 
+    # SGPR spills go to VGPR lanes (v_writelane), not memory; memory spills are VGPR spills, and any use of
+    # scratch shows as a private segment: those are the "spill_stores" and "stack" of the checks.
     return {
-        "registers": field("vgpr_count"), "sgprs": field("sgpr_count"), "stack": 0, "static_shared": 0,
-        "spill_stores": field("vgpr_spill_count") + field("sgpr_spill_count"),
+        "registers": field("vgpr_count"), "sgprs": field("sgpr_count"),
+        "stack": field("private_segment_fixed_size"), "static_shared": 0,
+        "spill_stores": field("vgpr_spill_count"),
         "vgpr_spills": field("vgpr_spill_count"), "sgpr_spills": field("sgpr_spill_count"),
         "spill_loads": 0, "wgmma": [], "cp_async": 0,
     }
@@ -314,6 +334,7 @@ def compile_variant(variant: Variant) -> dict:
     compiled = triton.compile(source, target=target_of(variant.arch), options=variant.options.__dict__)
     usage = _nvidia_usage(compiled, variant.arch) if variant.arch.startswith("sm_") else _amd_usage(compiled)
     return {
+        "key": variant.digest(),
         "kernel": variant.name, "arch": variant.arch, "dtype": variant.dtype, "precision": variant.precision,
         "constexprs": variant.flags(), "block": variant.tile(), "warps": variant.options.num_warps,
         "stages": variant.options.num_stages, "shared": int(compiled.metadata.shared),
@@ -383,6 +404,52 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per (kernel, arch) of the compile table: binaries, the worst registers / shared memory /
+    spills / stack over them, and on sm_90 the wgmma instruction shapes and the fewest ``cp.async``."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["kernel"], row["arch"]), []).append(row)
+    order = {arch: i for i, arch in enumerate(ARCHS)}
+    summary = []
+    for (kernel, arch), members in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        shapes = sorted({s for r in members for s in r["wgmma"]}, key=lambda s: int(s.split("n")[1].split("k")[0]))
+        pipelined = [r["cp_async"] for r in members if r["stages"] >= 2]
+        summary.append({
+            "kernel": kernel, "arch": arch, "binaries": len(members),
+            "max_registers": max(r["registers"] for r in members),
+            "max_shared_kib": round(max(r["shared"] + r["static_shared"] for r in members) / 1024, 1),
+            "spill_stores": sum(r["spill_stores"] for r in members),
+            "stack": max(r["stack"] for r in members),
+            "wgmma": " ".join(shapes) if arch == "sm_90" else "",
+            "min_cp_async": min(pipelined) if pipelined and arch.startswith("sm_") else "",
+        })
+    return summary
+
+
+SUMMARY_COLUMNS = ("kernel", "arch", "binaries", "max_registers", "max_shared_kib", "spill_stores", "stack", "wgmma",
+                   "min_cp_async")
+
+
+def format_summary(rows: list[dict]) -> str:
+    """:func:`summarise` as Markdown (the table in docs/kernels.md)."""
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for row in summarise(rows):
+        lines.append("| " + " | ".join(str(row[c]) if row[c] != "" else "-" for c in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def keys_and_sample(sample: Iterable[str], workers: Optional[int] = None) -> dict:
+    """The row keys of every launchable variant, and the rows of the variants keyed ``sample`` compiled anew:
+    what the compile test checks the committed table against (in a process without TRITON_INTERPRET)."""
+    found = {v.digest(): v for v in variants()}
+    chosen = [found[k] for k in sample if k in found]
+    return {"keys": sorted(found), "rows": compile_variants(chosen, workers)}
+
+
 if __name__ == "__main__":
     arguments = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    print(json.dumps(compile_table(**arguments)))
+    if "sample" in arguments:
+        print(json.dumps(keys_and_sample(arguments["sample"])))
+    else:
+        print(json.dumps(compile_table(**arguments)))

@@ -5,17 +5,21 @@ across runs. Every entry is compiled for sm_80, sm_90, sm_100, gfx90a and gfx942
 (:mod:`fastcontrast.kernels.aot`), which assert zero spills and the shared-memory limit, and read off the
 sm_90 binaries' wgmma shapes and ``cp.async`` use.
 
-Why the tiles are what they are:
+How the tiles were chosen: ``python -m fastcontrast.kernels.tune`` compiles, for each kernel, family and
+precision, candidate (BLOCK_M, BLOCK_N, warps, stages) from the largest down, on the variants with the most
+flags on, and keeps the first with no spill, no stack and shared memory within the limit. Larger tiles
+reuse each loaded tile more (fewer bytes per FLOP); the resource checks keep them on chip. Constraints:
 
-- Hopper (sm_90, and sm_100, which runs the same tiles): 16-bit ``tl.dot`` lowers to wgmma, whose N is the
-  tile's N divided by the warpgroups along N. Row tiles of 128 with 8 warps put the two warpgroups along M,
-  so every instruction spans the whole column tile: m64n128 in the forward and panel kernels, m64n64 /
-  m64n128 / m64n256 in the fused gradient. ``num_stages`` ≥ 2 everywhere (1 emits no ``cp.async``).
-- Ampere (sm_80): mma.sync m16n8k16 has no such constraint; 128×64 tiles with 4 warps keep registers low.
-- AMD (gfx90a, gfx942; 64-wide wavefronts): the Ampere tiles, compiled by triton's HIP backend.
+- Hopper and Blackwell, 16-bit: wgmma (sm_90) wants 64-row tiles per warpgroup and an instruction N ≥ 64,
+  so no 16-bit tile below 64×64 is tried there; ``num_stages`` ≥ 2 wherever it fits (1 emits no ``cp.async``).
+- Ampere (mma.sync) and AMD (gfx90a, gfx942; 64-wide wavefronts, 64 KiB LDS) have no such constraint; on
+  AMD SGPR spills go to VGPR lanes and are allowed, VGPR spills (scratch) are not.
 - fp32 operands take twice the registers and shared memory of 16-bit ones: smaller tiles.
 
-The gradient has two paths (DESIGN §4 "Backward"; the fast-by-design issue). For d ≤ ``FUSED_MAX_D`` the
+The tables are a resource fit, not a timing: no GPU has timed them yet (``python -m fastcontrast gpu-check``
+measures what they give).
+
+The gradient has two paths (DESIGN §4 "Backward"; the fast-by-design issue). For d ≤ :func:`fused_max_d` the
 fused kernel keeps the [BLOCK_M, d] fp32 accumulator and the row tile of X in registers across the column
 loop, as FlashAttention does. Above that the accumulator cannot stay on chip, and read-modify-writing it per
 column block made the kernel memory-bound (8·n·m·d/BLOCK_N bytes); the panel path instead writes dS for a
@@ -95,7 +99,14 @@ def _family(target: Target) -> str:
         return "interpreter"
     if target[0] == "hip":
         return "amd"
-    return "blackwell" if target[1] >= 100 else "hopper" if target[1] >= 90 else "ampere"
+    # Data-centre Hopper (sm_90) and Blackwell (sm_100, sm_103) get their own tiles; everything else with
+    # mma.sync and 99 KiB of shared memory per block (sm_80 – sm_89, consumer Blackwell sm_120 / sm_121, and
+    # parts not known yet) the Ampere ones, which the compile checks hold to that 99 KiB.
+    if target[1] == 90:
+        return "hopper"
+    if 100 <= target[1] < 110:
+        return "blackwell"
+    return "ampere"
 
 
 def gpu_target(target: Target):
@@ -122,9 +133,6 @@ def has_tf32(target: Target) -> bool:
     return "tf32" in getattr(options, "allowed_dot_input_precisions", ())
 
 
-# Where a family has no entry of its own it takes the next one's: Blackwell runs Hopper's tiles.
-_FALLBACK = {"blackwell": "hopper", "amd": "ampere"}
-
 
 def _precision(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
@@ -138,91 +146,114 @@ INTERPRETER_PANEL = PanelConfig(rows=64, cols=96)
 
 _GPU_PANEL = {"half": PanelConfig(4096, 4096), "fp32": PanelConfig(2048, 4096)}
 
-# The largest d the fused gradient keeps on chip, per precision (above: the panel path).
-FUSED_MAX_D = {"half": 256, "fp32": 128}
 
-_FORWARD = {  # lse_forward, siglip_forward: (family, precision) -> config
-    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("hopper", "fp32"): KernelConfig(32, 64, 32, num_warps=4, num_stages=3),
-    ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("ampere", "fp32"): KernelConfig(32, 64, 32, num_warps=4, num_stages=2),
+def _c(block_m: int, block_n: int, block_d: int, warps: int, stages: int) -> KernelConfig:
+    return KernelConfig(block_m, block_n, block_d, num_warps=warps, num_stages=stages)
+
+
+# The tables below are the output of ``python -m fastcontrast.kernels.tune`` (triton 3.9): per kernel, family
+# and precision, the largest candidate tile whose hardest variants compile with no spill, no stack and within
+# shared memory on the family's architectures. Chosen by resources, not timed: no GPU was at hand.
+_FORWARD = {  # lse_forward: (family, precision) -> config; BLOCK_D doubles for 16-bit d in (64, 128]
+    ("ampere", "half"): _c(128, 64, 64, 8, 3),
+    ("ampere", "fp32"): _c(64, 64, 32, 4, 2),
+    ("hopper", "half"): _c(128, 64, 64, 8, 3),
+    ("hopper", "fp32"): _c(32, 32, 32, 4, 1),
+    ("blackwell", "half"): _c(64, 64, 64, 8, 2),
+    ("blackwell", "fp32"): _c(32, 64, 32, 4, 3),
+    ("amd", "half"): _c(128, 64, 64, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
-# SigLIP's softplus keeps more values live than the online max/sum: 8 warps on Ampere.
 _SIGLIP_FORWARD = {
-    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("hopper", "fp32"): KernelConfig(32, 64, 32, num_warps=4, num_stages=3),
-    ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    ("ampere", "half"): _c(128, 128, 64, 8, 3),
+    ("ampere", "fp32"): _c(64, 64, 32, 4, 3),
+    ("hopper", "half"): _c(128, 64, 64, 8, 3),
+    ("hopper", "fp32"): _c(64, 64, 32, 4, 3),
+    ("blackwell", "half"): _c(128, 128, 64, 8, 3),
+    ("blackwell", "fp32"): _c(64, 64, 32, 4, 2),
+    ("amd", "half"): _c(128, 64, 64, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
-# The dS kernel of the panel path keeps no running reductions: the full 128×128 tile fits.
+# The dS kernel of the panel path keeps no running reductions: the largest tiles of all where they fit.
 _DS_PANEL = {
-    ("hopper", "half"): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
-    ("ampere", "half"): KernelConfig(128, 64, 64, num_warps=4, num_stages=3),
-    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
+    ("ampere", "half"): _c(128, 128, 64, 8, 3),
+    ("ampere", "fp32"): _c(32, 64, 32, 4, 3),
+    ("hopper", "half"): _c(128, 64, 64, 8, 3),
+    ("hopper", "fp32"): _c(64, 64, 32, 4, 3),
+    ("blackwell", "half"): _c(128, 64, 64, 8, 3),
+    ("blackwell", "fp32"): _c(64, 64, 32, 4, 3),
+    ("amd", "half"): _c(128, 128, 64, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
 
-# Fused gradient by d bucket (upper bounds), with BLOCK_D the accumulator's width (the whole padded d).
+# Fused gradient by d bucket (upper bounds), with BLOCK_D the accumulator's width (the whole padded d); the
+# widest bucket is the largest d served fused. fp32 without tensor cores (the IEEE default) computes each dot
+# on the CUDA cores from registers: small row tiles.
 _GRADIENT = {
-    ("hopper", "half"): (
-        (64, KernelConfig(128, 64, 64, num_warps=8, num_stages=3)),
-        (128, KernelConfig(128, 64, 128, num_warps=8, num_stages=2)),
-        (256, KernelConfig(64, 64, 256, num_warps=4, num_stages=2)),
+    ("ampere", "half"): ((64, _c(128, 64, 64, 8, 3)), (128, _c(128, 64, 128, 8, 3)), (256, _c(64, 64, 256, 8, 2))),
+    ("ampere", "fp32"): ((64, _c(32, 64, 64, 8, 2)), (128, _c(32, 32, 128, 8, 1))),
+    # d ≤ 128 only: at 256 every tile spills on sm_90 (the tuner found none); d > 128 takes the panel path.
+    ("hopper", "half"): ((64, _c(128, 64, 64, 8, 3)), (128, _c(128, 64, 128, 8, 3))),
+    ("hopper", "fp32"): ((64, _c(32, 64, 64, 8, 2)), (128, _c(32, 32, 128, 4, 2))),
+    ("blackwell", "half"): (
+        (64, _c(64, 64, 64, 4, 2)), (128, _c(64, 64, 128, 4, 3)), (256, _c(128, 64, 256, 8, 2)),
     ),
-    ("ampere", "half"): (
-        (64, KernelConfig(64, 64, 64, num_warps=4, num_stages=3)),
-        (128, KernelConfig(64, 64, 128, num_warps=8, num_stages=2)),
-        (256, KernelConfig(64, 32, 256, num_warps=8, num_stages=2)),
-    ),
-    # fp32 without tensor cores (the IEEE default) computes each dot on the CUDA cores from registers: small
-    # row tiles, and a single stage where a second one would spill.
-    ("hopper", "fp32"): (
-        (64, KernelConfig(32, 64, 64, num_warps=8, num_stages=1)),
-        (128, KernelConfig(32, 64, 128, num_warps=8, num_stages=1)),
-    ),
-    ("ampere", "fp32"): (
-        (64, KernelConfig(32, 64, 64, num_warps=8, num_stages=1)),
-        (128, KernelConfig(32, 64, 128, num_warps=8, num_stages=1)),
-    ),
+    ("blackwell", "fp32"): ((64, _c(32, 32, 64, 4, 2)), (128, _c(32, 32, 128, 4, 2))),
+    ("amd", "half"): ((64, _c(64, 32, 64, 4, 2)), (128, _c(64, 32, 128, 4, 2)), (256, _c(64, 32, 256, 4, 2))),
+    ("amd", "fp32"): ((64, _c(32, 64, 64, 4, 2)), (128, _c(32, 32, 128, 4, 2))),
 }
 
 # The two GEMMs of the panel path: BLOCK_M × BLOCK_N output tiles, BLOCK_D the reduction chunk.
 _PANEL_MATMUL = {
-    ("hopper", "half"): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
-    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
-    ("ampere", "half"): KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
-    ("ampere", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    ("ampere", "half"): _c(128, 128, 32, 8, 3),
+    ("ampere", "fp32"): _c(64, 64, 32, 4, 3),
+    ("hopper", "half"): _c(128, 128, 64, 8, 3),
+    ("hopper", "fp32"): _c(64, 64, 32, 4, 3),
+    ("blackwell", "half"): _c(128, 128, 64, 8, 3),
+    ("blackwell", "fp32"): _c(64, 64, 32, 4, 3),
+    ("amd", "half"): _c(128, 128, 32, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
 
 # Distillation kernels hold two S tiles (student and teacher), and in the forward the column partials of
-# both: 8 warps halve each tile's share per thread. The fused gradient keeps its accumulator on chip for
-# d ≤ 64; above, the panel path.
+# both. The fused gradient keeps its accumulator on chip for d ≤ 64; above, the panel path. On Hopper the
+# forward runs 128×64 tiles with one stage: m64n64 wgmma without spills (two stages spill; 64-row tiles with
+# 8 warps would split N into m64n32).
 _DISTILL_FORWARD = {
-    ("hopper", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
-    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=1),
-    ("ampere", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
-    ("ampere", "fp32"): KernelConfig(32, 64, 32, num_warps=8, num_stages=1),
+    ("ampere", "half"): _c(128, 64, 64, 8, 3),
+    ("ampere", "fp32"): _c(32, 64, 32, 4, 3),
+    ("hopper", "half"): _c(128, 64, 64, 8, 1),
+    ("hopper", "fp32"): _c(32, 64, 32, 4, 3),
+    ("blackwell", "half"): _c(64, 64, 64, 8, 2),
+    ("blackwell", "fp32"): _c(32, 64, 32, 4, 3),
+    ("amd", "half"): _c(128, 128, 64, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
 _DISTILL_GRADIENT = {
-    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=2),
-    ("hopper", "fp32"): KernelConfig(32, 64, 64, num_warps=8, num_stages=1),
-    ("ampere", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
-    ("ampere", "fp32"): KernelConfig(32, 64, 64, num_warps=8, num_stages=1),
+    ("ampere", "half"): _c(64, 64, 64, 8, 2),
+    ("ampere", "fp32"): _c(32, 64, 64, 8, 1),
+    ("hopper", "half"): _c(128, 64, 64, 8, 3),
+    ("hopper", "fp32"): _c(32, 64, 64, 8, 1),
+    ("blackwell", "half"): _c(128, 64, 64, 8, 3),
+    ("blackwell", "fp32"): _c(32, 32, 64, 4, 2),
+    ("amd", "half"): _c(128, 64, 64, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 64, 4, 3),
 }
 _DISTILL_PANEL = {
-    ("hopper", "half"): KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ("hopper", "fp32"): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
-    ("ampere", "half"): KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
-    ("ampere", "fp32"): KernelConfig(32, 64, 32, num_warps=8, num_stages=1),
+    ("ampere", "half"): _c(128, 64, 64, 8, 3),
+    ("ampere", "fp32"): _c(64, 64, 32, 4, 3),
+    ("hopper", "half"): _c(128, 64, 64, 8, 3),
+    ("hopper", "fp32"): _c(32, 64, 32, 4, 3),
+    ("blackwell", "half"): _c(128, 64, 64, 8, 3),
+    ("blackwell", "fp32"): _c(32, 64, 32, 4, 3),
+    ("amd", "half"): _c(128, 64, 64, 8, 3),
+    ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
 DISTILL_FUSED_MAX_D = 64
 
 
 def _lookup(table: dict, target: Target, dtype: torch.dtype):
-    family = _family(target)
-    while (family, _precision(dtype)) not in table:
-        family = _FALLBACK[family]
-    return table[(family, _precision(dtype))]
+    return table[(_family(target), _precision(dtype))]
 
 
 def forward_config(target: Target, dtype: torch.dtype, d: int, kernel: str = "lse") -> KernelConfig:
@@ -238,6 +269,14 @@ def forward_config(target: Target, dtype: torch.dtype, d: int, kernel: str = "ls
     return config
 
 
+def fused_max_d(target: Target, dtype: torch.dtype) -> int:
+    """The largest d the fused gradient keeps on chip for ``target`` and ``dtype``: its widest d bucket in
+    the config table (above: the panel path)."""
+    if target == "interpreter":
+        return INTERPRETER_CONFIG.block_d
+    return _lookup(_GRADIENT, target, dtype)[-1][0]
+
+
 def fused_gradient(target: Target, d: int, dtype: torch.dtype) -> bool:
     """Whether the fused gradient (accumulator on chip) serves feature dim ``d``; else the panel path.
 
@@ -245,9 +284,7 @@ def fused_gradient(target: Target, d: int, dtype: torch.dtype) -> bool:
     the order the forward did, as it does on a GPU at every d (numpy's matmul would not), so the tests' bitwise
     forward/backward consistency holds; larger d exercise the panel path there.
     """
-    if target == "interpreter":
-        return d <= INTERPRETER_CONFIG.block_d
-    return d <= FUSED_MAX_D[_precision(dtype)]
+    return d <= fused_max_d(target, dtype)
 
 
 def gradient_config(target: Target, d: int, dtype: torch.dtype) -> KernelConfig:
@@ -257,7 +294,7 @@ def gradient_config(target: Target, d: int, dtype: torch.dtype) -> KernelConfig:
     for bound, config in _lookup(_GRADIENT, target, dtype):
         if d <= bound:
             return config
-    raise ValueError(f"the fused gradient takes d ≤ {FUSED_MAX_D[_precision(dtype)]}, got d = {d}")
+    raise ValueError(f"the fused gradient takes d ≤ {fused_max_d(target, dtype)}, got d = {d}")
 
 
 def panel_configs(target: Target, dtype: torch.dtype) -> tuple[PanelConfig, KernelConfig, KernelConfig]:

@@ -14,7 +14,7 @@ wrong where the interpreter cannot see it:
   are not specialised on (``do_not_specialize``), so a new batch size does not recompile;
 - fp16 gradients: dS is scaled by a power of two before its cast to fp16 (tiles.as_dot_operand).
 
-The gradient takes the fused kernels for d up to ``configs.FUSED_MAX_D`` and the panel path above
+The gradient takes the fused kernels for d up to ``configs.fused_max_d`` and the panel path above
 (kernels/panel.py; configs.py says why).
 """
 
@@ -148,6 +148,17 @@ def gradient_scale(dtype: torch.dtype, *bounds: Optional[torch.Tensor]) -> Optio
     return torch.ldexp(torch.ones(1, device=total.device), -exponent)
 
 
+def _merge_lse_in_place(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-sum-exp over dim 0 of per-block partial LSEs [k, m], and Σ exp(partial − max) [m], computed in
+    ``partial``'s own storage (it is left holding exp(partial − max)): the merge adds no temporary of the
+    scratch's size (torch.logsumexp would make one). Deterministic: a fixed reduction order."""
+    top = partial.amax(dim=0)
+    # A column that is −inf in every block (nothing left by the masks) stays −inf, without −inf − (−inf).
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = partial.sub_(top).exp_().sum(dim=0)
+    return total.log().add_(top), total
+
+
 def _merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> torch.Tensor:
     """The argmax over partials [k, n] (each with its max): the first partial holding the largest max wins,
     which is the lowest index on ties, since the partials cover increasing index ranges."""
@@ -218,7 +229,7 @@ class TritonEngine:
                     col_argmax=col_argmax, config=config, **masks,
                 )
                 if single_pass:
-                    lse_col = torch.logsumexp(col_partial, dim=0)
+                    lse_col, _ = _merge_lse_in_place(col_partial)
                     if need_argmax:
                         argmax_col = _merge_argmax(col_max, col_argmax)
                 if not need_row:  # the pass ran for the positives alone
@@ -306,9 +317,10 @@ class TritonEngine:
                 if single_pass:
                     # Merge the row blocks' partials in a fixed order: LSEs by logsumexp, the cross term
                     # weighted by each block's share of the teacher's column softmax.
-                    stats.lse_col = torch.logsumexp(partial[0], dim=0)
-                    stats.teacher_lse_col = torch.logsumexp(partial[1], dim=0)
-                    stats.cross_col = ((partial[1] - stats.teacher_lse_col).exp_() * partial[2]).sum(dim=0)
+                    stats.lse_col, _ = _merge_lse_in_place(partial[0])
+                    stats.teacher_lse_col, teacher_sum = _merge_lse_in_place(partial[1])
+                    # partial[1] now holds exp(lse_t,b − max): the blocks' shares, up to the common 1/sum.
+                    stats.cross_col = partial[1].mul_(partial[2]).sum(dim=0).div_(teacher_sum)
             if need_col and not single_pass:
                 stats.lse_col, stats.teacher_lse_col, stats.cross_col = _launch_distill_forward(
                     x=b, y=a, x_t=b_t, y_t=a_t, scale=scale, scale_t=scale_t, col_partial=None, config=config
@@ -483,9 +495,18 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
     return grad_a, grad_b, grad_bias
 
 
+# Elements after the dS panel's last row: panel_matmul_kernel reads dSᵀ without a row mask, up to one
+# row tile past the panel's columns (at most the largest BLOCK_M).
+PANEL_SLACK = 256
+
+
 def _panel_scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """The [rows, cols] dS panel in the input dtype, its row stride padded to 16 elements (aligned binaries)."""
-    return torch.empty((rows, triton.cdiv(cols, ALIGNMENT) * ALIGNMENT), dtype=like.dtype, device=like.device)
+    """The [rows, cols] dS panel in the input dtype, its row stride padded to 16 elements (aligned binaries),
+    viewed in a buffer with :data:`PANEL_SLACK` elements more (zeroed: what is read there stays finite)."""
+    stride = triton.cdiv(cols, ALIGNMENT) * ALIGNMENT
+    buffer = torch.empty(rows * stride + PANEL_SLACK, dtype=like.dtype, device=like.device)
+    buffer[rows * stride:].zero_()
+    return buffer[: rows * stride].view(rows, stride)
 
 
 def _multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):
@@ -493,13 +514,13 @@ def _multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a,
     columns c0:c1 (the first panel of each output row range writes, the later ones add)."""
     if out_a is not None:
         _launch_panel_matmul(out=out_a[r0:r1], p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
-                             y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config)
+                             y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config, transposed=False)
     if out_b is not None:
         _launch_panel_matmul(out=out_b[c0:c1], p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
-                             y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config)
+                             y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config, transposed=True)
 
 
-def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, config):
+def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, config, transposed):
     """out (+)= P[:rows, :depth] @ y (fp32), with the reduction split across programs when the output tiles
     alone would leave the GPU idle (few rows: a local loss); the splits are summed in a fixed order."""
     rows, cols = out.shape
@@ -511,7 +532,8 @@ def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, c
     panel_matmul_kernel[(tiles, splits)](
         P=p, Y=y, OUT=target, DS_SCALE=ds_scale, rows=rows, cols=cols, depth=depth, k_per_split=k_per_split,
         stride_p_row=p_strides[0], stride_p_k=p_strides[1], stride_y=y.stride(0), stride_out=out.stride(0),
-        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, **_flags(config, y),
+        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, P_TRANSPOSED=transposed,
+        **_flags(config, y),
     )
     if splits > 1:
         if accumulate:

@@ -1,4 +1,4 @@
-"""Fused gradient kernel for d ≤ FUSED_MAX_D: OUT = dS·Y for the rows of X, S = s·X·Yᵀ recomputed tile by tile.
+"""Fused gradient kernel for d ≤ configs.fused_max_d: OUT = dS·Y for the rows of X, S = s·X·Yᵀ recomputed tile by tile.
 
 The same kernel gives both halves of the backward pass with no atomics (FlashAttention's two loops):
 dA = dS·B runs it with (X, Y) = (A, B); dB = dSᵀ·A runs it with (X, Y) = (B, A) and the row/column roles

@@ -101,7 +101,16 @@ def ds_panel_kernel(
     tl.store(p_ds, b_ds.to(DS.dtype.element_ty), mask=m_x[:, None] & m_y[None, :])
 
 
-@triton.jit(do_not_specialize=["rows", "cols", "depth", "k_per_split"])
+@triton.jit
+def _panel_dot(b_p, b_y, b_acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if DOT_FP32:
+        b_p = b_p.to(tl.float32)  # interpreter only, see tiles.similarity_tile
+        b_y = b_y.to(tl.float32)
+    # [BM, BK] @ [BK, BN] -> [BM, BN]
+    return tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["rows", "depth", "k_per_split"])
 def panel_matmul_kernel(
     P,
     Y,
@@ -117,6 +126,7 @@ def panel_matmul_kernel(
     stride_out,
     ACCUMULATE: tl.constexpr,
     SCALE_DS: tl.constexpr,
+    P_TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -125,9 +135,15 @@ def panel_matmul_kernel(
 ):
     """One program: the [BLOCK_M, BLOCK_N] tile (i_t) of OUT[i_s] (+)= P[:, k-range of split i_s] @ Y[k-range].
 
-    P is the dS panel, read as [rows, depth] through its strides (dS itself for dA, dSᵀ for dB); Y is [depth,
-    cols] row-major (B's or A's rows, cols = padded d); OUT is fp32 [splits, rows, cols]. ACCUMULATE adds to
-    what OUT holds (the earlier panels); SCALE_DS divides by the fp16 scale of dS. BLOCK_D is the K chunk.
+    P is the dS panel, read as [rows, depth] through its strides (dS itself for dA; dSᵀ for dB, then
+    P_TRANSPOSED: contiguous along rows); Y is [depth, cols] row-major (B's or A's rows, cols = padded d, a
+    multiple of 16); OUT is fp32 [splits, rows, cols]. ACCUMULATE adds to what OUT holds (the earlier
+    panels); SCALE_DS divides by the fp16 scale of dS. BLOCK_D is the K chunk; k_per_split is a multiple of it.
+
+    The loads are vectorised, so that they become pipelined ``cp.async`` copies: a mask must then be constant
+    along each load's contiguous dimension. So the whole K blocks run without a K mask and only the last,
+    partial one is masked; and dSᵀ is read without a row mask (the launcher gives the panel buffer a tail
+    of slack, so reads past the last row stay in bounds; those rows only feed output rows that are masked).
     """
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -138,21 +154,26 @@ def panel_matmul_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < rows
     m_n = o_n < cols
-    k_start = i_s * k_per_split
+    k_start = tl.multiple_of(i_s * k_per_split, BLOCK_D)
     k_stop = tl.minimum(depth, k_start + k_per_split)
+    k_full = k_start + (k_stop - k_start) // BLOCK_D * BLOCK_D
+    # Rows of P: masked unless P is dSᵀ, whose rows are its contiguous dimension.
+    m_p = m_m | P_TRANSPOSED
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start_k in range(k_start, k_stop, BLOCK_D):
+    for start_k in range(k_start, k_full, BLOCK_D):
         o_k = start_k + tl.arange(0, BLOCK_D)
+        b_p = tl.load(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
+                      mask=m_p[:, None], other=0.0)
+        b_y = tl.load(Y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :], mask=m_n[None, :], other=0.0)
+        b_acc = _panel_dot(b_p, b_y, b_acc, DOT_FP32, INPUT_PRECISION)
+    if k_full < k_stop:
+        o_k = k_full + tl.arange(0, BLOCK_D)
         m_k = o_k < k_stop
         b_p = tl.load(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)
+                      mask=m_p[:, None] & m_k[None, :], other=0.0)
         b_y = tl.load(Y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :], mask=m_k[:, None] & m_n[None, :],
                       other=0.0)
-        if DOT_FP32:
-            b_p = b_p.to(tl.float32)  # interpreter only, see tiles.similarity_tile
-            b_y = b_y.to(tl.float32)
-        # [BM, BK] @ [BK, BN] -> [BM, BN]
-        b_acc = tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
+        b_acc = _panel_dot(b_p, b_y, b_acc, DOT_FP32, INPUT_PRECISION)
     if SCALE_DS:
         b_acc = b_acc / tl.load(DS_SCALE)
     p_out = OUT + i_s.to(tl.int64) * rows * stride_out + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]

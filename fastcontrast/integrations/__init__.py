@@ -64,7 +64,7 @@ def patch_open_clip(*, backend: str = "auto", chunk_bytes: Optional[int] = None)
 
 
 def patch_lightly(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
-    """Make lightly (1.6) use fastcontrast's ``NTXentLoss``, and ``DCLLoss`` / ``DCLWLoss`` once fastcontrast has them.
+    """Make lightly (1.6) use fastcontrast's ``NTXentLoss``, ``DCLLoss`` and ``DCLWLoss``.
 
     Rebinds ``lightly.loss.NTXentLoss`` and its defining module ``lightly.loss.ntx_ent_loss`` (likewise
     ``lightly.loss.dcl_loss`` for the DCL losses), plus any other imported ``lightly`` module holding them.
@@ -88,8 +88,6 @@ def patch_lightly(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -
     names = [
         (defining, name, with_options(getattr(fastcontrast, name), backend, chunk_bytes))
         for name, defining in LIGHTLY_LOSSES.items()
-        # DCLLoss / DCLWLoss: only once fastcontrast provides them.
-        if getattr(fastcontrast, name, None) is not None
     ]
     return patch_names("lightly", names, ("lightly.loss",), ("lightly",))
 
@@ -101,9 +99,9 @@ def patch_pytorch_metric_learning(*, backend: str = "auto", chunk_bytes: Optiona
     ``pytorch_metric_learning.losses.supcon_loss``, plus any other imported PML module holding it.
 
     Inputs are PML's: ``forward(embeddings [n, d], labels [n], indices_tuple=None, ref_emb=None,
-    ref_labels=None)``. Only ``temperature=`` is accepted at construction (PML's ``distance=``, ``reducer=``,
-    regularisers raise TypeError), and a miner's ``indices_tuple`` raises ValueError: fastcontrast scores
-    all pairs without materialising them.
+    ref_labels=None)``, a miner's ``indices_tuple`` included (``CrossBatchMemory`` passes one), and so are
+    PML's constructor keywords (``distance=``, ``reducer=``, ``embedding_regularizer=``; see
+    :class:`fastcontrast.SupConLoss` for which run blockwise).
 
     Args:
         backend, chunk_bytes: defaults for the losses constructed while patched (see :func:`patch_open_clip`).

@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _helpers import DISTRIBUTED, assert_close
+from _helpers import DCL_REFERENCE_WEIGHTS, DCL_VARIANTS, DISTRIBUTED, assert_close, dcl_variant_loss
 
 import fastcontrast
 from fastcontrast import reference
 from fastcontrast.functional import normalize_rows
-from fastcontrast.losses import ClipLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss
+from fastcontrast.losses import ClipLoss, DCLLoss, DCLWLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss
 from fastcontrast.memory_bank import MemoryBank
 
 WORLD_SIZES = (2, 3)
@@ -195,6 +195,34 @@ def _lightly_nt_xent_copy(out0, out1, temperature, *, rank, world_size):
     return F.cross_entropy(logits, labels)
 
 
+def _lightly_dcl_copy(out0, out1, temperature, weight_fn, *, rank, world_size):
+    """lightly 1.6 ``DCLLoss(gather_distributed=True)`` (``DCLWLoss``: its weight_fn), line for line."""
+    out0 = F.normalize(out0, dim=1)
+    out1 = F.normalize(out1, dim=1)
+    out0_all = torch.cat(_AllGatherSummedGrad.apply(out0), 0)
+    out1_all = torch.cat(_AllGatherSummedGrad.apply(out1), 0)
+
+    def _loss(out0, out1, out0_all, out1_all):
+        batch_size = out0.shape[0]
+        rows = torch.arange(batch_size, dtype=torch.long)  # lightly's dist.eye_rank
+        diag_mask = torch.zeros((batch_size, batch_size * world_size), dtype=torch.bool)
+        diag_mask[(rows, rows + rank * batch_size)] = True
+        sim_00 = torch.einsum("nc,mc->nm", out0, out0_all) / temperature
+        sim_01 = torch.einsum("nc,mc->nm", out0, out1_all) / temperature
+        positive_loss = -sim_01[diag_mask]
+        if weight_fn:
+            positive_loss = positive_loss * weight_fn(out0, out1)
+        sim_00 = sim_00[~diag_mask].view(batch_size, -1)
+        sim_01 = sim_01[~diag_mask].view(batch_size, -1)
+        all_negs = torch.cat([sim_00, sim_01], dim=1)
+        negative_loss = torch.logsumexp(all_negs, dim=1)
+        return (positive_loss + negative_loss).mean()
+
+    loss0 = _loss(out0, out1, out0_all, out1_all)
+    loss1 = _loss(out1, out0, out1_all, out0_all)
+    return 0.5 * (loss0 + loss1)
+
+
 # ---- what each rank runs ---------------------------------------------------------------------------------
 
 
@@ -313,6 +341,24 @@ def _run_nt_xent(
     return {"loss": loss.detach(), "out0": out0.grad, "out1": out1.grad}
 
 
+def _run_dcl(
+    rank, world_size, *, variant, sizes, backend, impl="fastcontrast", process_group=None, group_rank=None
+):
+    """One DCL variant (DCLLoss, DCLWLoss, dcl_loss with a differentiable weight_fn) with gather_distributed."""
+    batch = _global_batch(sizes, _backend_dtype(backend))
+    start, stop = _offsets(sizes)[rank if group_rank is None else group_rank]
+    out0, out1 = _leaf(batch["out0"][start:stop]), _leaf(batch["out1"][start:stop])
+    if impl == "lightly_copy":
+        weight_fn = DCL_REFERENCE_WEIGHTS[variant]
+        loss = _lightly_dcl_copy(out0, out1, TEMPERATURE, weight_fn, rank=rank, world_size=world_size)
+    else:
+        loss = dcl_variant_loss(
+            variant, out0, out1, TEMPERATURE, gather_distributed=True, backend=backend, process_group=process_group
+        )
+    loss.backward()
+    return {"loss": loss.detach(), "out0": out0.grad, "out1": out1.grad}
+
+
 def _supcon_labels(sizes):
     g = torch.Generator().manual_seed(SEED + 11)
     return torch.randint(0, 3, (sum(sizes),), generator=g)
@@ -367,6 +413,11 @@ def _run_errors(rank, world_size):
     out["dim_mismatch_nt_xent"] = _expect_error(
         lambda: NTXentLoss(gather_distributed=True)(image[:, :narrow], text[:, :narrow])
     )
+    out["dim_mismatch_dcl"] = _expect_error(
+        lambda: DCLWLoss(gather_distributed=True)(image[:, :narrow], text[:, :narrow])
+    )
+    short_out1 = text[:-1] if rank == 1 else text
+    out["bad_input_on_rank_1_dcl"] = _expect_error(lambda: DCLLoss(gather_distributed=True)(image, short_out1))
     dtype = torch.float32 if rank == 1 else torch.float64
     out["dtype_mismatch_siglip"] = _expect_error(
         lambda: SigLipLoss(rank=rank, world_size=world_size)(image.to(dtype), text.to(dtype), 5.0, -1.0)
@@ -397,6 +448,8 @@ def _run_warnings(rank, world_size):
             _run_clip(rank, world_size, mode=mode, sizes=sizes, backend="torch")
         _run_siglip(rank, world_size, dist_impl=None, sizes=sizes, backend="torch")
         _run_nt_xent(rank, world_size, sizes=sizes, backend="torch")
+        for variant in DCL_VARIANTS:
+            _run_dcl(rank, world_size, variant=variant, sizes=sizes, backend="torch")
         _run_memory_bank(rank, world_size, sizes=sizes)
         _run_distill(rank, world_size, mode="local-grad", sizes=sizes, backend="torch")
         _run_supcon(rank, world_size, sizes=sizes, backend="torch")
@@ -437,6 +490,15 @@ def _run_subgroup(rank, world_size):
         "nt_xent": _run_nt_xent(
             rank,
             world_size,
+            sizes=SUBGROUP_SIZES,
+            backend="torch",
+            process_group=group,
+            group_rank=group_rank,
+        ),
+        "dcl_loss-weight_fn": _run_dcl(
+            rank,
+            world_size,
+            variant="dcl_loss-weight_fn",
             sizes=SUBGROUP_SIZES,
             backend="torch",
             process_group=group,
@@ -509,6 +571,10 @@ def _cases(world_size, with_triton):
                     _run_siglip, dist_impl=dist_impl, sizes=sizes, backend=backend
                 )
             cases[f"nt_xent-{batch_name}-{backend}"] = partial(_run_nt_xent, sizes=sizes, backend=backend)
+            for variant in DCL_VARIANTS:
+                cases[f"{variant}-{batch_name}-{backend}"] = partial(
+                    _run_dcl, variant=variant, sizes=sizes, backend=backend
+                )
             cases[f"supcon-{batch_name}-{backend}"] = partial(_run_supcon, sizes=sizes, backend=backend)
             for mode in ("global-grad", "local-grad"):
                 cases[f"clip_accuracy-{mode}-{batch_name}-{backend}"] = partial(
@@ -526,6 +592,10 @@ def _cases(world_size, with_triton):
     cases["nt_xent-equal-lightly_copy"] = partial(
         _run_nt_xent, sizes=equal, backend="torch", impl="lightly_copy"
     )
+    for variant in DCL_VARIANTS:
+        cases[f"{variant}-equal-lightly_copy"] = partial(
+            _run_dcl, variant=variant, sizes=equal, backend="torch", impl="lightly_copy"
+        )
     cases["errors"] = _run_errors
     cases["warnings"] = _run_warnings
     cases["host_exchange"] = _run_host_exchange
@@ -541,6 +611,11 @@ def _cases(world_size, with_triton):
                 _run_siglip, dist_impl=dist_impl, sizes=unequal, backend="triton"
             )
         cases["nt_xent-unequal-triton"] = partial(_run_nt_xent, sizes=unequal, backend="triton")
+        if world_size == 2:  # EXACT_PARAMS checks Triton on two ranks only
+            for variant in DCL_VARIANTS:
+                cases[f"{variant}-unequal-triton"] = partial(
+                    _run_dcl, variant=variant, sizes=unequal, backend="triton"
+                )
         cases["supcon-unequal-triton"] = partial(_run_supcon, sizes=unequal, backend="triton")
         for mode in ("global-grad", "local-grad"):
             cases[f"clip_accuracy-{mode}-unequal-triton"] = partial(
@@ -722,6 +797,34 @@ def _per_rank_siglip(batch, sizes):
         )
         for r, (start, stop) in enumerate(_offsets(sizes))
     ]
+
+
+def _dcl_as_ranks_compute_it(variant, batch, sizes):
+    """lightly's DCL on each rank (the gathered reference, weighted by W·n_k/N when the sizes differ) as a
+    function of the whole batch, in one process: the per-rank losses, and the mean loss and its gradient
+    with respect to the whole batch, which is what DDP averages (gather-with-grad sums each rank's
+    contributions to every rank's rows). DCLW's weights are a softmax over each rank's own batch, as in
+    lightly, so DCLW is not the global batch's loss; DCL with per-sample weights is."""
+    leaves = {k: _leaf(batch[k].double()) for k in ("out0", "out1")}
+    z0, z1 = F.normalize(leaves["out0"], dim=1), F.normalize(leaves["out1"], dim=1)
+    per_rank = [
+        _rank_weight(sizes, r)
+        * reference.dcl_loss_gathered_reference(
+            z0[start:stop], z1[start:stop], z0, z1, TEMPERATURE, DCL_REFERENCE_WEIGHTS[variant], offset=start
+        )
+        for r, (start, stop) in enumerate(_offsets(sizes))
+    ]
+    loss = torch.stack(per_rank).mean()
+    loss.backward()
+    return {"per_rank": [x.detach() for x in per_rank], "loss": loss.detach(),
+            **{k: v.grad for k, v in leaves.items()}}
+
+
+def _global_dcl(variant, batch):
+    leaves = {k: _leaf(batch[k].double()) for k in ("out0", "out1")}
+    loss = reference.dcl_loss_reference(leaves["out0"], leaves["out1"], TEMPERATURE, DCL_REFERENCE_WEIGHTS[variant])
+    loss.backward()
+    return {"loss": loss.detach(), **{k: v.grad for k, v in leaves.items()}}
 
 
 def _per_rank_nt_xent(batch, sizes):
@@ -1041,12 +1144,37 @@ def test_supcon_gather_distributed_matches_global_batch_after_ddp_average(
     _check(label, "DDP-averaged embeddings", averaged["embeddings"], embeddings.grad, dtype)
 
 
+@pytest.mark.parametrize("world_size,batch_name,backend", EXACT_PARAMS)
+@pytest.mark.parametrize("variant", DCL_VARIANTS)
+def test_dcl_gather_distributed_matches_gathered_reference_and_ddp_average(
+    group_results, world_size, batch_name, backend, variant
+):
+    sizes = _sizes(world_size, batch_name)
+    dtype = _backend_dtype(backend)
+    batch = _global_batch(sizes, dtype)
+    label = f"{variant}-ws{world_size}-{batch_name}-{backend}"
+    per_rank = _case(group_results(world_size), f"{variant}-{batch_name}-{backend}")
+    expected = _dcl_as_ranks_compute_it(variant, batch, sizes)
+    for rank, loss in enumerate(expected["per_rank"]):
+        _check(label, f"loss on rank {rank}", per_rank[rank]["loss"], loss, dtype)
+    averaged = _ddp_average(per_rank, ("out0", "out1"), ())
+    for name in ("loss", "out0", "out1"):
+        _check(label, f"DDP-averaged {name}", averaged[name], expected[name], dtype)
+    if variant != "DCLWLoss":
+        global_batch = _global_dcl(variant, batch)
+        for name in ("loss", "out0", "out1"):
+            _check(label, f"DDP-averaged {name} vs the global batch", averaged[name], global_batch[name], dtype)
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_nt_xent_gather_distributed_matches_lightly_copy_run_in_same_group(group_results, world_size):
+@pytest.mark.parametrize("loss_name", ("nt_xent",) + DCL_VARIANTS)
+def test_nt_xent_and_dcl_gather_distributed_match_lightly_copy_run_in_same_group(
+    group_results, world_size, loss_name
+):
     results = group_results(world_size)
-    ours = _case(results, "nt_xent-equal-torch")
-    theirs = _case(results, "nt_xent-equal-lightly_copy")
-    label = f"nt_xent-ws{world_size}-vs-lightly-copy"
+    ours = _case(results, f"{loss_name}-equal-torch")
+    theirs = _case(results, f"{loss_name}-equal-lightly_copy")
+    label = f"{loss_name}-ws{world_size}-vs-lightly-copy"
     for rank in range(world_size):
         for name in ("loss", "out0", "out1"):
             _check(label, f"{name} on rank {rank}", ours[rank][name], theirs[rank][name], torch.float64)
@@ -1064,7 +1192,7 @@ def test_memory_bank_gather_distributed_enqueues_the_keys_of_every_rank(
     expected_losses = [[] for _ in range(world_size)]
     for step in range(2):
         batch = _global_batch(sizes, torch.float64, seed=SEED + step)
-        before = bank.read(batch["out1"])
+        before = bank.read()
         for rank, (start, stop) in enumerate(_offsets(sizes)):
             expected_losses[rank].append(
                 reference.nt_xent_memory_bank_loss_reference(
@@ -1096,6 +1224,13 @@ def test_mismatches_across_ranks_raise_a_clear_error_on_every_rank(group_results
         assert "rank 1: 6" in dim["message"], dim
         dim = errors["dim_mismatch_nt_xent"]
         assert dim["error"] == "ValueError" and "same feature dim on every rank" in dim["message"], dim
+        dim = errors["dim_mismatch_dcl"]
+        assert dim["error"] == "ValueError" and "same feature dim on every rank" in dim["message"], dim
+        bad = errors["bad_input_on_rank_1_dcl"]
+        if rank == 1:
+            assert bad["error"] == "ValueError" and "same batch size" in bad["message"], bad
+        else:
+            assert bad["error"] == "RuntimeError" and "failed on rank(s) [1]" in bad["message"], bad
         dtype = errors["dtype_mismatch_siglip"]
         assert dtype["error"] == "TypeError" and "same dtype on every rank" in dtype["message"], dtype
         bad = errors["bad_input_on_rank_1"]
@@ -1132,6 +1267,7 @@ def test_process_group_gives_rank_and_world_size_and_rejects_contradictions(grou
         ("clip", _global_clip, ("image", "text"), ("scale", "bias")),
         ("siglip", _global_siglip, ("image", "text"), ("scale", "bias")),
         ("nt_xent", _global_nt_xent, ("out0", "out1"), ()),
+        ("dcl_loss-weight_fn", partial(_global_dcl, "dcl_loss-weight_fn"), ("out0", "out1"), ()),
     )
     for loss_name, global_fn, features, scalars in checks:
         averaged = _ddp_average([m[loss_name] for m in members], features, scalars)
@@ -1156,18 +1292,25 @@ def test_world_size_above_one_without_process_group_is_a_clear_error():
         ClipLoss(process_group=object())
 
 
-def test_gather_distributed_without_process_group_is_a_single_process():
+@pytest.mark.parametrize("module", [NTXentLoss, DCLLoss, DCLWLoss], ids=lambda m: m.__name__)
+def test_gather_distributed_without_process_group_is_a_single_process(module):
     out0, out1 = torch.randn(5, DIM, dtype=torch.float64), torch.randn(5, DIM, dtype=torch.float64)
-    gathered = NTXentLoss(TEMPERATURE, gather_distributed=True)(out0, out1)
-    single = NTXentLoss(TEMPERATURE)(out0, out1)
+    gathered = module(TEMPERATURE, gather_distributed=True)(out0, out1)
+    single = module(TEMPERATURE)(out0, out1)
     assert_close("loss", gathered, single, atol=0.0)
 
 
-def test_process_group_without_gather_distributed_is_an_error():
+@pytest.mark.parametrize(
+    "module, functional",
+    [(NTXentLoss, fastcontrast.nt_xent_loss), (DCLLoss, fastcontrast.dcl_loss), (DCLWLoss, None)],
+    ids=["NTXentLoss", "DCLLoss", "DCLWLoss"],
+)
+def test_process_group_without_gather_distributed_is_an_error(module, functional):
     with pytest.raises(ValueError, match="only used with gather_distributed=True"):
-        NTXentLoss(process_group=object())
-    with pytest.raises(ValueError, match="only used with gather_distributed=True"):
-        fastcontrast.nt_xent_loss(torch.randn(3, 4), torch.randn(3, 4), process_group=object())
+        module(process_group=object())
+    if functional is not None:
+        with pytest.raises(ValueError, match="only used with gather_distributed=True"):
+            functional(torch.randn(3, 4), torch.randn(3, 4), process_group=object())
 
 
 def test_invalid_rank_and_world_size_are_errors():

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close
+from _helpers import assert_close, squared_distance_weights
 
 import fastcontrast as fc
 from fastcontrast import reference
@@ -45,8 +45,14 @@ def _restore_tf32_settings():
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
 @pytest.mark.parametrize("setting", ["matmul", "global", "set_float32_matmul_precision"])
-def test_tf32_is_read_through_the_api_the_user_set_without_raising(setting):
-    from fastcontrast.kernels.engine import dot_settings
+def test_tf32_is_read_through_the_api_the_user_set_without_raising(setting, monkeypatch):
+    from fastcontrast.kernels import engine
+
+    # As on a GPU: the interpreter multiplies in fp32 whatever it is told, so these tests run without it.
+    monkeypatch.setattr(engine, "triton_interpreter_enabled", lambda: False)
+
+    def dot_settings(dtype, target=("cuda", 90)):
+        return engine.dot_settings(dtype, target)
 
     with _restore_tf32_settings():
         if setting == "matmul":
@@ -60,12 +66,16 @@ def test_tf32_is_read_through_the_api_the_user_set_without_raising(setting):
             with pytest.raises(RuntimeError):
                 torch.backends.cuda.matmul.allow_tf32  # noqa: B018
         assert tf32_matmul_enabled()
-        assert dot_settings(torch.float32, interpreter=False) == (False, "tf32")
+        assert dot_settings(torch.float32) == (False, "tf32")
+        assert dot_settings(torch.float32, ("cuda", 80)) == (False, "tf32")
+        # Of triton's AMD targets only gfx942 takes "tf32" (XF32); gfx90a's backend rejects it at compile time.
+        assert dot_settings(torch.float32, ("hip", "gfx942")) == (False, "tf32")
+        assert dot_settings(torch.float32, ("hip", "gfx90a")) == (False, "ieee")
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         assert not tf32_matmul_enabled()
-        assert dot_settings(torch.float32, interpreter=False) == (False, "ieee")
+        assert dot_settings(torch.float32) == (False, "ieee")
         # Half operands never take the TF32 path.
-        assert dot_settings(torch.bfloat16, interpreter=False) == (False, "ieee")
+        assert dot_settings(torch.bfloat16) == (False, "ieee")
 
 
 @contextlib.contextmanager
@@ -119,6 +129,7 @@ def _every_loss(dtype, d, n=33):
         fc.siglip_loss(a, b, scale, bias, backend="triton"),
         fc.nt_xent_loss(a, b, 0.2, backend="triton"),
         fc.nt_xent_memory_bank_loss(a, b, bank, 0.2, backend="triton"),
+        fc.dcl_loss(a, b, 0.2, squared_distance_weights, backend="triton"),
         sum(fc.distill_clip_loss(a, b, scale, a_t, b_t, 20.0, backend="triton")),
         fc.supcon_loss(a, labels, temperature=0.2, backend="triton"),
     ]
@@ -133,6 +144,9 @@ def test_every_kernel_launch_runs_under_a_guard_for_its_inputs_device():
     kernels = {name for name, _, _ in launches}
     assert {"lse_forward_kernel", "gradient_kernel", "siglip_forward_kernel", "distill_forward_kernel",
             "distill_gradient_kernel"} <= kernels, kernels
+    # DCL's launches (each row's positive masked out) are among them, forward and backward.
+    masked = {name for name, kwargs, _ in launches if kwargs.get("EXCLUDE_POSITIVE")}
+    assert {"lse_forward_kernel", "gradient_kernel"} <= masked, masked
     unguarded = [name for name, _, device in launches if device is None]
     assert not unguarded, f"launched outside a device guard: {sorted(set(unguarded))}"
     wrong = [(name, device, kwargs["X"].device) for name, kwargs, device in launches if device != kwargs["X"].device]

@@ -77,3 +77,42 @@ def test_bytes_are_counted_and_cover_at_least_the_inputs():
     # Each pass reads all of A and B at least once (fp16: 2 bytes per element).
     assert forward.bytes_loaded >= 2 * N * D * 2
     assert backward.bytes_stored >= 2 * N * D * 4, "fp32 dA and dB are written"
+
+
+@pytest.fixture
+def aligned_panels(monkeypatch):
+    """Interpreter panels whose sides are multiples of every tile (the default 64 × 96 is ragged on purpose):
+    FLOPs then count whole passes exactly."""
+    from fastcontrast.kernels import configs
+
+    monkeypatch.setattr(configs, "INTERPRETER_PANEL", configs.PanelConfig(rows=64, cols=128))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_above_the_fused_width_the_panel_backward_costs_three_passes(loss, aligned_panels):
+    # d > the fused gradient's width: dS is written once per panel and multiplied out by two GEMMs
+    # (dS·B and dSᵀ·A), so the backward recomputes S once instead of twice.
+    d = 128
+    a, b = _inputs(d=d)
+    if loss == "clip":
+        forward, backward, passes = _count(lambda x, y: fc.clip_loss(x, y, 10.0, backend="triton"), a, b)
+    else:
+        forward, backward, passes = _count(lambda x, y: fc.siglip_loss(x, y, 10.0, -10.0, backend="triton"), a, b)
+    assert passes(forward.flops, N, N, d) == 1.0
+    assert passes(backward.flops, N, N, d) == 3.0
+
+
+def test_panel_backward_moves_no_n_m_d_sized_read_modify_write(aligned_panels):
+    # The old d > 256 path read-modify-wrote fp32 output rows once per column block: 8·n·m·d/BLOCK_N bytes.
+    # The panel path stores dS once (n·m input-dtype elements) and each output block once per panel.
+    from fastcontrast.kernels.configs import INTERPRETER_CONFIG, INTERPRETER_PANEL
+
+    d = 128
+    a, b = _inputs(d=d)
+    forward, backward, _ = _count(lambda x, y: fc.clip_loss(x, y, 10.0, backend="triton"), a, b)
+    old_path_bytes = 8 * N * N * d // INTERPRETER_CONFIG.block_n
+    ds_bytes = N * N * 2
+    # dA: every row panel's output once per column panel (fp32), dB likewise.
+    outputs = 4 * d * (N * (N // INTERPRETER_PANEL.cols) + N * (N // INTERPRETER_PANEL.rows))
+    assert backward.bytes_stored <= ds_bytes + outputs + 8 * N * d  # + the final casts of dA, dB
+    assert backward.bytes_stored < old_path_bytes

@@ -1,6 +1,6 @@
 """The Triton kernels in triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) against the references.
 
-Every kernel runs through every loss (CLIP, NT-Xent, memory bank, SigLIP) and through the core directly
+Every kernel runs through every loss (CLIP, NT-Xent, DCL, memory bank, SigLIP) and through the core directly
 (rectangular n ≠ m, offsets), in fp32, bf16 and fp16, with ragged sizes. Sizes stay small: the
 interpreter executes tiles as numpy arrays.
 """
@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from _helpers import KERNEL_RELATIVE, assert_close
+from _helpers import KERNEL_RELATIVE, assert_close, dcl_variant_loss, dcl_variant_reference
 
 import fastcontrast as fc
 from fastcontrast import reference
@@ -55,7 +55,10 @@ def _compare(loss_fn, ref_fn, tensors, names, dtype):
     ref_tensors = [_as_fp64_leaf(t) for t in tensors]
     ref_loss = ref_fn(*ref_tensors)
     ref_grads = torch.autograd.grad(ref_loss, ref_tensors)
-    _check("loss", dtype, loss, ref_loss)
+    if torch.isneginf(ref_loss):  # DCL at N = 1: no negatives, −inf in lightly too
+        assert torch.isneginf(loss), f"loss {loss.item()}, expected -inf"
+    else:
+        _check("loss", dtype, loss, ref_loss)
     for name, tensor, grad, ref_grad in zip(names, tensors, grads, ref_grads):
         assert grad.dtype == tensor.dtype, f"d{name} dtype {grad.dtype}, expected {tensor.dtype}"
         _check(f"d{name}", dtype, grad, ref_grad)
@@ -105,6 +108,33 @@ def test_nt_xent_loss_triton_matches_reference(n, d, dtype):
     _compare(
         lambda a, b: fc.nt_xent_loss(a, b, 0.1, backend="triton"),
         lambda a, b: reference.nt_xent_loss_reference(a, b, 0.1),
+        [out0, out1], ["out0", "out1"], dtype,
+    )
+
+
+# DCL: the same kernels with each row's positive masked out of its LSE (EXCLUDE_POSITIVE). A covering
+# design rather than the product: every variant, dtype and shape appears, with N = 1 (−inf, no negatives),
+# ragged N (17, 33 vs block 32), d = 48, d = 1000 (chunked d) and N = 128 (several row blocks).
+DCL_TRITON_CASES = [
+    ("DCLLoss", 1, 64, torch.float32),
+    ("DCLLoss", 17, 48, torch.bfloat16),
+    ("DCLLoss", 33, 1000, torch.float16),
+    ("DCLWLoss", 17, 48, torch.float16),
+    ("DCLWLoss", 128, 64, torch.float32),
+    ("dcl_loss-weight_fn", 17, 48, torch.float32),
+    ("dcl_loss-weight_fn", 33, 1000, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "variant,n,d,dtype", DCL_TRITON_CASES,
+    ids=[f"{v}-N{n}-D{d}-{DTYPE_IDS[DTYPES.index(t)]}" for v, n, d, t in DCL_TRITON_CASES],
+)
+def test_dcl_loss_triton_matches_reference(variant, n, d, dtype):
+    out0, out1 = _features(n, d, dtype, 5), _features(n, d, dtype, 6)
+    _compare(
+        lambda a, b: dcl_variant_loss(variant, a, b, 0.1, backend="triton"),
+        lambda a, b: dcl_variant_reference(variant, a, b, 0.1),
         [out0, out1], ["out0", "out1"], dtype,
     )
 
@@ -244,3 +274,60 @@ def test_float64_features_are_refused_by_the_triton_engine_with_a_pointer_to_tor
     a = torch.randn(4, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='torch'"):
         fc.clip_loss(a, a, 10.0, backend="triton")
+
+
+# ---- the GPU tile configs and the split-K panel GEMM, in the interpreter -------------------------------------
+
+
+@pytest.mark.parametrize("d", [200, 320], ids=["fused-D200", "panel-D320"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hopper_tile_configs_give_the_reference(d, dtype):
+    # The interpreter normally runs small tiles; here the engine takes the configs an H100 would: 128-row
+    # tiles, the fused gradient with its accumulator up to d = 256 (bf16; fp32 up to 128, then the panel path),
+    # 4096-wide panels, column splits sized for 132 SMs.
+    from fastcontrast.kernels.configs import assume_target
+
+    image, text = _features(150, d, dtype, 31), _features(150, d, dtype, 32)
+    scale = torch.tensor(14.3, requires_grad=True)
+    with assume_target(("cuda", 90)):
+        _compare(
+            lambda i, t, s: fc.clip_loss(i, t, s, backend="triton"),
+            reference.clip_loss_reference,
+            [image, text, scale], ["image", "text", "scale"], dtype,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_panel_gemm_split_along_the_reduction_gives_the_reference(dtype, monkeypatch):
+    # Few rows against many columns (a per-rank local loss): the dSᵀ·A GEMM has few output tiles, so its
+    # reduction is split across programs and the slabs summed in a fixed order.
+    from fastcontrast.kernels import configs, engine
+
+    monkeypatch.setattr(engine, "INTERPRETER_TARGET_PROGRAMS", 64)
+    # One panel over all 300 columns: dS·B reduces over 300, in two splits of 256 and a ragged 44.
+    monkeypatch.setattr(configs, "INTERPRETER_PANEL", configs.PanelConfig(rows=64, cols=512))
+    launches = []
+    real = engine.panel_matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(engine, "panel_matmul_kernel", Spy())
+    from fastcontrast._dispatch import resolve_engine
+
+    rows, cols = _features(20, 100, dtype, 33), _features(300, 100, dtype, 34)
+    scale = torch.tensor(9.0, requires_grad=True)
+    positives = torch.arange(20) * 7
+    triton_engine = resolve_engine("triton", rows.device, dtype, None)
+
+    def loss(a, b, s):
+        lse, _, pos = fc.blockwise_lse_and_positives(a, b, s, triton_engine, positives)
+        return (lse - pos).sum()
+
+    def expected(a, b, s):
+        return (torch.logsumexp(s * a @ b.T, dim=1) - s * (a * b[positives]).sum(dim=1)).sum()
+
+    _compare(loss, expected, [rows, cols, scale], ["rows", "cols", "scale"], dtype)
+    assert any(grid[1] > 1 for grid in launches), f"no split-K launch: {launches}"

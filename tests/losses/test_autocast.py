@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close
+from _helpers import DCL_VARIANTS, assert_close, dcl_variant_loss, dcl_variant_reference
 
 import fastcontrast as fc
 from fastcontrast import reference
@@ -45,6 +45,13 @@ LOSSES = {
     "supcon": (lambda f, s, be: fc.supcon_loss(f[0], LABELS, temperature=0.2, backend=be),
                lambda f, s: reference.supcon_loss_reference(f[0], LABELS, 0.2), 1),
 }
+# DCL: the plain module, DCLW (its weights are computed under autocast as in lightly) and a weight_fn.
+for _variant in DCL_VARIANTS:
+    LOSSES[_variant] = (
+        lambda f, s, be, v=_variant: dcl_variant_loss(v, f[0], f[1], 0.2, backend=be),
+        lambda f, s, v=_variant: dcl_variant_reference(v, f[0], f[1], 0.2),
+        2,
+    )
 
 
 def _run(name, features, backend, *, autocast):
@@ -78,10 +85,10 @@ def test_loss_under_bf16_autocast_equals_bf16_inputs_outside_and_stays_fp32(name
     again, _ = _run(name, bf16, backend, autocast=True)
     assert torch.equal(again, outside)
     # Computed in fp32: fp32-level error against fp64 on the same rounded inputs (a bf16 GEMM would be ~1e-2).
-    # The losses that normalise (NT-Xent, memory bank, SupCon) are the exception tests/losses/test_dtypes.py
+    # The losses that normalise (NT-Xent, memory bank, DCL, SupCon) are the exception tests/losses/test_dtypes.py
     # explains: like lightly and PML they round the unit vectors to the input dtype before the GEMM, which
     # moves each logit by about u/τ; their bound is u/(4τ), u = 2⁻⁸.
     _, ref_fn, count = LOSSES[name]
     expected = ref_fn([f.double() for f in bf16[:count]], torch.tensor(14.3, dtype=torch.float64))
-    tol = 2**-8 / (4 * 0.2) if name in ("nt_xent", "memory_bank", "supcon") else 3e-5
+    tol = 2**-8 / (4 * 0.2) if name in ("nt_xent", "memory_bank", "supcon", *DCL_VARIANTS) else 3e-5
     assert_close("loss vs fp64 reference", inside, expected, atol=tol, rtol=tol)

@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOLERANCES, assert_close
+from _helpers import (
+    DCL_SIGMA,
+    DCL_VARIANTS,
+    TOLERANCES,
+    assert_close,
+    dcl_variant_loss,
+    dcl_variant_reference,
+    lightly_mises_fisher_weights,
+)
 
 import fastcontrast
 from fastcontrast import reference
@@ -21,7 +29,7 @@ LOSS_ATOL, LOSS_RTOL = TOLERANCES[torch.float32]
 # rtol: a gradient rounded once to the input dtype is off by at most the unit roundoff u, 2^-8 for bf16
 # (8 significant bits) and 2^-11 for fp16; for fp32 it is fp32 accumulation noise. atol: near-zero entries
 # carry the absolute error of the large ones (a gradient is a sum of terms that cancel, e.g. softmax minus
-# one-hot), so allow 2u of the largest entry. The NT-Xent losses are different: like lightly, fastcontrast
+# one-hot), so allow 2u of the largest entry. The NT-Xent and DCL losses are different: like lightly, fastcontrast
 # rounds the unit vectors to the input dtype before the similarity GEMM (the memory bank too: its fp32
 # bank is cast to them, as lightly's einsum does under autocast, so that half inputs reach the tensor
 # cores), which moves every logit by about u·s (s = 1/τ); their loss tolerance is s·u/4 (observed errors
@@ -33,7 +41,9 @@ DTYPES = [
 ]
 HALF_DTYPES = [p for p in DTYPES if p.values[0] != torch.float32]
 
-KINDS = ("clip_loss", "siglip_loss", "nt_xent_loss", "nt_xent_memory_bank_loss")
+KINDS = ("clip_loss", "siglip_loss", "nt_xent_loss", "nt_xent_memory_bank_loss") + DCL_VARIANTS
+# lightly's losses: they normalise inside, take τ = 1/scale as a Python float and have no bias.
+LIGHTLY_KINDS = ("nt_xent_loss", "nt_xent_memory_bank_loss") + DCL_VARIANTS
 N, D = 37, 24
 # 5 rows of fp32 logits per chunk for the N×N and N×2N matrices: ragged chunks in every loss.
 CHUNK_BYTES = 5 * N * 4
@@ -51,7 +61,9 @@ def bank_for(d: int) -> torch.Tensor:
 
 
 def run(kind: str, a, b, scale, bias, *, chunk_bytes=CHUNK_BYTES, backend="torch"):
-    """The loss under test; NT-Xent takes 1/scale as its temperature (scale must be a number there)."""
+    """The loss under test; NT-Xent and DCL take 1/scale as their temperature (scale must be a number there)."""
+    if kind in DCL_VARIANTS:
+        return dcl_variant_loss(kind, a, b, 1 / scale, backend=backend, chunk_bytes=chunk_bytes)
     if kind == "clip_loss":
         return fastcontrast.clip_loss(a, b, scale, bias, backend=backend, chunk_bytes=chunk_bytes)
     if kind == "siglip_loss":
@@ -63,7 +75,16 @@ def run(kind: str, a, b, scale, bias, *, chunk_bytes=CHUNK_BYTES, backend="torch
     )
 
 
-def run_reference(kind: str, a, b, scale, bias):
+def run_reference(kind: str, a, b, scale, bias, input_dtype=torch.float64):
+    if kind == "DCLWLoss":
+        # DCLW's weights are constants that lightly computes in the inputs' dtype (fastcontrast too): in half
+        # precision they are off by ~u, which moves the loss by ~u/τ. The reference rounds them the same way.
+        def weights(z0, z1):
+            return lightly_mises_fisher_weights(z0.to(input_dtype), z1.to(input_dtype), DCL_SIGMA).to(z0.dtype)
+
+        return reference.dcl_loss_reference(a, b, 1 / scale, weights)
+    if kind in DCL_VARIANTS:
+        return dcl_variant_reference(kind, a, b, 1 / scale)
     if kind == "clip_loss":
         return reference.clip_loss_reference(a, b, scale, bias)
     if kind == "siglip_loss":
@@ -77,8 +98,9 @@ def fp64_leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64).requires_grad_()
 
 
-def check_against_fp64_reference(kind, a, b, scale, bias, rtol, atol_of_max, **kwargs):
-    """Run ``kind`` on the given leaves and compare value, dtypes and gradients with the fp64 reference."""
+def check_against_fp64_reference(kind, a, b, scale, bias, rtol, atol_of_max, grad_atol=0.0, **kwargs):
+    """Run ``kind`` on the given leaves and compare value, dtypes and gradients with the fp64 reference
+    (``grad_atol`` is added to the gradients' bound)."""
     tensor_scale = isinstance(scale, torch.Tensor)
     leaves = [a, b] + ([scale] if tensor_scale else []) + ([bias] if bias is not None else [])
     names = ["d_features_a", "d_features_b", "d_logit_scale", "d_logit_bias"]
@@ -94,20 +116,30 @@ def check_against_fp64_reference(kind, a, b, scale, bias, rtol, atol_of_max, **k
     ref_a, ref_b = ref_leaves[:2]
     ref_scale = ref_leaves[2] if tensor_scale else scale
     ref_bias = ref_leaves[-1] if bias is not None else None
-    ref_loss = run_reference(kind, ref_a, ref_b, ref_scale, ref_bias)
+    ref_loss = run_reference(kind, ref_a, ref_b, ref_scale, ref_bias, input_dtype=a.dtype)
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
 
     expected_loss_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     assert loss.dtype == expected_loss_dtype, f"loss dtype {loss.dtype} for {a.dtype} inputs"
-    if kind.startswith("nt_xent") and a.dtype != torch.float32:
+    if kind in LIGHTLY_KINDS and a.dtype != torch.float32:
         assert_close("loss", loss, ref_loss, float(scale) * rtol / 4)
     else:
         assert_close("loss", loss, ref_loss, LOSS_ATOL, LOSS_RTOL)
     for name, leaf, grad, ref_grad in zip(names, leaves, grads, ref_grads):
         assert grad.dtype == leaf.dtype, f"{name}: dtype {grad.dtype}, input is {leaf.dtype}"
         assert grad.shape == leaf.shape, f"{name}: shape {tuple(grad.shape)}, input is {tuple(leaf.shape)}"
-        assert_close(name, grad, ref_grad, atol_of_max * float(ref_grad.abs().max()) + 1e-7, rtol)
+        assert_close(name, grad, ref_grad, atol_of_max * float(ref_grad.abs().max()) + 1e-7 + grad_atol, rtol)
     return loss, grads
+
+
+def lightly_own_gradient_error(kind, a, b, scale) -> float:
+    """Max-abs error of the feature gradients of lightly's math run in the inputs' dtype (the reference on
+    the half-precision tensors) against fp64: PyTorch's own error, the FlashAttention rule's yardstick."""
+    errors = []
+    for dtype in (a.dtype, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (a, b)]
+        errors.append(torch.autograd.grad(run_reference(kind, *leaves, scale, None, input_dtype=a.dtype), leaves))
+    return max((low.double() - exact).abs().max().item() for low, exact in zip(*errors))
 
 
 @pytest.mark.parametrize("scale_in_fp32", [False, True], ids=["scale-same-dtype", "scale-fp32"])
@@ -118,7 +150,7 @@ def test_loss_matches_fp64_reference_on_rounded_inputs(kind, dtype, rtol, atol_o
         pytest.skip("same as scale-same-dtype for fp32 features")
     a = features(N, D, dtype, seed=1, normalize=kind in ("clip_loss", "siglip_loss")).requires_grad_()
     b = features(N, D, dtype, seed=2, normalize=kind in ("clip_loss", "siglip_loss")).requires_grad_()
-    if kind.startswith("nt_xent"):
+    if kind in LIGHTLY_KINDS:
         scale, bias = 14.3, None  # τ = 1/14.3 is a Python float in lightly
     else:
         scale_dtype = torch.float32 if scale_in_fp32 else dtype
@@ -177,15 +209,22 @@ def test_logit_scale_100_in_half_precision_is_finite_and_matches_reference(
     # s = 100 puts logits at ±100: exp overflows fp16 (max 65504) if any exp were taken in half precision.
     a = features(N, D, dtype, seed=5).requires_grad_()
     b = (a.detach().float() + 0.05 * features(N, D, torch.float32, seed=6)).to(dtype).requires_grad_()
-    if kind.startswith("nt_xent") or not scale_as_tensor:
+    if kind in LIGHTLY_KINDS or not scale_as_tensor:
         scale = 100.0
-        bias = None if kind.startswith("nt_xent") else -10.0
+        bias = None if kind in LIGHTLY_KINDS else -10.0
         if bias is not None:
             bias = torch.tensor(bias, dtype=dtype, requires_grad=True)
     else:
         scale = torch.tensor(100.0, dtype=dtype, requires_grad=True)
         bias = torch.tensor(-10.0, dtype=dtype, requires_grad=True)
-    loss, grads = check_against_fp64_reference(kind, a, b, scale, bias, rtol, atol_of_max)
+    grad_atol = 0.0
+    if kind in DCL_VARIANTS:
+        # a ≈ b at s = 100: DCL leaves the positive out of the LSE, so its term s·z₁/n stays in dL/dz₀ and the
+        # normalisation's projection (I − z₀z₀ᵀ) removes most of it; the unit vectors' rounding to the input
+        # dtype (u per entry, as in lightly) survives the projection. So the gradients may also be off by as
+        # much as lightly's own gradients in that dtype (about 5x fastcontrast's error here).
+        grad_atol = lightly_own_gradient_error(kind, a, b, scale)
+    loss, grads = check_against_fp64_reference(kind, a, b, scale, bias, rtol, atol_of_max, grad_atol)
     assert torch.isfinite(loss)
     for grad in grads:
         assert torch.isfinite(grad).all()
@@ -206,7 +245,7 @@ def non_contiguous_views(n: int, d: int, dtype: torch.dtype, seed: int):
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_contiguous_inputs_give_the_results_of_contiguous_copies(kind, dtype, rtol, atol_of_max):
     base_t, transposed, base_s, sliced = non_contiguous_views(N, D, dtype, seed=7)
-    scale = 10.0 if kind.startswith("nt_xent") else torch.tensor(10.0)
+    scale = 10.0 if kind in LIGHTLY_KINDS else torch.tensor(10.0)
     loss = run(kind, transposed, sliced, scale, None)
     loss.backward()
 

@@ -4,7 +4,8 @@ Value and every gradient (both feature tensors, logit_scale, logit_bias) are com
 fp64 reference and in fp32 against the fp32 reference. The shapes are a covering design rather than the
 full product: every batch size (1, 2, 7, 64, 257, 1000), every feature dim (3, 48, 64, 1000), every scale
 (1, 14.3, 100), bias on and off and three chunkings (default, one row per chunk, chunks that do not divide
-the rows) each appear, with the awkward combinations (N=1, N=257 with d=1000) included.
+the rows) each appear, with the awkward combinations (N=1, N=257 with d=1000) included. The DCL losses
+(lightly's DCLLoss, DCLWLoss and a differentiable weight_fn) run through the NT-Xent table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOLERANCES, assert_close
+from _helpers import (
+    DCL_VARIANTS,
+    TOLERANCES,
+    assert_close,
+    assert_loss_close,
+    dcl_variant_loss,
+    dcl_variant_reference,
+)
 
 import fastcontrast
 from fastcontrast import reference
@@ -148,6 +156,8 @@ def test_open_clip_loss_matches_reference_value_and_gradients(kind, case, dtype,
 
 
 def nt_xent_loss(kind: str, out0, out1, temperature, bank, chunk_bytes):
+    if kind in DCL_VARIANTS:
+        return dcl_variant_loss(kind, out0, out1, temperature, backend="torch", chunk_bytes=chunk_bytes)
     if kind == "nt_xent_loss":
         return fastcontrast.nt_xent_loss(out0, out1, temperature, backend="torch", chunk_bytes=chunk_bytes)
     if kind == "NTXentLoss":
@@ -158,17 +168,29 @@ def nt_xent_loss(kind: str, out0, out1, temperature, bank, chunk_bytes):
 
 
 def nt_xent_reference(kind: str, out0, out1, temperature, bank):
+    if kind in DCL_VARIANTS:
+        return dcl_variant_reference(kind, out0, out1, temperature)
     if kind == "nt_xent_memory_bank_loss":
         return reference.nt_xent_memory_bank_loss_reference(out0, out1, bank, temperature)
     return reference.nt_xent_loss_reference(out0, out1, temperature)
 
 
 # NT-Xent has no bias; its scale is 1/τ, so τ = 1, 0.07 and 0.01. Every shape and chunking of the table
-# also runs through NT-Xent.
+# also runs through NT-Xent. The DCL variants differ from each other only in the O(n) weights of the
+# positives, so every variant runs the cases up to N = 64 (every dim, chunking and τ, N = 1, 2, 7, 64) and
+# the plain DCLLoss also the N = 257 ones; N = 1000 adds nothing more for DCL and costs seconds a case.
+# DCL at N = 1 has no negatives: its loss is −inf, as in lightly.
+LIGHTLY_CASES = [
+    pytest.param(kind, case, id=f"{kind}-{case.nt_xent_id}")
+    for kind in NT_XENT_KINDS + DCL_VARIANTS
+    for case in CASES
+    if kind in NT_XENT_KINDS or case.n <= 64 or (kind == "DCLLoss" and case.n == 257)
+]
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=[c.nt_xent_id for c in CASES])
-@pytest.mark.parametrize("kind", NT_XENT_KINDS)
-def test_nt_xent_loss_matches_reference_value_and_gradients(kind, case, dtype, atol, rtol):
+@pytest.mark.parametrize("kind, case", LIGHTLY_CASES)
+def test_nt_xent_and_dcl_losses_match_reference_value_and_gradients(kind, case, dtype, atol, rtol):
     g = torch.Generator().manual_seed(case_seed(case, kind))
     # lightly normalises inside the loss, so raw projections with uneven norms go in.
     out0 = (torch.randn(case.n, case.d, dtype=torch.float64, generator=g) * 3).to(dtype)
@@ -190,13 +212,13 @@ def test_nt_xent_loss_matches_reference_value_and_gradients(kind, case, dtype, a
     ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
 
     assert loss.dim() == 0 and loss.dtype == dtype
-    assert_close("loss", loss, ref_loss, atol, rtol)
+    assert_loss_close("loss", loss, ref_loss, atol, rtol)
     check_grads(["d_out0", "d_out1"], grads, ref_grads, atol, rtol)
 
 
-@pytest.mark.parametrize("kind", NT_XENT_KINDS)
-def test_nt_xent_loss_matches_reference_for_negative_temperature(kind):
-    # lightly only rejects |τ| < 1e-8, so a negative temperature is a legal (if odd) input.
+@pytest.mark.parametrize("kind", NT_XENT_KINDS + DCL_VARIANTS)
+def test_nt_xent_and_dcl_losses_match_reference_for_negative_temperature(kind):
+    # lightly's NT-Xent only rejects |τ| < 1e-8 (its DCL nothing), so a negative temperature is a legal input.
     g = torch.Generator().manual_seed(3)
     out0, out1 = (torch.randn(9, 5, dtype=torch.float64, generator=g) for _ in range(2))
     bank = F.normalize(torch.randn(11, 5, generator=g), dim=1)
@@ -249,3 +271,35 @@ def test_open_clip_loss_gradient_flows_only_to_inputs_that_require_it(kind):
     (ref_d_text,) = torch.autograd.grad(open_clip_reference(kind, image, ref_text, scale, bias), [ref_text])
     atol, rtol = TOLERANCES[torch.float64]
     assert_close("d_text_features", d_text, ref_d_text, atol, rtol)
+
+
+# lightly calls weight_fn(out0, out1) on the normalised views, then weight_fn(out1, out0), and multiplies
+# its [n] positives by whatever comes back: one weight per sample or a scalar both broadcast.
+DCL_WEIGHT_FNS = {
+    "first-view-only": lambda a, b: 1.0 + 3.0 * a[:, 0] - b[:, 1] ** 2,  # asymmetric: catches swapped views
+    "unnormalised-would-differ": lambda a, b: a.norm(dim=1) + (a * b).sum(1),
+    "python-float": lambda a, b: 0.7,
+    "0-dim-tensor": lambda a, b: (a * b).sum() / a.shape[0],
+    "1-element-tensor": lambda a, b: torch.full((1,), 1.5, dtype=a.dtype),
+}
+
+
+@pytest.mark.parametrize("n", [1, 9], ids=["N1", "N9"])
+@pytest.mark.parametrize("name", DCL_WEIGHT_FNS)
+def test_dcl_weight_fn_gets_normalised_views_in_lightlys_order_and_may_return_a_scalar(name, n):
+    weight_fn = DCL_WEIGHT_FNS[name]
+    g = torch.Generator().manual_seed(11)
+    out0 = torch.randn(n, 6, dtype=torch.float64, generator=g) * 4
+    out1 = torch.randn(n, 6, dtype=torch.float64, generator=g)
+    inputs, ref_inputs = leaves(out0, out1), leaves(out0, out1)
+    loss = fastcontrast.dcl_loss(*inputs, 0.2, weight_fn, backend="torch", chunk_bytes=2 * 2 * n * 8)
+    ref_loss = reference.dcl_loss_reference(*ref_inputs, 0.2, weight_fn)
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_loss_close("loss", loss, ref_loss, atol, rtol)
+    check_grads(
+        ["d_out0", "d_out1"],
+        torch.autograd.grad(loss, inputs),
+        torch.autograd.grad(ref_loss, ref_inputs),
+        atol,
+        rtol,
+    )

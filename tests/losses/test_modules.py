@@ -1,21 +1,29 @@
 """The drop-in contract of the modules: signatures, defaults, return forms, and lightly's memory bank.
 
 open_clip and lightly are not dependencies, so their signatures and memory-bank rules are written out
-here from their sources (open_clip 3.x ``src/open_clip/loss.py``, lightly 1.6 ``lightly/loss/ntx_ent_loss.py``
-and ``lightly/models/modules/memory_bank.py``).
+here from their sources (open_clip 3.x ``src/open_clip/loss.py``, lightly 1.6 ``lightly/loss/ntx_ent_loss.py``,
+``lightly/loss/dcl_loss.py`` and ``lightly/models/modules/memory_bank.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOLERANCES, assert_close
+from _helpers import (
+    DCL_VARIANTS,
+    TOLERANCES,
+    assert_close,
+    dcl_variant_loss,
+    dcl_variant_reference,
+    lightly_mises_fisher_weights,
+)
 
 import fastcontrast
-from fastcontrast import ClipLoss, NTXentLoss, SigLipLoss, reference
+from fastcontrast import ClipLoss, DCLLoss, DCLWLoss, NTXentLoss, SigLipLoss, reference
 from fastcontrast.functional import normalize_rows
 
 REQUIRED = inspect.Parameter.empty
@@ -54,6 +62,16 @@ ORIGINAL_SIGNATURES = {
     "NTXentLoss": (
         NTXentLoss,
         [("temperature", 0.5), ("memory_bank_size", 0), ("gather_distributed", False)],
+        [("out0", REQUIRED), ("out1", REQUIRED)],
+    ),
+    "DCLLoss": (
+        DCLLoss,
+        [("temperature", 0.1), ("weight_fn", None), ("gather_distributed", False)],
+        [("out0", REQUIRED), ("out1", REQUIRED)],
+    ),
+    "DCLWLoss": (
+        DCLWLoss,
+        [("temperature", 0.1), ("sigma", 0.5), ("gather_distributed", False)],
         [("out0", REQUIRED), ("out1", REQUIRED)],
     ),
 }
@@ -100,6 +118,7 @@ def test_functional_losses_take_backend_and_chunk_bytes_as_keywords():
         fastcontrast.siglip_loss,
         fastcontrast.nt_xent_loss,
         fastcontrast.nt_xent_memory_bank_loss,
+        fastcontrast.dcl_loss,
     ):
         params = inspect.signature(func).parameters
         assert (
@@ -186,7 +205,7 @@ def test_cache_labels_does_not_change_results_across_batch_sizes(cache_labels):
         )
 
 
-@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss", "NTXentLoss", "NTXentLoss-bank"])
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss", "NTXentLoss", "NTXentLoss-bank", "DCLLoss", "DCLWLoss"])
 def test_modules_have_no_parameters_and_an_empty_state_dict(name):
     # Like the originals (lightly's bank buffers are non-persistent), so checkpoints load either way.
     module = {
@@ -194,6 +213,8 @@ def test_modules_have_no_parameters_and_an_empty_state_dict(name):
         "SigLipLoss": SigLipLoss,
         "NTXentLoss": NTXentLoss,
         "NTXentLoss-bank": lambda: NTXentLoss(memory_bank_size=(16, 4)),
+        "DCLLoss": lambda: DCLLoss(weight_fn=lambda a, b: (a * b).sum(1)),
+        "DCLWLoss": DCLWLoss,
     }[name]()
     assert isinstance(module, torch.nn.Module)
     assert list(module.parameters()) == []
@@ -209,11 +230,32 @@ def test_nt_xent_module_matches_reference():
     )
 
 
-def test_nt_xent_gather_distributed_in_a_single_process_matches_plain_loss():
+@pytest.mark.parametrize("variant", DCL_VARIANTS)
+def test_dcl_module_matches_reference_with_default_options(variant):
+    out0 = torch.randn(11, 6, generator=torch.Generator().manual_seed(9)) * 4
+    out1 = torch.randn(11, 6, generator=torch.Generator().manual_seed(10))
+    atol, rtol = TOLERANCES[torch.float32]
+    expected = dcl_variant_reference(variant, out0, out1, 0.2)
+    assert_close("loss", dcl_variant_loss(variant, out0, out1, 0.2), expected, atol, rtol)
+
+
+def test_dcl_modules_defaults_are_lightlys():
+    # τ = 0.1 for both, DCLW's σ = 0.5: the weights of the default module are lightly's default weights.
+    out0, out1 = unit(9, 5, seed=15) * 3, unit(9, 5, seed=16)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close("DCLLoss()", DCLLoss()(out0, out1), reference.dcl_loss_reference(out0, out1, 0.1), atol, rtol)
+    weights = functools.partial(lightly_mises_fisher_weights, sigma=0.5)
+    expected = reference.dcl_loss_reference(out0, out1, 0.1, weights)
+    assert_close("DCLWLoss()", DCLWLoss()(out0, out1), expected, atol, rtol)
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "DCLLoss", "DCLWLoss"])
+def test_gather_distributed_in_a_single_process_matches_plain_loss(name):
     # lightly accepts gather_distributed=True without an initialised process group: it gathers nothing.
     assert not torch.distributed.is_initialized()
     out0, out1 = unit(7, 5, seed=11), unit(7, 5, seed=12)
-    assert torch.equal(NTXentLoss(gather_distributed=True)(out0, out1), NTXentLoss()(out0, out1))
+    cls = getattr(fastcontrast, name)
+    assert torch.equal(cls(gather_distributed=True)(out0, out1), cls()(out0, out1))
 
 
 class LightlyBank:

@@ -174,3 +174,122 @@ def test_supcon_loss_bad_inputs_are_clear_errors():
         SupConLoss()(embeddings)
     with pytest.raises(ValueError, match="only used with gather_distributed=True"):
         SupConLoss(process_group=object())
+
+
+def _mined(n, m, pairs, seed, *, triplets=False):
+    """Random mined index tuples over n anchors and m references: pairs (a1, p, a2, n), or triplets."""
+    g = torch.Generator().manual_seed(seed + 200)
+    if triplets:  # positives from the first half of the references, negatives from the second: never both
+        a = torch.randint(0, n, (pairs,), generator=g)
+        return a, torch.randint(0, m // 2, (pairs,), generator=g), torch.randint(m // 2, m, (pairs,), generator=g)
+    keys = torch.randperm(n * m, generator=g)[: 2 * pairs]  # distinct pairs, none both positive and negative
+    pos, neg = keys[:pairs], keys[pairs:]
+    return pos // m, pos % m, neg // m, neg % m
+
+
+def _mined_reference(embeddings, labels, indices_tuple, ref_emb=None):
+    return reference.supcon_loss_reference(embeddings, labels, TEMPERATURE, ref_emb, None if ref_emb is None
+                                           else torch.zeros(ref_emb.shape[0], dtype=torch.long),
+                                           indices_tuple=indices_tuple)
+
+
+@pytest.mark.parametrize("n,m,pairs", [(9, 9, 20), (40, 40, 300), (1, 1, 1), (30, 45, 100)],
+                         ids=["N9", "N40", "N1", "N30-M45"])
+@pytest.mark.parametrize("triplets", [False, True], ids=["pairs", "triplets"])
+def test_supcon_mined_pairs_match_pmls_masked_softmax(n, m, pairs, triplets):
+    embeddings = _embeddings(n, 48, torch.float64, n)
+    ref_emb = None if m == n else _embeddings(m, 48, torch.float64, m)
+    if triplets and m < 2:
+        pytest.skip("a triplet needs two distinct references")
+    indices_tuple = _mined(n, m, pairs, n, triplets=triplets)
+    tensors = [embeddings] + ([] if ref_emb is None else [ref_emb])
+    ref_labels = None if ref_emb is None else torch.zeros(m, dtype=torch.long)
+    loss = fc.supcon_loss(embeddings, None, ref_emb, ref_labels, TEMPERATURE, indices_tuple=indices_tuple,
+                          backend="torch")
+    expected = _mined_reference(embeddings, None, indices_tuple, ref_emb)
+    assert_close("loss", loss, expected, atol=1e-12)
+    for grad, ref in zip(_grads(loss, tensors), _grads(expected, tensors)):
+        assert_close("grad", grad, ref, atol=1e-12)
+
+
+def test_supcon_mined_pairs_gradcheck_fp64():
+    embeddings, ref_emb = _embeddings(8, 5, torch.float64, 21), _embeddings(6, 5, torch.float64, 22)
+    indices_tuple = _mined(8, 6, 10, 21)
+    ref_labels = torch.zeros(6, dtype=torch.long)
+    assert torch.autograd.gradcheck(
+        lambda e, r: fc.supcon_loss(e, None, r, ref_labels, 0.5, indices_tuple=indices_tuple, backend="torch"),
+        (embeddings, ref_emb), eps=1e-6, atol=1e-8,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_supcon_mined_pairs_in_low_precision_keep_an_fp32_loss(dtype):
+    embeddings = _embeddings(50, 32, dtype, 23)
+    indices_tuple = _mined(50, 50, 400, 23)
+    loss = fc.supcon_loss(embeddings, None, indices_tuple=indices_tuple, backend="torch")
+    exact = embeddings.detach().double().requires_grad_()
+    expected = _mined_reference(exact, None, indices_tuple)
+    assert loss.dtype == torch.float32
+    # Normalised in fp32 and rounded once to the input dtype, then fp32 dot products: u/(4τ) on the loss.
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    assert_close("loss", loss, expected, atol=max(unit_roundoff / (4 * TEMPERATURE), 1e-6), rtol=0)
+    (grad,), (ref,) = _grads(loss, [embeddings]), _grads(expected, [exact])
+    assert grad.dtype == dtype
+    assert_close("grad", grad, ref, atol=KERNEL_RELATIVE[dtype] * ref.abs().max().item())
+
+
+def test_supcon_mined_pairs_use_only_the_mined_entries():
+    # Changing an embedding that no mined pair touches leaves the loss unchanged; the all-pairs loss moves.
+    embeddings, labels = _embeddings(12, 8, torch.float64, 24).detach(), _labels(12, "3", 24)
+    indices_tuple = (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([0, 1, 2]),
+                     torch.tensor([6, 7, 8]))
+    moved = embeddings.clone()
+    moved[11] = torch.randn(8, dtype=torch.float64)
+    for backend in ("torch", "reference"):
+        mined = [fc.supcon_loss(e, labels, indices_tuple=indices_tuple, backend=backend) for e in (embeddings, moved)]
+        assert mined[0] == mined[1], backend
+    everything = [fc.supcon_loss(e, labels, backend="torch") for e in (embeddings, moved)]
+    assert everything[0] != everything[1]
+
+
+def test_supcon_mined_pairs_create_no_n_squared_tensor(monkeypatch):
+    monkeypatch.delenv("FASTCONTRAST_BACKEND", raising=False)
+    embeddings = _embeddings(BOUND_N, BOUND_D, torch.float32, 25)
+    indices_tuple = _mined(BOUND_N, BOUND_N, 4 * BOUND_N, 25)
+    with TensorSizeRecorder() as forward:
+        loss = SupConLoss()(embeddings, None, indices_tuple)
+    with TensorSizeRecorder() as backward:
+        loss.backward()
+    for phase, recorder in (("forward", forward), ("backward", backward)):
+        numel, op = recorder.largest()
+        assert numel < BOUND, f"{phase}: {op} created a tensor of {numel} elements (bound N²/4 = {BOUND})"
+
+
+def test_supcon_pair_dots_chunks_give_the_unchunked_values_and_gradients():
+    from fastcontrast.autograd import pair_dots
+
+    x, y = _embeddings(7, 5, torch.float64, 26), _embeddings(4, 5, torch.float64, 27)
+    rows, cols = torch.randint(0, 7, (30,)), torch.randint(0, 4, (30,))
+    whole = pair_dots(x, y, rows, cols)
+    chunked = pair_dots(x, y, rows, cols, chunk_elements=3 * 5)  # 3 pairs a chunk, a ragged last one
+    assert torch.equal(whole, (x[rows] * y[cols]).sum(dim=1))
+    assert torch.equal(chunked, whole)
+    assert torch.autograd.gradcheck(lambda a, b: pair_dots(a, b, rows, cols, chunk_elements=15), (x, y))
+
+
+@pytest.mark.parametrize("indices_tuple,error,match", [
+    ((torch.tensor([0]), torch.tensor([1])), ValueError, "pairs .* or triplets"),
+    ("abc", ValueError, "pairs .* or triplets"),
+    ((torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])), TypeError, "entry `a` must be a 1-D integer"),
+    ((torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2]), torch.tensor([3])), ValueError,
+     "`a1` and `p` must have the same length"),
+    ((torch.tensor([0]), torch.tensor([9]), torch.tensor([2])), ValueError, "out of range"),
+    ((torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])), ValueError, "out of range"),
+    ((torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 3]), torch.tensor([1, 0])), ValueError,
+     "either positive or negative"),
+], ids=["two-entries", "string", "float", "lengths", "too-large", "negative", "overlap"])
+def test_supcon_bad_indices_tuple_is_a_clear_error(indices_tuple, error, match):
+    embeddings, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(error, match=match):
+        SupConLoss()(embeddings, labels, indices_tuple)
+

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastcontrast
-from fastcontrast import ClipLoss, NTXentLoss, SigLipLoss
+from fastcontrast import ClipLoss, DCLLoss, DCLWLoss, NTXentLoss, SigLipLoss
 
 PACKAGE_DIR = pathlib.Path(fastcontrast.__file__).parent
 
@@ -39,6 +39,10 @@ def nt_xent_bank(a, b, bank=BANK, **kw):
     return fastcontrast.nt_xent_memory_bank_loss(a, b, bank, backend="torch", **kw)
 
 
+def dcl(a, b, **kw):
+    return fastcontrast.dcl_loss(a, b, backend="torch", **kw)
+
+
 def modules():
     """Each loss module called on (a, b) with valid scale/bias where it takes them."""
     return {
@@ -46,6 +50,8 @@ def modules():
         "SigLipLoss": lambda a, b: SigLipLoss(backend="torch")(a, b, 10.0, -1.0),
         "NTXentLoss": lambda a, b: NTXentLoss(backend="torch")(a, b),
         "NTXentLoss-bank": lambda a, b: NTXentLoss(memory_bank_size=(6, 3), backend="torch")(a, b),
+        "DCLLoss": lambda a, b: DCLLoss(backend="torch")(a, b),
+        "DCLWLoss": lambda a, b: DCLWLoss(backend="torch")(a, b),
     }
 
 
@@ -54,6 +60,7 @@ FEATURE_NAMES = {
     "siglip": ("image_features", "text_features", siglip),
     "nt_xent": ("out0", "out1", nt_xent),
     "nt_xent_bank": ("out0", "out1", nt_xent_bank),
+    "dcl": ("out0", "out1", dcl),
 }
 
 # (id, make first input, make second input, exception, what the message must name)
@@ -160,27 +167,76 @@ def test_negative_logit_bias_is_accepted():
     assert torch.isfinite(siglip(feats(), feats(), 10.0, -10.0))
 
 
+# Every way to give lightly's losses a temperature: the modules' constructors and the functional losses.
+TEMPERATURE_CALLS = {
+    "NTXentLoss": lambda t: NTXentLoss(temperature=t, backend="torch")(feats(), feats()),
+    "nt_xent": lambda t: nt_xent(feats(), feats(), temperature=t),
+    "nt_xent_bank": lambda t: nt_xent_bank(feats(), feats(), temperature=t),
+    "DCLLoss": lambda t: DCLLoss(temperature=t, backend="torch")(feats(), feats()),
+    "DCLWLoss": lambda t: DCLWLoss(temperature=t, backend="torch")(feats(), feats()),
+    "dcl": lambda t: dcl(feats(), feats(), temperature=t),
+}
+
+
+@pytest.mark.parametrize("kind", TEMPERATURE_CALLS)
 @pytest.mark.parametrize(
     "temperature", [0.0, 1e-9, -1e-9, 9.9e-9, float("nan")], ids=["0", "1e-9", "-1e-9", "9.9e-9", "nan"]
 )
-def test_nt_xent_temperature_below_1e_8_in_magnitude_is_an_error(temperature):
+def test_temperature_below_1e_8_in_magnitude_is_an_error(temperature, kind):
+    # lightly's NT-Xent rule; its DCL divides by τ unchecked (inf / NaN losses), so fastcontrast applies it there too.
     with pytest.raises(ValueError, match="`temperature`"):
-        NTXentLoss(temperature=temperature)
-    with pytest.raises(ValueError, match="`temperature`"):
-        nt_xent(feats(), feats(), temperature=temperature)
-    with pytest.raises(ValueError, match="`temperature`"):
-        nt_xent_bank(feats(), feats(), temperature=temperature)
+        TEMPERATURE_CALLS[kind](temperature)
 
 
+@pytest.mark.parametrize("kind", ["NTXentLoss", "DCLLoss", "DCLWLoss"])
 @pytest.mark.parametrize("temperature", [-0.5, 1e-8, -1e-8], ids=["-0.5", "1e-8", "-1e-8"])
-def test_nt_xent_accepts_negative_and_borderline_temperatures_like_lightly(temperature):
-    loss = NTXentLoss(temperature=temperature, backend="torch")(feats(), feats())
+def test_negative_and_borderline_temperatures_are_accepted_like_lightly(temperature, kind):
+    loss = TEMPERATURE_CALLS[kind](temperature)
     assert loss.shape == () and not torch.isnan(loss)
 
 
-def test_nt_xent_temperature_must_be_a_number():
+@pytest.mark.parametrize("module", [NTXentLoss, DCLLoss, DCLWLoss], ids=lambda m: m.__name__)
+def test_temperature_must_be_a_number(module):
     with pytest.raises(TypeError, match="`temperature`"):
-        NTXentLoss(temperature="0.5")
+        module(temperature="0.5")
+
+
+@pytest.mark.parametrize("kind", ["DCLLoss", "dcl"])
+@pytest.mark.parametrize("weight_fn", ["not callable", 1.0, torch.ones(4)], ids=["str", "float", "tensor"])
+def test_dcl_weight_fn_that_is_not_callable_is_a_type_error(kind, weight_fn):
+    with pytest.raises(TypeError, match="`weight_fn` must be callable"):
+        if kind == "DCLLoss":
+            DCLLoss(weight_fn=weight_fn)
+        else:
+            dcl(feats(), feats(), weight_fn=weight_fn)
+
+
+@pytest.mark.parametrize("kind", ["DCLLoss", "dcl"])
+@pytest.mark.parametrize(
+    "weights",
+    [lambda n: torch.ones(n, 1), lambda n: torch.ones(n + 1), lambda n: torch.ones(2), lambda n: torch.ones(n, n)],
+    ids=["n-by-1", "n+1", "2", "n-by-n"],
+)
+def test_dcl_weight_fn_returning_neither_a_scalar_nor_n_weights_is_a_value_error(kind, weights):
+    # lightly would broadcast [n, 1] or [n, n] against its [n] positives into an [n, n] loss, silently.
+    def weight_fn(out0, out1):
+        return weights(out0.shape[0])
+
+    with pytest.raises(ValueError, match="`weight_fn` must return a scalar or one weight per sample"):
+        if kind == "DCLLoss":
+            DCLLoss(weight_fn=weight_fn, backend="torch")(feats(), feats())
+        else:
+            dcl(feats(), feats(), weight_fn=weight_fn)
+
+
+@pytest.mark.parametrize(
+    "sigma, error", [(0.0, ValueError), (-0.5, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
+                     ("0.5", TypeError), (None, TypeError), (True, TypeError)],
+    ids=["0", "negative", "inf", "nan", "str", "None", "bool"],
+)
+def test_dclw_sigma_must_be_a_finite_positive_number(sigma, error):
+    with pytest.raises(error, match="`sigma`"):
+        DCLWLoss(sigma=sigma)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "Torch", "", None], ids=["cuda", "Torch", "empty", "None"])
@@ -189,6 +245,8 @@ def test_unknown_backend_fails_at_construction(backend):
         lambda: ClipLoss(backend=backend),
         lambda: SigLipLoss(backend=backend),
         lambda: NTXentLoss(backend=backend),
+        lambda: DCLLoss(backend=backend),
+        lambda: DCLWLoss(backend=backend),
     ):
         with pytest.raises(ValueError, match="`backend`"):
             make()
@@ -201,6 +259,7 @@ def test_unknown_backend_fails_in_functional(kind):
         "siglip": lambda: fastcontrast.siglip_loss(feats(), feats(), 10.0, -1.0, backend="gpu"),
         "nt_xent": lambda: fastcontrast.nt_xent_loss(feats(), feats(), backend="gpu"),
         "nt_xent_bank": lambda: fastcontrast.nt_xent_memory_bank_loss(feats(), feats(), BANK, backend="gpu"),
+        "dcl": lambda: fastcontrast.dcl_loss(feats(), feats(), backend="gpu"),
     }
     with pytest.raises(ValueError, match="`backend`"):
         calls[kind]()
@@ -251,11 +310,18 @@ def test_world_size_above_one_without_a_process_group_fails_clearly(make_loss):
             id="bank-3-tuple",
         ),
         pytest.param(
-            lambda: NTXentLoss(memory_bank_size=(4.0, 3)), ValueError, "`memory_bank_size`", id="bank-float"
+            lambda: NTXentLoss(memory_bank_size=(4.0, 3)), TypeError, "`memory_bank_size`", id="bank-float"
         ),
         pytest.param(
             lambda: NTXentLoss(gather_distributed=1), TypeError, "`gather_distributed`", id="gather-not-bool"
         ),
+        pytest.param(
+            lambda: DCLLoss(gather_distributed="yes"), TypeError, "`gather_distributed`", id="dcl-gather-not-bool"
+        ),
+        pytest.param(
+            lambda: DCLWLoss(gather_distributed=1), TypeError, "`gather_distributed`", id="dclw-gather-not-bool"
+        ),
+        pytest.param(lambda: DCLLoss(chunk_bytes=0), ValueError, "`chunk_bytes`", id="dcl-chunk-bytes-0"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(make, error, name):
@@ -284,6 +350,8 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_value_error(monkeypatch)
         fastcontrast.clip_loss(feats(), feats(), 10.0, backend="triton")
     with pytest.raises(ValueError, match="backend='triton'.*CUDA"):
         NTXentLoss(backend="triton")(feats(), feats())
+    with pytest.raises(ValueError, match="backend='triton'.*CUDA"):
+        DCLWLoss(backend="triton")(feats(), feats())
 
 
 def test_no_assert_statements_guard_anything_in_the_package():

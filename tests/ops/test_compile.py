@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close
+from _helpers import assert_close, squared_distance_weights
 
 import fastcontrast as fc
 import fastcontrast.ops  # noqa: F401  (fc.ops below)
@@ -41,6 +41,10 @@ def _make(name):
         return fc.SigLipLoss(backend="torch"), lambda m, x: m(*x["features"][:2], x["scale"], x["bias"])
     if name == "nt_xent":
         return fc.NTXentLoss(0.2, backend="torch"), lambda m, x: m(*x["features"][:2])
+    if name == "dclw":
+        return fc.DCLWLoss(0.2, 0.3, backend="torch"), lambda m, x: m(*x["features"][:2])
+    if name == "dcl_weight_fn":
+        return fc.DCLLoss(0.2, squared_distance_weights, backend="torch"), lambda m, x: m(*x["features"][:2])
     if name == "memory_bank":
         torch.manual_seed(0)  # the same random initial bank for the compiled and the eager module
         return fc.NTXentLoss(0.2, memory_bank_size=(40, D), backend="torch"), lambda m, x: m(*x["features"][:2])
@@ -61,7 +65,9 @@ def _leaves(x):
     return x["features"] + [x["scale"], x["bias"], x["caption_logits"]]
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip", "nt_xent", "memory_bank", "distill", "coca", "supcon"])
+@pytest.mark.parametrize(
+    "name", ["clip", "siglip", "nt_xent", "dclw", "dcl_weight_fn", "memory_bank", "distill", "coca", "supcon"]
+)
 def test_loss_compiles_as_one_graph_and_matches_eager(name):
     torch._dynamo.reset()
     compiled_module, step = _make(name)
@@ -79,6 +85,10 @@ def test_loss_compiles_as_one_graph_and_matches_eager(name):
         assert_close(f"N={n} loss", loss_c, loss_e, atol=1e-5, rtol=1e-5)
         for index, (g_c, g_e) in enumerate(zip(grads_c, grads_e)):
             assert_close(f"N={n} gradient of input {index}", g_c, g_e, atol=1e-5, rtol=1e-5)
+    if name == "dclw":
+        return fc.DCLWLoss(0.2, 0.3, backend="torch"), lambda m, x: m(*x["features"][:2])
+    if name == "dcl_weight_fn":
+        return fc.DCLLoss(0.2, squared_distance_weights, backend="torch"), lambda m, x: m(*x["features"][:2])
     if name == "memory_bank":
         assert_close("bank after the steps", compiled_module.memory_bank.bank, eager_module.memory_bank.bank, atol=1e-6)
 
@@ -108,6 +118,12 @@ OPCHECK_CASES = {
     "lse_forward_rows_excluded": lambda a, b, s: (a, b, s, None, True, False, 1, False, 0, False, "torch", 1024),
     "lse_forward_private_columns": lambda a, b, s: (a, b, s, torch.arange(9) % 7, True, False, None, True, 3, False,
                                                     "torch", 1024),
+    # DCL: rows only, the diagonal and each row's positive both left out.
+    "lse_forward_positive_excluded": lambda a, b, s: (a, b, s, (torch.arange(9) + 3) % 7, True, False, 0, True, 0,
+                                                      False, "torch", 1024),
+    "lse_backward_positive_excluded": lambda a, b, s: (a, b, s, (torch.arange(9) + 3) % 7, torch.randn(9),
+                                                       torch.empty(0), torch.randn(9), None, torch.randn(9), 0, True,
+                                                       0, True, True, "torch", 1024),
     "lse_backward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, torch.randn(9), torch.randn(7), torch.randn(9),
                                      torch.randn(7), torch.randn(9), None, False, 0, True, True, "torch", 1024),
     "siglip_forward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, "torch", 1024),
@@ -121,6 +137,6 @@ OPCHECK_CASES = {
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_custom_ops_pass_torch_library_opcheck(case):
     """Schema, fake-tensor implementation (shapes, dtypes) and dispatch checked by torch's own opcheck."""
-    op_name = case.replace("_rows_excluded", "").replace("_private_columns", "")
+    op_name = case.replace("_rows_excluded", "").replace("_private_columns", "").replace("_positive_excluded", "")
     args = OPCHECK_CASES[case](torch.randn(9, 5), torch.randn(7, 5), torch.tensor(2.0))
     torch.library.opcheck(getattr(torch.ops.fastcontrast, op_name).default, args)

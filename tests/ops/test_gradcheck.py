@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close
+from _helpers import assert_close, squared_distance_weights
 from torch.autograd import gradcheck
 
 import fastcontrast
@@ -193,16 +193,39 @@ def test_siglip_loss_gradcheck_with_scale_and_bias(n):
     assert gradcheck(lambda i, t, s, b: loss_fn(i, t, s, b), (image, text, scalar(3.0), scalar(-0.4)))
 
 
+# (functional, module) of each two-view loss with τ. DCLW is not here: its weights are detached constants
+# (lightly's), so finite differences of its forward see them move while its gradient rightly does not; its
+# gradients are compared with the reference instead. The differentiable weight_fn is gradchecked.
+TWO_VIEW_LOSSES = {
+    "nt_xent": (
+        lambda t: lambda x0, x1: fastcontrast.nt_xent_loss(x0, x1, t, backend="torch", chunk_bytes=16),
+        lambda t: fastcontrast.NTXentLoss(t, backend="torch", chunk_bytes=16),
+    ),
+    "dcl": (
+        lambda t: lambda x0, x1: fastcontrast.dcl_loss(x0, x1, t, backend="torch", chunk_bytes=16),
+        lambda t: fastcontrast.DCLLoss(t, backend="torch", chunk_bytes=16),
+    ),
+    "dcl-weight_fn": (
+        lambda t: lambda x0, x1: fastcontrast.dcl_loss(
+            x0, x1, t, squared_distance_weights, backend="torch", chunk_bytes=16
+        ),
+        lambda t: fastcontrast.DCLLoss(t, squared_distance_weights, backend="torch", chunk_bytes=16),
+    ),
+}
+
+
+# N = 1 for NT-Xent (a single negative); DCL needs N = 2 for any negative (at N = 1 its loss is −inf).
 @pytest.mark.parametrize("temperature", [0.5, -0.2], ids=["tau0.5", "tau-0.2"])
-@pytest.mark.parametrize("n", [1, 6], ids=lambda n: f"N{n}")
-def test_nt_xent_loss_gradcheck(n, temperature):
+@pytest.mark.parametrize(
+    "kind, n",
+    [(kind, n) for kind in TWO_VIEW_LOSSES for n in ((1, 6) if kind == "nt_xent" else (2, 6))],
+    ids=lambda value: f"N{value}" if isinstance(value, int) else value,
+)
+def test_nt_xent_and_dcl_loss_gradcheck(kind, n, temperature):
     out0, out1 = fp64(n, 5, seed=13), fp64(n, 5, seed=14)
-    assert gradcheck(
-        lambda x0, x1: fastcontrast.nt_xent_loss(x0, x1, temperature, backend="torch", chunk_bytes=16),
-        (out0, out1),
-    )
-    loss_fn = fastcontrast.NTXentLoss(temperature, backend="torch", chunk_bytes=16)
-    assert gradcheck(loss_fn, (out0, out1))
+    functional, module = TWO_VIEW_LOSSES[kind]
+    assert gradcheck(functional(temperature), (out0, out1))
+    assert gradcheck(module(temperature), (out0, out1))
 
 
 @pytest.mark.parametrize("n", [1, 6], ids=lambda n: f"N{n}")

@@ -13,7 +13,7 @@ from _helpers import BOUND, TensorSizeRecorder
 from _helpers import BOUND_D as D
 from _helpers import BOUND_N as N
 
-from fastcontrast import ClipLoss, NTXentLoss, SigLipLoss
+from fastcontrast import ClipLoss, DCLWLoss, NTXentLoss, SigLipLoss
 
 
 def make_inputs(seed: int):
@@ -38,6 +38,9 @@ def nt_xent_with_bank(backend: str):
 
 
 LOSSES["NTXentLoss-memory-bank"] = nt_xent_with_bank
+# DCL runs NT-Xent's core with the positive masked, plus O(N) weights; DCLW stands for all DCL variants
+# (each N = 4096 run costs seconds).
+LOSSES["DCLWLoss"] = lambda backend: lambda a, b, s, bias: DCLWLoss(backend=backend)(a, b)
 
 
 def record_forward_and_backward(make_loss, backend: str) -> tuple[TensorSizeRecorder, TensorSizeRecorder]:
@@ -61,8 +64,9 @@ def test_no_tensor_of_a_quarter_of_n_squared_is_created(loss_name, monkeypatch):
         assert numel < BOUND, f"{phase}: {op} created a tensor of {numel} elements (bound N²/4 = {BOUND})"
 
 
-# NTXentLoss is left out here only for cost: its naive logits are 2N×(2N−1) fp32 (270 MB, several copies).
-@pytest.mark.parametrize("loss_name", [name for name in LOSSES if name != "NTXentLoss"])
+# NTXentLoss and DCLWLoss are left out here only for cost: their naive logits are 2N×(2N−1) fp32 (270 MB,
+# several copies).
+@pytest.mark.parametrize("loss_name", [name for name in LOSSES if name not in ("NTXentLoss", "DCLWLoss")])
 def test_the_recorder_sees_the_n_by_n_logits_of_the_reference_backend(loss_name):
     # The same measurement must catch the naive losses, in forward and in backward (softmax's gradient).
     forward, backward = record_forward_and_backward(LOSSES[loss_name], backend="reference")
