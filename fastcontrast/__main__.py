@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --kernels: write the table as JSON (one row per binary)")
     info.add_argument("--markdown", action="store_true",
                       help="with --kernels: print only the table, as Markdown (one row per binary)")
+    info.add_argument("--from-json", metavar="FILE", default=None,
+                      help="with --kernels: take the table from FILE (written by --json) instead of compiling")
     info.add_argument("--update-doc", metavar="FILE", default=None,
                       help="with --kernels: rewrite the summary table between FILE's compile-table markers "
                       "(docs/kernels.md)")

@@ -413,7 +413,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     order = {arch: i for i, arch in enumerate(ARCHS)}
     summary = []
     for (kernel, arch), members in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
-        shapes = sorted({s for r in members for s in r["wgmma"]}, key=lambda s: int(s.split("n")[1].split("k")[0]))
+        shapes = sorted({s for r in members for s in r["wgmma"]}, key=lambda s: (int(s.split("n")[1].split("k")[0]), s))
         pipelined = [r["cp_async"] for r in members if r["stages"] >= 2]
         summary.append({
             "kernel": kernel, "arch": arch, "binaries": len(members),

@@ -190,17 +190,19 @@ _DS_PANEL = {
 # widest bucket is the largest d served fused. fp32 without tensor cores (the IEEE default) computes each dot
 # on the CUDA cores from registers: small row tiles.
 _GRADIENT = {
-    ("ampere", "half"): ((64, _c(128, 64, 64, 8, 3)), (128, _c(128, 64, 128, 8, 3)), (256, _c(64, 64, 256, 8, 2))),
-    ("ampere", "fp32"): ((64, _c(32, 64, 64, 8, 2)), (128, _c(32, 32, 128, 8, 1))),
+    ("ampere", "half"): ((64, _c(128, 64, 64, 8, 2)), (128, _c(128, 64, 128, 8, 3)), (256, _c(64, 64, 256, 8, 2))),
+    # No fp32 tile with a 128-wide accumulator compiles on sm_80 without spills or stack (the tuner tried them
+    # all): fused up to d = 64, the panel path above.
+    ("ampere", "fp32"): ((64, _c(32, 64, 64, 8, 2)),),
     # d ≤ 128 only: at 256 every tile spills on sm_90 (the tuner found none); d > 128 takes the panel path.
     ("hopper", "half"): ((64, _c(128, 64, 64, 8, 3)), (128, _c(128, 64, 128, 8, 3))),
     ("hopper", "fp32"): ((64, _c(32, 64, 64, 8, 2)), (128, _c(32, 32, 128, 4, 2))),
-    ("blackwell", "half"): (
-        (64, _c(64, 64, 64, 4, 2)), (128, _c(64, 64, 128, 4, 3)), (256, _c(128, 64, 256, 8, 2)),
-    ),
+    # On sm_100 every 128-wide 16-bit candidate leaves a stack frame in some variant (the tuner tried them all),
+    # and a 256-wide tile serving d = 128 would double its tensor work: fused up to d = 64, the panel path above.
+    ("blackwell", "half"): ((64, _c(64, 64, 64, 4, 2)),),
     ("blackwell", "fp32"): ((64, _c(32, 32, 64, 4, 2)), (128, _c(32, 32, 128, 4, 2))),
     ("amd", "half"): ((64, _c(64, 32, 64, 4, 2)), (128, _c(64, 32, 128, 4, 2)), (256, _c(64, 32, 256, 4, 2))),
-    ("amd", "fp32"): ((64, _c(32, 64, 64, 4, 2)), (128, _c(32, 32, 128, 4, 2))),
+    ("amd", "fp32"): ((64, _c(32, 32, 64, 4, 2)), (128, _c(32, 32, 128, 4, 2))),
 }
 
 # The two GEMMs of the panel path: BLOCK_M × BLOCK_N output tiles, BLOCK_D the reduction chunk.

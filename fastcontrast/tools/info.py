@@ -62,6 +62,14 @@ def summary_section(document: dict) -> str:
             + aot.format_summary(document["rows"]))
 
 
+def full_table_markdown(document: dict) -> str:
+    """docs/compile_table.md: the header line of :func:`summary_section`, then one row per binary."""
+    from fastcontrast.kernels import aot
+
+    return (f"# Compile table\n\nEvery binary the engine can launch. {summary_section(document).split(chr(10))[0]}"
+            f"\n\n{aot.format_markdown(document['rows'])}")
+
+
 def update_kernels_doc(path: str, document: dict) -> None:
     """Replace the text between ``path``'s compile-table markers with :func:`summary_section`."""
     with open(path) as f:
@@ -125,12 +133,14 @@ def info_cli(args) -> int:
         return 0
 
     archs = args.arch or None
-    print(f"compiling every launchable kernel variant for {', '.join(archs or ('all targets',))} (no GPU "
-          "needed; minutes)…", file=sys.stderr, flush=True)
     try:
-        from fastcontrast.kernels import aot
-
-        document = compile_table_document(archs)
+        if args.from_json:
+            with open(args.from_json) as f:
+                document = json.load(f)
+        else:
+            print(f"compiling every launchable kernel variant for {', '.join(archs or ('all targets',))} (no GPU "
+                  "needed; minutes)…", file=sys.stderr, flush=True)
+            document = compile_table_document(archs)
     except Exception as exc:  # noqa: BLE001 - triton missing, ptxas / cuobjdump missing, a failing compile, …
         print(f"  cannot build the kernel table: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -143,5 +153,5 @@ def info_cli(args) -> int:
         update_kernels_doc(args.update_doc, document)
         print(f"updated the compile-table summary in {args.update_doc}", file=sys.stderr)
     if args.markdown or not (args.json or args.update_doc):
-        print(aot.format_markdown(document["rows"]))
+        print(full_table_markdown(document))
     return 0

@@ -85,10 +85,6 @@ def test_loss_compiles_as_one_graph_and_matches_eager(name):
         assert_close(f"N={n} loss", loss_c, loss_e, atol=1e-5, rtol=1e-5)
         for index, (g_c, g_e) in enumerate(zip(grads_c, grads_e)):
             assert_close(f"N={n} gradient of input {index}", g_c, g_e, atol=1e-5, rtol=1e-5)
-    if name == "dclw":
-        return fc.DCLWLoss(0.2, 0.3, backend="torch"), lambda m, x: m(*x["features"][:2])
-    if name == "dcl_weight_fn":
-        return fc.DCLLoss(0.2, squared_distance_weights, backend="torch"), lambda m, x: m(*x["features"][:2])
     if name == "memory_bank":
         assert_close("bank after the steps", compiled_module.memory_bank.bank, eager_module.memory_bank.bank, atol=1e-6)
 

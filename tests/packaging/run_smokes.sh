@@ -3,9 +3,9 @@
 # the source tree. Usage: tests/packaging/run_smokes.sh {wheel|sdist|extras|triton-min|all}...
 #
 #   wheel       the wheel alone (torch and reference backends, `check`, `info`), then with [triton]: a loss
-#               and one kernel in triton's interpreter, `info --kernels` (tests/packaging/smoke.py)
+#               and one kernel in triton's interpreter, a sample compile (tests/packaging/smoke.py)
 #   sdist       the same, installed from the sdist (pip builds it: a file missing from MANIFEST.in fails),
-#               less `info --kernels`, which compiles the same installed files as the wheel's (--quick)
+#               less the sample compile, which compiles the same installed files as the wheel's (--quick)
 #   extras      [bench], [release], [test], [dev] from the wheel: every requirement installed and importable
 #               (check_extra.py), then what the extra is for: [bench] a tiny `bench --plot`, [test] the
 #               sdist's test suite collects, [dev] ruff, [release] build and twine

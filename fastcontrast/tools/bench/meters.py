@@ -16,8 +16,9 @@ measured by one of (:class:`MemoryMeter`):
   The two cannot share a process: once the heap holds large free blocks, glibc serves even
   above-threshold requests from them.
 - ``tensor_bytes`` (any OS, the fallback where VmHWM cannot be reset, e.g. macOS): bytes of tensor storage
-  alive at once, counted op by op by a ``TorchDispatchMode``. It sees every tensor but no library
-  workspace, like CUDA's counter.
+  alive at once, counted op by op by a ``TorchDispatchMode``. It sees every tensor an aten op returns, but
+  neither library workspaces nor what is made and freed inside a custom op: the engines' chunk workspaces
+  inside ``fastcontrast::*`` (at most ``chunk_bytes`` each) are not counted, where CUDA's counter would.
 """
 
 from __future__ import annotations
