@@ -73,6 +73,23 @@ def _top1(i2t_argmax: torch.Tensor, t2i_argmax: torch.Tensor, target: torch.Tens
     }
 
 
+def _two_towers_checked(image_features, text_features, logit_scale, logit_bias, backend, chunk_bytes, group,
+                        what: str):
+    """(scale, bias, engine, layout) of a two-tower loss; the checks run on every rank of ``group`` (if any), so
+    that a bad input on one rank raises on all of them, with the batch layout exchanged in the same step."""
+
+    def check():
+        scale, bias = check_two_towers("image_features", image_features, "text_features", text_features,
+                                       logit_scale, logit_bias)
+        return scale, bias, resolve_engine(backend, image_features.device, image_features.dtype, chunk_bytes)
+
+    if group is None:
+        return (*check(), None)
+    (scale, bias, engine), layout = distributed.exchange_layout(group, image_features, check, what=what,
+                                                                name="image_features")
+    return scale, bias, engine, layout
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -125,19 +142,11 @@ def clip_loss(
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="ClipLoss")
-
-    def check():
-        scale, bias = check_two_towers("image_features", image_features, "text_features", text_features,
-                                       logit_scale, logit_bias)
-        return scale, bias, resolve_engine(backend, image_features.device, image_features.dtype, chunk_bytes)
-
-    layout = None
-    if group is None:
-        (scale, bias, engine), all_image, all_text = check(), image_features, text_features
+    scale, bias, engine, layout = _two_towers_checked(image_features, text_features, logit_scale, logit_bias, backend,
+                                                      chunk_bytes, group, "ClipLoss")
+    if layout is None:
+        all_image, all_text = image_features, text_features
     else:
-        (scale, bias, engine), layout = distributed.exchange_layout(
-            group, image_features, check, what="ClipLoss", name="image_features"
-        )
         if exchange == "ring":
             home = torch.arange(image_features.shape[0], device=image_features.device)
             lse_image, pos_image, lse_text, pos_text = RingLogSumExp.apply(
@@ -223,19 +232,11 @@ def siglip_loss(
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="SigLipLoss")
-
-    def check():
-        scale, bias = check_two_towers("image_features", image_features, "text_features", text_features,
-                                       logit_scale, logit_bias)
-        return scale, bias, resolve_engine(backend, image_features.device, image_features.dtype, chunk_bytes)
-
-    layout = None
-    if group is None:
-        (scale, bias, engine), all_text = check(), text_features
+    scale, bias, engine, layout = _two_towers_checked(image_features, text_features, logit_scale, logit_bias, backend,
+                                                      chunk_bytes, group, "SigLipLoss")
+    if layout is None:
+        all_text = text_features
     else:
-        (scale, bias, engine), layout = distributed.exchange_layout(
-            group, image_features, check, what="SigLipLoss", name="image_features"
-        )
         all_text = None if exchange == "ring" else distributed.gather_with_grad(text_features, group, layout)
     offset = 0 if layout is None else layout.offset
     if engine is None:
