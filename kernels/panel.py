@@ -110,6 +110,23 @@ def _panel_dot(b_p, b_y, b_acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.cons
     return tl.dot(b_p, b_y, b_acc, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def _load_panel(ptrs, m_m, m_k, P_TRANSPOSED: tl.constexpr, K_MASKED: tl.constexpr):
+    """A [BLOCK_M, BLOCK_D] block of P: rows masked unless P is dSᵀ (rows are then its contiguous dimension,
+    read unmasked so the load vectorises), K masked only in the last, partial block."""
+    if P_TRANSPOSED:
+        if K_MASKED:
+            b_p = tl.load(ptrs, mask=m_k[None, :], other=0.0)
+        else:
+            b_p = tl.load(ptrs)
+    else:
+        if K_MASKED:
+            b_p = tl.load(ptrs, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        else:
+            b_p = tl.load(ptrs, mask=m_m[:, None], other=0.0)
+    return b_p
+
+
 @triton.jit(do_not_specialize=["rows", "depth", "k_per_split"])
 def panel_matmul_kernel(
     P,
@@ -157,20 +174,18 @@ def panel_matmul_kernel(
     k_start = tl.multiple_of(i_s * k_per_split, BLOCK_D)
     k_stop = tl.minimum(depth, k_start + k_per_split)
     k_full = k_start + (k_stop - k_start) // BLOCK_D * BLOCK_D
-    # Rows of P: masked unless P is dSᵀ, whose rows are its contiguous dimension.
-    m_p = m_m | P_TRANSPOSED
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_k in range(k_start, k_full, BLOCK_D):
         o_k = start_k + tl.arange(0, BLOCK_D)
-        b_p = tl.load(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
-                      mask=m_p[:, None], other=0.0)
+        b_p = _load_panel(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
+                          m_m, o_k < k_stop, P_TRANSPOSED, False)
         b_y = tl.load(Y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :], mask=m_n[None, :], other=0.0)
         b_acc = _panel_dot(b_p, b_y, b_acc, DOT_FP32, INPUT_PRECISION)
     if k_full < k_stop:
         o_k = k_full + tl.arange(0, BLOCK_D)
         m_k = o_k < k_stop
-        b_p = tl.load(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
-                      mask=m_p[:, None] & m_k[None, :], other=0.0)
+        b_p = _load_panel(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
+                          m_m, m_k, P_TRANSPOSED, True)
         b_y = tl.load(Y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :], mask=m_k[:, None] & m_n[None, :],
                       other=0.0)
         b_acc = _panel_dot(b_p, b_y, b_acc, DOT_FP32, INPUT_PRECISION)
