@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "tens of minutes on 2 cores for all targets)")
     info.add_argument("--arch", nargs="+", default=None, choices=["sm_80", "sm_90", "sm_100", "gfx90a", "gfx942"],
                       help="with --kernels: only these targets")
+    info.add_argument("--dtypes", nargs="+", default=None, choices=["fp16", "bf16", "fp32"],
+                      help="with --kernels: only the binaries for these input dtypes")
+    info.add_argument("--dims", nargs="+", type=_positive_int, default=None,
+                      help="with --kernels: only the binaries these feature dims launch (default: dims covering "
+                      "every config bucket)")
     info.add_argument("--json", metavar="FILE", default=None,
                       help="with --kernels: write the table as JSON (one row per binary)")
     info.add_argument("--markdown", action="store_true",

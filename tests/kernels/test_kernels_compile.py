@@ -89,6 +89,9 @@ def test_the_table_was_made_with_this_triton_and_these_kernel_sources(document):
     assert document["triton"] == _triton_version(), f"table made with triton {document['triton']}; {REGENERATE}"
     assert document["kernels_digest"] == info.kernel_sources_digest(), f"the kernel sources changed; {REGENERATE}"
     assert document["archs"] == ["sm_80", "sm_90", "sm_100", "gfx90a", "gfx942"]
+    from fastcontrast.kernels.aot import DIMS, DTYPES
+
+    assert document["dtypes"] == list(DTYPES) and document["dims"] == list(DIMS)
 
 
 def test_the_table_holds_exactly_the_binaries_the_launchers_produce(rows, rebuilt):
