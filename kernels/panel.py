@@ -113,7 +113,8 @@ def _panel_dot(b_p, b_y, b_acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.cons
 @triton.jit
 def _load_panel(ptrs, m_m, m_k, P_TRANSPOSED: tl.constexpr, K_MASKED: tl.constexpr):
     """A [BLOCK_M, BLOCK_D] block of P: rows masked unless P is dSᵀ (rows are then its contiguous dimension,
-    read unmasked so the load vectorises), K masked only in the last, partial block."""
+    read unmasked so the load vectorises), K masked only in the last, partial block (``m_k`` is None for the
+    others)."""
     if P_TRANSPOSED:
         if K_MASKED:
             b_p = tl.load(ptrs, mask=m_k[None, :], other=0.0)
@@ -178,7 +179,7 @@ def panel_matmul_kernel(
     for start_k in range(k_start, k_full, BLOCK_D):
         o_k = start_k + tl.arange(0, BLOCK_D)
         b_p = _load_panel(P + o_m.to(tl.int64)[:, None] * stride_p_row + o_k.to(tl.int64)[None, :] * stride_p_k,
-                          m_m, o_k < k_stop, P_TRANSPOSED, False)
+                          m_m, None, P_TRANSPOSED, False)
         b_y = tl.load(Y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :], mask=m_n[None, :], other=0.0)
         b_acc = _panel_dot(b_p, b_y, b_acc, DOT_FP32, INPUT_PRECISION)
     if k_full < k_stop:

@@ -135,8 +135,9 @@ def test_every_kernel_compiles_for_every_architecture_and_dtype(rows):
     assert expected <= seen, f"never compiled: {sorted(expected - seen)}"
 
 
-def _has_dot(row) -> bool:
-    # A dS kernel with neither LSE (only positives' gradients) needs no S tile: no dot at all.
+def _computes_s_tile(row) -> bool:
+    # A dS kernel with neither LSE (only the positives' gradients, e.g. the memory bank's keys) needs no S tile:
+    # triton drops that dot (ds_panel_kernel then has none; gradient_kernel keeps its dS·Y).
     if row["kernel"] in ("ds_panel_kernel", "gradient_kernel") and "MODE=0" in row["constexprs"]:
         absent = row["constexprs"].split("none:")[-1].split(",") if "none:" in row["constexprs"] else []
         lse = ("LSE_ROW", "LSE_COL") if row["kernel"] == "ds_panel_kernel" else ("LSE_X", "LSE_Y")
@@ -147,7 +148,7 @@ def _has_dot(row) -> bool:
 def test_hopper_16_bit_dots_run_on_wgmma_at_least_64_wide(rows):
     # wgmma's N is the tile's N per warpgroup; below 64 the instruction wastes most of its issue rate (and the
     # configs were chosen to avoid it, kernels/configs.py).
-    half = [r for r in rows if r["arch"] == "sm_90" and r["dtype"] in ("fp16", "bf16") and _has_dot(r)]
+    half = [r for r in rows if r["arch"] == "sm_90" and r["dtype"] in ("fp16", "bf16") and _computes_s_tile(r)]
     assert len(half) > 100
     narrow = [f"{r['kernel']} {r['block']} {r['constexprs']}: {r['wgmma']}" for r in half
               if not r["wgmma"] or any(int(s.split("n")[1].split("k")[0]) < 64 for s in r["wgmma"])]
@@ -167,11 +168,8 @@ def test_the_work_models_instruction_shapes_are_the_compiled_ones(rows):
         kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d}
         compiled = min(int(s.split("n")[1].split("k")[0]) for s in r["wgmma"])
         modelled = wgmma_n(r["kernel"], kwargs, r["warps"])
-        # A gradient that reaches only the positives (no LSE term, e.g. the memory bank's keys) needs no S tile:
-        # triton drops that dot, and the model's narrower guess only makes it pessimistic there.
-        none = next((c[len("none:"):].split(",") for c in r["constexprs"].split() if c.startswith("none:")), [])
-        s_tile_dead = r["kernel"] == "gradient_kernel" and {"LSE_X", "LSE_Y"} <= set(none)
-        if modelled != compiled and not (s_tile_dead and modelled < compiled):
+        # Without the S tile's dot, the model's narrower guess only makes it pessimistic.
+        if modelled != compiled and (_computes_s_tile(r) or modelled > compiled):
             wrong.append(f"{r['kernel']} {r['block']} warps={r['warps']}: model {modelled}, PTX {r['wgmma']}")
     assert not wrong, "\n".join(sorted(set(wrong)))
 
@@ -181,7 +179,7 @@ def test_pipelined_16_bit_nvidia_binaries_prefetch_with_cp_async(rows):
     # kernels are left out: triton pipelines their IEEE dots on the CUDA cores differently.)
     unpipelined = [f"{r['kernel']} {r['arch']} {r['dtype']} {r['block']} stages={r['stages']} {r['constexprs']}"
                    for r in rows if r["arch"].startswith("sm_") and r["dtype"] != "fp32" and r["stages"] >= 2
-                   and _has_dot(r) and r["cp_async"] == 0]
+                   and _computes_s_tile(r) and r["cp_async"] == 0]
     assert not unpipelined, "stages ≥ 2 without cp.async:\n" + "\n".join(unpipelined[:20])
 
 
