@@ -422,3 +422,23 @@ def gather_for(*, local_loss: bool, with_grad: bool) -> Callable[[torch.Tensor, 
     if with_grad:
         return gather_with_grad
     return gather_without_grad if local_loss else gather_with_local_slot
+
+
+def rank_mean(per_row: torch.Tensor, layout: Optional[BatchLayout]) -> torch.Tensor:
+    """This rank's share of a global-batch mean: the mean over its rows, times W·n_k/N when sizes differ.
+
+    With one process, or equal sizes, this is the plain mean (the originals' value, bit for bit); with
+    unequal sizes the average over ranks of these values, and of their gradients under DDP, is the mean over
+    all N rows.
+    """
+    if layout is None or layout.equal:
+        return per_row.mean()
+    return per_row.sum() * (layout.world_size / layout.total)
+
+
+def rank_world_from_group(rank: int, world_size: int, process_group, what: str) -> tuple[int, int]:
+    """With ``process_group=``, the rank and world size come from the group (explicit ones must agree)."""
+    if process_group is None:
+        return rank, world_size
+    group = resolve_group(rank, world_size, process_group, what=what)
+    return (0, 1) if group is None else (group.rank, group.world_size)

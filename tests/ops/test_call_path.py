@@ -55,7 +55,8 @@ def _frames_between_forward_and(code, backend):
     loss = fastcontrast.ClipLoss(backend=backend)
     stack = _stack_at(code, lambda: loss(a, b, 10.0))
     names = [name for name, _ in stack]
-    start = max(i for i, (name, file) in enumerate(stack) if name == "forward" and file.endswith("losses.py"))
+    forward_file = fastcontrast.ClipLoss.forward.__code__.co_filename
+    start = max(i for i, (name, file) in enumerate(stack) if name == "forward" and file == forward_file)
     between = [(name, file) for name, file in stack[start + 1:-1] if _in_package(file)]
     return between, names
 
