@@ -46,13 +46,13 @@ def _restore_tf32_settings():
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
 @pytest.mark.parametrize("setting", ["matmul", "global", "set_float32_matmul_precision"])
 def test_tf32_is_read_through_the_api_the_user_set_without_raising(setting, monkeypatch):
-    from fastcontrast.kernels import engine
+    from fastcontrast.kernels import launch
 
     # As on a GPU: the interpreter multiplies in fp32 whatever it is told, so these tests run without it.
-    monkeypatch.setattr(engine, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(launch, "triton_interpreter_enabled", lambda: False)
 
     def dot_settings(dtype, target=("cuda", 90)):
-        return engine.dot_settings(dtype, target)
+        return launch.dot_settings(dtype, target)
 
     with _restore_tf32_settings():
         if setting == "matmul":

@@ -1,0 +1,166 @@
+"""Launchers of the gradient: dS·B and dSᵀ·A (and SigLIP's Σ dS) by the fused kernels while the accumulator
+fits on chip (kernels/gradient.py), else by the panel path (kernels/panel.py: dS written once per panel in
+the input dtype, then two GEMM kernels). Deterministic: partials are summed in a fixed order, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from fastcontrast.kernels.configs import (
+    fused_gradient,
+    gradient_config,
+    panel_configs,
+    target_for,
+)
+from fastcontrast.kernels.gradient import gradient_kernel
+from fastcontrast.kernels.launch import ALIGNMENT, MODE_LSE, MODE_SIGLIP, column_splits, launch_flags, target_programs
+from fastcontrast.kernels.panel import ds_panel_kernel, panel_matmul_kernel
+
+
+def gradients(problem: dict, *, need_a: bool, need_b: bool, need_bias: bool):
+    """dS·B, dSᵀ·A (fp32, padded width) and Σ dS (or None) of an LSE / SigLIP problem: the fused kernels while
+    the accumulator fits on chip, else the panel path."""
+    a = problem["a"]
+    target = target_for(a.device)
+    if fused_gradient(target, a.shape[1], a.dtype):
+        return _fused_gradients(problem, target, need_a=need_a, need_b=need_b, need_bias=need_bias)
+    return _panel_gradients(problem, target, need_a=need_a, need_b=need_b, need_bias=need_bias)
+
+
+def _fused_gradients(problem, target, *, need_a, need_b, need_bias):
+    # Σ dS (the bias gradient) comes with the SigLIP passes (each sees every (i, j) once): the dA pass's when
+    # it runs, else the dB pass's; when neither gradient is needed, the dA pass runs for it alone.
+    grad_a = grad_b = bias_partial = None
+    if need_a or (need_bias and not need_b):
+        grad_a, bias_partial = _launch_gradient(problem, target, transposed=False)
+    if need_b:
+        grad_b, b_partial = _launch_gradient(problem, target, transposed=True)
+        bias_partial = b_partial if bias_partial is None else bias_partial
+    grad_bias = bias_partial.sum() if need_bias else None
+    return (grad_a if need_a else None), grad_b, grad_bias
+
+
+def _launch_gradient(problem, target, *, transposed):
+    """dS·Y for the rows of X (X = A, or X = B with ``transposed``): ``(fp32 [n_x, d_pad], Σ dS partials
+    [splits, row blocks] for SigLIP, else None)``."""
+    x, y = (problem["b"], problem["a"]) if transposed else (problem["a"], problem["b"])
+    x_stats, y_stats = (problem["col_stats"], problem["row_stats"]) if transposed else (problem["row_stats"],
+                                                                                        problem["col_stats"])
+    offset = problem["offset"]
+    if offset is not None and transposed:
+        offset = -offset
+    n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
+    config = gradient_config(target, d, x.dtype)
+    splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
+    grid = (triton.cdiv(n_x, config.block_m), splits)
+    out = torch.empty((splits, n_x, d), dtype=torch.float32, device=x.device)
+    mode = problem["mode"]
+    bias_partial = torch.empty(grid[::-1], dtype=torch.float32, device=x.device) if mode == MODE_SIGLIP else None
+    lse_x, grad_x = x_stats if x_stats is not None else (None, None)
+    lse_y, grad_y = y_stats if y_stats is not None else (None, None)
+    has_positives = problem["positive_index"] is not None
+    gradient_kernel[grid](
+        X=x, Y=y, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
+        POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"], LSE_X=lse_x,
+        GRAD_X=grad_x, LSE_Y=lse_y, GRAD_Y=grad_y, GRAD_TOTAL=problem["grad_total"], OUT=out,
+        BIAS_PARTIAL=bias_partial, n_x=n_x, n_y=n_y, d=d, stride_x=x.stride(0), stride_y=y.stride(0),
+        stride_out=out.stride(1), offset=0 if offset is None else offset, private_columns=problem["private_columns"],
+        cols_per_split=cols_per_split, MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
+        HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=has_positives,
+        EXCLUDE_POSITIVE=problem["exclude_positive"], HAS_PRIVATE=problem["private_columns"] > 0,
+        X_IS_A=not (transposed and has_positives), SCALE_DS=problem["ds_scale"] is not None, **launch_flags(config, x),
+    )
+    # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
+    return (out[0] if splits == 1 else out.sum(dim=0)), bias_partial
+
+
+def panels(n: int, m: int, rows: int, cols: int):
+    """The panels (row range, column range) of an n×m matrix, column panels outermost: a fixed order."""
+    for c0 in range(0, m, cols):
+        for r0 in range(0, n, rows):
+            yield (r0, min(n, r0 + rows)), (c0, min(m, c0 + cols))
+
+
+def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
+    """The panel path (kernels/panel.py): per panel one dS kernel and up to two GEMM kernels."""
+    a, b = problem["a"], problem["b"]
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    panel, ds_config, matmul_config = panel_configs(target, a.dtype)
+    rows, cols = min(n, panel.rows), min(m, panel.cols)
+    ds = panel_scratch(rows, cols, a)
+    grad_a = torch.empty((n, d), dtype=torch.float32, device=a.device) if need_a else None
+    grad_b = torch.empty((m, d), dtype=torch.float32, device=a.device) if need_b else None
+    row_stats, col_stats = problem["row_stats"], problem["col_stats"]
+    offset, mode = problem["offset"], problem["mode"]
+    bias_partials = []
+    for (r0, r1), (c0, c1) in panels(n, m, rows, cols):
+        grid = (triton.cdiv(r1 - r0, ds_config.block_m), triton.cdiv(c1 - c0, ds_config.block_n))
+        bias_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if mode == MODE_SIGLIP else None
+        ds_panel_kernel[grid](
+            A=a, B=b, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
+            POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"],
+            LSE_ROW=None if row_stats is None else row_stats[0], GRAD_ROW=None if row_stats is None else row_stats[1],
+            LSE_COL=None if col_stats is None else col_stats[0], GRAD_COL=None if col_stats is None else col_stats[1],
+            GRAD_TOTAL=problem["grad_total"], DS=ds, BIAS_PARTIAL=bias_partial,
+            row_start=r0, row_stop=r1, col_start=c0, col_stop=c1, d=d, stride_a=a.stride(0), stride_b=b.stride(0),
+            stride_ds=ds.stride(0), offset=0 if offset is None else offset,
+            private_columns=problem["private_columns"], MODE=mode, HAS_ROW_TERM=row_stats is not None,
+            HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
+            HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
+            HAS_PRIVATE=problem["private_columns"] > 0, SCALE_DS=problem["ds_scale"] is not None,
+            **launch_flags(ds_config, a),
+        )
+        if need_bias:
+            bias_partials.append(bias_partial.reshape(-1))
+        multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config,
+                        out_a=grad_a, out_b=grad_b, a=a, b=b)
+    grad_bias = torch.cat(bias_partials).sum() if need_bias else None
+    return grad_a, grad_b, grad_bias
+
+
+# Elements after the dS panel's last row: panel_matmul_kernel reads dSᵀ without a row mask, up to one
+# row tile past the panel's columns (at most the largest BLOCK_M).
+PANEL_SLACK = 256
+
+
+def panel_scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """The [rows, cols] dS panel in the input dtype, its row stride padded to 16 elements (aligned binaries),
+    viewed in a buffer with :data:`PANEL_SLACK` elements more (zeroed: what is read there stays finite)."""
+    stride = triton.cdiv(cols, ALIGNMENT) * ALIGNMENT
+    buffer = torch.empty(rows * stride + PANEL_SLACK, dtype=like.dtype, device=like.device)
+    buffer[rows * stride:].zero_()
+    return buffer[: rows * stride].view(rows, stride)
+
+
+def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):
+    """out_a[r0:r1] (+)= P·B[c0:c1] and out_b[c0:c1] (+)= Pᵀ·A[r0:r1] for the panel P of rows r0:r1 and
+    columns c0:c1 (the first panel of each output row range writes, the later ones add)."""
+    if out_a is not None:
+        _launch_panel_matmul(out=out_a[r0:r1], p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
+                             y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config, transposed=False)
+    if out_b is not None:
+        _launch_panel_matmul(out=out_b[c0:c1], p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
+                             y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config, transposed=True)
+
+
+def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, config, transposed):
+    """out (+)= P[:rows, :depth] @ y (fp32), with the reduction split across programs when the output tiles
+    alone would leave the GPU idle (few rows: a local loss); the splits are summed in a fixed order."""
+    rows, cols = out.shape
+    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(cols, config.block_n)
+    splits = max(1, min(target_programs(out.device) // tiles, triton.cdiv(depth, 4 * config.block_d)))
+    k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
+    splits = triton.cdiv(depth, k_per_split)
+    target = out if splits == 1 else torch.empty((splits, rows, cols), dtype=torch.float32, device=out.device)
+    panel_matmul_kernel[(tiles, splits)](
+        P=p, Y=y, OUT=target, DS_SCALE=ds_scale, rows=rows, cols=cols, depth=depth, k_per_split=k_per_split,
+        stride_p_row=p_strides[0], stride_p_k=p_strides[1], stride_y=y.stride(0), stride_out=out.stride(0),
+        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, P_TRANSPOSED=transposed,
+        **launch_flags(config, y),
+    )
+    if splits > 1:
+        if accumulate:
+            out.add_(target.sum(dim=0))
+        else:
+            torch.sum(target, dim=0, out=out)
