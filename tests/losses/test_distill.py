@@ -1,9 +1,9 @@
-"""DistillClipLoss and CoCaLoss against open_clip's math (``fastcontrast.reference``), in one process.
+"""DistillClipLoss (open_clip 3.x) against open_clip's math (``fastcontrast.reference``), in one process.
 
 Both engines (the blockwise torch engine; the Triton kernels in triton's interpreter), fp64 gradcheck,
 fp32 / bf16 / fp16 tolerances, teacher and student dims that differ, teacher features with and without
 grad, the memory bound, the FLOP count, and every bad input. The distributed modes are in
-``tests/test_distributed.py``.
+``tests/distributed/test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,30 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import BOUND, BOUND_D, BOUND_N, KERNEL_RELATIVE, TOLERANCES, TensorSizeRecorder, assert_close
+from _helpers import (
+    BOUND,
+    BOUND_D,
+    BOUND_N,
+    KERNEL_RELATIVE,
+    TensorSizeRecorder,
+    assert_close,
+)
 
 import fastcontrast as fc
-from fastcontrast import CoCaLoss, DistillClipLoss, reference
+from fastcontrast import DistillClipLoss, reference
 from fastcontrast.blockwise import TorchEngine
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+
+
 needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 on a CPU-only machine")
+
 
 # Weight of the distillation term in the combined loss whose gradients are compared, so that a swapped or
 # missing term shows (the two parts have different gradients).
 DISTILL_WEIGHT = 0.7
+
+
 NAMES = ("image", "text", "scale", "dist_image", "dist_text", "dist_scale")
 
 
@@ -78,6 +90,8 @@ def _compare(fn, tensors, atol_of_max, loss_atol):
 
 
 SHAPES = [(1, 8, 5), (17, 48, 30), (130, 64, 100), (37, 1000, 48)]
+
+
 SHAPE_IDS = [f"N{n}-D{d}-Dt{dt}" for n, d, dt in SHAPES]
 
 
@@ -182,9 +196,9 @@ def test_distill_clip_loss_input_errors_name_the_argument():
         DistillClipLoss(use_horovod=True)
 
 
-# ---- Triton, in the interpreter --------------------------------------------------------------------------
-
 TRITON_TOLERANCE = KERNEL_RELATIVE
+
+
 TRITON_SHAPES = [(1, 48, 1), (17, 1, 48), (64, 64, 300), (130, 300, 64)]
 
 
@@ -268,66 +282,3 @@ def test_distill_forward_and_backward_gemm_passes_are_counted():
             (contrastive + distill).backward()
         assert gemm_passes(forward.flops, n, n, d) == 2.0
         assert gemm_passes(backward.flops, n, n, d) == expected_backward
-
-
-# ---- CoCaLoss --------------------------------------------------------------------------------------------
-
-
-def _coca_inputs(n, d, seq=7, vocab=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
-    text = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
-    logits = torch.randn(n, seq, vocab, generator=g).requires_grad_()
-    labels = torch.randint(0, vocab, (n, seq), generator=g)
-    labels[:, -2:] = 0  # padding, ignored with pad_id=0
-    return image, text, logits, labels, torch.tensor(14.3, requires_grad=True)
-
-
-@pytest.mark.parametrize("n", [1, 17, 130])
-def test_coca_loss_matches_open_clip(n):
-    image, text, logits, labels, scale = _coca_inputs(n, 24)
-    clip_part, caption_part = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.5, backend="torch")(
-        image, text, logits, labels, scale
-    )
-    grads = torch.autograd.grad(clip_part + caption_part, (image, text, logits, scale))
-    ref_leaves = [t.detach().clone().requires_grad_() for t in (image, text, logits, scale)]
-    ref_clip = 1.5 * reference.clip_loss_reference(ref_leaves[0], ref_leaves[1], ref_leaves[3])
-    ref_caption = 2.0 * reference.caption_loss_reference(ref_leaves[2], labels, pad_id=0)
-    ref_grads = torch.autograd.grad(ref_clip + ref_caption, ref_leaves)
-    atol, rtol = TOLERANCES[torch.float32]
-    assert_close("contrastive_loss", clip_part, ref_clip, atol=atol, rtol=rtol)
-    assert_close("caption_loss", caption_part, ref_caption, atol=atol, rtol=rtol)
-    for name, grad, ref in zip(("image", "text", "logits", "scale"), grads, ref_grads):
-        assert_close(f"d{name}", grad, ref, atol=atol, rtol=rtol)
-
-
-def test_coca_loss_zero_clip_weight_does_no_contrastive_work():
-    image, text, logits, labels, scale = _coca_inputs(5, 8)
-    loss_fn = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=0.0, backend="torch")
-    with TensorSizeRecorder() as recorder:
-        out = loss_fn(image, text, logits, labels, scale, output_dict=True)
-    assert set(out) == {"contrastive_loss", "caption_loss"}
-    assert torch.equal(out["contrastive_loss"], torch.tensor(0)), out["contrastive_loss"]
-    assert not any("mm" in op for _, op in recorder.created), "no similarity GEMM may run"
-
-
-def test_coca_loss_pad_id_is_ignored_like_open_clip():
-    image, text, logits, labels, scale = _coca_inputs(4, 8)
-    labels[:, 0] = 3
-    _, caption = CoCaLoss(1.0, 1.0, pad_id=3, backend="torch")(image, text, logits, labels, scale)
-    expected = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=3)
-    assert_close("caption_loss", caption, expected, atol=0.0)
-
-
-def test_coca_loss_bad_inputs_are_clear_errors():
-    image, text, logits, labels, scale = _coca_inputs(4, 8)
-    with pytest.raises(ValueError, match="`logits` must be a \\[batch, seq_len, vocab\\]"):
-        CoCaLoss(1.0, 1.0)(image, text, logits[0], labels, scale)
-    with pytest.raises(ValueError, match="`labels` must be a \\[batch, seq_len\\]"):
-        CoCaLoss(1.0, 1.0)(image, text, logits, labels[:, :3], scale)
-    with pytest.raises(TypeError, match="`caption_loss_weight` must be a number"):
-        CoCaLoss("2", 1.0)
-    with pytest.raises(TypeError, match="`pad_id` must be an int"):
-        CoCaLoss(1.0, 1.0, pad_id=0.5)
-    with pytest.raises(ValueError, match="use_horovod"):
-        CoCaLoss(1.0, 1.0, use_horovod=True)
