@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from ops.simulated_gpu import CHECKED, DEVICES, simulate_gpu
 
 from fastcontrast import __main__ as cli
 from fastcontrast.tools import bench as _bench
@@ -220,3 +221,22 @@ def test_largest_n_does_not_run_a_step_projected_past_the_time_limit():
     assert calls == [1024, 2048]
     assert (search.largest_n, search.stopped_at_n, search.stop) == (2048, 4096, "time")
     assert "projected" in search.stop_reason
+
+
+@pytest.mark.parametrize("label", sorted(DEVICES))
+def test_info_says_which_engine_auto_picks_on_each_gpu_and_why(monkeypatch, capsys, label):
+    simulate_gpu(monkeypatch, label)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    name = DEVICES[label][0]
+    assert f"{name}, {label}," in out, out
+    binaries = [" ".join(line.split()) for line in out.splitlines() if "Triton binaries" in line]
+    picks = [" ".join(line.split()) for line in out.splitlines() if line.strip().startswith("cuda:0 bfloat16")]
+    assert len(binaries) == 1 and len(picks) == 1, out
+    if label in CHECKED:
+        assert binaries[0].startswith("Triton binaries checked for "), binaries[0]
+        assert picks[0].startswith("cuda:0 bfloat16 triton: ") and "compiled and checked for" in picks[0], picks[0]
+    else:
+        assert binaries[0].startswith("Triton binaries none checked: "), binaries[0]
+        assert picks[0].startswith(f"cuda:0 bfloat16 torch: no Triton binary is compiled and checked for {name} "
+                                   f"(cuda:0, {label})"), picks[0]
