@@ -2,8 +2,8 @@
 no stack, shared memory within the part's limit, and on Hopper the instructions the configs were chosen for.
 
 The full compile of the ~2700 binaries takes about 40 minutes on 2 cores, so it is committed
-(``docs/compile_table.json``, made by ``python -m fastcontrast info --kernels --json docs/compile_table.json
---update-doc docs/kernels.md``) and checked here three ways:
+(``kernels/compile_table.json``, package data, made by ``python -m fastcontrast info --kernels --json
+kernels/compile_table.json --update-doc docs/kernels.md``) and checked here three ways:
 
 - it is current: made with the installed triton, from the kernel sources as they are now (digest), and its
   binaries are exactly the ones the launchers produce today (every variant's key, re-derived from the engine
@@ -29,9 +29,9 @@ from fastcontrast.tools import info
 pytestmark = pytest.mark.compile
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLE = ROOT / "docs" / "compile_table.json"
+TABLE = ROOT / "kernels" / "compile_table.json"
 KERNELS_DOC = ROOT / "docs" / "kernels.md"
-REGENERATE = ("regenerate it: python -m fastcontrast info --kernels --json docs/compile_table.json "
+REGENERATE = ("regenerate it: python -m fastcontrast info --kernels --json kernels/compile_table.json "
               "--update-doc docs/kernels.md (about 40 minutes on 2 cores)")
 # The numbers a recompile must reproduce exactly.
 MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared", "static_shared", "wgmma", "cp_async",
