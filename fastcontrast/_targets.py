@@ -9,7 +9,8 @@ those architectures stands for it:
   config tables (:mod:`fastcontrast.kernels.configs`) give the device the same tiles as that architecture.
   So sm_80 stands for every 8.x part (its binaries are held to 99 KiB of shared memory, the smallest 8.x
   limit), sm_90 for 9.0 and sm_100 for 10.x. Nothing stands for sm_70 / sm_75 (V100, T4: 96 / 64 KiB per
-  block), consumer Blackwell sm_120 / sm_121 (99 KiB against the sm_100 tiles' 228) or any part not known yet.
+  block, under the Ampere tiles' 99), consumer Blackwell sm_120 / sm_121 (the configs give it the Ampere
+  tiles, but no sm_12x binary was ever compiled and checked) or any part not known yet.
 - AMD: the device's ``gcnArchName`` (without its feature suffixes) must be one of the table's architectures.
 - The device's opt-in shared memory per block must hold the limit the table checked (NVIDIA, where torch
   reports it): a part that allows less cannot launch every checked binary.

@@ -1,4 +1,5 @@
-"""``python -m fastcontrast info``: versions, devices, and which backend ``"auto"`` picks and why.
+"""``python -m fastcontrast info``: versions, devices, and which backend ``"auto"`` picks and why: per GPU,
+whether the compile table has checked Triton binaries for it (:mod:`fastcontrast._targets`).
 
 ``--kernels`` adds the compile table of every kernel variant the engine can launch, compiled for sm_80, sm_90,
 sm_100, gfx90a and gfx942 on this machine (no GPU needed; :mod:`fastcontrast.kernels.aot`): registers, spill
