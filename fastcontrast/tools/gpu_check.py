@@ -411,7 +411,7 @@ def binary_record(kernel, compiled, table_arch: str) -> dict:
         variant = aot.Variant(kernel, table_arch, dict(source.signature), dict(source.constants), dict(source.attrs),
                               metadata, dtype="", precision="")
         record.update(key=variant.digest(), constexprs=variant.flags(), block=variant.tile())
-    except Exception as exc:  # noqa: BLE001 - the comparison falls back to the kernel's flags, or reports it
+    except Exception as exc:  # noqa: BLE001 - a binary that cannot be placed is reported as not in the table
         record["key_error"] = f"{type(exc).__name__}: {exc}"
     return record
 
