@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--dry", action="store_true",
                      help="tiny shapes on the CPU in triton's interpreter (what the test suite runs)")
     gpu.add_argument("--table", metavar="FILE", default=None,
-                     help="the committed compile table to compare the launched binaries with "
-                     "(default: docs/compile_table.json next to the package, if present)")
+                     help="the compile table to compare the launched binaries with (default: the one installed "
+                     "with the package, fastcontrast/kernels/compile_table.json)")
 
     # Parsed by fastcontrast.tools.model itself (main() hands it the arguments); listed here for --help.
     commands.add_parser("model", help="modelled H100 / H200 time of every kernel and loss (a model)")
@@ -174,19 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "gpu-check":
         from fastcontrast.tools.gpu_check import gpu_check_cli
 
-        if args.table is None:
-            args.table = _default_table()
         return gpu_check_cli(args)
     from fastcontrast.tools.info import info_cli
 
     return info_cli(args)
-
-
-def _default_table():
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "compile_table.json")
-    return path if os.path.exists(path) else None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Backend choice: ``"auto" | "triton" | "torch" | "reference"`` → an engine object (or None for the reference).
 
-``"auto"`` picks the Triton engine for CUDA tensors the kernels take (fp16, bf16, fp32) when triton imports,
-else the blockwise torch engine. The environment variable ``FASTCONTRAST_BACKEND`` overrides ``"auto"``
+``"auto"`` picks the Triton engine for CUDA tensors the kernels take (fp16, bf16, fp32) on a device the compile
+table has checked binaries for (:mod:`fastcontrast._targets`) when triton imports, else the blockwise torch
+engine. The environment variable ``FASTCONTRAST_BACKEND`` overrides ``"auto"``
 (never an explicit choice). Nothing here touches CUDA or imports triton at import time.
 """
 
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from fastcontrast._targets import triton_support
 from fastcontrast._validation import BACKENDS, check_chunk_bytes
 from fastcontrast.engine import Engine
 
@@ -52,12 +54,15 @@ def auto_backend(device: torch.device, dtype: Optional[torch.dtype] = None) -> t
         return "torch", f"tensors on {device.type}: the Triton kernels need CUDA"
     if dtype is not None and dtype not in TRITON_DTYPES:
         return "torch", f"{dtype} features: the Triton kernels take float16, bfloat16 and float32"
+    support = triton_support(device)
+    if not support.checked:
+        return "torch", support.reason
     error = triton_import_error()
     if error is not None:
         return "torch", f"triton does not import ({error})"
-    reason = "CUDA tensors and triton imports"
+    reason = f"CUDA tensors and triton imports; {support.reason}"
     if torch.version.hip is not None:
-        reason += " (ROCm: compiled for gfx90a / gfx942, not yet run on AMD hardware)"
+        reason += " (ROCm: compiled and checked, not yet run on AMD hardware)"
     return "triton", reason + ("" if dtype is not None else "; float64 features go to the torch engine")
 
 
@@ -68,18 +73,23 @@ def resolve_engine(backend: str, device: torch.device, dtype: torch.dtype = torc
     ``backend`` must already be valid (:func:`fastcontrast._validation.check_backend`).
 
     Raises:
-        ValueError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``; bad ``chunk_bytes``.
+        ValueError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``, or on a GPU the compile table
+            has no checked binaries for (below sm_80, sm_12x, ROCm archs other than gfx90a / gfx942);
+            bad ``chunk_bytes``.
         TypeError: ``"triton"`` with float64 features.
         ImportError: ``"triton"`` asked for explicitly and triton does not import.
     """
     global _warned_triton_missing
+    asked = "backend='triton'"
     if backend == "auto":
         backend, reason = auto_backend(device, dtype)
+        if backend == "triton" and reason.startswith(ENV_BACKEND):
+            asked = f"{ENV_BACKEND}=triton"
         if backend == "torch" and device.type == "cuda" and dtype in TRITON_DTYPES and not _warned_triton_missing:
             _warned_triton_missing = True
+            advice = " Install triton>=3.2 for the fused kernels." if reason.startswith("triton does not") else ""
             warnings.warn(
-                f"fastcontrast: using the blockwise torch engine on CUDA because {reason}. "
-                "Install triton>=3.2 for the fused kernels.",
+                f"fastcontrast: using the blockwise torch engine on CUDA because {reason}.{advice}",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -94,6 +104,13 @@ def resolve_engine(backend: str, device: torch.device, dtype: torch.dtype = torc
             f"backend='triton' needs CUDA tensors, got tensors on {device}. Use backend='torch' (or 'auto') on "
             "this device, or set TRITON_INTERPRET=1 before importing triton to run the kernels in its interpreter."
         )
+    if device.type == "cuda":
+        support = triton_support(device)
+        if not support.checked:
+            # A binary nobody compiled and checked for this part may exceed its shared memory or registers and
+            # fail at launch: refuse before launching anything.
+            raise ValueError(f"{asked}: {support.reason}. Use backend='torch' (or 'auto', which picks it on "
+                             "this device).")
     if dtype not in TRITON_DTYPES:
         raise TypeError(
             f"backend='triton' supports float16, bfloat16 and float32 features, got {dtype}; "

@@ -20,8 +20,19 @@ from fastcontrast.tools.tolerances import ELEMENTWISE as TOLERANCES
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Awkward sizes: a single-row edge, rows not dividing any block, d not a power of two.
 SHAPES = ((1, 8), (37, 64), (130, 257))
-LOSSES = ("clip", "siglip", "nt_xent")
+# Every loss family: the two-tower losses (CLIP, SigLIP, distillation, CoCa's contrastive part), the
+# single-tower ones (NT-Xent, DCL, DCLW, SupCon) and the memory bank.
+LOSSES = ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "distill", "coca", "supcon")
 SMALL_CHUNK = 4096  # bytes: forces the torch engine through many chunks even at these sizes
+BANK_SIZE = 50
+DISTILL_SCALE = 20.0  # the teacher's exponentiated logit scale
+COCA_WEIGHTS = {"caption_loss_weight": 2.0, "clip_loss_weight": 1.0}
+
+
+def shapes_for(loss: str) -> tuple:
+    """The (n, d) a loss is checked at: DCL takes the positive out of the denominator, so one pair (2 rows)
+    leaves a row no candidate at all (LSE of nothing: −inf in lightly too); its edge case is 2 pairs."""
+    return tuple(((2, d) if n == 1 else (n, d)) for n, d in SHAPES) if loss in ("dcl", "dclw") else SHAPES
 
 
 @dataclass
@@ -34,10 +45,14 @@ class Backend:
 def available_backends(device: torch.device, interpreter: bool) -> tuple[list, list]:
     """(backends to check, [(label, reason) skipped]) on ``device``."""
     from fastcontrast._dispatch import triton_import_error
+    from fastcontrast._targets import triton_support
 
     backends = [Backend("torch", "torch"), Backend("torch, 4 KiB chunks", "torch", SMALL_CHUNK)]
     skipped = []
-    if device.type == "cuda" or interpreter:
+    support = triton_support(device) if device.type == "cuda" else None
+    if support is not None and not support.checked:
+        skipped.append(("triton", support.reason))
+    elif device.type == "cuda" or interpreter:
         error = triton_import_error()
         if error is None:
             label = "triton" if device.type == "cuda" else "triton (interpreter)"
@@ -50,45 +65,97 @@ def available_backends(device: torch.device, interpreter: bool) -> tuple[list, l
 
 
 def _inputs(loss: str, n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """(a, b, scale, bias, extras) rounded once to ``dtype``; ``extras``: the memory bank, the teacher's
+    features, CoCa's caption logits and labels, SupCon's labels, as each loss needs."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=gen, dtype=torch.float64)
     b = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    if loss in ("clip", "siglip"):
+    if loss in ("clip", "siglip", "distill", "coca"):
         a = torch.nn.functional.normalize(a, dim=1)
         b = torch.nn.functional.normalize(b + a, dim=1)  # correlated pairs, like a trained model's
     # Round once to the dtype under test; the reference then works exactly on these values.
     a = a.to(dtype).to(device)
     b = b.to(dtype).to(device)
-    scale = {"clip": 1 / 0.07, "siglip": 10.0, "nt_xent": None}[loss]
+    scale = {"clip": 1 / 0.07, "siglip": 10.0, "distill": 1 / 0.07, "coca": 1 / 0.07}.get(loss)
     bias = -10.0 if loss == "siglip" else None
-    return a, b, scale, bias
+    extras = {}
+    if loss == "memory_bank":
+        # lightly keeps the bank in fp32 whatever the features' dtype.
+        bank = torch.nn.functional.normalize(torch.randn(BANK_SIZE, d, generator=gen, dtype=torch.float64), dim=1)
+        extras["bank"] = bank.float().to(device)
+    elif loss == "distill":
+        teacher = torch.nn.functional.normalize(torch.randn(2, n, d, generator=gen, dtype=torch.float64), dim=2)
+        extras["teacher"] = teacher.to(dtype).to(device)
+    elif loss == "coca":
+        # fp32 caption logits for half features (fp64 for fp64): that part is open_clip's own cross-entropy.
+        logits = torch.randn(n, 5, 11, generator=gen, dtype=torch.float64)
+        extras["logits"] = logits.to(torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+        extras["labels"] = torch.randint(0, 11, (n, 5), generator=gen).to(device)
+    elif loss == "supcon":
+        extras["labels"] = (torch.arange(n) % 3).to(device)
+    return a, b, scale, bias, extras
 
 
-def _run(loss: str, a, b, scale, bias, **kwargs):
-    """Loss and gradients {name: tensor} for leaf copies of the inputs."""
+def _run(loss: str, a, b, scale, bias, extras: dict, **kwargs):
+    """Loss and gradients {name: tensor} for leaf copies of the inputs (``backend="reference-fp64"``: the
+    naive reference, with the extras in float64)."""
+    import fastcontrast
     from fastcontrast import functional, reference
 
+    naive = kwargs.get("backend") == "reference-fp64"
+    if naive:
+        extras = {k: v.double() if v.is_floating_point() else v for k, v in extras.items()}
     a = a.detach().clone().requires_grad_(True)
-    b = b.detach().clone().requires_grad_(True)
-    leaves = {"a": a, "b": b}
+    leaves = {"a": a}
+    if loss != "supcon":  # SupCon takes one tower
+        leaves["b"] = b = b.detach().clone().requires_grad_(True)
     scalar_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     if scale is not None:
         leaves["scale"] = torch.tensor(scale, dtype=scalar_dtype, device=a.device, requires_grad=True)
     if bias is not None:
         leaves["bias"] = torch.tensor(bias, dtype=scalar_dtype, device=a.device, requires_grad=True)
-    if kwargs.get("backend") == "reference-fp64":
+    if loss == "coca":
+        leaves["logits"] = extras["logits"].detach().clone().requires_grad_(True)
+    if naive:
         if loss == "clip":
             value = reference.clip_loss_reference(a, b, leaves["scale"])
         elif loss == "siglip":
             value = reference.siglip_loss_reference(a, b, leaves["scale"], leaves["bias"])
-        else:
+        elif loss == "nt_xent":
             value = reference.nt_xent_loss_reference(a, b, 0.5)
+        elif loss == "memory_bank":
+            value = reference.nt_xent_memory_bank_loss_reference(a, b, extras["bank"], 0.5)
+        elif loss in ("dcl", "dclw"):
+            weight_fn = functional.negative_mises_fisher_weights if loss == "dclw" else None
+            value = reference.dcl_loss_reference(a, b, 0.1, weight_fn)
+        elif loss == "distill":
+            value = sum(reference.distill_clip_loss_reference(a, b, leaves["scale"], *extras["teacher"],
+                                                              DISTILL_SCALE))
+        elif loss == "coca":
+            value = (COCA_WEIGHTS["clip_loss_weight"] * reference.clip_loss_reference(a, b, leaves["scale"])
+                     + COCA_WEIGHTS["caption_loss_weight"]
+                     * reference.caption_loss_reference(leaves["logits"], extras["labels"]))
+        else:
+            value = reference.supcon_loss_reference(a, extras["labels"], 0.1)
     elif loss == "clip":
         value = functional.clip_loss(a, b, leaves["scale"], **kwargs)
     elif loss == "siglip":
         value = functional.siglip_loss(a, b, leaves["scale"], leaves["bias"], **kwargs)
-    else:
+    elif loss == "nt_xent":
         value = functional.nt_xent_loss(a, b, 0.5, **kwargs)
+    elif loss == "memory_bank":
+        value = functional.nt_xent_memory_bank_loss(a, b, extras["bank"], 0.5, **kwargs)
+    elif loss in ("dcl", "dclw"):
+        weight_fn = functional.negative_mises_fisher_weights if loss == "dclw" else None
+        value = functional.dcl_loss(a, b, 0.1, weight_fn, **kwargs)
+    elif loss == "distill":
+        value = sum(functional.distill_clip_loss(a, b, leaves["scale"], *extras["teacher"], DISTILL_SCALE,
+                                                 **kwargs))
+    elif loss == "coca":
+        coca = fastcontrast.CoCaLoss(**COCA_WEIGHTS, **kwargs)
+        value = sum(coca(a, b, leaves["logits"], extras["labels"], leaves["scale"]))
+    else:
+        value = functional.supcon_loss(a, extras["labels"], temperature=0.1, **kwargs)
     grads = torch.autograd.grad(value, list(leaves.values()))
     return value.detach(), dict(zip(leaves, grads))
 
@@ -111,22 +178,25 @@ def _error_ratio(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
 
 def check_one(loss: str, backend: Backend, dtype: torch.dtype, n: int, d: int, device: torch.device) -> dict:
     """Compare one (loss, backend, dtype, shape) with the float64 reference."""
-    a, b, scale, bias = _inputs(loss, n, d, dtype, device, seed=n * 1000 + d)
+    a, b, scale, bias, extras = _inputs(loss, n, d, dtype, device, seed=n * 1000 + d)
     atol, rtol = TOLERANCES[dtype]
     row = {"loss": loss, "backend": backend.label, "dtype": DTYPE_NAMES[dtype], "shape": f"{n}×{d}",
            "errors": {}, "worst": None, "ratio": None, "passed": False, "error": None}
     try:
-        ref_value, ref_grads = _run(loss, a.double(), b.double(), scale, bias, backend="reference-fp64")
+        ref_value, ref_grads = _run(loss, a.double(), b.double(), scale, bias, extras, backend="reference-fp64")
         kwargs = {"backend": backend.backend}
         if backend.chunk_bytes is not None:
             kwargs["chunk_bytes"] = backend.chunk_bytes
-        value, grads = _run(loss, a, b, scale, bias, **kwargs)
+        value, grads = _run(loss, a, b, scale, bias, extras, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a crash is a failure to report, not to raise
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row
-    names = {"a": "grad image", "b": "grad text", "scale": "grad scale", "bias": "grad bias"}
-    if loss == "nt_xent":
+    names = {"a": "grad image", "b": "grad text", "scale": "grad scale", "bias": "grad bias",
+             "logits": "grad caption logits"}
+    if loss in ("nt_xent", "memory_bank", "dcl", "dclw"):
         names.update(a="grad out0", b="grad out1")
+    elif loss == "supcon":
+        names.update(a="grad embeddings")
     row["errors"]["loss"] = _error_ratio(value, ref_value, atol, rtol)
     for key, ref in ref_grads.items():
         row["errors"][names[key]] = _error_ratio(grads.get(key), ref, atol, rtol)
@@ -162,7 +232,7 @@ def check_cli(args) -> int:
             for dtype in dtypes:
                 if backend.backend == "triton" and dtype == torch.float64:
                     continue  # the kernels take fp16, bf16 and fp32
-                for n, d in SHAPES:
+                for n, d in shapes_for(loss):
                     row = check_one(loss, backend, dtype, n, d, device)
                     failures += not row["passed"]
                     if row["error"] is not None:
@@ -183,9 +253,9 @@ def check_cli(args) -> int:
 
 
 def _count(backends, dtypes):
-    for _loss in LOSSES:
+    for loss in LOSSES:
         for backend in backends:
             for dtype in dtypes:
                 if backend.backend == "triton" and dtype == torch.float64:
                     continue
-                yield from SHAPES
+                yield from shapes_for(loss)

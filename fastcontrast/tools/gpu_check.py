@@ -11,9 +11,17 @@ finishes (a run stopped by a timeout still leaves every answer so far):
 3. int64 offsets: few rows against enough columns that B holds more than 2³¹ elements (d = 1280);
 4. the single-pass against the two-pass forward, argmax ties, and bitwise determinism of two runs
    (N = 16384, d = 768);
-5. the launched binaries' registers and spills, read from triton's cache, against the committed compile table;
+5. the launched binaries, read from triton's cache, against the compile table installed with the package
+   (``fastcontrast/kernels/compile_table.json``; ``--table`` for another): a spill, a register count or
+   shared-memory size other than the table's, or a binary the table does not hold, fails;
 6. TFLOP/s of forward and backward, and fused against naive forward + backward, at N ∈ {16384, 65536} and
    d ∈ {256, 512, 768, 1024}, plus d = 1000 against 1024.
+
+On a GPU the compile table has no checked binaries for (below sm_80, sm_12x, ROCm archs other than gfx90a /
+gfx942: :mod:`fastcontrast._targets`), the engine under test is the blockwise torch engine, the one
+``backend="auto"`` picks there: the checks that compare engines run it instead of the Triton one, and the
+Triton-only checks (int64 offsets, the forward's two paths, argmax ties, the binaries) are skipped with
+the reason. The first line after the environment says which engine is under test and why.
 
 It fits in 8 minutes on one H100 / H200, compilation included; ``--budget`` stops starting new checks past
 that many seconds. ``--dry`` runs the same script at tiny shapes on the CPU, in triton's interpreter, so
@@ -28,6 +36,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from importlib import resources
 from typing import Callable, Optional
 
 import torch
@@ -83,9 +92,15 @@ class Report:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, default=str) + "\n")
 
-    def run(self, check: str, fn: Callable[[], dict]) -> None:
+    def skip(self, check: str, reason: str) -> None:
+        self.add({"check": check, "status": "skip", "reason": reason})
+
+    def run(self, check: str, fn: Callable[[], dict], skip_reason: Optional[str] = None) -> None:
+        if skip_reason is not None:
+            self.skip(check, skip_reason)
+            return
         if self.over_budget():
-            self.add({"check": check, "status": "skip", "reason": f"past the {self.budget_s:g} s budget"})
+            self.skip(check, f"past the {self.budget_s:g} s budget")
             return
         try:
             record = fn()
@@ -116,6 +131,43 @@ def _relative_errors(got, expected) -> dict:
     return errors
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which engine the checks run, and why; ``table_arch``: the compile table's architecture standing for the
+    device (None in the interpreter or where there is none)."""
+
+    backend: str
+    reason: str
+    table_arch: Optional[str]
+
+    def triton_only(self) -> Optional[str]:
+        """The reason a Triton-only check is skipped, or None when the Triton engine is under test."""
+        return None if self.backend == "triton" else f"Triton-only check: {self.reason}"
+
+
+def engine_under_test(device: torch.device, dry: bool) -> Plan:
+    """The Triton engine where the compile table has checked binaries for ``device`` (or in the interpreter,
+    with ``--dry``), else the torch engine, as ``backend="auto"`` would pick."""
+    if dry:
+        return Plan("triton", "--dry: the Triton kernels in triton's interpreter", None)
+    from fastcontrast._targets import triton_support
+
+    support = triton_support(device)
+    if support.checked:
+        return Plan("triton", support.reason, support.table_arch)
+    return Plan("torch", f"{support.reason}, so backend='auto' runs the torch engine there: its checks run, the "
+                "Triton-only ones are skipped", None)
+
+
+def _caption(n: int, device, dtype):
+    """CoCa's caption logits [n, 5, 11] and token labels [n, 5] (pad id 0 included), the same for every dtype."""
+    g = torch.Generator(device="cpu").manual_seed(n)
+    logits = torch.randn(n, 5, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (n, 5), generator=g)
+    # fp32 logits for half features: the caption part is open_clip's own cross-entropy, not under test.
+    return logits.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32), labels.to(device)
+
+
 def _loss_and_grads(loss, a, b, scale, backend):
     import fastcontrast as fc
 
@@ -132,6 +184,10 @@ def _loss_and_grads(loss, a, b, scale, backend):
         "supcon": lambda x, y, s: fc.supcon_loss(x, torch.arange(x.shape[0], device=x.device) % 7,
                                                  temperature=0.1, backend=backend) + 0 * s,
         "distill": lambda x, y, s: sum(fc.distill_clip_loss(x, y, s, y, x, 20.0, backend=backend)),
+        "dcl": lambda x, y, s: fc.dcl_loss(x, y, 0.1, backend=backend) + 0 * s,
+        "dclw": lambda x, y, s: fc.dcl_loss(x, y, 0.1, fc.negative_mises_fisher_weights, backend=backend) + 0 * s,
+        "coca": lambda x, y, s: sum(fc.CoCaLoss(2.0, 1.0, backend=backend)(x, y, *_caption(x.shape[0], x.device,
+                                                                                            x.dtype), s)),
     }
     value = calls[loss](*leaves)
     grads = torch.autograd.grad(value, leaves, allow_unused=True)
@@ -152,8 +208,10 @@ def _tf32(enabled: bool):
     return context(enabled)
 
 
-def check_crash_scenarios(report: Report, device: torch.device, sizes: Sizes) -> None:
+def check_crash_scenarios(report: Report, device: torch.device, sizes: Sizes, plan: Plan) -> None:
     import fastcontrast as fc
+
+    backend = plan.backend
 
     def tf32_api():
         matmul = torch.backends.cuda.matmul
@@ -163,7 +221,7 @@ def check_crash_scenarios(report: Report, device: torch.device, sizes: Sizes) ->
         try:
             matmul.fp32_precision = "tf32"
             a, b = _unit(sizes.n, 64, torch.float32, device, 1), _unit(sizes.n, 64, torch.float32, device, 2)
-            loss = fc.clip_loss(a, b, 10.0, backend="triton")
+            loss = fc.clip_loss(a, b, 10.0, backend=backend)
             return {"status": "ok", "loss": float(loss.detach())}
         finally:
             matmul.fp32_precision = saved
@@ -173,7 +231,7 @@ def check_crash_scenarios(report: Report, device: torch.device, sizes: Sizes) ->
             return {"status": "skip", "reason": "needs two GPUs"}
         a, b = _unit(sizes.n, 128, torch.bfloat16, "cuda:1", 3), _unit(sizes.n, 128, torch.bfloat16, "cuda:1", 4)
         with torch.cuda.device(0):
-            got = _loss_and_grads("clip", a, b, 14.3, "triton")
+            got = _loss_and_grads("clip", a, b, 14.3, backend)
         expected = _loss_and_grads("clip", a.double(), b.double(), 14.3, "torch")
         errors = _relative_errors(got, expected)
         ok = max(errors.values()) < KERNEL_RELATIVE[torch.bfloat16]
@@ -183,7 +241,7 @@ def check_crash_scenarios(report: Report, device: torch.device, sizes: Sizes) ->
         n = sizes.fp16_n
         a = _unit(n, 64, torch.float16, device, 5)
         b = _unit(n, 64, torch.float16, device, 6, near=a)
-        got = _loss_and_grads("clip", a, b, 14.3, "triton")
+        got = _loss_and_grads("clip", a, b, 14.3, backend)
         expected = _loss_and_grads("clip", a.double(), b.double(), 14.3, "torch")
         errors = _relative_errors(got, expected)
         ok = max(errors.values()) < KERNEL_RELATIVE[torch.float16]
@@ -214,12 +272,13 @@ def check_crash_scenarios(report: Report, device: torch.device, sizes: Sizes) ->
     report.run("fp32 under the new TF32 API", tf32_api)
     report.run("tensors on a device other than the current one", other_device)
     report.run("fp16 gradients with dS below fp16 subnormals", fp16_tiny_gradients)
-    report.run("fp32 near one-hot batch at scale 100", fp32_near_one_hot)
+    # Compares the Triton engine's error with the torch engine's: nothing to compare when torch is under test.
+    report.run("fp32 near one-hot batch at scale 100", fp32_near_one_hot, plan.triton_only())
     report.run("float64 CUDA features under auto", float64_auto)
 
 
-def check_numerics(report: Report, device: torch.device, sizes: Sizes) -> None:
-    losses = ("clip", "siglip", "nt_xent", "memory_bank", "supcon", "distill")
+def check_numerics(report: Report, device: torch.device, sizes: Sizes, plan: Plan) -> None:
+    losses = ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "supcon", "distill", "coca")
     settings = [(torch.bfloat16, False, 14.3), (torch.float16, False, 14.3), (torch.float16, False, 100.0),
                 (torch.float32, False, 14.3), (torch.float32, True, 14.3)]
     for d in sizes.dims:
@@ -231,7 +290,7 @@ def check_numerics(report: Report, device: torch.device, sizes: Sizes) -> None:
                 for loss in losses:
                     expected = _loss_and_grads(loss, a.double(), b.double(), scale, "torch")
                     with _tf32(tf32):
-                        got = _loss_and_grads(loss, a, b, scale, "triton")
+                        got = _loss_and_grads(loss, a, b, scale, plan.backend)
                     worst[loss] = max(_relative_errors(got, expected).values())
                 bound = TF32_RELATIVE if tf32 else KERNEL_RELATIVE[dtype]
                 return {"status": "ok" if max(worst.values()) <= bound else "fail", "bound": bound,
@@ -241,7 +300,7 @@ def check_numerics(report: Report, device: torch.device, sizes: Sizes) -> None:
             report.run(name, check)
 
 
-def check_int64_offsets(report: Report, device: torch.device, sizes: Sizes) -> None:
+def check_int64_offsets(report: Report, device: torch.device, sizes: Sizes, plan: Plan) -> None:
     def check():
         import fastcontrast as fc
 
@@ -268,10 +327,10 @@ def check_int64_offsets(report: Report, device: torch.device, sizes: Sizes) -> N
         return {"status": "ok" if ok else "fail", "elements_of_b": cols * d, "max_lse_error": lse_error,
                 "tail_grad_relative_error": tail_error}
 
-    report.run("int64 offsets past 2^31 elements", check)
+    report.run("int64 offsets past 2^31 elements", check, plan.triton_only())
 
 
-def check_paths_and_determinism(report: Report, device: torch.device, sizes: Sizes) -> None:
+def check_paths_and_determinism(report: Report, device: torch.device, sizes: Sizes, plan: Plan) -> None:
     import fastcontrast as fc
     from fastcontrast.kernels import engine
 
@@ -302,48 +361,124 @@ def check_paths_and_determinism(report: Report, device: torch.device, sizes: Siz
 
     def determinism():
         a, b = _unit(n, d, torch.bfloat16, device, 32), _unit(n, d, torch.bfloat16, device, 33, near=None)
-        runs = [_loss_and_grads("clip", a, b, 14.3, "triton")[:4] for _ in range(2)]
+        runs = [_loss_and_grads("clip", a, b, 14.3, plan.backend)[:4] for _ in range(2)]
         same = all(torch.equal(x, y) for x, y in zip(*runs))
         return {"status": "ok" if same else "fail", "bitwise_equal": same}
 
-    report.run("single-pass vs two-pass forward", single_vs_two_pass)
-    report.run("argmax ties", argmax_ties)
+    report.run("single-pass vs two-pass forward", single_vs_two_pass, plan.triton_only())
+    report.run("argmax ties", argmax_ties, plan.triton_only())
     report.run(f"bitwise determinism N={n} d={d}", determinism)
 
 
-def check_binaries(report: Report, device: torch.device, table_path: Optional[str]) -> None:
+TABLE_RESOURCE = ("fastcontrast.kernels", "compile_table.json")
+
+
+def load_table(path: Optional[str] = None) -> tuple[dict, str]:
+    """(the compile table, where it was read): ``path``, or the one installed with the package (package data
+    of ``fastcontrast.kernels``, found through importlib.resources, so an installed wheel has it too).
+
+    Raises:
+        FileNotFoundError: no table there; ValueError: a table without rows.
+    """
+    if path is None:
+        resource = resources.files(TABLE_RESOURCE[0]) / TABLE_RESOURCE[1]
+        where = str(resource)
+        if not resource.is_file():
+            raise FileNotFoundError(f"the compile table is not installed at {where}: reinstall fastcontrast, or "
+                                    "pass --table FILE")
+        document = json.loads(resource.read_text(encoding="utf-8"))
+    else:
+        where = path
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    if not document.get("rows"):
+        raise ValueError(f"the compile table {where} has no rows")
+    return document, where
+
+
+def binary_record(kernel, compiled, table_arch: str) -> dict:
+    """One launched binary as :func:`compare_with_table` takes it: its resources, and the compile table's
+    row key, flags and tile rebuilt from its source exactly as :mod:`fastcontrast.kernels.aot` builds them for
+    ``table_arch`` (the key is None, with ``key_error``, where triton's objects differ from what aot expects)."""
+    from fastcontrast.kernels import aot
+
+    metadata = compiled.metadata
+    record = {"kernel": kernel.fn.__name__, "registers": compiled.n_regs, "spills": compiled.n_spills,
+              "shared": int(metadata.shared), "warps": metadata.num_warps, "stages": metadata.num_stages,
+              "key": None, "constexprs": None, "block": None}
+    try:
+        source = compiled.src
+        variant = aot.Variant(kernel, table_arch, dict(source.signature), dict(source.constants), dict(source.attrs),
+                              metadata, dtype="", precision="")
+        record.update(key=variant.digest(), constexprs=variant.flags(), block=variant.tile())
+    except Exception as exc:  # noqa: BLE001 - a binary that cannot be placed is reported as not in the table
+        record["key_error"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+def launched_binaries(table_arch: str) -> list[dict]:
+    """Every binary the Triton engine has launched in this process, from triton's in-memory cache."""
+    from triton.runtime.jit import JITFunction
+
+    from fastcontrast.kernels import engine
+
+    records = []
+    for name in dir(engine):
+        kernel = getattr(engine, name)
+        if not name.endswith("_kernel") or not isinstance(kernel, JITFunction):
+            continue
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                compiled._init_handles()
+                records.append(binary_record(kernel, compiled, table_arch))
+    return records
+
+
+def compare_with_table(launched: list[dict], rows: list[dict], table_arch: str) -> dict:
+    """The "binaries match" verdict: each launched binary (:func:`binary_record`) against the compile table's
+    row for ``table_arch`` with the same key (else, the rows with the same kernel, flags, tile, warps and
+    stages). Fails on a spill, on registers or shared memory other than the table's, and on a binary the table
+    does not hold: each of those is a binary nobody compiled and checked as it runs here.
+    """
+    here = [row for row in rows if row["arch"] == table_arch]
+    by_key = {row["key"]: row for row in here}
+    by_shape: dict = {}
+    for row in here:
+        shape = (row["kernel"], row["constexprs"], row["block"], row["warps"], row["stages"])
+        by_shape.setdefault(shape, []).append(row)
+    spilling, mismatched, not_in_table = [], [], []
+    for binary in launched:
+        if binary["spills"]:
+            spilling.append(binary)
+        shape = (binary["kernel"], binary["constexprs"], binary["block"], binary["warps"], binary["stages"])
+        candidates = [by_key[binary["key"]]] if binary.get("key") in by_key else by_shape.get(shape, [])
+        if not candidates:
+            not_in_table.append({k: binary.get(k) for k in ("kernel", "key", "constexprs", "block", "key_error")
+                                 if binary.get(k) is not None})
+        elif not any(r["registers"] == binary["registers"] and r["shared"] == binary["shared"] for r in candidates):
+            mismatched.append({"kernel": binary["kernel"], "key": binary.get("key"), "constexprs": binary["constexprs"],
+                               "registers": binary["registers"],
+                               "table_registers": sorted({r["registers"] for r in candidates}),
+                               "shared": binary["shared"], "table_shared": sorted({r["shared"] for r in candidates})})
+    failed = bool(spilling or mismatched or not_in_table)
+    return {"status": "fail" if failed else "ok", "binaries": len(launched), "table_arch": table_arch,
+            "spilling": spilling[:10], "differing_from_table": mismatched[:10], "not_in_table": not_in_table[:10]}
+
+
+def check_binaries(report: Report, device: torch.device, table_path: Optional[str], plan: Plan) -> None:
     def check():
-        from triton.runtime.jit import JITFunction
+        # The table first: a missing or empty one fails here, on a GPU or not (never a silent "not found").
+        table, where = load_table(table_path)
+        if device.type != "cuda":
+            return {"status": "skip", "reason": "no compiled binary (the interpreter runs no binaries)",
+                    "table": where, "table_rows": len(table["rows"])}
+        result = compare_with_table(launched_binaries(plan.table_arch), table["rows"], plan.table_arch)
+        if not result["binaries"]:
+            return {"status": "fail", "reason": "the checks before this one launched no Triton binary",
+                    "table": where}
+        return {**result, "table": where}
 
-        from fastcontrast.kernels import engine
-
-        kernels = [getattr(engine, name) for name in dir(engine) if name.endswith("_kernel")]
-        launched = []
-        for kernel in kernels:
-            if not isinstance(kernel, JITFunction):
-                continue
-            for cache in kernel.device_caches.values():
-                for compiled in cache[0].values():
-                    compiled._init_handles()
-                    launched.append({"kernel": kernel.fn.__name__, "registers": compiled.n_regs,
-                                     "spills": compiled.n_spills})
-        if not launched:
-            return {"status": "skip", "reason": "no compiled binary (the interpreter runs no binaries)"}
-        table = None
-        if table_path and os.path.exists(table_path):
-            with open(table_path) as f:
-                table = json.load(f)
-        arch = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
-        known = {}
-        for row in (table or {}).get("rows", []):
-            if row["arch"] == arch:
-                known.setdefault(row["kernel"], set()).add(row["registers"])
-        spilling = [b for b in launched if b["spills"]]
-        unknown = [b for b in launched if known and b["registers"] not in known.get(b["kernel"], ())]
-        return {"status": "fail" if spilling else "ok", "binaries": len(launched), "spilling": spilling,
-                "registers_not_in_table": unknown[:10], "table": table_path if table else "not found"}
-
-    report.run("launched binaries: registers and spills", check)
+    report.run("launched binaries match the compile table", check, plan.triton_only())
 
 
 def _time(fn, device, repeats=3) -> float:
@@ -363,7 +498,7 @@ def _time(fn, device, repeats=3) -> float:
     return (time.perf_counter() - begin) / repeats
 
 
-def check_performance(report: Report, device: torch.device, sizes: Sizes) -> None:
+def check_performance(report: Report, device: torch.device, sizes: Sizes, plan: Plan) -> None:
     import fastcontrast as fc
 
     dims = list(sizes.perf_dims) + ([1000] if device.type == "cuda" else [])
@@ -376,15 +511,16 @@ def check_performance(report: Report, device: torch.device, sizes: Sizes) -> Non
                 flops = 2 * n * n * d
 
                 def forward():
-                    return fc.clip_loss(a, b, scale, backend="triton")
+                    return fc.clip_loss(a, b, scale, backend=plan.backend)
 
                 def train(backend):
                     value = fc.clip_loss(a, b, scale, backend=backend)
                     torch.autograd.grad(value, [a, b, scale])
 
                 forward_s = _time(lambda: forward().detach(), device)
-                fused_s = _time(lambda: train("triton"), device)
-                record = {"status": "ok", "n": n, "d": d, "forward_s": forward_s, "forward_backward_s": fused_s,
+                fused_s = _time(lambda: train(plan.backend), device)
+                record = {"status": "ok", "backend": plan.backend, "n": n, "d": d, "forward_s": forward_s,
+                          "forward_backward_s": fused_s,
                           "forward_tflops": flops / forward_s / 1e12,
                           "backward_tflops": 3 * flops / max(fused_s - forward_s, 1e-9) / 1e12}
                 try:
@@ -397,8 +533,9 @@ def check_performance(report: Report, device: torch.device, sizes: Sizes) -> Non
             report.run(f"performance CLIP bf16 N={n} d={d}", check)
 
 
-def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Optional[str]) -> int:
-    """Run every check; returns the number of failed checks."""
+def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Optional[str] = None) -> int:
+    """Run every check (``table_path``: the compile table, None for the installed one); returns the number of
+    failed checks."""
     if dry:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
@@ -415,13 +552,15 @@ def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Op
     from fastcontrast.tools.bench.cases import environment
 
     report.add({"check": "environment", "status": "info", "dry": dry, **environment(device)})
-    check_crash_scenarios(report, device, sizes)
-    check_numerics(report, device, sizes)
-    check_int64_offsets(report, device, sizes)
-    check_paths_and_determinism(report, device, sizes)
-    check_binaries(report, device, table_path)
-    check_performance(report, device, sizes)
-    print(f"{len(report.records) - 1} checks, {report.failed} failed"
+    plan = engine_under_test(device, dry)
+    report.add({"check": "engine under test", "status": "info", "backend": plan.backend, "reason": plan.reason})
+    check_crash_scenarios(report, device, sizes, plan)
+    check_numerics(report, device, sizes, plan)
+    check_int64_offsets(report, device, sizes, plan)
+    check_paths_and_determinism(report, device, sizes, plan)
+    check_binaries(report, device, table_path, plan)
+    check_performance(report, device, sizes, plan)
+    print(f"{len(report.records) - 2} checks, {report.failed} failed"
           + (f"; JSON lines in {path}" if path else ""), flush=True)
     return report.failed
 

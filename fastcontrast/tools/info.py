@@ -1,4 +1,5 @@
-"""``python -m fastcontrast info``: versions, devices, and which backend ``"auto"`` picks and why.
+"""``python -m fastcontrast info``: versions, devices, and which backend ``"auto"`` picks and why: per GPU,
+whether the compile table has checked Triton binaries for it (:mod:`fastcontrast._targets`).
 
 ``--kernels`` adds the compile table of every kernel variant the engine can launch, compiled for sm_80, sm_90,
 sm_100, gfx90a and gfx942 on this machine (no GPU needed; :mod:`fastcontrast.kernels.aot`): registers, spill
@@ -92,6 +93,7 @@ def info_cli(args) -> int:
     """Print the report; returns 0, or 1 when ``--kernels`` was asked for and the table cannot be made."""
     import fastcontrast
     from fastcontrast._dispatch import ENV_BACKEND, auto_backend, triton_import_error
+    from fastcontrast._targets import triton_support
     from fastcontrast.tools.bench.cases import device_name, package_version
 
     # With --markdown the table alone goes to stdout (docs/kernels.md is made from it).
@@ -120,8 +122,11 @@ def info_cli(args) -> int:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            print(f"  {f'cuda:{index}':<22} {props.name}, sm_{props.major}{props.minor}, "
-                  f"{props.total_memory / 2**30:.1f} GiB", file=out)
+            support = triton_support(torch.device("cuda", index))
+            print(f"  {f'cuda:{index}':<22} {props.name}, {support.arch}, {props.total_memory / 2**30:.1f} GiB",
+                  file=out)
+            verdict = f"checked for {support.table_arch}" if support.checked else "none checked"
+            print(f"  {'  Triton binaries':<22} {verdict}: {support.reason}", file=out)
             devices.append(torch.device("cuda", index))
     else:
         print(f"  {'cuda':<22} not available", file=out)

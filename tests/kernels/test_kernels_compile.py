@@ -2,8 +2,8 @@
 no stack, shared memory within the part's limit, and on Hopper the instructions the configs were chosen for.
 
 The full compile of the ~2700 binaries takes about 40 minutes on 2 cores, so it is committed
-(``docs/compile_table.json``, made by ``python -m fastcontrast info --kernels --json docs/compile_table.json
---update-doc docs/kernels.md``) and checked here three ways:
+(``kernels/compile_table.json``, package data, made by ``python -m fastcontrast info --kernels --json
+kernels/compile_table.json --update-doc docs/kernels.md``) and checked here three ways:
 
 - it is current: made with the installed triton, from the kernel sources as they are now (digest), and its
   binaries are exactly the ones the launchers produce today (every variant's key, re-derived from the engine
@@ -29,9 +29,9 @@ from fastcontrast.tools import info
 pytestmark = pytest.mark.compile
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLE = ROOT / "docs" / "compile_table.json"
+TABLE = ROOT / "kernels" / "compile_table.json"
 KERNELS_DOC = ROOT / "docs" / "kernels.md"
-REGENERATE = ("regenerate it: python -m fastcontrast info --kernels --json docs/compile_table.json "
+REGENERATE = ("regenerate it: python -m fastcontrast info --kernels --json kernels/compile_table.json "
               "--update-doc docs/kernels.md (about 40 minutes on 2 cores)")
 # The numbers a recompile must reproduce exactly.
 MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared", "static_shared", "wgmma", "cp_async",
@@ -189,3 +189,34 @@ def test_docs_kernels_md_shows_this_tables_summary(document):
     assert start in text and end in text, f"docs/kernels.md lacks the compile-table markers; {REGENERATE}"
     shown = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert shown == info.summary_section(document).strip(), f"docs/kernels.md's summary is stale; {REGENERATE}"
+
+
+# gpu-check matches each launched binary to its table row by a key rebuilt from triton's compiled kernel
+# (its source's signature, constants and attrs, its metadata's warps and stages): one binary compiled here
+# exactly as a launch would compile it must get its committed row's key, flags, tile and shared memory.
+_REBUILD_KEY = """
+import json, triton
+from triton.compiler import ASTSource
+from fastcontrast.kernels import aot
+from fastcontrast.tools import gpu_check
+variant = next(v for v in aot.variants(archs=["sm_80"], dtypes=["bf16"], dims=[48]) if v.name == "gradient_kernel")
+source = ASTSource(fn=variant.kernel, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs)
+compiled = triton.compile(source, target=aot.target_of("sm_80"), options=variant.options.__dict__)
+compiled.n_regs, compiled.n_spills = -1, 0  # the driver sets these when a GPU loads the binary
+print(json.dumps({"digest": variant.digest(), "record": gpu_check.binary_record(variant.kernel, compiled, "sm_80")}))
+"""
+
+
+def test_gpu_check_rebuilds_the_table_row_key_of_a_compiled_binary(rows):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _REBUILD_KEY], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    record = answer["record"]
+    assert "key_error" not in record, record["key_error"]
+    assert record["key"] == answer["digest"], f"gpu-check's key {record['key']} != aot's {answer['digest']}"
+    row = {r["key"]: r for r in rows}.get(record["key"])
+    assert row is not None, f"the rebuilt key {record['key']} is not in the compile table"
+    for field in ("kernel", "constexprs", "block", "warps", "stages", "shared"):
+        assert record[field] == row[field], f"{field}: gpu-check read {record[field]!r}, the table has {row[field]!r}"

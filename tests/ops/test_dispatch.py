@@ -1,4 +1,6 @@
-"""Backend choice: "auto" picks Triton on CUDA when triton imports, else the torch engine (warning once)."""
+"""Backend choice: "auto" picks Triton on CUDA when triton imports, else the torch engine (warning once).
+
+The CUDA device is a simulated A100 (tests/ops/simulated_gpu.py); test_device_targets.py covers the others."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from simulated_gpu import simulate_gpu
 
 from fastcontrast import _dispatch
 
@@ -17,16 +20,15 @@ def test_auto_picks_the_torch_engine_for_cpu_tensors():
 
 
 def test_auto_picks_triton_for_cuda_tensors_when_triton_imports(monkeypatch):
-    monkeypatch.delenv(_dispatch.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(_dispatch, "triton_import_error", lambda: None)
+    simulate_gpu(monkeypatch, "sm_80")
     assert _dispatch.auto_backend(torch.device("cuda"))[0] == "triton"
 
 
 def test_auto_falls_back_to_torch_on_cuda_with_one_warning_when_triton_is_missing(monkeypatch):
-    monkeypatch.delenv(_dispatch.ENV_BACKEND, raising=False)
+    simulate_gpu(monkeypatch, "sm_80")
     monkeypatch.setattr(_dispatch, "triton_import_error", lambda: "ImportError: No module named 'triton'")
     monkeypatch.setattr(_dispatch, "_warned_triton_missing", False)
-    with pytest.warns(RuntimeWarning, match="triton"):
+    with pytest.warns(RuntimeWarning, match="Install triton"):
         engine = _dispatch.resolve_engine("auto", torch.device("cuda"))
     assert engine.name == "torch"
     with warnings.catch_warnings():
@@ -61,8 +63,7 @@ def test_importing_fastcontrast_does_not_import_triton():
 def test_auto_sends_float64_cuda_tensors_to_the_torch_engine_and_says_why(monkeypatch):
     # The Triton kernels take fp16 / bf16 / fp32: an fp64 CUDA batch must not reach them (it used to, and the
     # engine then rejected it with a TypeError mid-training).
-    monkeypatch.delenv(_dispatch.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(_dispatch, "triton_import_error", lambda: None)
+    simulate_gpu(monkeypatch, "sm_80")
     backend, reason = _dispatch.auto_backend(torch.device("cuda"), torch.float64)
     assert backend == "torch" and "float64" in reason
     with warnings.catch_warnings():

@@ -4,7 +4,8 @@
 
 - the build log has no warning (setuptools deprecations, MANIFEST.in patterns that match nothing, …);
 - the wheel holds every file of the checkout's ``fastcontrast/`` and ``kernels/`` (the latter as
-  ``fastcontrast/kernels/``): modules, subpackages, ``py.typed`` and any data file a module reads. A file
+  ``fastcontrast/kernels/``): modules, subpackages, ``py.typed`` and any data file a module reads, the
+  compile table ``fastcontrast/kernels/compile_table.json`` (gpu-check's reference) by name, git or not. A file
   the editable install finds in the source tree but the wheel lacks fails here. Nothing else is installed:
   no top-level ``kernels`` or ``tests``;
 - the sdist holds every file of the packages, the test and benchmark suites and the docs, and LICENSE,
@@ -29,6 +30,8 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Folder in the checkout -> where its files go in the wheel.
 WHEEL_MAP = {"fastcontrast/": "fastcontrast/", "kernels/": "fastcontrast/kernels/"}
+# Data files a module reads at run time: required by name, so that a checkout outside git checks them too.
+WHEEL_DATA = ("fastcontrast/py.typed", "fastcontrast/kernels/compile_table.json")
 SDIST_FOLDERS = ("fastcontrast/", "kernels/", "tests/", "benchmarks/", "docs/")
 SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "MANIFEST.in")
 REQUIRED_CLASSIFIERS = (
@@ -95,6 +98,7 @@ def check_wheel(path: str, tracked: list[str]) -> list[str]:
         for source, target in WHEEL_MAP.items():
             if file.startswith(source):
                 expected.add(target + file[len(source):])
+    expected.update(WHEEL_DATA)
     errors += [f"{os.path.basename(path)}: {f} missing" for f in sorted(expected - names)]
     if f"{dist_info}/licenses/LICENSE" not in names:
         errors.append(f"{os.path.basename(path)}: {dist_info}/licenses/LICENSE missing")

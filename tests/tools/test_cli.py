@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from ops.simulated_gpu import CHECKED, DEVICES, simulate_gpu
 
 from fastcontrast import __main__ as cli
 from fastcontrast.tools import bench as _bench
@@ -53,11 +54,14 @@ def test_bench_cli_json_has_every_provider_with_positive_memory(tmp_path):
 
 
 def test_check_cli_passes_on_this_machine():
-    proc = _run_cli("check")
+    proc = _run_cli("check", timeout=550)  # every loss family: ~2.5 min on 2 busy cores
     output = proc.stdout[-2000:] + "\n" + proc.stderr[-2000:]
     assert proc.returncode == 0, f"check exited {proc.returncode}:\n{output}"
     assert "FAIL" not in proc.stdout
     assert "passed" in proc.stdout
+    checked = {line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for loss in ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "distill", "coca", "supcon"):
+        assert loss in checked, f"check does not cover {loss}: {sorted(checked)}"
 
 
 def test_info_cli_reports_auto_backend():
@@ -117,9 +121,16 @@ def test_gpu_check_dry_runs_every_check_in_the_interpreter(tmp_path):
     for expected in ("fp32 under the new TF32 API", "fp16 gradients with dS below fp16 subnormals",
                      "fp32 near one-hot batch at scale 100", "numerics", "int64 offsets past 2^31 elements",
                      "single-pass vs two-pass forward", "argmax ties", "bitwise determinism",
-                     "performance CLIP bf16"):
+                     "launched binaries match the compile table", "performance CLIP bf16"):
         assert expected in checks, f"{expected!r} missing from {sorted(checks)}"
     assert not [r for r in records if r["status"] == "fail"]
+    by_check = {r["check"]: r for r in records}
+    assert by_check["engine under test"]["backend"] == "triton"
+    # The interpreter launches no binary, but the installed compile table must be found.
+    assert by_check["launched binaries match the compile table"]["table"].endswith("compile_table.json")
+    numerics = [r for r in records if r["check"].startswith("numerics")]
+    for loss in ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "supcon", "distill", "coca"):
+        assert all(loss in r for r in numerics), f"gpu-check's numerics leave out {loss}"
 
 
 def test_cli_module_imports_without_triton_matplotlib_or_cuda():
@@ -220,3 +231,22 @@ def test_largest_n_does_not_run_a_step_projected_past_the_time_limit():
     assert calls == [1024, 2048]
     assert (search.largest_n, search.stopped_at_n, search.stop) == (2048, 4096, "time")
     assert "projected" in search.stop_reason
+
+
+@pytest.mark.parametrize("label", sorted(DEVICES))
+def test_info_says_which_engine_auto_picks_on_each_gpu_and_why(monkeypatch, capsys, label):
+    simulate_gpu(monkeypatch, label)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    name = DEVICES[label][0]
+    assert f"{name}, {label}," in out, out
+    binaries = [" ".join(line.split()) for line in out.splitlines() if "Triton binaries" in line]
+    picks = [" ".join(line.split()) for line in out.splitlines() if line.strip().startswith("cuda:0 bfloat16")]
+    assert len(binaries) == 1 and len(picks) == 1, out
+    if label in CHECKED:
+        assert binaries[0].startswith("Triton binaries checked for "), binaries[0]
+        assert picks[0].startswith("cuda:0 bfloat16 triton: ") and "compiled and checked for" in picks[0], picks[0]
+    else:
+        assert binaries[0].startswith("Triton binaries none checked: "), binaries[0]
+        assert picks[0].startswith(f"cuda:0 bfloat16 torch: no Triton binary is compiled and checked for {name} "
+                                   f"(cuda:0, {label})"), picks[0]
