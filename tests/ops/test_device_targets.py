@@ -91,3 +91,16 @@ def test_the_checked_architectures_are_read_from_the_compile_checks(monkeypatch)
 def test_the_device_check_is_for_cuda_devices_only():
     with pytest.raises(ValueError, match="`device` must be a CUDA device, got cpu"):
         _targets.triton_support(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("label", list(DEVICES))
+def test_the_benchmark_skips_triton_with_the_reason_on_an_unchecked_gpu(monkeypatch, label):
+    from fastcontrast.tools.bench.cases import provider_unavailable
+
+    simulate_gpu(monkeypatch, label)
+    reason = provider_unavailable("triton", CUDA)
+    if label in CHECKED:
+        assert reason is None, f"{label}: triton skipped on a checked GPU: {reason}"
+    else:
+        assert reason is not None and "no Triton binary is compiled and checked" in reason, (label, reason)
+    assert provider_unavailable("torch", CUDA) is None

@@ -131,7 +131,12 @@ def provider_unavailable(provider: str, device: torch.device) -> Optional[str]:
     from fastcontrast._dispatch import triton_import_error
 
     error = triton_import_error()
-    return None if error is None else f"triton does not import: {error}"
+    if error is not None:
+        return f"triton does not import: {error}"
+    from fastcontrast._targets import triton_support
+
+    support = triton_support(torch.device(device))
+    return None if support.checked else support.reason
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
