@@ -10,8 +10,8 @@
 #               less the sample compile, which compiles the same installed files as the wheel's (--quick)
 #   checkout    the README's other route, `pip install .` and `pip install ".[triton]"` in a copy of the
 #               checkout (its tracked and untracked files, less .git, virtual environments and build output):
-#               the package without triton (smoke.py --quick), then [triton] installed and importable. Needs
-#               no `make dist`; the interpreter runs are the wheel's and the sdist's job.
+#               the package without triton (smoke.py --quick: `check` is the wheel's job), then [triton]
+#               installed and importable. Needs no `make dist`; the interpreter runs are the wheel's and sdist's.
 #   extras      [bench], [release], [test], [dev] from the wheel: every requirement installed and importable
 #               (check_extra.py), then what the extra is for: [bench] a tiny `bench --plot`, [test] the
 #               sdist's test suite collects, [dev] ruff, [release] build and twine
