@@ -16,7 +16,7 @@ SMOKE_DIR ?= $(or $(TMPDIR),/tmp)/fastcontrast-smoke
 SMOKE_ENV = PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" TRITON_SPEC="$(TRITON_SPEC)" \
 	TRITON_MIN_SPEC="$(TRITON_MIN_SPEC)" DIST="$(DIST)" SMOKE_DIR="$(SMOKE_DIR)"
 
-.PHONY: setup test lint bench dist smoke smoke-wheel smoke-sdist smoke-extras smoke-triton-min clean
+.PHONY: setup test lint bench dist smoke smoke-wheel smoke-sdist smoke-checkout smoke-extras smoke-triton-min clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -57,13 +57,13 @@ dist: setup
 	$(PY) -m twine check --strict $(DIST)/*.whl $(DIST)/*.tar.gz
 	$(PY) tests/packaging/check_dist.py $(DIST) --build-log $(DIST)/build.log
 
-# Install the built wheel and sdist (never editable) into fresh virtual environments and test them from
-# outside the checkout: see tests/packaging/run_smokes.sh. `make smoke` builds first; the single targets
-# test what is already in $(DIST).
+# Install the built wheel and sdist (never editable), and the checkout with `pip install .`, into fresh virtual
+# environments and test them from outside the checkout: see tests/packaging/run_smokes.sh. `make smoke` builds
+# first; the single targets test what is already in $(DIST) (smoke-checkout needs no build).
 smoke: dist
 	$(SMOKE_ENV) bash tests/packaging/run_smokes.sh all
 
-smoke-wheel smoke-sdist smoke-extras smoke-triton-min:
+smoke-wheel smoke-sdist smoke-checkout smoke-extras smoke-triton-min:
 	$(SMOKE_ENV) bash tests/packaging/run_smokes.sh $(@:smoke-%=%)
 
 clean:

@@ -7,7 +7,7 @@ engine's unscaled products into gradients:
     dA = s·(dS·B),   dB = s·(dSᵀ·A),   ds = Σᵢⱼ dSᵢⱼ·(Aᵢ·Bⱼ) = ⟨A, dS·B⟩,   db = Σᵢⱼ dSᵢⱼ.
 
 The scale gradient therefore costs O(n·d) once dS·B is known: no extra pass over S. Reading it as
-⟨A, dS·B⟩ rather than DESIGN's ⟨A, dA⟩/s is the same number without a division by s (NT-Xent's s = 1/τ
+⟨A, dS·B⟩ rather than as ⟨A, dA⟩/s is the same number without a division by s (NT-Xent's s = 1/τ
 may be negative, and a tiny s would amplify rounding).
 
 Every Function runs its engine with autocast off: the engines compute in fp32 (fp64) on purpose, and an
@@ -312,7 +312,7 @@ def blockwise_lse(
     Args:
         a: [n, d]; b: [m, d], same dtype and device; scale: 0-dim tensor (may require grad).
         engine: an engine (``fastcontrast.blockwise.TorchEngine(...)``, ``fastcontrast.kernels.engine.
-            TritonEngine()``, or what :func:`fastcontrast.resolve_engine` returns).
+            TritonEngine()``, or what ``fastcontrast._dispatch.resolve_engine`` returns).
         rows / cols: which reductions to return.
         exclude_offset: drop entry (i, i + exclude_offset) from both reductions (self-similarity).
     Returns:

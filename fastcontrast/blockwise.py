@@ -1,4 +1,4 @@
-"""The blockwise PyTorch engine: the engine contract of DESIGN §3 in plain torch ops, on any device.
+"""The blockwise PyTorch engine: the engine contract of fastcontrast/engine.py in plain torch ops, on any device.
 
 It walks the similarity matrix S = s·A·Bᵀ in chunks of rows whose logits fit a memory budget, so the
 extra memory is O(budget + (n + m)·d) instead of O(n·m). Forward keeps running row / column log-sum-exps

@@ -1,4 +1,4 @@
-"""Gathers across processes for the losses (DESIGN §5): groups, batch layouts, gathers with or without grad.
+"""Gathers across processes for the losses (docs/distributed.md): groups, batch layouts, gathers with or without grad.
 
 Every distributed call of a loss starts with :func:`exchange_layout`: one all-gather of four int64 numbers per
 rank (rows, feature dim, dtype, and whether this rank's input checks failed). From it every rank knows the

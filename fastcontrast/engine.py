@@ -1,4 +1,4 @@
-"""The engine interface (DESIGN §3), written down once.
+"""The engine interface, written down once (docs/kernels.md#how-the-kernels-work).
 
 An engine computes the reductions of the similarity matrix S = s·A·Bᵀ (and of the SigLIP terms) and the
 products of their gradient dS with A and B, without ever storing S. Two engines implement :class:`Engine`:

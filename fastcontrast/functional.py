@@ -1,7 +1,7 @@
 """The losses as functions, one import away: ``fastcontrast.functional.clip_loss`` and the rest.
 
 Each function lives with its family in :mod:`fastcontrast.losses` (checks, then the differentiable core plus
-O(n·d) torch ops, DESIGN §2); this module gathers them under the name users import them by.
+O(n·d) torch ops: docs/kernels.md#the-math-two-log-sum-exps); this module gathers them under their import names.
 """
 
 from fastcontrast.losses._common import normalize_rows

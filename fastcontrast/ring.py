@@ -1,5 +1,5 @@
-"""The ring exchange (``exchange="ring"``, DESIGN §5): every rank's rows meet every other rank's features with
-O(B·d) memory per rank, however many ranks.
+"""The ring exchange (``exchange="ring"``): every rank's rows meet every other rank's features with O(B·d)
+memory per rank, however many ranks (docs/distributed.md#the-ring-exchange-exchangering).
 
 With ``exchange="gather"`` each rank all-gathers the other tower (N·d per rank, plus its gradient). In a
 ring each rank keeps its own B rows; the blocks of the travelling features (the other tower, or both views

@@ -10,7 +10,7 @@ by 16 only when they are, unit values as 1, None as a constexpr) and compiled wi
 The kernels' signatures are thus written once, in the launchers' calls; nothing here repeats them.
 
 Targets: sm_80, sm_90, sm_100 (``GPUTarget("cuda", arch, 32)``) and gfx90a, gfx942 (``GPUTarget("hip", …,
-64)``). Read-outs (DESIGN §6):
+64)``). Read-outs (docs/kernels.md#compiled-for-every-target-without-spills):
 
 - NVIDIA: ``cuobjdump --dump-resource-usage`` on the cubin (REG, STACK, SHARED) and ``ptxas-blackwell -v`` on
   the PTX (exact spill stores / loads; triton's plain ptxas may reject the PTX version triton emits);

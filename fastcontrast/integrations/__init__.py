@@ -10,7 +10,7 @@ Each ``patch_*`` function rebinds the library's loss classes to fastcontrast's w
 them up, and returns a :class:`Patch` handle (``handle.undo()``, idempotent; also a context manager).
 ``backend=`` and ``chunk_bytes=`` become the defaults of every loss the library constructs while patched.
 The replacements take the originals' constructor and ``forward`` arguments and give their values and
-gradients (see the README's drop-in table); inputs are the same shapes as the originals'.
+gradients (README.md#swapping-each-loss); inputs are the same shapes as the originals'.
 
 Importing this module imports none of the libraries; each function imports its own when called, and
 raises an ImportError naming the pip package when it is missing. For open_clip's command line, see

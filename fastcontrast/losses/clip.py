@@ -1,7 +1,7 @@
 """CLIP: open_clip 3.x ``ClipLoss`` and ``CoCaLoss`` (its contrastive part), as a function and as modules.
 
 clip_loss = ½[CE(s·I·Tᵀ + b, labels) + CE(s·T·Iᵀ + b, labels)] from the row and column LSEs of the blockwise
-core plus the O(n·d) positive logits (DESIGN §2); the N×N logits never exist.
+core plus the O(n·d) positive logits (docs/kernels.md#the-math-two-log-sum-exps); the N×N logits never exist.
 """
 
 from __future__ import annotations

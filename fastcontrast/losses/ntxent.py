@@ -1,7 +1,8 @@
 """NT-Xent: lightly 1.6 ``NTXentLoss`` (with its memory bank), ``DCLLoss`` and ``DCLWLoss``.
 
 One 2n-row single-tower problem z = [z0; z1] of unit rows: each row's candidates are every other row (DCL
-also leaves out its positive), or, with a memory bank, the positive key and the bank (DESIGN §2).
+also leaves out its positive), or, with a memory bank, the positive key and the bank
+(docs/kernels.md#the-math-two-log-sum-exps).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """SigLIP: open_clip 3.x ``SigLipLoss``, as a function and as a module.
 
-L = Σᵢⱼ softplus(−zᵢⱼ·(s·Iᵢ·Tⱼ + b)) / n, an elementwise sum over the blockwise S tiles (DESIGN §2).
+L = Σᵢⱼ softplus(−zᵢⱼ·(s·Iᵢ·Tⱼ + b)) / n, an elementwise sum over the blockwise S tiles
+(docs/kernels.md#the-math-two-log-sum-exps).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Supervised contrastive: pytorch-metric-learning 2.x ``SupConLoss``, with its miners, distances and reducer.
 
 Positives by class label; Σ over a row's positives is one class sum (``index_add``), O(n·d), beside the
-blockwise row LSE (DESIGN §2).
+blockwise row LSE (docs/kernels.md#the-math-two-log-sum-exps).
 """
 
 from __future__ import annotations

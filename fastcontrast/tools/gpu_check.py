@@ -1,4 +1,4 @@
-"""``python -m fastcontrast gpu-check``: the one-shot check for the first GPU (DESIGN §6 item 4).
+"""``python -m fastcontrast gpu-check``: the one-shot check for the first GPU (README.md#first-run-on-a-gpu).
 
 In order of risk, each check printing one line and appending one JSON line to ``DIR/gpu_check.jsonl`` as it
 finishes (a run stopped by a timeout still leaves every answer so far):

@@ -63,7 +63,7 @@ GPUS = {
     "H200": GpuSpec("H200 SXM", 989e12, 4.8e12, 16 * 132 * 1.83e9, 132, 50 * 2**20),
 }
 # Fraction of peak a kernel's tensor-core work reaches, by the N of its narrowest wgmma instruction. An
-# assumption: larger N amortises the A-operand reads of each warpgroup (FlashAttention-3, §3; CUTLASS's
+# assumption: larger N amortises the A-operand reads of each warpgroup (FlashAttention-3 paper, sec. 3; CUTLASS's
 # Hopper tile guidance), m64n256 being the full-width instruction.
 WGMMA_EFFICIENCY = {256: 0.80, 128: 0.75, 64: 0.65, 32: 0.45, 16: 0.35, 8: 0.30}
 # Large bf16 GEMMs on cuBLAS reach about 750 of 989 TFLOP/s on an H100 SXM (an assumption for the naive loss).

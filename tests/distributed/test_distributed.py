@@ -966,8 +966,8 @@ def test_clip_loss_without_gather_with_grad_reproduces_open_clip_inexact_gradien
 def test_clip_loss_without_gather_with_grad_is_inexact_under_ddp_but_logit_scale_is_exact(
     group_results, world_size, mode
 ):
-    """As the README's "Distributed training" says: feature gradients differ from the global batch's, the
-    scale's does not.
+    """As docs/distributed.md#which-flags-and-which-are-exact says: feature gradients differ from the global
+    batch's, the scale's does not.
 
     global: each rank's live slot gets the global loss's gradient once, not summed over the W ranks, so the
     DDP average is exactly 1/W of the true feature gradient. local: a rank's features get only the gradient

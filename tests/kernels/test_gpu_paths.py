@@ -1,4 +1,4 @@
-"""Paths that only a GPU run takes, checked on the CPU machine (DESIGN §4, §6; the GPU-ready issue).
+"""Paths that only a GPU run takes, checked on the CPU machine (docs/kernels.md, docs/numerics.md; the GPU-ready issue).
 
 - TF32: the decision reads whichever torch API the user set, never the legacy flag that raises after the
   new one was used.

@@ -1,4 +1,4 @@
-"""Counted work of the Triton kernels (DESIGN §4 FLOP budget), counted in the interpreter, not estimated.
+"""Counted work of the Triton kernels (docs/kernels.md#work-counted), counted in the interpreter, not estimated.
 
 One GEMM pass is 2·n·m·d FLOPs over the similarity matrix. Budgets: symmetric CLIP ≤ 6 passes forward +
 backward, 5 with the single-pass forward (naive = 3, Inf-CL's two one-directional calls = 10). NT-Xent

@@ -7,7 +7,7 @@ kernels/compile_table.json --update-doc docs/kernels.md``) and checked here thre
 
 - it is current: made with the installed triton, from the kernel sources as they are now (digest), and its
   binaries are exactly the ones the launchers produce today (every variant's key, re-derived from the engine
-  in a subprocess without TRITON_INTERPRET: DESIGN §6);
+  in a subprocess without TRITON_INTERPRET: docs/numerics.md#testing-gpu-code-on-a-cpu);
 - every row passes the resource checks;
 - a sample (the binary with the most flags on, per kernel and backend, plus the fused gradient on every
   architecture) is compiled again here and must give the committed numbers, so the table cannot drift from

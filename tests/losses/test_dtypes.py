@@ -185,7 +185,7 @@ def test_bf16_features_with_fp32_logit_scale_give_fp32_scale_gradient(kind):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_clip_half_precision_feature_gradient_is_rounded_once(dtype):
-    # DESIGN: accumulate in fp32, return gradients in the input dtype, i.e. one rounding per entry. CLIP's
+    # docs/numerics.md#dtypes: accumulate in fp32, return gradients in the input dtype (one rounding). CLIP's
     # dA = s·(Σⱼ Pᵢⱼ·Bⱼ − Bᵢ) cancels near convergence; if the LSE part and the positive part reached the
     # input through separate autograd edges, each would be rounded to half precision before the sum and a
     # near-zero entry would carry the rounding error of the large terms (this failed before the positives

@@ -1,4 +1,4 @@
-"""The call path from a loss module to its kernels stays short (the architecture issue; STYLE.md).
+"""The call path from a loss module to its kernels stays short (the architecture issue).
 
 At most 4 package frames lie between ``ClipLoss.forward`` and the engine's launcher, the custom op that
 torch.compile sees included: ``clip_loss`` → the autograd Function → the custom op → the engine → launcher.

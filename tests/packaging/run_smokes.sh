@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Install what `make dist` built into fresh virtual environments (never editable) and test it from outside
-# the source tree. Usage: tests/packaging/run_smokes.sh {wheel|sdist|extras|triton-min|all}...
+# Install fastcontrast into fresh virtual environments (never editable) the way the README says, and test it
+# from outside the source tree. Usage: tests/packaging/run_smokes.sh {wheel|sdist|checkout|extras|triton-min|all}...
 #
-#   wheel       the wheel alone (torch and reference backends, `check`, `info`), then with [triton]: a loss
-#               and one kernel in triton's interpreter, a sample compile (tests/packaging/smoke.py)
+#   wheel       what `make dist` built, with the README's command (`pip install dist/fastcontrast-*.whl`):
+#               the wheel alone (torch and reference backends, `check`, `info`), then with [triton]
+#               (`pip install "dist/fastcontrast-<version>-py3-none-any.whl[triton]"`): a loss and one kernel in
+#               triton's interpreter, a sample compile (tests/packaging/smoke.py)
 #   sdist       the same, installed from the sdist (pip builds it: a file missing from MANIFEST.in fails),
 #               less the sample compile, which compiles the same installed files as the wheel's (--quick)
+#   checkout    the README's other route, `pip install .` and `pip install ".[triton]"` in a copy of the
+#               checkout (its tracked and untracked files, less .git, virtual environments and build output):
+#               the package without triton (smoke.py --quick: `check` is the wheel's job), then [triton]
+#               installed and importable. Needs no `make dist`; the interpreter runs are the wheel's and sdist's.
 #   extras      [bench], [release], [test], [dev] from the wheel: every requirement installed and importable
 #               (check_extra.py), then what the extra is for: [bench] a tiny `bench --plot`, [test] the
 #               sdist's test suite collects, [dev] ruff, [release] build and twine
@@ -24,24 +30,31 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 TRITON_SPEC="${TRITON_SPEC:-triton==3.9.0}"
 TRITON_MIN_SPEC="${TRITON_MIN_SPEC:-triton==3.2.0}"
-DIST="$(cd "${DIST:-$ROOT/dist}" && pwd)"
 SMOKE_DIR="${SMOKE_DIR:-${TMPDIR:-/tmp}/fastcontrast-smoke}"
 # Markers rather than file names, so that the selection survives the test suite's reorganisations.
 read -r -a PYTEST_ARGS <<< "${SMOKE_PYTEST_ARGS:--m interpreter}"
 
-shopt -s nullglob
-wheels=("$DIST"/fastcontrast-*.whl)
-sdists=("$DIST"/fastcontrast-*.tar.gz)
-if [ "${#wheels[@]}" -ne 1 ] || [ "${#sdists[@]}" -ne 1 ]; then
-    echo "run_smokes: expected one wheel and one sdist in $DIST (run \`make dist\` first)" >&2
-    exit 1
-fi
-WHEEL="${wheels[0]}"
-SDIST="${sdists[0]}"
-# Installed by URL with the file's hash: pip caches the wheel it builds from an sdist under the sdist's URL,
-# so a rebuilt sdist at the same path would otherwise install the previous build's wheel from that cache.
+[ "$#" -gt 0 ] || set -- all
+# Every target but `checkout` installs what `make dist` built.
+NEEDS_DIST=0
+for target in "$@"; do [ "$target" = checkout ] || NEEDS_DIST=1; done
+# The sdist is installed by URL with the file's hash: pip caches the wheel it builds from an sdist under the
+# sdist's URL, so a rebuilt sdist at the same path would otherwise install the previous build's wheel from
+# that cache. The wheel is installed by its path, as the README says (pip builds nothing from it).
 url_of() { echo "file://$1#sha256=$(sha256sum "$1" | cut -d' ' -f1)"; }
-WHEEL_URL="$(url_of "$WHEEL")"
+if [ "$NEEDS_DIST" = 1 ]; then
+    DIST="$(cd "${DIST:-$ROOT/dist}" && pwd)"
+    shopt -s nullglob
+    wheels=("$DIST"/fastcontrast-*.whl)
+    sdists=("$DIST"/fastcontrast-*.tar.gz)
+    shopt -u nullglob
+    if [ "${#wheels[@]}" -ne 1 ] || [ "${#sdists[@]}" -ne 1 ]; then
+        echo "run_smokes: expected one wheel and one sdist in $DIST (run \`make dist\` first)" >&2
+        exit 1
+    fi
+    WHEEL="${wheels[0]}"
+    SDIST="${sdists[0]}"
+fi
 case "$SMOKE_DIR" in "$ROOT"|"$ROOT"/*) echo "run_smokes: SMOKE_DIR must be outside the checkout" >&2; exit 1;; esac
 mkdir -p "$SMOKE_DIR"
 rm -rf "$SMOKE_DIR/sdist-src"
@@ -109,19 +122,27 @@ run_pytest() {
     (cd "$dir" && "$venv/bin/pytest" -q -p no:cacheprovider "$@" tests)
 }
 
+# requirement_of wheel|sdist PATH [EXTRA]: what pip is given, the wheel's path as the README writes it.
+requirement_of() {
+    if [ "$1" = wheel ]; then
+        echo "$2${3:+[$3]}"
+    else
+        echo "fastcontrast${3:+[$3]} @ $(url_of "$2")"
+    fi
+}
+
 smoke_artifact() {  # smoke_artifact wheel|sdist PATH [smoke.py options]
-    local kind="$1" artifact="$2" venv="$SMOKE_DIR/$1" cons cwd url
+    local kind="$1" artifact="$2" venv="$SMOKE_DIR/$1" cons cwd
     shift 2
-    url="$(url_of "$artifact")"
     local start=$SECONDS
     cons="$(constraints "$kind" "$TORCH_SPEC" "$TRITON_SPEC")"
     new_venv "$kind" "$cons"
-    pip_install "$venv" -c "$cons" "fastcontrast @ $url"
+    pip_install "$venv" -c "$cons" "$(requirement_of "$kind" "$artifact")"
     "$venv/bin/python" -m pip check
     cwd="$(scratch "$kind")"
     log "$kind: $(basename "$artifact") without triton"
     (cd "$cwd" && "$venv/bin/python" smoke.py --triton absent)
-    pip_install "$venv" -c "$cons" "fastcontrast[triton] @ $url"
+    pip_install "$venv" -c "$cons" "$(requirement_of "$kind" "$artifact" triton)"
     (cd "$cwd" && "$venv/bin/python" check_extra.py triton)
     # triton's interpreter (TRITON_INTERPRET=1, the only way to run the kernels on a CPU) imports numpy,
     # which triton does not declare; [test] and [dev] bring it, [triton] (for GPUs) does not.
@@ -136,7 +157,7 @@ smoke_artifact() {  # smoke_artifact wheel|sdist PATH [smoke.py options]
 install_extra() {
     local venv="$1" extra="$2" cwd
     shift 2
-    pip_install "$venv" -c "$EXTRAS_CONS" "fastcontrast[$extra] @ $WHEEL_URL"
+    pip_install "$venv" -c "$EXTRAS_CONS" "$WHEEL[$extra]"
     "$venv/bin/python" -m pip check
     cwd="$(scratch "extra-$extra")"
     (cd "$cwd" && "$venv/bin/python" check_extra.py "$extra" "$@")
@@ -172,6 +193,30 @@ smoke_extras() {
     log "extras: [test], [dev] passed in $((SECONDS - start)) s"
 }
 
+# The README's install from a checkout, in a copy of it: `pip install .` would otherwise build in the checkout
+# itself (setuptools writes build/ and *.egg-info there, and a stale build/lib can leak old files into the
+# wheel). The copy is what a fresh clone holds plus untracked files not yet committed.
+smoke_checkout() {
+    local venv="$SMOKE_DIR/checkout" src="$SMOKE_DIR/checkout-src" cons cwd start=$SECONDS
+    rm -rf "$src"
+    mkdir -p "$src"
+    tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build --exclude=./dist \
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache --exclude=.hypothesis \
+        --exclude=.benchmarks --exclude=.ruff_cache -cf - . | tar -C "$src" -xf -
+    cons="$(constraints checkout "$TORCH_SPEC" "$TRITON_SPEC")"
+    new_venv checkout "$cons"
+    (cd "$src" && pip_install "$venv" -c "$cons" .)
+    "$venv/bin/python" -m pip check
+    cwd="$(scratch checkout)"
+    log "checkout: pip install . without triton"
+    (cd "$cwd" && "$venv/bin/python" smoke.py --triton absent --quick)
+    (cd "$src" && pip_install "$venv" -c "$cons" ".[triton]")
+    (cd "$cwd" && "$venv/bin/python" check_extra.py triton)
+    log "checkout: pip install \".[triton]\": triton $("$venv/bin/python" -c 'import triton; print(triton.__version__)')"
+    rm -rf "$src"
+    log "checkout: passed in $((SECONDS - start)) s"
+}
+
 smoke_triton_min() {
     local venv="$SMOKE_DIR/triton-min" cons cwd start=$SECONDS
     # triton < 3.7's interpreter turns 1-element arrays into ints, which numpy 2.4 refuses ("only
@@ -179,7 +224,7 @@ smoke_triton_min() {
     # (CPU) is affected; on a GPU triton does not use numpy.
     cons="$(constraints triton-min "$TORCH_SPEC" "$TRITON_MIN_SPEC" "numpy<2.4")"
     new_venv triton-min "$cons"
-    pip_install "$venv" -c "$cons" "fastcontrast[test] @ $WHEEL_URL"
+    pip_install "$venv" -c "$cons" "$WHEEL[test]"
     "$venv/bin/python" -m pip check
     cwd="$(scratch triton-min)"
     (cd "$cwd" && "$venv/bin/python" check_extra.py test --interpreter)
@@ -188,14 +233,15 @@ smoke_triton_min() {
     log "triton-min: passed in $((SECONDS - start)) s"
 }
 
-[ "$#" -gt 0 ] || set -- all
 for target in "$@"; do
     case "$target" in
         wheel) smoke_artifact wheel "$WHEEL";;
         sdist) smoke_artifact sdist "$SDIST" --quick;;
+        checkout) smoke_checkout;;
         extras) smoke_extras;;
         triton-min) smoke_triton_min;;
-        all) smoke_artifact wheel "$WHEEL"; smoke_artifact sdist "$SDIST" --quick; smoke_extras; smoke_triton_min;;
-        *) echo "run_smokes: unknown target $target (wheel, sdist, extras, triton-min, all)" >&2; exit 2;;
+        all) smoke_artifact wheel "$WHEEL"; smoke_artifact sdist "$SDIST" --quick; smoke_checkout; smoke_extras
+             smoke_triton_min;;
+        *) echo "run_smokes: unknown target $target (wheel, sdist, checkout, extras, triton-min, all)" >&2; exit 2;;
     esac
 done

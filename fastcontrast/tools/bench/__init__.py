@@ -1,4 +1,4 @@
-"""Benchmark tooling (DESIGN §7): cases, memory meters, worker subprocesses, the largest-N search, reports.
+"""Benchmark tooling (docs/benchmarks.md): cases, memory meters, worker subprocesses, the largest-N search, reports.
 
 ``python -m fastcontrast bench`` is :func:`fastcontrast.tools.bench.cli.bench_cli`; ``benchmarks/`` uses the
 names below.

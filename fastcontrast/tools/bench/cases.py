@@ -1,6 +1,6 @@
 """Benchmark cases: what one measurement is (loss, provider, N, d, dtype, mode, device), its inputs, the step it
 times, model FLOPs, and the formatting of sizes, rates and times. Shared by ``python -m fastcontrast bench`` and
-the pytest-benchmark suite (DESIGN §7).
+the pytest-benchmark suite (docs/benchmarks.md).
 
 Providers are the naive reference (``backend="reference"``: open_clip's / lightly's math with the full logits),
 the blockwise torch engine (``backend="torch"``) and the Triton engine (``backend="triton"``, CUDA only). Modes

@@ -1,4 +1,4 @@
-"""``python -m fastcontrast bench``: the comparison table, the largest-N search, JSON and a plot (DESIGN §7)."""
+"""``python -m fastcontrast bench``: the comparison table, the largest-N search, JSON, a plot (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

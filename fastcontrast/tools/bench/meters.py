@@ -1,4 +1,4 @@
-"""Peak memory of one call (DESIGN §7), and the memory budget a benchmark step runs under.
+"""Peak memory of one call, and the memory budget a benchmark step runs under (docs/benchmarks.md).
 
 Peak memory is the peak *extra* memory of one call over what was in use just before it (the inputs live),
 measured by one of (:class:`MemoryMeter`):
