@@ -7,6 +7,7 @@ O(n·d) torch ops, DESIGN §2); this module gathers them under the name users im
 from fastcontrast.losses._common import normalize_rows
 from fastcontrast.losses.clip import clip_loss
 from fastcontrast.losses.distill import distill_clip_loss
+from fastcontrast.losses.gist import gist_embed_loss
 from fastcontrast.losses.mnrl import multiple_negatives_ranking_loss
 from fastcontrast.losses.ntxent import dcl_loss, negative_mises_fisher_weights, nt_xent_loss, nt_xent_memory_bank_loss
 from fastcontrast.losses.siglip import siglip_loss
@@ -16,6 +17,7 @@ __all__ = [
     "clip_loss",
     "dcl_loss",
     "distill_clip_loss",
+    "gist_embed_loss",
     "multiple_negatives_ranking_loss",
     "negative_mises_fisher_weights",
     "normalize_rows",

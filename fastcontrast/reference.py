@@ -10,6 +10,7 @@ full logits matrix exactly as the original does (that is the point: it is what f
 - :func:`nt_xent_memory_bank_loss_reference`: lightly 1.6 ``NTXentLoss.forward`` with a memory bank
   (the bank tensor is passed in; reading and enqueueing it is :class:`fastcontrast.memory_bank.MemoryBank`).
 - :func:`mnrl_loss_reference`: sentence-transformers 6.2.0 ``MultipleNegativesRankingLoss`` (any similarity).
+- :func:`gist_loss_reference`: sentence-transformers 6.2.0 ``GISTEmbedLoss`` from embeddings.
 """
 
 from __future__ import annotations
@@ -503,3 +504,53 @@ def mnrl_loss_reference(
     else:
         log_z = sum(torch.logsumexp(m, dim=1) for m in logits.values()) / len(logits)
     return -(positives - log_z).mean()
+
+
+def gist_loss_reference(
+    columns: list,
+    guide_columns: list,
+    local_positives: torch.Tensor,
+    local_positive_guides: torch.Tensor,
+    temperature: float,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    *,
+    offset: int = 0,
+) -> torch.Tensor:
+    """sentence-transformers 6.2.0 ``GISTEmbedLoss.forward`` after the embeddings, full matrices.
+
+    ``columns`` / ``guide_columns``: [anchors (local), positives, negatives?] with the positives and negatives
+    every rank's rows (the local ones when not gathered), this rank's starting at ``offset``;
+    ``local_positives`` / ``local_positive_guides``: this rank's positive rows.
+    """
+
+    def cos(x, y):
+        return F.cosine_similarity(x.unsqueeze(1), y.unsqueeze(0), dim=-1)
+
+    anchor, positive = columns[0], columns[1]
+    anchor_guide, positive_guide = guide_columns[0], guide_columns[1]
+    n = anchor.shape[0]
+    guided_positive = cos(anchor_guide, positive_guide).diagonal(offset=offset).view(-1, 1)
+    if margin_strategy == "absolute":
+        threshold = guided_positive - margin
+    else:
+        threshold = guided_positive - guided_positive.abs() * margin
+    rows = torch.arange(n, device=anchor.device)
+
+    def masked(guide_sim, sim, protect=False):
+        mask = guide_sim > threshold
+        if protect:
+            mask[rows, offset + rows] = False
+        return sim.masked_fill(mask, -torch.inf)
+
+    scores = [masked(cos(anchor_guide, positive_guide), cos(anchor, positive), protect=True)]
+    if contrast_anchors:
+        scores.append(masked(cos(anchor_guide, anchor_guide), cos(anchor, anchor)))
+    if contrast_positives:
+        scores.append(masked(cos(local_positive_guides, positive_guide), cos(local_positives, positive)))
+    if len(columns) == 3:
+        scores.append(masked(cos(anchor_guide, guide_columns[2]), cos(anchor, columns[2])))
+    logits = torch.cat(scores, dim=1) / temperature
+    return F.cross_entropy(logits, torch.arange(offset, offset + n, device=anchor.device))
