@@ -461,8 +461,13 @@ def mnrl_loss_reference(
     hardness_strength: float = 0.0,
     *,
     offset: int = 0,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """sentence-transformers 6.2.0 ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``, full matrices.
+
+    ``false_negative_margin`` (fastcontrast's option, not 6.2.0's): every entry whose similarity exceeds the
+    row's positive similarity by more than the margin is left out, except the positive pair itself (in
+    ``query_to_doc`` and ``doc_to_query``).
 
     ``queries`` [n, d] are this rank's; ``queries_all`` [N, d] and each of ``docs_all`` ([positives, neg_1, …],
     each [N, d]) are every rank's rows (the local ones when not gathered), this rank's starting at ``offset``.
@@ -482,6 +487,13 @@ def mnrl_loss_reference(
     if "doc_to_doc" in directions:
         same_query = torch.eye(world, device=queries.device)[local].repeat(1, len(docs_all)).bool()
         sims["doc_to_doc"] = similarity_fct(docs_cat, local_docs).T.masked_fill(same_query, -torch.inf)
+    if false_negative_margin is not None:
+        threshold = sims["query_to_doc"].detach()[rows, local].unsqueeze(1) + false_negative_margin
+        for key, sim in sims.items():
+            mask = sim.detach() > threshold
+            if key in ("query_to_doc", "doc_to_query"):
+                mask[rows, local] = False
+            sims[key] = sim.masked_fill(mask, -torch.inf)
     penalty = None
     if hardness_mode is not None and hardness_strength > 0.0:
         penalty = hardness_strength * sims["query_to_doc"].detach()

@@ -27,53 +27,59 @@ def _row_chunks(n: int, m: int, chunk_bytes: int, itemsize: int):
         yield start, min(n, start + rows)
 
 
-def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset):
-    """S[start:stop] with the entries the guide rates above the row's threshold set to −inf (compute dtype)."""
+def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset, exclude_offset):
+    """S[start:stop] with the entries the guide rates above the row's threshold (and the excluded diagonal) set
+    to −inf, the protected diagonal kept (compute dtype)."""
     cdt = compute_dtype(a.dtype)
     logits = (a[start:stop].to(cdt) @ b.to(cdt).T) * scale
     guide = a_guide[start:stop].to(cdt) @ b_guide.to(cdt).T
     mask = guide > threshold[start:stop].to(cdt).unsqueeze(1)
+    rows = torch.arange(stop - start, device=a.device)
     if protect_offset is not None:
-        rows = torch.arange(stop - start, device=a.device)
         mask[rows, rows + start + protect_offset] = False
+    if exclude_offset is not None:
+        mask[rows, rows + start + exclude_offset] = True
     return logits.masked_fill_(mask, float("-inf"))
 
 
 class GuideMaskedLogSumExp(torch.autograd.Function):
-    """``apply(a, b, a_guide, b_guide, threshold, scale, protect_offset, chunk_bytes)`` → lse [n].
+    """``apply(a, b, a_guide, b_guide, threshold, scale, protect_offset, exclude_offset, chunk_bytes)`` → lse [n].
 
     a: [n, d], b: [m, d] (the model's rows and columns); a_guide: [n, d_g], b_guide: [m, d_g] (the guide's,
     no gradient); threshold: [n]; scale: Python float; protect_offset: column ``i + protect_offset`` of row i is
-    never masked (the positive), or None; chunk_bytes: bytes of one chunk of logits, or None for the
+    never masked (the positive), or None; ``exclude_offset``: column ``i + exclude_offset`` of row i is always
+    masked (self-similarity), or None; chunk_bytes: bytes of one chunk of logits, or None for the
     blockwise engine's default. lseᵢ = log Σⱼ exp(s·aᵢ·bⱼ) over the j with a_guideᵢ·b_guideⱼ ≤ thresholdᵢ (or
     j = i + protect_offset); −inf where every column is masked. fp32 (fp64 for fp64 inputs).
     """
 
     @staticmethod
     def forward(ctx, a, b, a_guide, b_guide, threshold, scale: float, protect_offset: Optional[int],
-                chunk_bytes: Optional[int]):
+                exclude_offset: Optional[int], chunk_bytes: Optional[int]):
         budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         cdt = compute_dtype(a.dtype)
         lse = torch.empty(a.shape[0], dtype=cdt, device=a.device)
         with torch.no_grad():
             for start, stop in _row_chunks(a.shape[0], b.shape[0], budget, torch.finfo(cdt).bits // 8):
-                tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset)
+                tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset,
+                                    exclude_offset)
                 lse[start:stop] = torch.logsumexp(tile, dim=1)
-        ctx.options = (scale, protect_offset, budget)
+        ctx.options = (scale, protect_offset, exclude_offset, budget)
         ctx.save_for_backward(a, b, a_guide, b_guide, threshold, lse)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse):
         a, b, a_guide, b_guide, threshold, lse = ctx.saved_tensors
-        scale, protect_offset, budget = ctx.options
+        scale, protect_offset, exclude_offset, budget = ctx.options
         need_a, need_b = ctx.needs_input_grad[:2]
         cdt = lse.dtype
         grad_a = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a else None
         grad_b = torch.zeros(b.shape, dtype=cdt, device=b.device) if need_b else None
         with torch.no_grad():
             for start, stop in _row_chunks(a.shape[0], b.shape[0], budget, torch.finfo(cdt).bits // 8):
-                tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset)
+                tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset,
+                                    exclude_offset)
                 # dS = g·softmax; a fully masked row (lse = −inf) has no softmax and passes no gradient.
                 row_lse = lse[start:stop].unsqueeze(1)
                 probabilities = torch.exp(tile - row_lse).nan_to_num_(0.0)
@@ -83,13 +89,13 @@ class GuideMaskedLogSumExp(torch.autograd.Function):
                 if need_b:
                     grad_b += grad_tile.T @ a[start:stop].to(cdt)
         return (grad_a.to(a.dtype) if need_a else None, grad_b.to(b.dtype) if need_b else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def guide_masked_lse(a: torch.Tensor, b: torch.Tensor, a_guide: torch.Tensor, b_guide: torch.Tensor,
                      threshold: torch.Tensor, scale: float, *, protect_offset: Optional[int] = None,
-                     chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                     exclude_offset: Optional[int] = None, chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """Row LSE of scale·A·Bᵀ over the columns the guide does not rate above ``threshold`` (see
     :class:`GuideMaskedLogSumExp`); the guide operands and the threshold are detached."""
     return GuideMaskedLogSumExp.apply(a, b, a_guide.detach(), b_guide.detach(), threshold.detach(), float(scale),
-                                      protect_offset, chunk_bytes)
+                                      protect_offset, exclude_offset, chunk_bytes)

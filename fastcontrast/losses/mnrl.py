@@ -26,6 +26,7 @@ entries (positive, own hard negatives) are O(n·d) row dot products. Memory is O
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -47,6 +48,7 @@ from fastcontrast._validation import (
 from fastcontrast.autograd import BlockwiseLogSumExp
 from fastcontrast.distributed import rank_mean
 from fastcontrast.engine import compute_dtype
+from fastcontrast.losses._masked_lse import guide_masked_lse
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
@@ -120,6 +122,19 @@ def check_mnrl_options(scale: object, directions: object, partition_mode: object
     return directions
 
 
+def check_false_negative_margin(margin: object, backend: object) -> None:
+    """fastcontrast's ``false_negative_margin``: None (off) or a finite number; a torch-engine feature today."""
+    if margin is None:
+        return
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise TypeError(f"`false_negative_margin` must be None or a finite float, got {margin!r}.")
+    if backend == "triton":
+        raise ValueError(
+            "`false_negative_margin` masks candidates in the tile on the blockwise torch engine today: use "
+            "backend='torch' (or 'auto', which picks it for this option); the Triton kernels have no such mask yet."
+        )
+
+
 def _check_columns(embeddings: object) -> list[torch.Tensor]:
     if isinstance(embeddings, torch.Tensor) or not isinstance(embeddings, (list, tuple)):
         raise TypeError(f"`embeddings` must be a list of [batch, dim] tensors (query, positive, negatives...), "
@@ -140,7 +155,8 @@ def _softened(lse: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 1.0:
         return lse
     detached = lse.detach()
-    return detached + factor * (lse - detached)
+    # A block the false-negative mask empties has lse = −inf, and −inf − (−inf) is NaN: keep it −inf.
+    return torch.where(torch.isfinite(detached), detached + factor * (lse - detached), lse)
 
 
 def _own_entries(rows: torch.Tensor, columns: torch.Tensor, offset: int) -> torch.Tensor:
@@ -163,6 +179,7 @@ def multiple_negatives_ranking_loss(
     process_group=None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """sentence-transformers 6.2.0 ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``, blockwise.
 
@@ -178,10 +195,16 @@ def multiple_negatives_ranking_loss(
         process_group: the group to gather over (None: the default group); needs ``gather_across_devices``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (6.2.0's full-matrix math).
         chunk_bytes: the torch engine's logits bytes per chunk (None: its default).
+        false_negative_margin: fastcontrast's option (6.2.0 has none; off by default): every candidate, in every
+            direction, whose similarity to the row exceeds the row's positive similarity sim(qᵢ, pᵢ) by more
+            than this margin is left out as a likely false negative (Qwen3-Embedding's rule, ``sim > pos +
+            0.1``); the positive pair itself never is. The mask is computed in the tile on the blockwise torch
+            engine (``backend="auto"`` uses it; ``"triton"`` is an error for this option today).
     Returns:
         0-dim loss, the mean over this rank's queries; fp32 (fp64 for fp64 embeddings).
     """
     directions = check_mnrl_options(scale, directions, partition_mode, hardness_mode, hardness_strength)
+    check_false_negative_margin(false_negative_margin, backend)
     check_backend(backend)
     check_flags(gather_across_devices=gather_across_devices)
     columns = _check_columns(embeddings)
@@ -194,7 +217,9 @@ def multiple_negatives_ranking_loss(
     queries = columns[0]
 
     def check():
-        return resolve_engine(backend, queries.device, queries.dtype, chunk_bytes)
+        # The false-negative mask is a torch-engine feature: "auto" picks that engine for it.
+        chosen = "torch" if false_negative_margin is not None and backend == "auto" else backend
+        return resolve_engine(chosen, queries.device, queries.dtype, chunk_bytes)
 
     if group is None:
         engine, layout = check(), None
@@ -207,7 +232,7 @@ def multiple_negatives_ranking_loss(
         offset = 0 if layout is None else layout.offset
         return reference.mnrl_loss_reference(
             columns[0], gathered[0], gathered[1:], float(scale), fct, directions, partition_mode, hardness_mode,
-            penalty, offset=offset,
+            penalty, offset=offset, false_negative_margin=false_negative_margin,
         )
     if kind == "cos_sim":
         # Rows normalised once, O(n·d); in fp32 for half inputs (sentence-transformers normalises in the
@@ -216,16 +241,18 @@ def multiple_negatives_ranking_loss(
     gathered = columns if layout is None else [distributed.gather_with_grad(x, group, layout) for x in columns]
     offset = 0 if layout is None else layout.offset
     per_row = _mnrl_rows(columns[0], columns[1], gathered[0], gathered[1:], float(scale), engine, directions,
-                         partition_mode, hardness_mode, penalty, offset)
+                         partition_mode, hardness_mode, penalty, offset, false_negative_margin)
     return rank_mean(per_row, layout)
 
 
 def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directions, partition_mode, hardness_mode,
-               penalty, offset) -> torch.Tensor:
+               penalty, offset, false_negative_margin=None) -> torch.Tensor:
     """Per local row: log Z − positive logit, as 6.2.0 builds them (module doc), from blockwise LSEs.
 
     queries, positives: this rank's [n, d] (normalised for cos_sim); queries_all: [N, d]; docs_all: every
     rank's [positives, neg_1, …] blocks, each [N, d]; ``offset``: this rank's first row in the gathered batch.
+    With ``false_negative_margin``, every block is a guide-masked LSE whose guide is the model's own detached
+    similarity, with threshold sim(qᵢ, pᵢ) + margin.
     """
     n = queries.shape[0]
     cdt = compute_dtype(queries.dtype)
@@ -233,11 +260,19 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     s = torch.tensor(scale, dtype=cdt, device=device)
     own = torch.arange(offset, offset + n, device=device)
 
-    def lse(rows, cols, at_scale, exclude_own=False):
-        """Row LSE of at_scale·sim(rows, cols), own column (offset + i) left out when asked, or None when
-        nothing is left (a batch of one)."""
+    masked = false_negative_margin is not None
+    if masked:
+        threshold = _own_entries(queries, docs_all[0], offset).detach() + false_negative_margin
+
+    def lse(rows, cols, at_scale, exclude_own=False, protect_own=False):
+        """Row LSE of at_scale·sim(rows, cols), own column (offset + i) left out (or, under the false-negative
+        mask, protected) when asked, or None when nothing is left (a batch of one)."""
         if exclude_own and cols.shape[0] == 1:
             return None
+        if masked:
+            return guide_masked_lse(rows, cols, rows, cols, threshold, at_scale,
+                                    protect_offset=offset if protect_own else None,
+                                    exclude_offset=offset if exclude_own else None, chunk_bytes=engine.chunk_bytes)
         scale_t = s if at_scale == scale else torch.tensor(at_scale, dtype=cdt, device=device)
         row, _, _, _, _ = BlockwiseLogSumExp.apply(rows, cols, scale_t, engine, True, False, None,
                                                    offset if exclude_own else None)
@@ -249,7 +284,11 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     hard_scale = scale + penalty if penalised and hardness_mode in ("hard_negatives", "all_negatives") else scale
 
     blocks: dict[str, list[torch.Tensor]] = {}
-    if in_batch_scale == scale and hard_scale == scale:
+    if in_batch_scale == scale and hard_scale == scale and masked:
+        candidates = docs_all[0] if len(docs_all) == 1 else torch.cat(docs_all)
+        positive = scale * _own_entries(queries, docs_all[0], offset)
+        blocks["query_to_doc"] = [lse(queries, candidates, scale, protect_own=True)]
+    elif in_batch_scale == scale and hard_scale == scale:
         # No penalty: one call over all documents, positive taken from the tiles the LSE reduced.
         candidates = docs_all[0] if len(docs_all) == 1 else torch.cat(docs_all)
         row, _, positive, _, _ = BlockwiseLogSumExp.apply(queries, candidates, s, engine, True, False, own)
@@ -266,12 +305,13 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
                 parts.append(_softened(off_diagonal, scale / in_batch_scale))
             if j > 0:
                 sim = own_sims[j]
-                parts.append(scale * sim + (hard_scale - scale) * sim.detach())
+                logit = scale * sim + (hard_scale - scale) * sim.detach()
+                parts.append(logit.masked_fill(sim.detach() > threshold, float("-inf")) if masked else logit)
         blocks["query_to_doc"] = parts
     if "query_to_query" in directions:
         blocks["query_to_query"] = [x for x in [lse(queries, queries_all, scale, exclude_own=True)] if x is not None]
     if "doc_to_query" in directions:
-        blocks["doc_to_query"] = [lse(positives, queries_all, scale)]
+        blocks["doc_to_query"] = [lse(positives, queries_all, scale, protect_own=True)]
     if "doc_to_doc" in directions:
         blocks["doc_to_doc"] = [x for x in (lse(positives, block, scale, exclude_own=True) for block in docs_all)
                                 if x is not None]
@@ -311,6 +351,8 @@ class MultipleNegativesRankingLoss(nn.Module):
             matrices (a warning says so).
         backend, chunk_bytes: see :func:`multiple_negatives_ranking_loss`.
         process_group: the group ``gather_across_devices`` gathers over (None: the default group).
+        false_negative_margin: an option 6.2.0 lacks, off by default: leave out candidates whose similarity
+            exceeds the positive's by more than this margin (see :func:`multiple_negatives_ranking_loss`).
     """
 
     def __init__(
@@ -327,9 +369,12 @@ class MultipleNegativesRankingLoss(nn.Module):
         backend: str = "auto",
         chunk_bytes: Optional[int] = None,
         process_group=None,
+        false_negative_margin: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.model = model
+        check_false_negative_margin(false_negative_margin, backend)
+        self.false_negative_margin = false_negative_margin
         self.directions = check_mnrl_options(scale, directions, partition_mode, hardness_mode, hardness_strength)
         self.scale = scale
         self.similarity_fct = similarity_fct
@@ -376,6 +421,7 @@ class MultipleNegativesRankingLoss(nn.Module):
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength, gather_across_devices=self.gather_across_devices,
             process_group=self.process_group, backend=self.backend, chunk_bytes=self.chunk_bytes,
+            false_negative_margin=self.false_negative_margin,
         )
 
     def get_config_dict(self) -> dict[str, Any]:

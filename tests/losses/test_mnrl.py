@@ -267,5 +267,67 @@ def test_constructor_signature_extends_sentence_transformers_in_order():
     for mine, theirs_ in zip(ours_[2: len(original)], original[2:]):
         same = mine.default == theirs_.default or (mine.name == "similarity_fct")
         assert same, f"default of {mine.name}: {mine.default!r} != {theirs_.default!r}"
-    assert {p.name for p in ours_[len(original):]} == {"backend", "chunk_bytes", "process_group"}
+    extra = {p.name for p in ours_[len(original):]}
+    assert extra == {"backend", "chunk_bytes", "process_group", "false_negative_margin"}
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours_[len(original):])
+
+
+FALSE_NEGATIVE_CASES = [
+    pytest.param(name, partition_mode, hardness, k, margin, id=f"{name}-{partition_mode}-{hardness}-k{k}-m{margin}")
+    for name, partition_mode, hardness, k, margin in itertools.product(
+        ("q2d", "q2d+d2q", "all4"), ("joint", "per_direction"), HARDNESS, (0, 2), (0.0, 0.1, -0.2))
+    if _valid(DIRECTION_SETS[name], partition_mode)
+]
+
+
+@pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
+@pytest.mark.parametrize("directions, partition_mode, hardness, k, margin", FALSE_NEGATIVE_CASES)
+def test_false_negative_margin_matches_the_full_matrix_reference(directions, partition_mode, hardness, k, margin,
+                                                                 similarity):
+    fct = getattr(mnrl, similarity)
+    embeddings = columns(6, k, d=5, seed=k)
+    strength = STRENGTH if hardness else 0.0
+    live = [x.clone().requires_grad_() for x in embeddings]
+    expected = reference.mnrl_loss_reference(live[0], live[0], live[1:], SCALE, fct, DIRECTION_SETS[directions],
+                                             partition_mode, hardness, strength, false_negative_margin=margin)
+    expected = (expected.detach(), torch.autograd.grad(expected, live))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = fastcontrast.MultipleNegativesRankingLoss(
+            None, scale=SCALE, similarity_fct=fct, directions=DIRECTION_SETS[directions],
+            partition_mode=partition_mode, hardness_mode=hardness, hardness_strength=strength,
+            false_negative_margin=margin, chunk_bytes=128)  # a few rows per chunk
+    assert_matches(value_and_grads(loss, embeddings), expected, 1e-11, 1e-11,
+                   f"false_negative_margin={margin} {directions} {partition_mode} {hardness} k={k} {similarity}")
+
+
+def test_false_negative_mask_follows_the_rule_sim_above_positive_plus_margin():
+    """Written out per row for the default direction: candidates j ≠ i with sim(qᵢ, dⱼ) > sim(qᵢ, dᵢ) + m are
+    left out of row i's softmax."""
+    queries, docs = columns(7, 0, d=3, seed=4)
+    margin = 0.05
+    sims = mnrl.cos_sim(queries, docs)
+    expected = []
+    for i in range(7):
+        kept = [j for j in range(7) if j == i or sims[i, j] <= sims[i, i] + margin]
+        expected.append(torch.logsumexp(SCALE * sims[i, kept], dim=0) - SCALE * sims[i, i])
+    masked_somewhere = any((sims[i] > sims[i, i] + margin).sum() > 0 for i in range(7))
+    assert masked_somewhere, "the batch has no false negative to mask: the test would not test the mask"
+    got = fastcontrast.MultipleNegativesRankingLoss(None, scale=SCALE, false_negative_margin=margin
+                                                    ).compute_loss_from_embeddings([queries, docs], None)
+    assert_close("loss with false-negative mask", got, torch.stack(expected).mean(), 1e-12)
+
+
+def test_false_negative_margin_too_large_to_mask_anything_equals_sentence_transformers():
+    embeddings = columns(5, 2)
+    kwargs = options("all4", "joint", "all_negatives", st_util.cos_sim)
+    assert_matches(ours(embeddings, "auto", false_negative_margin=10.0, **kwargs), theirs(embeddings, **kwargs),
+                   1e-11, 1e-11, "false_negative_margin=10 (masks nothing)")
+
+
+def test_false_negative_margin_on_triton_is_refused_and_bad_margins_are_type_errors():
+    with pytest.raises(ValueError, match="blockwise torch engine today"):
+        fastcontrast.MultipleNegativesRankingLoss(None, false_negative_margin=0.1, backend="triton")
+    for bad in ("0.1", float("nan"), True):
+        with pytest.raises(TypeError, match="false_negative_margin"):
+            fastcontrast.MultipleNegativesRankingLoss(None, false_negative_margin=bad)
