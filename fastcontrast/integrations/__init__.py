@@ -126,12 +126,13 @@ SENTENCE_TRANSFORMERS_LOSSES = {
     "MultipleNegativesRankingLoss": "sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking",
     "MultipleNegativesSymmetricRankingLoss":
         "sentence_transformers.sentence_transformer.losses.multiple_negatives_symmetric_ranking",
+    "GISTEmbedLoss": "sentence_transformers.sentence_transformer.losses.gist_embed",
 }
 
 
 def patch_sentence_transformers(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
-    """Make sentence-transformers (6.2) use fastcontrast's ``MultipleNegativesRankingLoss`` and
-    ``MultipleNegativesSymmetricRankingLoss``.
+    """Make sentence-transformers (6.2) use fastcontrast's ``MultipleNegativesRankingLoss``,
+    ``MultipleNegativesSymmetricRankingLoss`` and ``GISTEmbedLoss``.
 
     Rebinds them in their defining modules, in ``sentence_transformers.sentence_transformer.losses`` (which
     ``sentence_transformers.losses``, the deprecated spelling, is an alias of: the same module object), and in
@@ -139,10 +140,11 @@ def patch_sentence_transformers(*, backend: str = "auto", chunk_bytes: Optional[
     in unchanged user code builds the drop-in, also inside ``MatryoshkaLoss`` (which calls the inner loss's
     ``forward`` with the model's forward decorated, as with the original). Classes sentence-transformers
     already derived from the originals (``SparseMultipleNegativesRankingLoss``) keep their original base; the
-    Cached* losses are not replaced.
+    Cached* losses are not replaced. ``GISTEmbedLoss``'s guide mask runs on the blockwise torch engine, so
+    ``backend="triton"`` does not suit it (it raises; ``"auto"`` does).
 
-    Inputs are sentence-transformers': ``forward(sentence_features, labels)`` and
-    ``compute_loss_from_embeddings(embeddings, labels)``, with the constructor's options as in 6.2.0.
+    Inputs are sentence-transformers': ``forward(sentence_features, labels)`` (and MNRL's
+    ``compute_loss_from_embeddings(embeddings, labels)``), with the constructors' options as in 6.2.0.
 
     Args:
         backend, chunk_bytes: defaults for the losses constructed while patched (see :func:`patch_open_clip`).

@@ -27,13 +27,36 @@ def _row_chunks(n: int, m: int, chunk_bytes: int, itemsize: int):
         yield start, min(n, start + rows)
 
 
-def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset, exclude_offset):
+def _guide_mask(a_guide, b_guide, threshold, start, stop, budget):
+    """[stop − start, m] bool: where the guide's similarity exceeds the row's threshold.
+
+    The tile is a GEMM, which rounds differently from the per-pair sum Σₖ xₖ·yₖ that sentence-transformers
+    compares (``nn.CosineSimilarity`` on unit rows). The two differ by at most 2·d·ε·‖x‖·‖y‖, so the entries
+    that close to the threshold are recomputed as that per-pair sum in the guide's dtype: the mask is then the
+    original's bit for bit, also where similarities crowd around the threshold (an untrained model's do).
+    """
+    cdt = compute_dtype(a_guide.dtype)
+    rows_guide = a_guide[start:stop]
+    guide = rows_guide.to(cdt) @ b_guide.to(cdt).T
+    limit = threshold[start:stop].to(cdt).unsqueeze(1)
+    mask = guide > limit
+    eps = torch.finfo(a_guide.dtype).eps
+    band = (2 * a_guide.shape[1] * eps) * torch.outer(rows_guide.to(cdt).norm(dim=1), b_guide.to(cdt).norm(dim=1))
+    near = ((guide - limit).abs() <= band).nonzero()
+    pairs_per_batch = max(1, budget // max(1, a_guide.shape[1] * a_guide.element_size()))
+    for first in range(0, near.shape[0], pairs_per_batch):
+        i, j = near[first:first + pairs_per_batch].unbind(1)
+        exact = (rows_guide[i] * b_guide[j]).sum(-1)
+        mask[i, j] = exact.to(cdt) > limit[i, 0]
+    return mask
+
+
+def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset, exclude_offset, budget):
     """S[start:stop] with the entries the guide rates above the row's threshold (and the excluded diagonal) set
     to −inf, the protected diagonal kept (compute dtype)."""
     cdt = compute_dtype(a.dtype)
     logits = (a[start:stop].to(cdt) @ b.to(cdt).T) * scale
-    guide = a_guide[start:stop].to(cdt) @ b_guide.to(cdt).T
-    mask = guide > threshold[start:stop].to(cdt).unsqueeze(1)
+    mask = _guide_mask(a_guide, b_guide, threshold, start, stop, budget)
     rows = torch.arange(stop - start, device=a.device)
     if protect_offset is not None:
         mask[rows, rows + start + protect_offset] = False
@@ -62,7 +85,7 @@ class GuideMaskedLogSumExp(torch.autograd.Function):
         with torch.no_grad():
             for start, stop in _row_chunks(a.shape[0], b.shape[0], budget, torch.finfo(cdt).bits // 8):
                 tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset,
-                                    exclude_offset)
+                                    exclude_offset, budget)
                 lse[start:stop] = torch.logsumexp(tile, dim=1)
         ctx.options = (scale, protect_offset, exclude_offset, budget)
         ctx.save_for_backward(a, b, a_guide, b_guide, threshold, lse)
@@ -79,7 +102,7 @@ class GuideMaskedLogSumExp(torch.autograd.Function):
         with torch.no_grad():
             for start, stop in _row_chunks(a.shape[0], b.shape[0], budget, torch.finfo(cdt).bits // 8):
                 tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset,
-                                    exclude_offset)
+                                    exclude_offset, budget)
                 # dS = g·softmax; a fully masked row (lse = −inf) has no softmax and passes no gradient.
                 row_lse = lse[start:stop].unsqueeze(1)
                 probabilities = torch.exp(tile - row_lse).nan_to_num_(0.0)

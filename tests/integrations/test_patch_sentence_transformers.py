@@ -1,5 +1,6 @@
-"""``patch_sentence_transformers``: sentence-transformers' MNRL classes become fastcontrast's, at every import
-spelling, and ``SentenceTransformerTrainer`` trains to the same losses step by step.
+"""``patch_sentence_transformers``: sentence-transformers' MNRL classes and ``GISTEmbedLoss`` become
+fastcontrast's, at every import spelling, and ``SentenceTransformerTrainer`` trains to the same losses step by
+step (MNRL, MNRL inside ``MatryoshkaLoss``, GISTEmbed with a guide model).
 
 The trainer runs end to end on the CPU with a tiny randomly initialised BERT and a WordLevel tokenizer trained
 in the test on a few sentences, saved to a temporary folder: no hub access (HF_HUB_OFFLINE=1, and
@@ -24,6 +25,7 @@ import sentence_transformers.sentence_transformer.losses.multiple_negatives_symm
 
 ORIGINAL = st_losses.MultipleNegativesRankingLoss
 ORIGINAL_SYMMETRIC = st_losses.MultipleNegativesSymmetricRankingLoss
+ORIGINAL_GIST = st_losses.GISTEmbedLoss
 
 SENTENCES = [
     "the cat sat on the mat", "a dog ran in the park", "it is sunny outside today", "he drove to work by car",
@@ -40,6 +42,7 @@ def sentence_transformers_restored():
         "a test left sentence-transformers patched"
     )
     assert st_losses.MultipleNegativesSymmetricRankingLoss is ORIGINAL_SYMMETRIC
+    assert st_losses.GISTEmbedLoss is ORIGINAL_GIST
 
 
 def test_every_import_spelling_returns_fastcontrasts_class_while_patched():
@@ -51,6 +54,7 @@ def test_every_import_spelling_returns_fastcontrasts_class_while_patched():
         assert old_spelling.MultipleNegativesRankingLoss is fastcontrast.MultipleNegativesRankingLoss
         assert mnrl_module.MultipleNegativesRankingLoss is fastcontrast.MultipleNegativesRankingLoss
         assert symmetric.MultipleNegativesSymmetricRankingLoss is fastcontrast.MultipleNegativesSymmetricRankingLoss
+        assert old_spelling.GISTEmbedLoss is st_losses.GISTEmbedLoss is fastcontrast.GISTEmbedLoss
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
         assert type(MultipleNegativesRankingLoss(None)) is fastcontrast.MultipleNegativesRankingLoss
@@ -102,7 +106,7 @@ def tiny_model_dir(tmp_path_factory):
     return str(folder)
 
 
-def train_losses(model_dir, tmp_path, make_loss, *, negatives, steps=12):
+def train_losses(model_dir, tmp_path, make_loss, *, negatives, steps=10):
     """Per-step training losses of ``SentenceTransformerTrainer`` with ``make_loss(model)``, batch 4, on CPU."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -118,24 +122,31 @@ def train_losses(model_dir, tmp_path, make_loss, *, negatives, steps=12):
         dataloader_num_workers=0,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),
-                                         loss=make_loss(model))
+                                         loss=make_loss(model, model_dir))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == steps, f"expected {steps} logged losses, got {trainer.state.log_history}"
     return losses, trainer.loss
 
 
-def mnrl(model):
+def mnrl(model, model_dir):
     # Unchanged user code: the name is looked up in sentence-transformers' module at call time.
     return st_losses.MultipleNegativesRankingLoss(model, directions=("query_to_doc", "doc_to_query"))
 
 
-def matryoshka_mnrl(model):
+def matryoshka_mnrl(model, model_dir):
     return st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), matryoshka_dims=[32, 16, 8])
 
 
-@pytest.mark.parametrize("make_loss, negatives", [(mnrl, False), (matryoshka_mnrl, True)],
-                         ids=["mnrl-pairs", "matryoshka-mnrl-triplets"])
+def gist(model, model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    # The guide is a frozen copy of the initial model: it rates some in-batch candidates above the positive.
+    return st_losses.GISTEmbedLoss(model, SentenceTransformer(model_dir, device="cpu"), temperature=0.05)
+
+
+@pytest.mark.parametrize("make_loss, negatives", [(mnrl, False), (matryoshka_mnrl, True), (gist, True)],
+                         ids=["mnrl-pairs", "matryoshka-mnrl-triplets", "gist-triplets"])
 def test_trainer_losses_per_step_are_the_same_patched_and_unpatched(tiny_model_dir, tmp_path, monkeypatch,
                                                                      make_loss, negatives):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -151,8 +162,9 @@ def test_trainer_losses_per_step_are_the_same_patched_and_unpatched(tiny_model_d
     finally:
         logging.disable(logging.NOTSET)
     inner = getattr(patched_loss, "loss", patched_loss)
-    assert isinstance(inner, fastcontrast.MultipleNegativesRankingLoss), type(inner)
-    assert not isinstance(getattr(original_loss, "loss", original_loss), fastcontrast.MultipleNegativesRankingLoss)
+    drop_ins = (fastcontrast.MultipleNegativesRankingLoss, fastcontrast.GISTEmbedLoss)
+    assert isinstance(inner, drop_ins), type(inner)
+    assert not isinstance(getattr(original_loss, "loss", original_loss), drop_ins)
     assert len(set(expected)) > 1, f"the loss did not change during training: {expected}"
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"per-step training losses, patched vs original: {m}\n"

@@ -195,3 +195,20 @@ def test_config_and_citation_equal_sentence_transformers(models):
         theirs = st_losses.GISTEmbedLoss(*models, margin=0.2, contrast_anchors=False)
     assert ours.get_config_dict() == theirs.get_config_dict()
     assert ours.citation == theirs.citation
+
+
+def test_duplicate_texts_tie_with_the_threshold_and_are_masked_exactly_as_sentence_transformers(models):
+    """Positive i is anchor i + 1's text, so guide cos(aᵢ, aᵢ₊₁) equals the threshold cos(aᵢ, pᵢ) exactly in
+    6.2.0's per-pair arithmetic (not masked: the rule is a strict >); a GEMM's rounding would tip some of
+    them over. Nearly parallel rows (an untrained model's) make many more entries crowd the threshold."""
+    model, guide = models
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(1, 384, generator=g)
+    texts = base + 0.05 * torch.randn(9, 384, generator=g)  # 9 "texts", cosines ≈ 0.99
+    anchors, positives, negatives = texts[:6], texts[1:7], texts[3:9]
+    model_columns = [anchors, positives, negatives]
+    guide_columns = [x.clone() for x in model_columns]
+    expected = run(st_losses.GISTEmbedLoss(model, guide, temperature=TEMPERATURE), model_columns, guide_columns)
+    got = run(fastcontrast.GISTEmbedLoss(model, guide, temperature=TEMPERATURE), model_columns, guide_columns)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_matches(got, expected, atol, rtol, "fp32 duplicates at the threshold")
