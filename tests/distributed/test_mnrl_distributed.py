@@ -1,5 +1,5 @@
-"""``MultipleNegativesRankingLoss(gather_across_devices=True)`` on a real 2-rank gloo group, against
-sentence-transformers 6.2.0's own loss run in the same group.
+"""``MultipleNegativesRankingLoss`` and ``GISTEmbedLoss`` with ``gather_across_devices=True`` on a real 2-rank
+gloo group, against sentence-transformers 6.2.0's own losses run in the same group.
 
 Each rank holds its slice of one global batch (queries, positives, hard negatives). Both losses gather with
 gradient (6.2.0 through ``torch.distributed.nn.all_gather``, fastcontrast through its own autograd gather), so
@@ -45,7 +45,54 @@ CASES = {
                                   similarity="dot_score"),
 }
 
+GIST_CASES = {
+    "gist-pairs": dict(columns=2),
+    "gist-triplets-relative-no-anchor-contrast": dict(columns=3, margin_strategy="relative", margin=0.1,
+                                                       contrast_anchors=False),
+}
+
 pytestmark = pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+
+
+class EmbeddingLookup(torch.nn.Module):
+    """A stand-in SentenceTransformer returning the embedding stored under ``key`` in the features."""
+
+    def __init__(self, key, tokenizer):
+        super().__init__()
+        self.key, self.tokenizer, self.max_seq_length = key, tokenizer, 32
+
+    def forward(self, features):
+        return {"sentence_embedding": features[self.key]}
+
+
+def _run_gist_case(rank, options):
+    import tokenizers
+    import transformers
+    from sentence_transformers.base.losses.merged_forward import column_merging_disabled
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as Original
+
+    import fastcontrast
+
+    options = dict(options)
+    columns = options.pop("columns")
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]")
+    model, guide = EmbeddingLookup("model", tokenizer), EmbeddingLookup("guide", tokenizer)
+    g = torch.Generator().manual_seed(5)
+    global_model = [torch.randn(WORLD_SIZE * ROWS, DIM, generator=g, dtype=torch.float64) for _ in range(columns)]
+    global_guide = [torch.cat([x[:, :5], 0.5 * torch.randn(x.shape[0], 2, generator=g, dtype=torch.float64)], 1)
+                    for x in global_model]
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    results = {}
+    for name, loss in (("original", Original(model, guide, temperature=0.1, gather_across_devices=True, **options)),
+                       ("fastcontrast", fastcontrast.GISTEmbedLoss(model, guide, temperature=0.1,
+                                                                   gather_across_devices=True, **options))):
+        live = [x[rows].clone().requires_grad_() for x in global_model]
+        features = [{"model": x, "guide": y[rows]} for x, y in zip(live, global_guide)]
+        with column_merging_disabled():
+            value = loss(features, None)
+        results[name] = (value.detach(), [g_.detach() for g_ in torch.autograd.grad(value, live)])
+    return results
 
 
 def _run_case(rank, options):
@@ -84,6 +131,11 @@ def _worker(rank, port, out_dir):
                 results[name] = _run_case(rank, options)
             except Exception:
                 results[name] = {"crash": traceback.format_exc()}
+        for name, options in GIST_CASES.items():
+            try:
+                results[name] = _run_gist_case(rank, options)
+            except Exception:
+                results[name] = {"crash": traceback.format_exc()}
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
@@ -111,7 +163,7 @@ def rank_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(GIST_CASES))
 def test_gather_across_devices_matches_sentence_transformers_in_the_same_group(rank_results, case):
     atol, rtol = DISTRIBUTED[torch.float64]
     for rank, results in enumerate(rank_results):
