@@ -188,7 +188,7 @@ def multiple_negatives_ranking_loss(
         scale: s > 0, a constant (not learned).
         similarity_fct: :func:`cos_sim` or :func:`dot_score` (fastcontrast's or sentence-transformers') run
             blockwise; any other callable ``(a [n, d], b [m, d]) -> [n, m]`` is called exactly as 6.2.0 does,
-            which builds the full matrices (the module warns once).
+            which builds the full matrices (:class:`MultipleNegativesRankingLoss` warns so at construction).
         directions, partition_mode, hardness_mode, hardness_strength: 6.2.0's options (see the module doc).
         gather_across_devices: every rank's rows gathered with gradient; this rank's queries are rows
             rank·n … rank·n + n − 1 of the gathered batch. No process group: a single process, as 6.2.0.
