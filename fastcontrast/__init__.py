@@ -1,5 +1,5 @@
 """fastcontrast: blockwise contrastive losses with O(N·d) memory, drop-ins for open_clip, lightly and
-pytorch-metric-learning.
+pytorch-metric-learning and sentence-transformers.
 
     from fastcontrast import ClipLoss, SigLipLoss, NTXentLoss
 
@@ -19,6 +19,8 @@ from fastcontrast.functional import (
     clip_loss,
     dcl_loss,
     distill_clip_loss,
+    gist_embed_loss,
+    multiple_negatives_ranking_loss,
     negative_mises_fisher_weights,
     nt_xent_loss,
     nt_xent_memory_bank_loss,
@@ -31,6 +33,9 @@ from fastcontrast.losses import (
     DCLLoss,
     DCLWLoss,
     DistillClipLoss,
+    GISTEmbedLoss,
+    MultipleNegativesRankingLoss,
+    MultipleNegativesSymmetricRankingLoss,
     NTXentLoss,
     SigLipLoss,
     SupConLoss,
@@ -47,6 +52,9 @@ __all__ = [
     "DCLLoss",
     "DCLWLoss",
     "DistillClipLoss",
+    "GISTEmbedLoss",
+    "MultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
@@ -58,6 +66,8 @@ __all__ = [
     "clip_loss",
     "dcl_loss",
     "distill_clip_loss",
+    "gist_embed_loss",
+    "multiple_negatives_ranking_loss",
     "negative_mises_fisher_weights",
     "nt_xent_loss",
     "nt_xent_memory_bank_loss",

@@ -53,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time and peak memory against the naive losses, and the largest N each fits in memory",
         description=(
-            "Compare the naive reference (open_clip / lightly math, full logits), the blockwise torch "
-            "engine and the Triton engine (CUDA only) on this device. Every case runs in a worker subprocess "
-            "under the memory budget; then N is doubled per provider until a step runs out of the budget or "
+            "Compare the naive reference (open_clip / lightly / sentence-transformers math, full logits), the "
+            "blockwise torch engine and the Triton engine (CUDA only) on this device. Every case runs in a worker "
+            "subprocess under the memory budget; then N is doubled per provider until a step runs out of the budget or "
             "one call passes --time-limit."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench.add_argument("--loss", nargs="+", default=["clip"], choices=["clip", "siglip", "nt_xent"],
+    bench.add_argument("--loss", nargs="+", default=["clip"], choices=["clip", "siglip", "nt_xent", "mnrl"],
                        help="losses to compare")
     bench.add_argument("--n", nargs="+", type=_positive_int, default=None,
                        help="batch sizes N (default: 1024 2048 4096 8192 on CPU, 4096 … 262144 on CUDA)")

@@ -2,6 +2,7 @@
 
     from fastcontrast.integrations import patch_open_clip
     patch_open_clip()                     # open_clip's create_loss now builds fastcontrast losses
+    patch_sentence_transformers()         # losses.MultipleNegativesRankingLoss(model) is now fastcontrast's
 
     with patch_lightly(backend="torch"):  # or scoped, undone on exit
         ...
@@ -24,7 +25,7 @@ from typing import Optional
 import fastcontrast
 from fastcontrast.integrations._patching import Patch, check_options, import_library, patch_names, with_options
 
-__all__ = ["Patch", "patch_lightly", "patch_open_clip", "patch_pytorch_metric_learning"]
+__all__ = ["Patch", "patch_lightly", "patch_open_clip", "patch_pytorch_metric_learning", "patch_sentence_transformers"]
 
 OPEN_CLIP_LOSSES = ("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss")
 LIGHTLY_LOSSES = {"NTXentLoss": "lightly.loss.ntx_ent_loss", "DCLLoss": "lightly.loss.dcl_loss",
@@ -119,3 +120,49 @@ def patch_pytorch_metric_learning(*, backend: str = "auto", chunk_bytes: Optiona
               with_options(fastcontrast.SupConLoss, backend, chunk_bytes))]
     return patch_names("pytorch_metric_learning", names, ("pytorch_metric_learning.losses",),
                        ("pytorch_metric_learning",))
+
+
+SENTENCE_TRANSFORMERS_LOSSES = {
+    "MultipleNegativesRankingLoss": "sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking",
+    "MultipleNegativesSymmetricRankingLoss":
+        "sentence_transformers.sentence_transformer.losses.multiple_negatives_symmetric_ranking",
+    "GISTEmbedLoss": "sentence_transformers.sentence_transformer.losses.gist_embed",
+}
+
+
+def patch_sentence_transformers(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
+    """Make sentence-transformers (6.2) use fastcontrast's ``MultipleNegativesRankingLoss``,
+    ``MultipleNegativesSymmetricRankingLoss`` and ``GISTEmbedLoss``.
+
+    Rebinds them in their defining modules, in ``sentence_transformers.sentence_transformer.losses`` (which
+    ``sentence_transformers.losses``, the deprecated spelling, is an alias of: the same module object), and in
+    any other imported ``sentence_transformers`` module holding them; so ``MultipleNegativesRankingLoss(model)``
+    in unchanged user code builds the drop-in, also inside ``MatryoshkaLoss`` (which calls the inner loss's
+    ``forward`` with the model's forward decorated, as with the original). Classes sentence-transformers
+    already derived from the originals (``SparseMultipleNegativesRankingLoss``) keep their original base; the
+    Cached* losses are not replaced. ``GISTEmbedLoss``'s guide mask runs on the blockwise torch engine, so
+    ``backend="triton"`` does not suit it (it raises; ``"auto"`` does).
+
+    Inputs are sentence-transformers': ``forward(sentence_features, labels)`` (and MNRL's
+    ``compute_loss_from_embeddings(embeddings, labels)``), with the constructors' options as in 6.2.0.
+
+    Args:
+        backend, chunk_bytes: defaults for the losses constructed while patched (see :func:`patch_open_clip`).
+
+    Returns:
+        A :class:`Patch` that restores sentence-transformers' classes.
+
+    Raises:
+        ImportError: sentence-transformers is not installed (``pip install sentence-transformers``) or does
+            not import.
+        ValueError: an unknown ``backend`` or a bad ``chunk_bytes``.
+    """
+    check_options(backend, chunk_bytes)
+    import_library("sentence_transformers.sentence_transformer.losses", "sentence-transformers",
+                   "patch_sentence_transformers")
+    names = [
+        (defining, name, with_options(getattr(fastcontrast, name), backend, chunk_bytes))
+        for name, defining in SENTENCE_TRANSFORMERS_LOSSES.items()
+    ]
+    return patch_names("sentence_transformers", names, ("sentence_transformers.sentence_transformer.losses",),
+                       ("sentence_transformers",))

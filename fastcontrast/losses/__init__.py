@@ -9,6 +9,11 @@ module                    what it holds                                         
 :mod:`.ntxent`            ``nt_xent_loss`` (+ memory bank), ``dcl_loss``, ``NTXentLoss``,  lightly 1.6
                           ``DCLLoss``, ``DCLWLoss``
 :mod:`.supcon`            ``supcon_loss`` and its per-anchor forms, ``SupConLoss``       PML 2.x
+:mod:`.mnrl`              ``multiple_negatives_ranking_loss``,                           sentence-transformers
+                          ``MultipleNegativesRankingLoss``,                              6.2.0
+                          ``MultipleNegativesSymmetricRankingLoss``
+:mod:`.gist`              ``gist_embed_loss``, ``GISTEmbedLoss`` (guide mask in the      sentence-transformers
+                          tile: :mod:`._masked_lse`, torch engine)                       6.2.0
 ========================  ============================================================  ==================
 
 What several families share lives where it is shared: input checks in :mod:`fastcontrast._validation`,
@@ -19,15 +24,20 @@ docs/adding_a_loss.md says what a new family touches.
 
 from fastcontrast.losses.clip import ClipLoss, CoCaLoss
 from fastcontrast.losses.distill import DistillClipLoss
+from fastcontrast.losses.gist import GISTEmbedLoss
+from fastcontrast.losses.mnrl import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 from fastcontrast.losses.ntxent import DCLLoss, DCLWLoss, NTXentLoss
 from fastcontrast.losses.siglip import SigLipLoss
 from fastcontrast.losses.supcon import SupConLoss
 
-__all__ = ["ClipLoss", "CoCaLoss", "DCLLoss", "DCLWLoss", "DistillClipLoss", "NTXentLoss", "SigLipLoss", "SupConLoss"]
+__all__ = ["ClipLoss", "CoCaLoss", "DCLLoss", "DCLWLoss", "DistillClipLoss", "GISTEmbedLoss",
+           "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "NTXentLoss", "SigLipLoss",
+           "SupConLoss"]
 
 # The classes keep the public module they had before the split as their ``__module__``: a checkpoint that
 # pickled a loss module (the memory bank's state, say) names ``fastcontrast.losses.NTXentLoss`` and keeps
 # loading, whichever file the class lives in.
-for _cls in (ClipLoss, CoCaLoss, DCLLoss, DCLWLoss, DistillClipLoss, NTXentLoss, SigLipLoss, SupConLoss):
+for _cls in (ClipLoss, CoCaLoss, DCLLoss, DCLWLoss, DistillClipLoss, GISTEmbedLoss, MultipleNegativesRankingLoss,
+             MultipleNegativesSymmetricRankingLoss, NTXentLoss, SigLipLoss, SupConLoss):
     _cls.__module__ = __name__
 del _cls

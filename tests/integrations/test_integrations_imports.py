@@ -16,12 +16,15 @@ PROBE = textwrap.dedent(
     """
     import json, sys
     import fastcontrast.integrations, fastcontrast.open_clip_train
-    libraries = ("open_clip", "open_clip_train", "lightly", "pytorch_metric_learning", "torchvision")
+    fastcontrast.MultipleNegativesRankingLoss(None)  # its default similarity is fastcontrast's own cos_sim
+    libraries = ("open_clip", "open_clip_train", "lightly", "pytorch_metric_learning", "torchvision",
+                 "sentence_transformers", "transformers")
     result = {"imported": sorted(m for m in libraries if m in sys.modules)}
 
     # The library itself missing (None in sys.modules makes its import fail as if it were not installed).
     for module, patch in [("open_clip", "patch_open_clip"), ("lightly", "patch_lightly"),
-                          ("pytorch_metric_learning", "patch_pytorch_metric_learning")]:
+                          ("pytorch_metric_learning", "patch_pytorch_metric_learning"),
+                          ("sentence_transformers", "patch_sentence_transformers")]:
         sys.modules[module] = None
         try:
             getattr(fastcontrast.integrations, patch)()
@@ -49,5 +52,6 @@ def test_importing_integrations_imports_no_library_and_missing_ones_name_their_p
     assert "pip install open_clip_torch" in result["patch_open_clip"]
     assert "pip install lightly" in result["patch_lightly"]
     assert "pip install pytorch-metric-learning" in result["patch_pytorch_metric_learning"]
+    assert "pip install sentence-transformers" in result["patch_sentence_transformers"]
     assert "installed but does not import" in result["broken dependency"]
     assert "torchvision" in result["broken dependency"]

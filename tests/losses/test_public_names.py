@@ -23,6 +23,9 @@ MODULES = {
     "DCLLoss": "ntxent",
     "DCLWLoss": "ntxent",
     "SupConLoss": "supcon",
+    "MultipleNegativesRankingLoss": "mnrl",
+    "MultipleNegativesSymmetricRankingLoss": "mnrl",
+    "GISTEmbedLoss": "gist",
 }
 FUNCTIONS = {
     "clip_loss": "clip",
@@ -35,6 +38,8 @@ FUNCTIONS = {
     "supcon_loss": "supcon",
     "supcon_anchor_losses": "supcon",
     "supcon_anchor_losses_with_distance": "supcon",
+    "multiple_negatives_ranking_loss": "mnrl",
+    "gist_embed_loss": "gist",
 }
 CORE = ("BlockwiseDistill", "BlockwiseLogSumExp", "BlockwiseSigLipSum", "blockwise_distill", "blockwise_lse",
         "blockwise_lse_and_positives", "blockwise_siglip_sum")
@@ -65,7 +70,9 @@ def test_each_module_class_is_one_object_under_every_import_path(name):
 def test_module_classes_pickle_by_the_public_path_they_had_before_the_split(name):
     cls = getattr(fastcontrast, name)
     assert (cls.__module__, cls.__qualname__) == ("fastcontrast.losses", name)
-    kwargs = {"CoCaLoss": {"caption_loss_weight": 2.0, "clip_loss_weight": 1.0}}.get(name, {})
+    kwargs = {"CoCaLoss": {"caption_loss_weight": 2.0, "clip_loss_weight": 1.0},
+              "MultipleNegativesRankingLoss": {"model": None}, "MultipleNegativesSymmetricRankingLoss": {"model": None},
+              "GISTEmbedLoss": {"model": None, "guide": None}}.get(name, {})
     restored = pickle.loads(pickle.dumps(cls(**kwargs)))
     assert type(restored) is cls
 

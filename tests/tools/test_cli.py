@@ -163,6 +163,19 @@ def test_model_flops_is_the_naive_gemm_work():
     assert model_flops("clip", n, d, "forward") == 2 * 2 * n * n * d
     assert model_flops("siglip", n, d, "forward+backward") == 3 * 2 * n * n * d
     assert model_flops("nt_xent", n, d, "forward") == 2 * (2 * n) ** 2 * d
+    assert model_flops("mnrl", n, d, "forward") == 2 * n * (2 * n) * d  # N queries × 2N candidates
+
+
+def test_mnrl_bench_step_gives_the_naive_gradients_on_the_torch_engine():
+    from fastcontrast.tools.bench.cases import make_inputs, make_step
+
+    grads = {}
+    for provider in ("reference", "torch"):
+        case = Case("mnrl", provider, 33, 48, "fp64")
+        grads[provider] = make_step(case, make_inputs(case, seed=1))()
+    assert len(grads["torch"]) == 3, "queries, positives and hard negatives each get a gradient"
+    for name, ours, naive in zip(("queries", "positives", "negatives"), grads["torch"], grads["reference"]):
+        assert (ours - naive).abs().max() < 1e-12, f"d {name}: {(ours - naive).abs().max():.2e}"
 
 
 def _fake_step(case: Case, *, memory_per_row: int, limit_rows: int = 10**9, time_limit_rows: int = 10**9):

@@ -2,7 +2,8 @@
 times, model FLOPs, and the formatting of sizes, rates and times. Shared by ``python -m fastcontrast bench`` and
 the pytest-benchmark suite (docs/benchmarks.md).
 
-Providers are the naive reference (``backend="reference"``: open_clip's / lightly's math with the full logits),
+Providers are the naive reference (``backend="reference"``: open_clip's / lightly's / sentence-transformers'
+math with the full logits),
 the blockwise torch engine (``backend="torch"``) and the Triton engine (``backend="triton"``, CUDA only). Modes
 are ``forward`` (the loss with inputs that require grad, as in training, output dropped) and
 ``forward+backward`` (the loss and ``torch.autograd.grad`` of it with respect to every input).
@@ -22,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-LOSSES = ("clip", "siglip", "nt_xent")
+LOSSES = ("clip", "siglip", "nt_xent", "mnrl")
 PROVIDERS = ("reference", "torch", "triton")
 PROVIDER_LABELS = {"reference": "naive", "torch": "blockwise torch", "triton": "triton"}
 MODES = ("forward", "forward+backward")
@@ -32,12 +33,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 
 # Logits matrices of n×m the naive loss computes: open_clip's ClipLoss builds logits_per_image and
 # logits_per_text (2 matrices); SigLipLoss one; lightly's NTXentLoss the four n×n blocks 00, 01, 10, 11
-# (one (2n)×(2n) matrix).
-NAIVE_MATRICES = {"clip": 2, "siglip": 1, "nt_xent": 4}
+# (one (2n)×(2n) matrix); sentence-transformers' MultipleNegativesRankingLoss, benchmarked with one hard negative
+# per query (N queries × 2N candidates), one n×2n matrix.
+NAIVE_MATRICES = {"clip": 2, "siglip": 1, "nt_xent": 4, "mnrl": 2}
 FLOPS_FORMULA = (
     "model FLOPs = passes × matrices × 2·N·N·d, the naive loss's GEMM work: passes = 1 (forward) or 3 "
     "(forward+backward: the logits GEMM and the two gradient GEMMs); matrices = 2 for CLIP (logits_per_image "
-    "and logits_per_text), 1 for SigLIP, 4 for NT-Xent (lightly's four N×N blocks); N = batch size. "
+    "and logits_per_text), 1 for SigLIP, 4 for NT-Xent (lightly's four N×N blocks), 2 for MNRL (N queries × "
+    "2N candidates: a positive and a hard negative per query); N = batch size. "
     "Elementwise work is not counted. The same count is used for every provider."
 )
 
@@ -46,6 +49,7 @@ FLOPS_FORMULA = (
 CLIP_SCALE = 1 / 0.07
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 NT_XENT_TEMPERATURE = 0.5
+MNRL_SCALE = 20.0  # sentence-transformers' default
 
 MIB = 2**20
 GIB = 2**30
@@ -162,6 +166,8 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
                 "bias": scalar(SIGLIP_BIAS)}
     if case.loss == "nt_xent":
         return {"a": features(False), "b": features(False), "scale": None, "bias": None}
+    if case.loss == "mnrl":  # queries, positives, one hard negative each; cos_sim normalises them itself
+        return {"a": features(False), "b": features(False), "c": features(False), "scale": None, "bias": None}
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {case.loss!r}.")
 
 
@@ -186,10 +192,13 @@ def make_step(case: Case, inputs: dict) -> Callable[[], Any]:
     elif case.loss == "siglip":
         def loss_fn():
             return functional.siglip_loss(a, b, scale, bias, **kwargs)
+    elif case.loss == "mnrl":
+        def loss_fn():
+            return functional.multiple_negatives_ranking_loss([a, b, inputs["c"]], MNRL_SCALE, **kwargs)
     else:
         def loss_fn():
             return functional.nt_xent_loss(a, b, NT_XENT_TEMPERATURE, **kwargs)
-    wrt = [t for t in (a, b, scale, bias) if t is not None]
+    wrt = [t for t in (a, b, inputs.get("c"), scale, bias) if t is not None]
     sync = torch.cuda.synchronize if torch.device(case.device).type == "cuda" else (lambda: None)
 
     if case.mode == "forward":

@@ -49,6 +49,15 @@ def to_tensor(pic) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255)
 
 
+def pil_to_tensor(pic) -> torch.Tensor:
+    """A PIL image as a [C, H, W] tensor of its own dtype (uint8 for RGB), unscaled, as torchvision's.
+    transformers' image_utils imports it at module level when it sees a torchvision."""
+    array = np.array(_pil(pic), copy=True)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False):
     mean_t = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)

@@ -1,0 +1,180 @@
+"""``MultipleNegativesRankingLoss`` and ``GISTEmbedLoss`` with ``gather_across_devices=True`` on a real 2-rank
+gloo group, against sentence-transformers 6.2.0's own losses run in the same group.
+
+Each rank holds its slice of one global batch (queries, positives, hard negatives). Both losses gather with
+gradient (6.2.0 through ``torch.distributed.nn.all_gather``, fastcontrast through its own autograd gather), so
+every rank's loss and embedding gradients must agree to fp64 rounding: the candidate order (every rank's
+positives, then every rank's neg_1, …), the label offset rank·n and the reduce-scatter of the gradients.
+One spawn runs every case; it has a deadline, and the collectives a gloo timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _helpers import DISTRIBUTED, assert_close
+
+pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+
+WORLD_SIZE = 2
+ROWS = 3
+DIM = 8
+SPAWN_DEADLINE_S = 240
+COLLECTIVE_TIMEOUT_S = 60
+CASES = {
+    "default-k0": dict(negatives=0),
+    "default-k2": dict(negatives=2),
+    "all-directions-joint-all-negatives-k1": dict(
+        negatives=1, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+        hardness_mode="all_negatives", hardness_strength=3.0),
+    "symmetric-per-direction-in-batch-k1": dict(
+        negatives=1, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+        hardness_mode="in_batch_negatives", hardness_strength=2.0),
+    "hard-negatives-dot-k2": dict(negatives=2, hardness_mode="hard_negatives", hardness_strength=1.0,
+                                  similarity="dot_score"),
+}
+
+GIST_CASES = {
+    "gist-pairs": dict(columns=2),
+    "gist-triplets-relative-no-anchor-contrast": dict(columns=3, margin_strategy="relative", margin=0.1,
+                                                       contrast_anchors=False),
+}
+
+pytestmark = pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+
+
+class EmbeddingLookup(torch.nn.Module):
+    """A stand-in SentenceTransformer returning the embedding stored under ``key`` in the features."""
+
+    def __init__(self, key, tokenizer):
+        super().__init__()
+        self.key, self.tokenizer, self.max_seq_length = key, tokenizer, 32
+
+    def forward(self, features):
+        return {"sentence_embedding": features[self.key]}
+
+
+def _run_gist_case(rank, options):
+    import tokenizers
+    import transformers
+    from sentence_transformers.base.losses.merged_forward import column_merging_disabled
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as Original
+
+    import fastcontrast
+
+    options = dict(options)
+    columns = options.pop("columns")
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]")
+    model, guide = EmbeddingLookup("model", tokenizer), EmbeddingLookup("guide", tokenizer)
+    g = torch.Generator().manual_seed(5)
+    global_model = [torch.randn(WORLD_SIZE * ROWS, DIM, generator=g, dtype=torch.float64) for _ in range(columns)]
+    global_guide = [torch.cat([x[:, :5], 0.5 * torch.randn(x.shape[0], 2, generator=g, dtype=torch.float64)], 1)
+                    for x in global_model]
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    results = {}
+    for name, loss in (("original", Original(model, guide, temperature=0.1, gather_across_devices=True, **options)),
+                       ("fastcontrast", fastcontrast.GISTEmbedLoss(model, guide, temperature=0.1,
+                                                                   gather_across_devices=True, **options))):
+        live = [x[rows].clone().requires_grad_() for x in global_model]
+        features = [{"model": x, "guide": y[rows]} for x, y in zip(live, global_guide)]
+        with column_merging_disabled():
+            value = loss(features, None)
+        results[name] = (value.detach(), [g_.detach() for g_ in torch.autograd.grad(value, live)])
+    return results
+
+
+def _run_case(rank, options):
+    from sentence_transformers import util
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Original
+
+    import fastcontrast
+
+    options = dict(options)
+    negatives = options.pop("negatives")
+    options["similarity_fct"] = getattr(util, options.pop("similarity", "cos_sim"))
+    g = torch.Generator().manual_seed(99)
+    global_columns = [torch.randn(WORLD_SIZE * ROWS, DIM, generator=g, dtype=torch.float64) * 2
+                      for _ in range(negatives + 2)]
+    local = [x[rank * ROWS:(rank + 1) * ROWS] for x in global_columns]
+    results = {}
+    for name, loss in (("original", Original(None, gather_across_devices=True, **options)),
+                       ("fastcontrast", fastcontrast.MultipleNegativesRankingLoss(
+                           None, gather_across_devices=True, backend="torch", **options))):
+        live = [x.clone().requires_grad_() for x in local]
+        value = loss.compute_loss_from_embeddings(live, None)
+        results[name] = (value.detach(), [g_.detach() for g_ in torch.autograd.grad(value, live)])
+    return results
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")  # torch.distributed.nn.all_gather (6.2.0's gather) is deprecated in torch 2.13
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results = {}
+    try:
+        for name, options in CASES.items():
+            try:
+                results[name] = _run_case(rank, options)
+            except Exception:
+                results[name] = {"crash": traceback.format_exc()}
+        for name, options in GIST_CASES.items():
+            try:
+                results[name] = _run_gist_case(rank, options)
+            except Exception:
+                results[name] = {"crash": traceback.format_exc()}
+    finally:
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("mnrl_dist")
+    os.environ.pop("TRITON_INTERPRET", None)  # torch engine only; the children never import triton
+    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {WORLD_SIZE}-rank gloo group did not finish within {SPAWN_DEADLINE_S}s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(GIST_CASES))
+def test_gather_across_devices_matches_sentence_transformers_in_the_same_group(rank_results, case):
+    atol, rtol = DISTRIBUTED[torch.float64]
+    for rank, results in enumerate(rank_results):
+        result = results[case]
+        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
+        (value, grads), (expected, expected_grads) = result["fastcontrast"], result["original"]
+        assert_close(f"rank {rank} {case}: loss", value, expected, atol, rtol)
+        for j, (grad, expected_grad) in enumerate(zip(grads, expected_grads)):
+            assert_close(f"rank {rank} {case}: d embeddings[{j}]", grad, expected_grad, atol, rtol)
+
+
+def test_ranks_see_different_losses_so_the_gather_is_not_trivial(rank_results):
+    first, second = (results["default-k2"]["original"][0] for results in rank_results)
+    assert not torch.equal(first, second), "both ranks computed the same loss: the test would not see an offset bug"
