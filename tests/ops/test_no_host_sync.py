@@ -1,0 +1,91 @@
+"""No host sync in any loss's step (issue 19 item 5), checked on the CPU.
+
+On the CPU nothing blocks, so :class:`fastcontrast.tools.sync_check.HostSyncRecorder` records what would on an
+accelerator: scalar reads (``.item()``, ``bool()``, ``int()``), tensors made from Python data
+(``torch.tensor(number)``), ``.tolist()``, host-to-device copies and data-dependent sizes. The first tests
+prove that it catches each kind; the last runs one forward + backward of every loss under it.
+
+Excluded, host-only by design: ``distributed.exchange_layout`` (CPU numbers over the gloo host group; it
+runs only with a process group, not in these single-process steps). The CPU-only input checks (a CPU
+``logit_scale``'s sign, a miner's index range) read values only where ``_validation.values_readable`` says
+the tensor is on the host; the step test patches it to False, so the CPU run takes the accelerator's branch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from fastcontrast import _validation, distributed
+from fastcontrast.tools.sync_check import HOST_ONLY_BY_DESIGN, HostSyncRecorder, loss_steps
+
+x = torch.ones(4)
+
+INJECTED = {
+    "item": lambda: x.sum().item(),
+    "bool": lambda: bool(x.sum() > 0),
+    "if-tensor": lambda: 1 if x.sum() > 0 else 0,
+    "int": lambda: int(x.sum()),
+    "index": lambda: [0, 1, 2, 3, 4][x.sum().long()],
+    "tolist": lambda: x.tolist(),
+    "torch.tensor": lambda: torch.tensor(2.0, device=x.device),
+    "torch.as_tensor": lambda: torch.as_tensor(2.0, device=x.device),
+    "boolean-mask": lambda: x[x > 0],
+    "nonzero": lambda: torch.nonzero(x),
+    "unique": lambda: torch.unique(x),
+}
+EXPECTED_KIND = {
+    "item": "scalar read", "bool": "scalar read", "if-tensor": "scalar read", "int": "scalar read",
+    "index": "scalar read", "tolist": "tolist", "torch.tensor": "tensor from Python data",
+    "torch.as_tensor": "tensor from Python data", "boolean-mask": "data-dependent size",
+    "nonzero": "data-dependent size", "unique": "data-dependent size",
+}
+
+
+@pytest.mark.parametrize("kind", list(INJECTED))
+def test_recorder_catches_each_kind_of_host_sync(kind):
+    with HostSyncRecorder() as recorder:
+        INJECTED[kind]()
+    kinds = [event.kind for event in recorder.events]
+    assert EXPECTED_KIND[kind] in kinds, f"{kind}: recorded {kinds}, expected a {EXPECTED_KIND[kind]!r} event"
+    where = recorder.events[0].where
+    assert "test_no_host_sync.py" in where, f"{kind}: the event points at {where}, not at the injected line"
+
+
+def test_recorder_records_nothing_for_device_side_code():
+    with HostSyncRecorder() as recorder:
+        scale = torch.full((), 2.0)
+        y = torch.where(x.sum() > 0, x * scale, torch.zeros_like(x))
+        torch._assert_async(y.min() >= 0, "negative")
+        torch.sort(y).values.cumsum(0)
+    assert recorder.events == [], f"device-side code recorded {[str(e) for e in recorder.events]}"
+
+
+def test_exemptions_name_functions_that_exist():
+    for (file_name, function), reason in HOST_ONLY_BY_DESIGN.items():
+        assert file_name == "distributed.py" and hasattr(distributed, function), (file_name, function)
+        assert reason
+
+
+@pytest.fixture
+def accelerator_branches(monkeypatch):
+    """Every module's ``values_readable`` answers False, as for a CUDA tensor: the CPU run then takes the
+    branches a GPU step takes (device-side asserts instead of host reads)."""
+    real = _validation.values_readable
+    for module in list(sys.modules.values()):
+        ours = getattr(module, "__name__", "").startswith("fastcontrast")
+        if ours and getattr(module, "values_readable", None) is real:
+            monkeypatch.setattr(module, "values_readable", lambda tensor: False)
+
+
+STEPS = dict(loss_steps("cpu", torch.float32))
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_loss_step_has_no_host_sync(name, accelerator_branches):
+    with HostSyncRecorder() as recorder:
+        loss = STEPS[name]()
+    assert recorder.events == [], f"{name}: host syncs in one step: " + "; ".join(str(e) for e in recorder.events)
+    assert torch.isfinite(loss).all(), f"{name}: loss {loss}"
