@@ -14,6 +14,7 @@ the tensor is on the host; the step test patches it to False, so the CPU run tak
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
@@ -69,6 +70,22 @@ def test_exemptions_name_functions_that_exist():
         assert reason
 
 
+def test_the_layout_exchange_is_exempt_with_its_reason(monkeypatch):
+    # One rank, the collective replaced by a copy: exchange_layout's torch.tensor of Python numbers and its
+    # .tolist() are recorded as exempt, not as step syncs.
+    monkeypatch.setattr(distributed, "host_group", lambda group: group)
+    monkeypatch.setattr(distributed, "_all_gather_single", lambda out, inp, group: out.copy_(inp))
+    group = types.SimpleNamespace(world_size=1, rank=0)
+    features = torch.randn(5, 3)
+    with HostSyncRecorder() as recorder:
+        _, layout = distributed.exchange_layout(group, features, lambda: None, what="test", name="features")
+    assert layout.offset == 0
+    assert recorder.events == [], [str(e) for e in recorder.events]
+    kinds = {event.kind for event, _ in recorder.exempt}
+    assert {"tensor from Python data", "tolist"} <= kinds, f"exempt events: {kinds}"
+    assert all("gloo" in reason for _, reason in recorder.exempt)
+
+
 @pytest.fixture
 def accelerator_branches(monkeypatch):
     """Every module's ``values_readable`` answers False, as for a CUDA tensor: the CPU run then takes the
@@ -80,12 +97,25 @@ def accelerator_branches(monkeypatch):
             monkeypatch.setattr(module, "values_readable", lambda tensor: False)
 
 
-STEPS = dict(loss_steps("cpu", torch.float32))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+LOSSES = [name for name, _ in loss_steps("cpu", torch.float32)]
 
 
-@pytest.mark.parametrize("name", list(STEPS))
-def test_loss_step_has_no_host_sync(name, accelerator_branches):
-    with HostSyncRecorder() as recorder:
-        loss = STEPS[name]()
-    assert recorder.events == [], f"{name}: host syncs in one step: " + "; ".join(str(e) for e in recorder.events)
-    assert torch.isfinite(loss).all(), f"{name}: loss {loss}"
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_loss_step_has_no_host_sync(dtype, accelerator_branches):
+    steps = loss_steps("cpu", DTYPES[dtype])
+    assert [name for name, _ in steps] == LOSSES
+    for name, step in steps:
+        with HostSyncRecorder() as recorder:
+            loss = step()
+        events = "; ".join(str(e) for e in recorder.events)
+        assert recorder.events == [], f"{name} ({dtype}): host syncs in one step: {events}"
+        assert torch.isfinite(loss).all(), f"{name} ({dtype}): loss {loss}"
+
+
+def test_the_steps_cover_every_public_loss_module():
+    import fastcontrast.losses
+
+    covered = {name.split("(")[0] for name in LOSSES}
+    missing = set(fastcontrast.losses.__all__) - covered
+    assert not missing, f"loss modules without a step in tools/sync_check.loss_steps: {sorted(missing)}"
