@@ -155,13 +155,18 @@ def _unit(rows: int, dim: int, dtype: torch.dtype, device: torch.device, generat
     return F.normalize(x, dim=1).to(dtype).requires_grad_()
 
 
-def loss_steps(device: torch.device | str, dtype: torch.dtype) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+def loss_steps(
+    device: torch.device | str, dtype: torch.dtype, *, rows: int = 12, distributed: bool = False
+) -> list[tuple[str, Callable[[], torch.Tensor]]]:
     """``(name, step)`` for every loss: ``step()`` runs one forward + backward on fixed inputs of ``dtype`` on
     ``device`` and returns the loss, detached. The inputs and loss modules are built here, outside the steps
     (building them may copy buffers to the device); every constant a step needs is built on the device.
 
-    CLIP (global, local_loss, with accuracy, with a bias), SigLIP, distillation, CoCa (and its zero CLIP part),
-    NT-Xent, the memory bank, DCL, DCLW, SupCon (labels, a reference set, a miner's pairs and triplets).
+    Single process (``distributed=False``): CLIP (global, local_loss, with accuracy, with a bias), SigLIP,
+    distillation, CoCa (and its zero CLIP part), NT-Xent, the memory bank, DCL, DCLW, SupCon (labels, a
+    reference set, a miner's pairs and triplets). With ``distributed=True`` (``torch.distributed`` initialised;
+    ``rows`` this rank's batch, which may differ between ranks): every loss's distributed modes over the
+    default group instead, the gathers and the ring.
     """
     from fastcontrast import functional
     from fastcontrast.losses import (
@@ -177,7 +182,7 @@ def loss_steps(device: torch.device | str, dtype: torch.dtype) -> list[tuple[str
 
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    n, d, d_teacher, vocab, seq = 12, 16, 24, 11, 5
+    n, d, d_teacher, vocab, seq = rows, 16, 24, 11, 5
     image, text = _unit(n, d, dtype, device, g), _unit(n, d, dtype, device, g)
     teacher_image, teacher_text = (_unit(n, d_teacher, dtype, device, g).detach() for _ in range(2))
     scale = torch.full((), 10.0, device=device, requires_grad=True)
@@ -194,16 +199,6 @@ def loss_steps(device: torch.device | str, dtype: torch.dtype) -> list[tuple[str
     pairs = (torch.cat([anchors, anchors[:3]]), torch.cat([positives, positives[:3]]), anchors, negatives)
     triplets = (anchors, positives, negatives)
 
-    clip_global, clip_local = ClipLoss(), ClipLoss(local_loss=True)
-    clip_accuracy = ClipLoss(return_accuracy=True)
-    siglip = SigLipLoss()
-    distill = DistillClipLoss()
-    coca, coca_no_clip = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0), CoCaLoss(2.0, 0.0)
-    ntxent = NTXentLoss(temperature=0.3)
-    bank = NTXentLoss(temperature=0.3, memory_bank_size=(32, d)).to(device)
-    dcl, dclw = DCLLoss(temperature=0.2), DCLWLoss(temperature=0.2, sigma=0.5)
-    supcon = SupConLoss(temperature=0.1)
-
     def sum_of(result) -> torch.Tensor:
         if isinstance(result, dict):
             result = list(result.values())
@@ -218,6 +213,45 @@ def loss_steps(device: torch.device | str, dtype: torch.dtype) -> list[tuple[str
             return loss.detach()
 
         return run
+
+    if distributed:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        ranked = dict(rank=rank, world_size=world)
+        clip_modes = {
+            "global, gather_with_grad": ClipLoss(gather_with_grad=True, **ranked),
+            "local, gather_with_grad": ClipLoss(local_loss=True, gather_with_grad=True, **ranked),
+            "local, no grad gather": ClipLoss(local_loss=True, **ranked),
+            "ring": ClipLoss(local_loss=True, gather_with_grad=True, exchange="ring", **ranked),
+        }
+        siglips = {impl: SigLipLoss(dist_impl=impl, **ranked) for impl in ("bidir", "shift", "reduce", "gather")}
+        siglips["ring"] = SigLipLoss(exchange="ring", **ranked)
+        distill = DistillClipLoss(local_loss=True, gather_with_grad=True, **ranked)
+        ntxent = NTXentLoss(temperature=0.3, gather_distributed=True)
+        ntxent_ring = NTXentLoss(temperature=0.3, gather_distributed=True, exchange="ring")
+        bank = NTXentLoss(temperature=0.3, memory_bank_size=(32, d), gather_distributed=True).to(device)
+        dcl = DCLLoss(temperature=0.2, gather_distributed=True)
+        supcon = SupConLoss(temperature=0.1, gather_distributed=True)
+        return [
+            *[(f"ClipLoss({mode})", step(lambda f=f: f(image, text, scale))) for mode, f in clip_modes.items()],
+            *[(f"SigLipLoss({impl})", step(lambda f=f: f(image, text, scale, bias))) for impl, f in siglips.items()],
+            ("DistillClipLoss(local, gather_with_grad)",
+             step(lambda: distill(image, text, scale, teacher_image, teacher_text, teacher_scale))),
+            ("NTXentLoss(gather_distributed)", step(lambda: ntxent(image, text))),
+            ("NTXentLoss(ring)", step(lambda: ntxent_ring(image, text))),
+            ("NTXentLoss(memory bank, gather_distributed)", step(lambda: bank(image, text))),
+            ("DCLLoss(gather_distributed)", step(lambda: dcl(image, text))),
+            ("SupConLoss(gather_distributed)", step(lambda: supcon(image, labels))),
+        ]
+
+    clip_global, clip_local = ClipLoss(), ClipLoss(local_loss=True)
+    clip_accuracy = ClipLoss(return_accuracy=True)
+    siglip = SigLipLoss()
+    distill = DistillClipLoss()
+    coca, coca_no_clip = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0), CoCaLoss(2.0, 0.0)
+    ntxent = NTXentLoss(temperature=0.3)
+    bank = NTXentLoss(temperature=0.3, memory_bank_size=(32, d)).to(device)
+    dcl, dclw = DCLLoss(temperature=0.2), DCLWLoss(temperature=0.2, sigma=0.5)
+    supcon = SupConLoss(temperature=0.1)
 
     return [
         ("ClipLoss", step(lambda: clip_global(image, text, scale))),
@@ -242,8 +276,11 @@ def loss_steps(device: torch.device | str, dtype: torch.dtype) -> list[tuple[str
     ]
 
 
-def run_one_step_of_every_loss(device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One forward + backward of every loss on ``device`` in ``dtype`` (see :func:`loss_steps`).
+def run_one_step_of_every_loss(
+    device: torch.device | str, dtype: torch.dtype, *, distributed: bool = False
+) -> dict[str, torch.Tensor]:
+    """One forward + backward of every loss on ``device`` in ``dtype`` (see :func:`loss_steps`; with
+    ``distributed=True``, every rank of the initialised default group must call it).
 
     On CUDA each step runs once unguarded (a warm-up: kernel compilation and loading may synchronise), then
     again under ``torch.cuda.set_sync_debug_mode("error")``, so any host sync in a loss step raises a
@@ -255,7 +292,7 @@ def run_one_step_of_every_loss(device: torch.device | str, dtype: torch.dtype) -
     """
     device = torch.device(device)
     results = {}
-    for name, run in loss_steps(device, dtype):
+    for name, run in loss_steps(device, dtype, distributed=distributed):
         if device.type == "cuda":
             run()
             with cuda_sync_errors():

@@ -6,7 +6,8 @@ accelerator: scalar reads (``.item()``, ``bool()``, ``int()``), tensors made fro
 prove that it catches each kind; the last runs one forward + backward of every loss under it.
 
 Excluded, host-only by design: ``distributed.exchange_layout`` (CPU numbers over the gloo host group; it
-runs only with a process group, not in these single-process steps). The CPU-only input checks (a CPU
+runs only with a process group: tests/distributed/test_no_host_sync_distributed.py runs the distributed
+modes and checks that its events are seen and exempted). The CPU-only input checks (a CPU
 ``logit_scale``'s sign, a miner's index range) read values only where ``_validation.values_readable`` says
 the tensor is on the host; the step test patches it to False, so the CPU run takes the accelerator's branch.
 """
