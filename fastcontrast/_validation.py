@@ -72,11 +72,11 @@ def compiling() -> bool:
 
 
 def values_readable(tensor: torch.Tensor) -> bool:
-    """Whether input checks may read ``tensor``'s values on the host: only for a CPU tensor outside
-    torch.compile. On an accelerator the read is a host sync on every step (no CUDA-graph capture either),
-    so those checks are skipped or done on the device. The one place this choice is made: the no-host-sync
-    test patches it to take the accelerator's branch on the CPU."""
-    return tensor.device.type == "cpu" and not compiling()
+    """Whether input checks may read ``tensor``'s values on the host: only for a CPU tensor. On an
+    accelerator the read is a host sync on every step (no CUDA-graph capture either), so those checks are
+    skipped or done on the device. The one place this choice is made: the no-host-sync test patches it to
+    take the accelerator's branch on the CPU."""
+    return tensor.device.type == "cpu"
 
 
 def as_scalar_tensor(
@@ -115,7 +115,7 @@ def as_scalar_tensor(
         raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}.")
     if value.device != like.device:
         raise ValueError(f"`{name}` must be on the features' device {like.device}, got {value.device}.")
-    if must_be_positive and values_readable(value):
+    if must_be_positive and values_readable(value) and not compiling():
         v = float(value.detach().reshape(()))
         check_positive_finite_number(name, v)
     return value.reshape(())

@@ -37,12 +37,16 @@ INJECTED = {
     "boolean-mask": lambda: x[x > 0],
     "nonzero": lambda: torch.nonzero(x),
     "unique": lambda: torch.unique(x),
+    # The meta device stands in for an accelerator: a copy from host memory to any other device.
+    "to-device": lambda: x.to("meta"),
+    "copy_-to-device": lambda: torch.empty(4, device="meta").copy_(x),
 }
 EXPECTED_KIND = {
     "item": "scalar read", "bool": "scalar read", "if-tensor": "scalar read", "int": "scalar read",
     "index": "scalar read", "tolist": "tolist", "torch.tensor": "tensor from Python data",
     "torch.as_tensor": "tensor from Python data", "boolean-mask": "data-dependent size",
-    "nonzero": "data-dependent size", "unique": "data-dependent size",
+    "nonzero": "data-dependent size", "unique": "data-dependent size", "to-device": "host-to-device copy",
+    "copy_-to-device": "host-to-device copy",
 }
 
 
@@ -62,6 +66,7 @@ def test_recorder_records_nothing_for_device_side_code():
         y = torch.where(x.sum() > 0, x * scale, torch.zeros_like(x))
         torch._assert_async(y.min() >= 0, "negative")
         torch.sort(y).values.cumsum(0)
+        torch.full((), 1.0, device="meta") + torch.zeros(2, device="meta")  # made on the device, no copy
     assert recorder.events == [], f"device-side code recorded {[str(e) for e in recorder.events]}"
 
 
