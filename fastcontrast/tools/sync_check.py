@@ -7,7 +7,8 @@ on its data (``nonzero``, ``unique``, boolean indexing): each blocks the host un
 breaks CUDA-graph capture.
 
 - On CUDA, :func:`run_one_step_of_every_loss` runs each step under ``torch.cuda.set_sync_debug_mode("error")``
-  (after one unguarded warm-up step, which may compile kernels and move the losses' buffers).
+  (after one unguarded warm-up step, which may compile kernels; the setup may copy buffers to the device). It
+  sets the mode itself, step by step, so a caller need not (and if it does, the setup still runs).
 - On the CPU nothing blocks, so :class:`HostSyncRecorder` records the operations that would: a
   ``TorchDispatchMode`` sees ``aten._local_scalar_dense`` (what ``.item()``, ``bool()``, ``int()``,
   ``float()`` and ``__index__`` call), ``aten.lift_fresh`` (what ``torch.tensor`` / ``torch.as_tensor`` of
@@ -139,11 +140,11 @@ class HostSyncRecorder(contextlib.AbstractContextManager):
 
 
 @contextlib.contextmanager
-def cuda_sync_errors() -> Iterator[None]:
-    """``torch.cuda.set_sync_debug_mode("error")`` for the block, restored after: any synchronising CUDA call
-    inside raises."""
+def cuda_sync_debug_mode(mode: int | str) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode(mode)`` for the block, the previous mode restored after. With
+    ``"error"`` any synchronising CUDA call inside raises; with 0 (``"default"``) none is reported."""
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode(mode)
     try:
         yield
     finally:
@@ -282,21 +283,26 @@ def run_one_step_of_every_loss(
     """One forward + backward of every loss on ``device`` in ``dtype`` (see :func:`loss_steps`; with
     ``distributed=True``, every rank of the initialised default group must call it).
 
-    On CUDA each step runs once unguarded (a warm-up: kernel compilation and loading may synchronise), then
-    again under ``torch.cuda.set_sync_debug_mode("error")``, so any host sync in a loss step raises a
-    RuntimeError naming the synchronising call. Elsewhere each step runs once, unguarded (use
-    :class:`HostSyncRecorder` to see syncs on the CPU).
+    On CUDA the inputs and loss modules are built, and each step runs once as a warm-up (kernel compilation
+    and loading may synchronise), with the sync debug mode off whatever the caller set; then each step runs
+    again under ``torch.cuda.set_sync_debug_mode("error")``, so a host sync in a loss step raises a
+    RuntimeError naming the synchronising call. The caller's mode is restored on return. Elsewhere each step
+    runs once, unguarded (:class:`HostSyncRecorder` sees syncs on the CPU).
 
     Returns:
         ``{loss name: the loss, detached}``; nothing is read back to the host.
     """
     device = torch.device(device)
-    results = {}
-    for name, run in loss_steps(device, dtype, distributed=distributed):
-        if device.type == "cuda":
+    if device.type != "cuda":
+        return {name: run() for name, run in loss_steps(device, dtype, distributed=distributed)}
+    # Building the memory bank copies its initial random vectors (drawn on the host, as lightly draws them)
+    # to the device: setup, not the step.
+    with cuda_sync_debug_mode(0):
+        steps = loss_steps(device, dtype, distributed=distributed)
+        for _, run in steps:
             run()
-            with cuda_sync_errors():
-                results[name] = run()
-        else:
+    results = {}
+    for name, run in steps:
+        with cuda_sync_debug_mode("error"):
             results[name] = run()
     return results

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastcontrast import _validation, distributed
-from fastcontrast.tools.sync_check import HOST_ONLY_BY_DESIGN, HostSyncRecorder, loss_steps
+from fastcontrast.tools.sync_check import HOST_ONLY_BY_DESIGN, HostSyncRecorder, loss_steps, run_one_step_of_every_loss
 
 x = torch.ones(4)
 
@@ -125,3 +125,31 @@ def test_the_steps_cover_every_public_loss_module():
     covered = {name.split("(")[0] for name in LOSSES}
     missing = set(fastcontrast.losses.__all__) - covered
     assert not missing, f"loss modules without a step in tools/sync_check.loss_steps: {sorted(missing)}"
+
+
+def test_run_one_step_of_every_loss_on_the_cpu_returns_every_loss():
+    losses = run_one_step_of_every_loss("cpu", torch.float32)
+    assert list(losses) == LOSSES
+    for name, loss in losses.items():
+        assert loss.dim() == 0 and not loss.requires_grad and torch.isfinite(loss), f"{name}: {loss}"
+
+
+def test_run_one_step_of_every_loss_on_cuda_guards_each_step_not_the_setup(monkeypatch):
+    # No GPU here: the CUDA sync debug mode is replaced by a recorder of the mode each phase ran under.
+    from fastcontrast.tools import sync_check
+
+    state = {"mode": "warn"}  # the caller's own mode, restored at the end
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: state["mode"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: state.update(mode=mode))
+
+    def fake_steps(device, dtype, *, distributed=False):
+        seen.append(("setup", state["mode"]))
+        return [(name, lambda name=name: seen.append((name, state["mode"])) or torch.zeros(()))
+                for name in ("a", "b")]
+
+    monkeypatch.setattr(sync_check, "loss_steps", fake_steps)
+    results = sync_check.run_one_step_of_every_loss("cuda", torch.float32)
+    assert list(results) == ["a", "b"]
+    assert seen == [("setup", 0), ("a", 0), ("b", 0), ("a", "error"), ("b", "error")], seen
+    assert state["mode"] == "warn", "the caller's sync debug mode was not restored"
