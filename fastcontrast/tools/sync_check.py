@@ -165,9 +165,13 @@ def loss_steps(
 
     Single process (``distributed=False``): CLIP (global, local_loss, with accuracy, with a bias), SigLIP,
     distillation, CoCa (and its zero CLIP part), NT-Xent, the memory bank, DCL, DCLW, SupCon (labels, a
-    reference set, a miner's pairs and triplets). With ``distributed=True`` (``torch.distributed`` initialised;
-    ``rows`` this rank's batch, which may differ between ranks): every loss's distributed modes over the
-    default group instead, the gathers and the ring.
+    reference set, a miner's pairs and triplets, raw dot products when PML is installed).
+
+    With ``distributed=True`` (``torch.distributed`` initialised; ``rows`` this rank's batch, which may differ
+    between ranks): every loss's distributed modes over the default group instead, the gathers and the ring.
+
+    Not here, because they synchronise by design: SupCon with a PML ``reducer=`` (PML's reducers branch on
+    the losses on the host) or with a distance that has no blockwise form (PML's index-based masks).
     """
     from fastcontrast import functional
     from fastcontrast.losses import (
@@ -253,6 +257,14 @@ def loss_steps(
     bank = NTXentLoss(temperature=0.3, memory_bank_size=(32, d)).to(device)
     dcl, dclw = DCLLoss(temperature=0.2), DCLWLoss(temperature=0.2, sigma=0.5)
     supcon = SupConLoss(temperature=0.1)
+    steps = []
+    try:  # PML's similarity classes, for the raw dot-product form; PML is optional
+        from pytorch_metric_learning.distances import DotProductSimilarity
+    except ImportError:
+        pass
+    else:
+        supcon_dot = SupConLoss(temperature=0.1, distance=DotProductSimilarity(normalize_embeddings=False))
+        steps.append(("SupConLoss(DotProductSimilarity)", step(lambda: supcon_dot(image, labels))))
 
     return [
         ("ClipLoss", step(lambda: clip_global(image, text, scale))),
@@ -274,6 +286,7 @@ def loss_steps(
         ("SupConLoss(ref_emb)", step(lambda: supcon(image, labels, ref_emb=ref, ref_labels=ref_labels))),
         ("SupConLoss(pairs)", step(lambda: supcon(image, indices_tuple=pairs))),
         ("SupConLoss(triplets)", step(lambda: supcon(image, labels, indices_tuple=triplets))),
+        *steps,
     ]
 
 
