@@ -72,6 +72,7 @@ def _isotropic_pairs(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 ROWS = (0, 1, 2, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [256, 512], ids=lambda d: f"N65536-D{d}")
 def test_clip_negatives_term_keeps_fp16_precision_at_65536(d):
     """CLIP at N = 65,536, logit_scale 100: dSᵢⱼ = gᵣ·exp(Sᵢⱼ − rᵢ) + g꜀·exp(Sᵢⱼ − cⱼ), gᵣ = g꜀ = 1/(2N).
@@ -100,6 +101,7 @@ def test_clip_negatives_term_keeps_fp16_precision_at_65536(d):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d,tolerance", [(256, 4e-5), (512, 6e-5)], ids=["N65536-D256", "N65536-D512"])
 def test_siglip_negatives_term_keeps_fp16_precision_at_initial_bias(d, tolerance):
     """SigLIP at its initialisation (logit_scale 10, logit_bias −10, independent features): a negative's
