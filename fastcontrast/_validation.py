@@ -71,6 +71,14 @@ def compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether input checks may read ``tensor``'s values on the host: only for a CPU tensor. On an
+    accelerator the read is a host sync on every step (no CUDA-graph capture either), so those checks are
+    skipped or done on the device. The one place this choice is made: the no-host-sync test patches it to
+    take the accelerator's branch on the CPU."""
+    return tensor.device.type == "cpu"
+
+
 def as_scalar_tensor(
     name: str,
     value: Optional[ScaleLike],
@@ -95,7 +103,8 @@ def as_scalar_tensor(
         elif not math.isfinite(float(value)):
             raise ValueError(f"`{name}` must be finite, got {value}.")
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.tensor(float(value), dtype=dtype, device=like.device)
+        # A fill on the device, not torch.tensor: that copies from the host and blocks on every step.
+        return torch.full((), float(value), dtype=dtype, device=like.device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"`{name}` must be a float or a one-element tensor, got {type(value).__name__}.")
     if value.numel() != 1:
@@ -106,7 +115,7 @@ def as_scalar_tensor(
         raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}.")
     if value.device != like.device:
         raise ValueError(f"`{name}` must be on the features' device {like.device}, got {value.device}.")
-    if must_be_positive and value.device.type == "cpu" and not compiling():
+    if must_be_positive and values_readable(value) and not compiling():
         v = float(value.detach().reshape(()))
         check_positive_finite_number(name, v)
     return value.reshape(())
@@ -268,11 +277,19 @@ def check_indices_tuple(indices_tuple: object, *, rows: int, ref_rows: int, like
             )
     for k, x in enumerate(pairs):
         bound, what = (rows, "embeddings") if k % 2 == 0 else (ref_rows, "reference embeddings")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
-            raise ValueError(
-                f"`indices_tuple` holds an index out of range for the {bound} {what}: "
-                f"got values in [{int(x.min())}, {int(x.max())}]."
-            )
+        if not x.numel():
+            continue
+        if values_readable(x):
+            if int(x.min()) < 0 or int(x.max()) >= bound:
+                raise ValueError(
+                    f"`indices_tuple` holds an index out of range for the {bound} {what}: "
+                    f"got values in [{int(x.min())}, {int(x.max())}]."
+                )
+        else:
+            # On the device the check must not read the indices back: an asynchronous device-side assert
+            # (a negative index would otherwise wrap around silently in the gathers).
+            in_range = (x.min() >= 0) & (x.max() < bound)
+            torch._assert_async(in_range, f"`indices_tuple` holds an index out of range for the {bound} {what}.")
     return pairs
 
 

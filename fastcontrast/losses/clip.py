@@ -312,7 +312,8 @@ class CoCaLoss(ClipLoss):
         if self.clip_loss_weight:
             clip_loss = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
         else:
-            clip_loss = torch.tensor(0, device=logits.device)
+            # open_clip's tensor(0) (int64), built on the device without a host-to-device copy.
+            clip_loss = torch.zeros((), dtype=torch.int64, device=logits.device)
         caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels) * self.caption_loss_weight
         if output_dict:
             return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}

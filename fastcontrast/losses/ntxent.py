@@ -71,7 +71,8 @@ def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive, e
     """
     n = z.shape[0] // 2
     views = None if layout is None else layout.scaled(2)
-    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
+    # A fill on the device: torch.tensor(number, device=cuda) would block on a host-to-device copy each step.
+    inv_temperature = torch.full((), 1.0 / temperature, dtype=compute_dtype(z.dtype), device=z.device)
     if views is not None and exchange == "ring":
         # The [z0; z1] blocks travel; in this rank's own block, row i leaves out column i and its positive
         # is the other view, i ± n.
@@ -159,7 +160,10 @@ def _positive_weights(weight_fn, z0: torch.Tensor, z1: torch.Tensor, cdt: torch.
     weights = []
     for first, second in ((z0, z1), (z1, z0)):
         w = weight_fn(first, second)
-        if not isinstance(w, torch.Tensor):  # a Python number: exact in the compute dtype, as lightly applies it
+        if isinstance(w, (int, float)):  # a Python number: exact in the compute dtype, as lightly applies it
+            # A fill on the device: torch.as_tensor(number, device=cuda) would block on a host-to-device copy.
+            w = torch.full((), w, dtype=cdt, device=z0.device)
+        elif not isinstance(w, torch.Tensor):
             w = torch.as_tensor(w, dtype=cdt, device=z0.device)
         if w.dim() > 1 or (w.dim() == 1 and w.shape[0] not in (1, n)):
             raise ValueError(
@@ -262,7 +266,8 @@ def nt_xent_memory_bank_loss(
     # Queries and keys stay in their own dtype (normalised in fp32 first), so half inputs run on the tensor
     # cores; lightly's fp32 bank is cast to them, which is what its einsum does under autocast.
     q, k = normalize_rows(out0), normalize_rows(out1)
-    inv_temperature = torch.tensor(1.0 / temperature, dtype=compute_dtype(q.dtype), device=q.device)
+    # A fill on the device: torch.tensor(number, device=cuda) would block on a host-to-device copy each step.
+    inv_temperature = torch.full((), 1.0 / temperature, dtype=compute_dtype(q.dtype), device=q.device)
     # One matrix [own keys; bank] with the keys private to their own query: the positive and the bank logits
     # then come out of the same product, so equal vectors give bit-equal logits, as in lightly's one matmul.
     keys_and_bank = torch.cat([k.detach(), bank.detach().to(device=q.device, dtype=q.dtype)])

@@ -25,6 +25,7 @@ from fastcontrast._validation import (
     check_labels,
     check_pair,
     check_positive_temperature,
+    values_readable,
 )
 from fastcontrast.autograd import BlockwiseLogSumExp, pair_dots
 from fastcontrast.engine import compute_dtype
@@ -110,31 +111,54 @@ def _supcon_mined_anchor_losses(
     cdt = compute_dtype(z.dtype)
     n, m = z.shape[0], z_ref.shape[0]
     a1, p, a2, neg = pairs
-    # PML writes the pairs into masks: duplicates count once, and a pair may not be both.
-    pos_keys = torch.unique(a1 * m + p)
-    neg_keys = torch.unique(a2 * m + neg)
-    if bool(torch.isin(pos_keys, neg_keys).any()):
-        raise ValueError("`indices_tuple`: each pair should be either positive or negative, not both.")
+    # PML writes the pairs into masks: duplicates count once, and a pair may not be both. Duplicates are
+    # masked rather than removed (torch.unique's data-dependent size would read a count back to the host
+    # every step); the kept pairs are unique's, in its sorted order, so the sums below add the same terms
+    # in the same order, plus exact zeros.
+    pos_keys, pos_first = _sorted_with_first_occurrence(a1 * m + p)
+    neg_keys, neg_first = _sorted_with_first_occurrence(a2 * m + neg)
+    both = torch.isin(pos_keys, neg_keys).any()
+    message = "`indices_tuple`: each pair should be either positive or negative, not both."
+    if values_readable(both):
+        if bool(both):
+            raise ValueError(message)
+    else:
+        torch._assert_async(~both, message)
     keys = torch.cat([pos_keys, neg_keys])
+    first = torch.cat([pos_first, neg_first])
     rows, cols = keys.div(m, rounding_mode="floor"), keys.remainder(m)
     logits = pair_dots(z, z_ref, rows, cols) * inv_temperature
-    # Segment log-sum-exp per anchor, max-subtracted (the max is a constant for the gradient).
+    # Segment log-sum-exp per anchor, max-subtracted (the max is a constant for the gradient; a duplicate
+    # cannot change it).
     row_max = torch.full((n,), float("-inf"), dtype=cdt, device=z.device).scatter_reduce(
         0, rows, logits.detach(), reduce="amax"
     )
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    sums = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, rows, torch.exp(logits - shift[rows]))
+    terms = torch.where(first, torch.exp(logits - shift[rows]), torch.zeros_like(logits))
+    sums = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, rows, terms)
     lse = torch.log(sums.clamp(min=torch.finfo(cdt).tiny)) + shift
     n_pos = pos_keys.shape[0]
-    pos_rows = rows[:n_pos]
-    positive_count = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, pos_rows, torch.ones_like(logits[:n_pos]))
-    positive_sum = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, pos_rows, logits[:n_pos])
+    pos_rows, pos_logits = rows[:n_pos], logits[:n_pos]
+    positive_count = torch.zeros(n, dtype=cdt, device=z.device).index_add(0, pos_rows, pos_first.to(cdt))
+    positive_sum = torch.zeros(n, dtype=cdt, device=z.device).index_add(
+        0, pos_rows, torch.where(pos_first, pos_logits, torch.zeros_like(pos_logits))
+    )
     has_positive = positive_count > 0
     losses = torch.where(
         has_positive, -(positive_sum - positive_count * lse) / positive_count.clamp(min=1), torch.zeros_like(lse)
     )
-    valid = torch.tensor(n_pos > 0 and neg_keys.shape[0] > 0, device=z.device)
+    # At least one positive and one negative pair: known from the sizes alone, which the host has.
+    valid = torch.full((), n_pos > 0 and neg_keys.shape[0] > 0, dtype=torch.bool, device=z.device)
     return losses, valid
+
+
+def _sorted_with_first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys`` [k] sorted, and a bool [k] that is True at the first of each run of equal keys: what
+    ``torch.unique`` keeps, at a size known without reading the data."""
+    ordered = torch.sort(keys).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return ordered, first
 
 
 def _supcon_label_validity(positive_pairs, negative_pairs) -> torch.Tensor:
@@ -221,16 +245,17 @@ def supcon_anchor_losses(
         losses = reference.supcon_anchor_losses_reference(mat, pairs, temperature)
         valid = losses is not None
         losses = losses if valid else torch.zeros(embeddings.shape[0], dtype=mat.dtype, device=mat.device)
-        return losses, torch.tensor(valid, device=embeddings.device)
+        return losses, torch.full((), valid, dtype=torch.bool, device=embeddings.device)
     cdt = compute_dtype(embeddings.dtype)
     # Normalised in fp32, then kept in the input dtype: half embeddings run on the tensor cores.
     z = normalize_rows(embeddings) if normalize else embeddings
     z_ref = z if ref_emb is embeddings else (normalize_rows(ref_emb) if normalize else ref_emb)
-    inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
+    # A fill on the device: torch.tensor(number, device=cuda) would block on a host-to-device copy each step.
+    inv_temperature = torch.full((), 1.0 / temperature, dtype=cdt, device=z.device)
     if pairs is not None:
         if all(len(x) <= 1 for x in pairs):  # PML's first early exit counts the pairs as given
             # Zeros that stay in the graph, as PML's sum(embeddings·0) does.
-            return (z.to(cdt) * 0).sum(dim=1), torch.tensor(False, device=z.device)
+            return (z.to(cdt) * 0).sum(dim=1), torch.zeros((), dtype=torch.bool, device=z.device)
         return _supcon_mined_anchor_losses(z, z_ref, pairs, inv_temperature)
     losses, positives, negatives = _supcon_anchor_losses(
         z, labels, z_ref, ref_labels, inv_temperature, engine, exclude_offset=0 if exclude else None
@@ -339,7 +364,7 @@ def supcon_loss(
     z = normalize_rows(embeddings) if normalize else embeddings
     z_all = distributed.gather_with_grad(z, group, layout)
     labels_all = distributed.gather_without_grad(labels.reshape(-1, 1), group, layout).reshape(-1)
-    inv_temperature = torch.tensor(1.0 / temperature, dtype=cdt, device=z.device)
+    inv_temperature = torch.full((), 1.0 / temperature, dtype=cdt, device=z.device)
     losses, positives, negatives = _supcon_anchor_losses(
         z, labels, z_all, labels_all, inv_temperature, engine, exclude_offset=layout.offset
     )

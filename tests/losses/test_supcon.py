@@ -293,3 +293,39 @@ def test_supcon_bad_indices_tuple_is_a_clear_error(indices_tuple, error, match):
     with pytest.raises(error, match=match):
         SupConLoss()(embeddings, labels, indices_tuple)
 
+
+
+def test_supcon_duplicated_mined_pairs_count_once_with_bit_equal_values_and_gradients():
+    # PML writes the pairs into masks, so a pair mined twice counts once. The blockwise path masks repeats
+    # (no torch.unique, whose data-dependent size would sync the host), adding the same terms in the same
+    # order as the deduplicated pairs: equal to the last bit.
+    embeddings = _embeddings(20, 16, torch.float32, 28)
+    a1, p, a2, n = _mined(20, 20, 60, 28)
+    repeated = (torch.cat([a1, a1[:7], a1[:2]]), torch.cat([p, p[:7], p[:2]]), torch.cat([a2[5:9], a2]),
+                torch.cat([n[5:9], n]))
+    losses = [fc.supcon_loss(embeddings, None, indices_tuple=t, backend="torch") for t in ((a1, p, a2, n), repeated)]
+    grads = [_grads(loss, [embeddings])[0] for loss in losses]
+    assert torch.equal(losses[0], losses[1]), f"loss: {losses[0].item()!r} deduplicated vs {losses[1].item()!r}"
+    assert torch.equal(grads[0], grads[1]), f"grad: max abs difference {(grads[0] - grads[1]).abs().max():.3e}"
+    expected = _mined_reference(embeddings.detach().double(), None, repeated)
+    assert_close("loss", losses[1], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("indices_tuple,match", [
+    ((torch.tensor([0]), torch.tensor([9]), torch.tensor([2])), "out of range"),
+    ((torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])), "out of range"),
+    ((torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 3]), torch.tensor([1, 0])),
+     "either positive or negative"),
+], ids=["too-large", "negative", "overlap"])
+def test_supcon_bad_indices_tuple_on_an_accelerator_fails_a_device_side_assert(indices_tuple, match, monkeypatch):
+    # On a GPU the checks must not read the indices back (a host sync every step): they become asynchronous
+    # device-side asserts. The CPU runs the same branch when values_readable says False; there the assert
+    # raises RuntimeError with its message at once.
+    from fastcontrast import _validation
+    from fastcontrast.losses import supcon
+
+    for module in (_validation, supcon):
+        monkeypatch.setattr(module, "values_readable", lambda tensor: False)
+    embeddings, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(RuntimeError, match=match):
+        SupConLoss()(embeddings, labels, indices_tuple)
