@@ -58,10 +58,11 @@ def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_
     logits = (a[start:stop].to(cdt) @ b.to(cdt).T) * scale
     mask = _guide_mask(a_guide, b_guide, threshold, start, stop, budget)
     rows = torch.arange(stop - start, device=a.device)
+    # Values as device tensors: a Python bool would be copied from the host on every chunk.
     if protect_offset is not None:
-        mask[rows, rows + start + protect_offset] = False
+        mask.index_put_((rows, rows + start + protect_offset), torch.zeros_like(rows, dtype=torch.bool))
     if exclude_offset is not None:
-        mask[rows, rows + start + exclude_offset] = True
+        mask.index_put_((rows, rows + start + exclude_offset), torch.ones_like(rows, dtype=torch.bool))
     return logits.masked_fill_(mask, float("-inf"))
 
 

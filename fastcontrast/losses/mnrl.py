@@ -257,7 +257,8 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     n = queries.shape[0]
     cdt = compute_dtype(queries.dtype)
     device = queries.device
-    s = torch.tensor(scale, dtype=cdt, device=device)
+    # Fills on the device: torch.tensor(number, device=cuda) would block on a host-to-device copy each step.
+    s = torch.full((), scale, dtype=cdt, device=device)
     own = torch.arange(offset, offset + n, device=device)
 
     masked = false_negative_margin is not None
@@ -273,7 +274,7 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
             return guide_masked_lse(rows, cols, rows, cols, threshold, at_scale,
                                     protect_offset=offset if protect_own else None,
                                     exclude_offset=offset if exclude_own else None, chunk_bytes=engine.chunk_bytes)
-        scale_t = s if at_scale == scale else torch.tensor(at_scale, dtype=cdt, device=device)
+        scale_t = s if at_scale == scale else torch.full((), at_scale, dtype=cdt, device=device)
         row, _, _, _, _ = BlockwiseLogSumExp.apply(rows, cols, scale_t, engine, True, False, None,
                                                    offset if exclude_own else None)
         return row

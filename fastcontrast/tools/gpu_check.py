@@ -8,7 +8,9 @@ finishes (a run stopped by a timeout still leaves every answer so far):
    batch at scale 100, float64 CUDA features under ``backend="auto"``;
 2. numerics against float64 for every loss and the core: bf16, fp16 (scale 100 included), fp32 IEEE and TF32,
    d ∈ {64, 128, 256, 257, 512, 1000, 1280}, N ≈ 1000;
-3. int64 offsets: few rows against enough columns that B holds more than 2³¹ elements (d = 1280);
+3. one step of every loss with no host sync (on CUDA under ``torch.cuda.set_sync_debug_mode("error")``), in
+   bf16, fp16 and fp32; then int64 offsets: few rows against enough columns that B holds more than 2³¹
+   elements (d = 1280);
 4. the single-pass against the two-pass forward, argmax ties, and bitwise determinism of two runs
    (N = 16384, d = 768);
 5. the launched binaries, read from triton's cache, against the compile table installed with the package
@@ -300,6 +302,26 @@ def check_numerics(report: Report, device: torch.device, sizes: Sizes, plan: Pla
             report.run(name, check)
 
 
+def check_host_syncs(report: Report, device: torch.device) -> None:
+    """One forward + backward of every loss per dtype with nothing read back to the host: on CUDA under
+    ``torch.cuda.set_sync_debug_mode("error")`` (a sync raises), on the CPU (``--dry``) through the recorder
+    the test suite uses. The losses run on the engine ``backend="auto"`` picks (fastcontrast.tools.sync_check)."""
+    from fastcontrast.tools.sync_check import HostSyncRecorder, accelerator_branches, run_one_step_of_every_loss
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        def check(dtype=dtype):
+            if device.type == "cuda":
+                losses = run_one_step_of_every_loss(device, dtype)
+                return {"status": "ok", "losses": len(losses)}
+            # The CPU takes the accelerator's branches of the input checks (no host reads of the values).
+            with accelerator_branches(), HostSyncRecorder() as recorder:
+                losses = run_one_step_of_every_loss(device, dtype)
+            events = [f"{e.kind} {e.op} at {e.where}" for e in recorder.events]
+            return {"status": "fail" if events else "ok", "losses": len(losses), "syncs": events[:5]}
+
+        report.run(f"no host sync per step {str(dtype).replace('torch.', '')}", check)
+
+
 def check_int64_offsets(report: Report, device: torch.device, sizes: Sizes, plan: Plan) -> None:
     def check():
         import fastcontrast as fc
@@ -556,6 +578,7 @@ def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Op
     report.add({"check": "engine under test", "status": "info", "backend": plan.backend, "reason": plan.reason})
     check_crash_scenarios(report, device, sizes, plan)
     check_numerics(report, device, sizes, plan)
+    check_host_syncs(report, device)
     check_int64_offsets(report, device, sizes, plan)
     check_paths_and_determinism(report, device, sizes, plan)
     check_binaries(report, device, table_path, plan)

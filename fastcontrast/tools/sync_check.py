@@ -42,6 +42,10 @@ COPIES = frozenset({"aten._to_copy.default", "aten.copy_.default", "aten.copy.de
 HOST_ONLY_BY_DESIGN = {
     ("distributed.py", "exchange_layout"): "the layout exchange: CPU int64 numbers over the gloo host group, "
     "read back on the host; it waits for no GPU work (fastcontrast.distributed's module docstring)",
+    ("_masked_lse.py", "_guide_mask"): "the guide-masked LSE (GISTEmbedLoss, false_negative_margin; torch engine "
+    "only) recomputes the entries within rounding of the threshold as sentence-transformers' per-pair sums, so "
+    "the mask is the original's bit for bit; which entries those are is data-dependent: one sync per chunk of "
+    "rows, until the mask is a kernel feature",
 }
 
 
@@ -140,6 +144,28 @@ class HostSyncRecorder(contextlib.AbstractContextManager):
 
 
 @contextlib.contextmanager
+def accelerator_branches() -> Iterator[None]:
+    """Within the block every fastcontrast module's ``_validation.values_readable`` answers False, as for a CUDA
+    tensor: a step on the CPU then takes the branches a GPU step takes (device-side checks instead of host
+    reads), so :class:`HostSyncRecorder` sees what a GPU step would do."""
+    import sys
+
+    from fastcontrast import _validation
+
+    real = _validation.values_readable
+    patched = [module for module in list(sys.modules.values())
+               if getattr(module, "__name__", "").startswith("fastcontrast")
+               and getattr(module, "values_readable", None) is real]
+    for module in patched:
+        module.values_readable = lambda tensor: False
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.values_readable = real
+
+
+@contextlib.contextmanager
 def cuda_sync_debug_mode(mode: int | str) -> Iterator[None]:
     """``torch.cuda.set_sync_debug_mode(mode)`` for the block, the previous mode restored after. With
     ``"error"`` any synchronising CUDA call inside raises; with 0 (``"default"``) none is reported."""
@@ -180,6 +206,9 @@ def loss_steps(
         DCLLoss,
         DCLWLoss,
         DistillClipLoss,
+        GISTEmbedLoss,
+        MultipleNegativesRankingLoss,
+        MultipleNegativesSymmetricRankingLoss,
         NTXentLoss,
         SigLipLoss,
         SupConLoss,
@@ -257,6 +286,17 @@ def loss_steps(
     bank = NTXentLoss(temperature=0.3, memory_bank_size=(32, d)).to(device)
     dcl, dclw = DCLLoss(temperature=0.2), DCLWLoss(temperature=0.2, sigma=0.5)
     supcon = SupConLoss(temperature=0.1)
+    # sentence-transformers' columns [anchor, positive, hard negative]; the guide embeds them at its own width.
+    hard_negative = _unit(n, d, dtype, device, g)
+    columns = [image, text, hard_negative]
+    guide_columns = [_unit(n, d_teacher, dtype, device, g).detach() for _ in range(3)]
+    mnrl = MultipleNegativesRankingLoss(None)
+    mnrl_all = MultipleNegativesRankingLoss(None, directions=("query_to_doc", "query_to_query", "doc_to_query",
+                                                              "doc_to_doc"), hardness_mode="all_negatives",
+                                            hardness_strength=2.0)
+    mnrl_margin = MultipleNegativesRankingLoss(None, false_negative_margin=0.1)
+    mnrl_symmetric = MultipleNegativesSymmetricRankingLoss(None)
+    gist = GISTEmbedLoss(None, None)
     steps = []
     try:  # PML's similarity classes, for the raw dot-product form; PML is optional
         from pytorch_metric_learning.distances import DotProductSimilarity
@@ -286,6 +326,14 @@ def loss_steps(
         ("SupConLoss(ref_emb)", step(lambda: supcon(image, labels, ref_emb=ref, ref_labels=ref_labels))),
         ("SupConLoss(pairs)", step(lambda: supcon(image, indices_tuple=pairs))),
         ("SupConLoss(triplets)", step(lambda: supcon(image, labels, indices_tuple=triplets))),
+        ("MultipleNegativesRankingLoss", step(lambda: mnrl.compute_loss_from_embeddings(columns, None))),
+        ("MultipleNegativesRankingLoss(4 directions, hardness)",
+         step(lambda: mnrl_all.compute_loss_from_embeddings(columns, None))),
+        ("MultipleNegativesRankingLoss(false_negative_margin)",
+         step(lambda: mnrl_margin.compute_loss_from_embeddings(columns, None))),
+        ("MultipleNegativesSymmetricRankingLoss",
+         step(lambda: mnrl_symmetric.compute_loss_from_embeddings(columns[:2], None))),
+        ("GISTEmbedLoss", step(lambda: gist.compute_loss_from_embeddings(columns, guide_columns))),
         *steps,
     ]
 

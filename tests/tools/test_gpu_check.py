@@ -128,3 +128,26 @@ def test_gpu_check_on_an_unchecked_gpu_runs_the_torch_engine_and_skips_the_trito
     performance = [r for r in records if r["check"].startswith("performance")]
     assert performance and all(r["backend"] == "torch" for r in performance), performance
     assert "engine under test: backend=torch" in capsys.readouterr().out
+
+
+def test_the_host_sync_section_runs_every_loss_per_dtype_and_fails_on_a_sync(monkeypatch):
+    report = gpu_check.Report(None, budget_s=600)
+    gpu_check.check_host_syncs(report, torch.device("cpu"))
+    records = [r for r in report.records if r["check"].startswith("no host sync per step")]
+    assert [r["status"] for r in records] == ["ok"] * 3, records
+    assert all(r["losses"] >= 9 for r in records), records
+
+    # A sync brought back into a loss's step fails the section, naming it.
+    from fastcontrast.losses import clip
+
+    real = clip.clip_loss
+
+    def syncing_clip_loss(image_features, *args, **kwargs):
+        image_features.detach().sum().item()  # a host read, as a stray .item() in a loss would be
+        return real(image_features, *args, **kwargs)
+
+    monkeypatch.setattr(clip, "clip_loss", syncing_clip_loss)
+    report = gpu_check.Report(None, budget_s=600)
+    gpu_check.check_host_syncs(report, torch.device("cpu"))
+    records = [r for r in report.records if r["check"].startswith("no host sync per step")]
+    assert all(r["status"] == "fail" and r["syncs"] for r in records), records
