@@ -260,6 +260,12 @@ class ChunkedForward:
             self._first_embedding.append(len(self.embeddings))
             for position in range(len(outputs[0])):
                 self.embeddings.append(torch.cat([out[position] for out in outputs]).requires_grad_())
+        self.embedding_shapes = [e.shape for e in self.embeddings]
+
+    def release_embeddings(self) -> None:
+        """Drop this object's references to the embeddings once their gradients are known: the re-forward needs
+        only the gradients, so phase 3 holds N·d numbers fewer (if nothing else holds the embeddings)."""
+        self.embeddings = []
 
     def _sync_plan(self) -> List[List[DistributedDataParallel]]:
         """Per chunk, the DDP modules to hold in ``no_sync()``: each module synchronises in the backward of the
@@ -287,13 +293,13 @@ class ChunkedForward:
 
         Raises PartialGradientError (the cause chained) when a chunk fails: gradients are then partial.
         """
-        if len(embedding_grads) != len(self.embeddings):
-            raise ValueError(f"`embedding_grads` must hold one gradient per embedding ({len(self.embeddings)}), "
+        if len(embedding_grads) != len(self.embedding_shapes):
+            raise ValueError(f"`embedding_grads` must hold one gradient per embedding ({len(self.embedding_shapes)}), "
                              f"got {len(embedding_grads)}.")
-        for position, (grad, embedding) in enumerate(zip(embedding_grads, self.embeddings)):
-            if not isinstance(grad, torch.Tensor) or grad.shape != embedding.shape:
-                raise ValueError(f"`embedding_grads[{position}]` must be a tensor of shape "
-                                 f"{tuple(embedding.shape)}, got {getattr(grad, 'shape', type(grad).__name__)}.")
+        for position, (grad, shape) in enumerate(zip(embedding_grads, self.embedding_shapes)):
+            if not isinstance(grad, torch.Tensor) or grad.shape != shape:
+                raise ValueError(f"`embedding_grads[{position}]` must be a tensor of shape {tuple(shape)}, got "
+                                 f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}.")
         plan = self._sync_plan()
         last = len(self.chunks) - 1
         backpropagated = False
@@ -505,6 +511,7 @@ class GradCache:
         scaled = self.scaler.scale(total) if self.scaler is not None else total
         embedding_grads, extra_grads = loss_gradients(scaled, forward.embeddings, leaves)
         result = _detached(output)
-        del output, total, scaled
+        del output, total, scaled, args, kwargs, leaves
+        forward.release_embeddings()
         forward.backward(embedding_grads, originals, extra_grads)
         return result

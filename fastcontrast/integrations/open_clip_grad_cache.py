@@ -131,6 +131,7 @@ class CachedStepModel:
         scaled = scaler.scale(total_loss) if scaler is not None else total_loss
         embedding_grads, extra_grads = loss_gradients(scaled, forward.embeddings, leaves)
         del scaled, total_loss
+        forward.release_embeddings()
         forward.backward(embedding_grads, originals, extra_grads)
 
 

@@ -177,6 +177,8 @@ def test_cli_takes_out_only_its_own_flags_and_keeps_the_rest_in_order(argv, back
         pytest.param(["--fastcontrast-backend", "cuda"], id="unknown-backend"),
         pytest.param(["--fastcontrast-chunk-bytes", "0"], id="zero-chunk-bytes"),
         pytest.param(["--fastcontrast-chunk-bytes", "8MiB"], id="non-integer-chunk-bytes"),
+        pytest.param(["--fastcontrast-grad-cache", "0"], id="zero-grad-cache-chunk"),
+        pytest.param(["--fastcontrast-grad-cache=half"], id="non-integer-grad-cache-chunk"),
         pytest.param(["--lr", "1e-3", "--fastcontrast-backend"], id="missing-value"),
     ],
 )
@@ -226,3 +228,28 @@ def test_grad_cache_step_gives_open_clips_full_batch_losses_step_by_step_with_pa
         assert max(values) - min(values) > 1e-2
         # One loss call per step, as in the plain step (--accum-freq k would make k).
         assert_losses_match(reference[rank], patched[rank], steps)
+
+
+def test_cli_takes_the_grad_cache_chunk_out_of_the_argument_list():
+    own, rest = split_argv(["--batch-size", "64", "--fastcontrast-grad-cache", "16", "--siglip"])
+    assert (own.fastcontrast_grad_cache, rest) == (16, ["--batch-size", "64", "--siglip"])
+    assert split_argv(["--siglip"])[0].fastcontrast_grad_cache is None
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        pytest.param({"accum_freq": 2}, r"cannot be combined with --accum-freq 2", id="accum-freq"),
+        pytest.param({"horovod": True}, r"does not support --horovod", id="horovod"),
+        pytest.param({"model": "coca_ViT-B-32"}, r"does not support CoCa models", id="coca"),
+    ],
+)
+def test_grad_cache_refuses_trainer_options_that_would_change_the_step(options, match):
+    import argparse
+
+    from fastcontrast.integrations.open_clip_grad_cache import check_args
+
+    args = argparse.Namespace(**{"accum_freq": 1, "horovod": False, "model": "ViT-B-32", **options})
+    with pytest.raises(ValueError, match=match):
+        check_args(args, 8)
+    check_args(argparse.Namespace(accum_freq=1, horovod=False, model="ViT-B-32"), 8)
