@@ -78,7 +78,7 @@ def train(dataset, name: str, via: str, nproc: int, flags: Sequence[str], model:
         "--model", f"local-dir:{dataset[model]}", "--train-data", str(dataset["csv"]), "--dataset-type", "csv",
         "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32",
         "--lr", "1e-3", "--warmup", "2", "--seed", "0", "--logs", str(root / "logs"), "--name", name,
-        "--log-every-n-steps", "1", *flags,
+        "--log-every-n-steps", "1", *(flag.format(model_dir=dataset["model"]) for flag in flags),
     ]
     prefix = root / name
     job = root / f"{name}.job.json"
@@ -204,6 +204,11 @@ GRAD_CACHE_CASES = {
                                                       "torch"], 1),
     "clip-2-ranks-local-loss-gather-with-grad": (
         "ClipLoss", ["--local-loss", "--gather-with-grad"], ["--fastcontrast-grad-cache", "4"], 2,
+    ),
+    # The teacher: the tiny CLIP without patch dropout, random weights ('local-dir:' ignores --distill-pretrained).
+    "distill-1-process": (
+        "DistillClipLoss", ["--distill-model", "local-dir:{model_dir}", "--distill-pretrained", "unused"],
+        ["--fastcontrast-grad-cache", "4"], 1,
     ),
 }
 
