@@ -11,6 +11,7 @@ different gradient); a separate test without randomness uses one monolithic forw
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import pytest
@@ -349,3 +350,39 @@ def test_mapping_and_tuple_inputs_are_chunked_per_tensor():
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert_relative(f"{name}.grad", cached_grads[name], p.grad)
+
+
+def test_autocast_runs_the_embedding_pass_re_forward_and_loss_in_bf16_like_the_plain_step():
+    # CPU bf16 autocast, fp32 parameters. Both steps run the same bf16 matmuls on the same chunks, so the loss
+    # sees the same bf16 embeddings: the loss and logit_scale's gradient agree exactly (without autocast in
+    # the embedding pass they differ by ~5e-3). The encoders' gradients differ where bf16 embedding gradients
+    # are summed (one backward vs one per chunk): bf16 rounding, measured up to 7e-3.
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        model = TwoTowers().float()
+        inputs = [x.float() for x in batch("clip", 0)[0]]
+        clip = fastcontrast.ClipLoss(backend="torch")
+        dtypes = []
+
+        def loss_fn(image, text, *args, clip=clip, dtypes=dtypes):
+            dtypes.append((image.dtype, text.dtype))
+            return clip(image, text, *args)
+
+        torch.manual_seed(7)
+        with autocast():
+            args = (model.logit_scale.exp(), model.logit_bias)
+        if use_cache:
+            loss = fastcontrast.GradCache([model.image, model.text], loss_fn, CHUNK, autocast=autocast).step(
+                *inputs, loss_args=args)
+        else:
+            with autocast():
+                loss = plain_step([model.image, model.text], inputs, loss_fn, args)
+        assert dtypes == [(torch.bfloat16, torch.bfloat16)], f"embeddings reached the loss as {dtypes}"
+        runs.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_c, grads_c), (loss_p, grads_p) = runs
+    assert_relative("bf16-autocast loss", loss_c, loss_p, rtol=1e-6)
+    assert_relative("bf16-autocast logit_scale.grad", grads_c["logit_scale"], grads_p["logit_scale"], rtol=1e-6)
+    for name in grads_p:
+        assert_relative(f"bf16-autocast {name}.grad", grads_c[name], grads_p[name], rtol=2e-2)
