@@ -248,7 +248,8 @@ class ChunkedForward:
                         chunk_out = _embeddings_of(self.names[index], _call(encoder, args), rows.stop - rows.start)
                     if outputs and len(chunk_out) != len(outputs[0]):
                         raise ValueError(f"{self.names[index]} returned {len(chunk_out)} embeddings for rows "
-                                         f"{rows.start}:{rows.stop} but {len(outputs[0])} for rows 0:...")
+                                         f"{rows.start}:{rows.stop} but {len(outputs[0])} for rows "
+                                         f"0:{min(self.chunk_size, count)}.")
                     outputs.append(chunk_out)
                     self.chunks.append(_Chunk(index, rows, args, rng, [t.shape for t in chunk_out]))
                 outputs_per_input.append(outputs)
