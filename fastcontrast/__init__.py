@@ -15,6 +15,7 @@ from fastcontrast.autograd import (
     blockwise_lse_and_positives,
     blockwise_siglip_sum,
 )
+from fastcontrast.cached import GradCache, PartialGradientError
 from fastcontrast.functional import (
     clip_loss,
     dcl_loss,
@@ -55,7 +56,9 @@ __all__ = [
     "GISTEmbedLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "GradCache",
     "NTXentLoss",
+    "PartialGradientError",
     "SigLipLoss",
     "SupConLoss",
     "__version__",

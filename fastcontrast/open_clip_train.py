@@ -7,7 +7,7 @@
 rejects it as an ambiguous abbreviation of its ``--logs-specs``, and drops the ``--`` before the script
 sees it (checked with Python 3.11, torch 2.13). The same holds for ``torchrun -m open_clip_train.main``.)
 
-It removes its own two flags, applies :func:`fastcontrast.integrations.patch_open_clip`, and runs open_clip's
+It removes its own flags, applies :func:`fastcontrast.integrations.patch_open_clip`, and runs open_clip's
 own entry point (``open_clip_train.main.main``) with every other argument unchanged, so ``--siglip``,
 ``--distill-*``, CoCa models, ``--local-loss``, ``--gather-with-grad``, ``--accum-freq``, ``--precision``
 and torchrun / SLURM launches behave exactly as with ``python -m open_clip_train.main``; only the loss
@@ -16,6 +16,9 @@ module differs.
 Own flags (``--flag value`` or ``--flag=value``, anywhere on the line):
     --fastcontrast-backend {auto,torch,triton,reference}   default: auto
     --fastcontrast-chunk-bytes N                           logits bytes per chunk of the torch engine
+    --fastcontrast-grad-cache CHUNK                        the gradient-cached step: embed and re-forward in
+                                                           chunks of CHUNK samples per rank, loss once per step
+                                                           (docs/cached_step.md); not with --accum-freq > 1
 
 Exit status: 0, or 1 when open_clip's main reports a failure by returning a negative value (it returns -1
 for e.g. "experiment already exists" instead of raising).
@@ -24,30 +27,36 @@ for e.g. "experiment already exists" instead of raising).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import List, Optional, Sequence, Tuple
 
 BACKENDS = ("auto", "torch", "triton", "reference")
-OWN_FLAGS = ("--fastcontrast-backend", "--fastcontrast-chunk-bytes")
+OWN_FLAGS = ("--fastcontrast-backend", "--fastcontrast-chunk-bytes", "--fastcontrast-grad-cache")
 
 USAGE = """\
 python -m fastcontrast.open_clip_train [--fastcontrast-backend {auto,torch,triton,reference}]
-                                              [--fastcontrast-chunk-bytes N] <open_clip_train arguments>"""
+                                              [--fastcontrast-chunk-bytes N] [--fastcontrast-grad-cache CHUNK]
+                                              <open_clip_train arguments>"""
 HELP = f"""usage: {USAGE}
 
 Runs open_clip_train.main with open_clip's losses replaced by fastcontrast's. Every argument other than
-the two --fastcontrast-* flags goes to open_clip_train unchanged; open_clip_train's own help follows.
+the --fastcontrast-* flags goes to open_clip_train unchanged; open_clip_train's own help follows.
 """
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, what: str = "bytes") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer number of bytes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer number of {what}, got {text!r}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer number of bytes, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer number of {what}, got {text!r}")
     return value
+
+
+def _positive_samples(text: str) -> int:
+    return _positive_int(text, "samples per chunk")
 
 
 def _own_parser() -> argparse.ArgumentParser:
@@ -55,6 +64,7 @@ def _own_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--fastcontrast-backend", choices=BACKENDS, default="auto")
     parser.add_argument("--fastcontrast-chunk-bytes", type=_positive_int, default=None)
+    parser.add_argument("--fastcontrast-grad-cache", type=_positive_samples, default=None, metavar="CHUNK")
     return parser
 
 
@@ -99,7 +109,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from fastcontrast.integrations import patch_open_clip
 
-    with patch_open_clip(backend=own.fastcontrast_backend, chunk_bytes=own.fastcontrast_chunk_bytes):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patch_open_clip(backend=own.fastcontrast_backend, chunk_bytes=own.fastcontrast_chunk_bytes))
+        if own.fastcontrast_grad_cache is not None:
+            from fastcontrast.integrations.open_clip_grad_cache import patch_open_clip_train
+
+            stack.enter_context(patch_open_clip_train(own.fastcontrast_grad_cache))
         result = open_clip_main(open_clip_argv)
     return 1 if isinstance(result, int) and result < 0 else 0
 

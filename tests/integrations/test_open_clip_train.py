@@ -53,6 +53,12 @@ def dataset(tmp_path_factory) -> Dict[str, Path]:
     model_dir = root / "tiny-clip"
     model_dir.mkdir()
     (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    # Patch dropout on (half of the 16 patches, chosen by torch.randn per sample): the cached step must replay
+    # each chunk's draws in its re-forward.
+    dropout_dir = root / "tiny-clip-patch-dropout"
+    dropout_dir.mkdir()
+    dropout_cfg = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "patch_dropout": 0.5}}
+    (dropout_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": dropout_cfg, "preprocess_cfg": {}}))
     rng = np.random.default_rng(0)
     words = "red green blue cat dog tree house car boat bird sun moon river hill road".split()
     lines = ["filepath\ttitle"]
@@ -62,17 +68,17 @@ def dataset(tmp_path_factory) -> Dict[str, Path]:
         lines.append(f"{path}\t{' '.join(rng.choice(words, 4))} photo {i}")
     csv = root / "train.csv"
     csv.write_text("\n".join(lines) + "\n")
-    return {"root": root, "model": model_dir, "csv": csv}
+    return {"root": root, "model": model_dir, "model_patch_dropout": dropout_dir, "csv": csv}
 
 
-def train(dataset, name: str, via: str, nproc: int, flags: Sequence[str]) -> List[dict]:
+def train(dataset, name: str, via: str, nproc: int, flags: Sequence[str], model: str = "model") -> List[dict]:
     """Run one training (``via`` = "open_clip" or "fastcontrast"); return each rank's recorded loss calls."""
     root = dataset["root"]
     argv = [
-        "--model", f"local-dir:{dataset['model']}", "--train-data", str(dataset["csv"]), "--dataset-type", "csv",
+        "--model", f"local-dir:{dataset[model]}", "--train-data", str(dataset["csv"]), "--dataset-type", "csv",
         "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32",
         "--lr", "1e-3", "--warmup", "2", "--seed", "0", "--logs", str(root / "logs"), "--name", name,
-        "--log-every-n-steps", "1", *flags,
+        "--log-every-n-steps", "1", *(flag.format(model_dir=dataset["model"]) for flag in flags),
     ]
     prefix = root / name
     job = root / f"{name}.job.json"
@@ -171,6 +177,8 @@ def test_cli_takes_out_only_its_own_flags_and_keeps_the_rest_in_order(argv, back
         pytest.param(["--fastcontrast-backend", "cuda"], id="unknown-backend"),
         pytest.param(["--fastcontrast-chunk-bytes", "0"], id="zero-chunk-bytes"),
         pytest.param(["--fastcontrast-chunk-bytes", "8MiB"], id="non-integer-chunk-bytes"),
+        pytest.param(["--fastcontrast-grad-cache", "0"], id="zero-grad-cache-chunk"),
+        pytest.param(["--fastcontrast-grad-cache=half"], id="non-integer-grad-cache-chunk"),
         pytest.param(["--lr", "1e-3", "--fastcontrast-backend"], id="missing-value"),
     ],
 )
@@ -187,3 +195,66 @@ def test_module_entry_point_prints_its_flags_then_open_clip_trains_help():
     assert result.returncode == 0, result.stderr[-4000:]
     ours, open_clips = result.stdout.index("--fastcontrast-chunk-bytes"), result.stdout.index("--train-data")
     assert ours < open_clips
+
+
+GRAD_CACHE_CASES = {
+    # name: (fastcontrast class, open_clip trainer flags, fastcontrast flags, ranks)
+    "clip-1-process": ("ClipLoss", [], ["--fastcontrast-grad-cache", "4"], 1),
+    "siglip-1-process": ("SigLipLoss", ["--siglip"], ["--fastcontrast-grad-cache=3", "--fastcontrast-backend",
+                                                      "torch"], 1),
+    "clip-2-ranks-local-loss-gather-with-grad": (
+        "ClipLoss", ["--local-loss", "--gather-with-grad"], ["--fastcontrast-grad-cache", "4"], 2,
+    ),
+    # The teacher: the tiny CLIP without patch dropout, random weights ('local-dir:' ignores --distill-pretrained).
+    "distill-1-process": (
+        "DistillClipLoss", ["--distill-model", "local-dir:{model_dir}", "--distill-pretrained", "unused"],
+        ["--fastcontrast-grad-cache", "4"], 1,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(GRAD_CACHE_CASES))
+def test_grad_cache_step_gives_open_clips_full_batch_losses_step_by_step_with_patch_dropout(dataset, case):
+    # open_clip's plain step over the batch of 8 against the cached step in chunks of 4 (or 3, 3, 2: a ragged
+    # last chunk), patch dropout on. The draws of chunked and whole-batch forwards coincide here (checked:
+    # torch's CPU randn fills [8, 16] value for value as [4, 16] twice, or [3, 16], [3, 16], [2, 16]), so the
+    # plain step is the reference. Each step's loss depends on every earlier step's gradient, so equal losses
+    # over the steps mean equal gradients; without the replay the re-forward would draw other patches.
+    loss_name, flags, own_flags, nproc = GRAD_CACHE_CASES[case]
+    reference = train(dataset, f"cache-{case}-open_clip", "open_clip", nproc, flags, model="model_patch_dropout")
+    patched = train(dataset, f"cache-{case}-fastcontrast", "fastcontrast", nproc, [*flags, *own_flags],
+                    model="model_patch_dropout")
+    steps = SAMPLES // (BATCH * nproc)
+    ours = getattr(fastcontrast, loss_name)
+    for rank in range(nproc):
+        assert all(f"{ours.__module__}.{ours.__qualname__}" in r["mro"] for r in patched[rank])
+        values = [r["terms"]["contrastive_loss"] for r in reference[rank]]
+        assert max(values) - min(values) > 1e-2
+        # One loss call per step, as in the plain step (--accum-freq k would make k).
+        assert_losses_match(reference[rank], patched[rank], steps)
+
+
+def test_cli_takes_the_grad_cache_chunk_out_of_the_argument_list():
+    own, rest = split_argv(["--batch-size", "64", "--fastcontrast-grad-cache", "16", "--siglip"])
+    assert (own.fastcontrast_grad_cache, rest) == (16, ["--batch-size", "64", "--siglip"])
+    assert split_argv(["--siglip"])[0].fastcontrast_grad_cache is None
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        pytest.param({"accum_freq": 2}, r"cannot be combined with --accum-freq 2", id="accum-freq"),
+        pytest.param({"horovod": True}, r"does not support --horovod", id="horovod"),
+        pytest.param({"model": "coca_ViT-B-32"}, r"does not support CoCa models", id="coca"),
+    ],
+)
+def test_grad_cache_refuses_trainer_options_that_would_change_the_step(options, match):
+    import argparse
+
+    from fastcontrast.integrations.open_clip_grad_cache import check_args
+
+    args = argparse.Namespace(**{"accum_freq": 1, "horovod": False, "model": "ViT-B-32", **options})
+    with pytest.raises(ValueError, match=match):
+        check_args(args, 8)
+    check_args(argparse.Namespace(accum_freq=1, horovod=False, model="ViT-B-32"), 8)

@@ -52,7 +52,7 @@ def resolve(path: str):
 
 def test_the_top_level_exports_exactly_the_documented_names():
     expected = set(MODULES) | set(FUNCTIONS) - {"supcon_anchor_losses", "supcon_anchor_losses_with_distance"}
-    expected |= set(CORE) | {"__version__"}
+    expected |= set(CORE) | {"__version__", "GradCache", "PartialGradientError"}
     assert set(fastcontrast.__all__) == expected
     for name in fastcontrast.__all__:
         assert hasattr(fastcontrast, name), f"fastcontrast.{name} is listed in __all__ but missing"
@@ -104,3 +104,8 @@ def test_the_integrations_patch_in_the_public_classes():
 
     for name in ("patch_open_clip", "patch_lightly", "patch_pytorch_metric_learning"):
         assert callable(getattr(integrations, name)), f"fastcontrast.integrations.{name}"
+
+
+def test_the_cached_step_is_public_at_the_top_and_in_its_module():
+    assert resolve("fastcontrast.GradCache") is resolve("fastcontrast.cached.GradCache")
+    assert resolve("fastcontrast.PartialGradientError") is resolve("fastcontrast.cached.PartialGradientError")
