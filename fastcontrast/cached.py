@@ -1,4 +1,4 @@
-"""The gradient-cached training step (DESIGN §9): a batch's memory is one chunk's activations plus O(N·d).
+"""The gradient-cached training step (docs/cached_step.md): a batch's memory is one chunk's activations plus O(N·d).
 
     cache = GradCache([image_encoder, text_encoder], ClipLoss(), chunk_size=256)
     optimizer.zero_grad()

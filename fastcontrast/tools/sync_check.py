@@ -1,4 +1,4 @@
-"""No host sync per step (DESIGN §4 "Numerics", issue 19 item 5): one forward + backward of every loss, and a
+"""No host sync per step (docs/numerics.md#dtypes): one forward + backward of every loss, and a
 recorder that sees on the CPU what would block the host on an accelerator.
 
 A loss step must not read a device value back (``.item()``, ``bool(tensor)``, ``int(tensor)``, ``.tolist()``),

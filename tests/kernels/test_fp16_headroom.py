@@ -1,4 +1,4 @@
-"""fp16 headroom of dS (DESIGN §4 "Numerics"; issue 19 item 4).
+"""fp16 headroom of dS (docs/numerics.md#dtypes).
 
 dS ≈ P/(2N) is cast to fp16 for the second ``tl.dot``. Scaled by a power of two so that Σ max|bound| (a bound
 of every |dS|) lands in [0.5, 1), almost every off-diagonal entry is still an fp16 subnormal from N ≳ 16k and
