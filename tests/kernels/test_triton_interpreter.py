@@ -301,20 +301,20 @@ def test_hopper_tile_configs_give_the_reference(d, dtype):
 def test_panel_gemm_split_along_the_reduction_gives_the_reference(dtype, monkeypatch):
     # Few rows against many columns (a per-rank local loss): the dSᵀ·A GEMM has few output tiles, so its
     # reduction is split across programs and the slabs summed in a fixed order.
-    from fastcontrast.kernels import configs, engine
+    from fastcontrast.kernels import configs, gradient_launch, launch
 
-    monkeypatch.setattr(engine, "INTERPRETER_TARGET_PROGRAMS", 64)
+    monkeypatch.setattr(launch, "INTERPRETER_TARGET_PROGRAMS", 64)
     # One panel over all 300 columns: dS·B reduces over 300, in two splits of 256 and a ragged 44.
     monkeypatch.setattr(configs, "INTERPRETER_PANEL", configs.PanelConfig(rows=64, cols=512))
     launches = []
-    real = engine.panel_matmul_kernel
+    real = gradient_launch.panel_matmul_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launches.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(engine, "panel_matmul_kernel", Spy())
+    monkeypatch.setattr(gradient_launch, "panel_matmul_kernel", Spy())
     from fastcontrast._dispatch import resolve_engine
 
     rows, cols = _features(20, 100, dtype, 33), _features(300, 100, dtype, 34)

@@ -3,4 +3,6 @@ the text-only paths the tests run never decode images or video, so nothing here 
 
 
 def __getattr__(name: str):
-    raise AttributeError(f"torchvision.io.{name} is not part of the fastcontrast test stub (see tests/integrations/stubs/README.md)")
+    raise AttributeError(
+        f"torchvision.io.{name} is not part of the fastcontrast test stub (see tests/integrations/stubs/README.md)"
+    )
