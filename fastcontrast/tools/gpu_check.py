@@ -38,11 +38,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from importlib import resources
 from typing import Callable, Optional
 
 import torch
 
+from fastcontrast.tools import binaries
 from fastcontrast.tools.tolerances import KERNEL_RELATIVE
 
 DIMS = (64, 128, 256, 257, 512, 1000, 1280)
@@ -392,109 +392,15 @@ def check_paths_and_determinism(report: Report, device: torch.device, sizes: Siz
     report.run(f"bitwise determinism N={n} d={d}", determinism)
 
 
-TABLE_RESOURCE = ("fastcontrast.kernels", "compile_table.json")
-
-
-def load_table(path: Optional[str] = None) -> tuple[dict, str]:
-    """(the compile table, where it was read): ``path``, or the one installed with the package (package data
-    of ``fastcontrast.kernels``, found through importlib.resources, so an installed wheel has it too).
-
-    Raises:
-        FileNotFoundError: no table there; ValueError: a table without rows.
-    """
-    if path is None:
-        resource = resources.files(TABLE_RESOURCE[0]) / TABLE_RESOURCE[1]
-        where = str(resource)
-        if not resource.is_file():
-            raise FileNotFoundError(f"the compile table is not installed at {where}: reinstall fastcontrast, or "
-                                    "pass --table FILE")
-        document = json.loads(resource.read_text(encoding="utf-8"))
-    else:
-        where = path
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)
-    if not document.get("rows"):
-        raise ValueError(f"the compile table {where} has no rows")
-    return document, where
-
-
-def binary_record(kernel, compiled, table_arch: str) -> dict:
-    """One launched binary as :func:`compare_with_table` takes it: its resources, and the compile table's
-    row key, flags and tile rebuilt from its source exactly as :mod:`fastcontrast.kernels.aot` builds them for
-    ``table_arch`` (the key is None, with ``key_error``, where triton's objects differ from what aot expects)."""
-    from fastcontrast.kernels import aot
-
-    metadata = compiled.metadata
-    record = {"kernel": kernel.fn.__name__, "registers": compiled.n_regs, "spills": compiled.n_spills,
-              "shared": int(metadata.shared), "warps": metadata.num_warps, "stages": metadata.num_stages,
-              "key": None, "constexprs": None, "block": None}
-    try:
-        source = compiled.src
-        variant = aot.Variant(kernel, table_arch, dict(source.signature), dict(source.constants), dict(source.attrs),
-                              metadata, dtype="", precision="")
-        record.update(key=variant.digest(), constexprs=variant.flags(), block=variant.tile())
-    except Exception as exc:  # noqa: BLE001 - a binary that cannot be placed is reported as not in the table
-        record["key_error"] = f"{type(exc).__name__}: {exc}"
-    return record
-
-
-def launched_binaries(table_arch: str) -> list[dict]:
-    """Every binary the Triton engine has launched in this process, from triton's in-memory cache."""
-    from triton.runtime.jit import JITFunction
-
-    from fastcontrast.kernels import engine
-
-    records = []
-    for name in dir(engine):
-        kernel = getattr(engine, name)
-        if not name.endswith("_kernel") or not isinstance(kernel, JITFunction):
-            continue
-        for cache in kernel.device_caches.values():
-            for compiled in cache[0].values():
-                compiled._init_handles()
-                records.append(binary_record(kernel, compiled, table_arch))
-    return records
-
-
-def compare_with_table(launched: list[dict], rows: list[dict], table_arch: str) -> dict:
-    """The "binaries match" verdict: each launched binary (:func:`binary_record`) against the compile table's
-    row for ``table_arch`` with the same key (else, the rows with the same kernel, flags, tile, warps and
-    stages). Fails on a spill, on registers or shared memory other than the table's, and on a binary the table
-    does not hold: each of those is a binary nobody compiled and checked as it runs here.
-    """
-    here = [row for row in rows if row["arch"] == table_arch]
-    by_key = {row["key"]: row for row in here}
-    by_shape: dict = {}
-    for row in here:
-        shape = (row["kernel"], row["constexprs"], row["block"], row["warps"], row["stages"])
-        by_shape.setdefault(shape, []).append(row)
-    spilling, mismatched, not_in_table = [], [], []
-    for binary in launched:
-        if binary["spills"]:
-            spilling.append(binary)
-        shape = (binary["kernel"], binary["constexprs"], binary["block"], binary["warps"], binary["stages"])
-        candidates = [by_key[binary["key"]]] if binary.get("key") in by_key else by_shape.get(shape, [])
-        if not candidates:
-            not_in_table.append({k: binary.get(k) for k in ("kernel", "key", "constexprs", "block", "key_error")
-                                 if binary.get(k) is not None})
-        elif not any(r["registers"] == binary["registers"] and r["shared"] == binary["shared"] for r in candidates):
-            mismatched.append({"kernel": binary["kernel"], "key": binary.get("key"), "constexprs": binary["constexprs"],
-                               "registers": binary["registers"],
-                               "table_registers": sorted({r["registers"] for r in candidates}),
-                               "shared": binary["shared"], "table_shared": sorted({r["shared"] for r in candidates})})
-    failed = bool(spilling or mismatched or not_in_table)
-    return {"status": "fail" if failed else "ok", "binaries": len(launched), "table_arch": table_arch,
-            "spilling": spilling[:10], "differing_from_table": mismatched[:10], "not_in_table": not_in_table[:10]}
-
-
 def check_binaries(report: Report, device: torch.device, table_path: Optional[str], plan: Plan) -> None:
     def check():
         # The table first: a missing or empty one fails here, on a GPU or not (never a silent "not found").
-        table, where = load_table(table_path)
+        table, where = binaries.load_table(table_path)
         if device.type != "cuda":
             return {"status": "skip", "reason": "no compiled binary (the interpreter runs no binaries)",
                     "table": where, "table_rows": len(table["rows"])}
-        result = compare_with_table(launched_binaries(plan.table_arch), table["rows"], plan.table_arch)
+        result = binaries.compare_with_table(binaries.launched_binaries(plan.table_arch), table["rows"],
+                                             plan.table_arch)
         if not result["binaries"]:
             return {"status": "fail", "reason": "the checks before this one launched no Triton binary",
                     "table": where}

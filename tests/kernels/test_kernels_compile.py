@@ -198,12 +198,12 @@ _REBUILD_KEY = """
 import json, triton
 from triton.compiler import ASTSource
 from fastcontrast.kernels import aot
-from fastcontrast.tools import gpu_check
+from fastcontrast.tools import binaries
 variant = next(v for v in aot.variants(archs=["sm_80"], dtypes=["bf16"], dims=[48]) if v.name == "gradient_kernel")
 source = ASTSource(fn=variant.kernel, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs)
 compiled = triton.compile(source, target=aot.target_of("sm_80"), options=variant.options.__dict__)
 compiled.n_regs, compiled.n_spills = -1, 0  # the driver sets these when a GPU loads the binary
-print(json.dumps({"digest": variant.digest(), "record": gpu_check.binary_record(variant.kernel, compiled, "sm_80")}))
+print(json.dumps({"digest": variant.digest(), "record": binaries.binary_record(variant.kernel, compiled, "sm_80")}))
 """
 
 

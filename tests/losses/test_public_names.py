@@ -109,3 +109,24 @@ def test_the_integrations_patch_in_the_public_classes():
 def test_the_cached_step_is_public_at_the_top_and_in_its_module():
     assert resolve("fastcontrast.GradCache") is resolve("fastcontrast.cached.GradCache")
     assert resolve("fastcontrast.PartialGradientError") is resolve("fastcontrast.cached.PartialGradientError")
+
+
+def test_the_reference_imports_nothing_it_checks():
+    # The ground truth must not share code with what it checks: it imports torch and its own modules only.
+    import ast
+    import pathlib
+
+    import fastcontrast.reference
+
+    folder = pathlib.Path(fastcontrast.reference.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith("fastcontrast") or module.startswith("fastcontrast.reference"), (
+                    f"{path.name} imports {module}")

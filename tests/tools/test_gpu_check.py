@@ -9,7 +9,7 @@ import pytest
 import torch
 from ops.simulated_gpu import simulate_gpu
 
-from fastcontrast.tools import check, gpu_check
+from fastcontrast.tools import binaries, check, gpu_check
 
 ROW = {"key": "0123456789abcdef", "kernel": "gradient_kernel", "arch": "sm_90", "dtype": "bf16", "precision": "ieee",
        "constexprs": "HAS_POSITIVES", "block": "128x64x64", "warps": 8, "stages": 3, "registers": 168,
@@ -17,7 +17,7 @@ ROW = {"key": "0123456789abcdef", "kernel": "gradient_kernel", "arch": "sm_90", 
 
 
 def _binary(**changes) -> dict:
-    """A launched binary as gpu_check.binary_record makes it, identical to ROW unless changed."""
+    """A launched binary as binaries.binary_record makes it, identical to ROW unless changed."""
     binary = {"kernel": ROW["kernel"], "key": ROW["key"], "constexprs": ROW["constexprs"], "block": ROW["block"],
               "warps": ROW["warps"], "stages": ROW["stages"], "registers": ROW["registers"], "spills": 0,
               "shared": ROW["shared"]}
@@ -26,59 +26,59 @@ def _binary(**changes) -> dict:
 
 
 def test_binaries_identical_to_the_table_pass():
-    result = gpu_check.compare_with_table([_binary()], [ROW], "sm_90")
+    result = binaries.compare_with_table([_binary()], [ROW], "sm_90")
     assert result["status"] == "ok", result
     assert result["binaries"] == 1
 
 
 @pytest.mark.parametrize("field, value", [("registers", 170), ("shared", 65536)])
 def test_a_binary_whose_registers_or_shared_memory_differ_from_the_table_fails(field, value):
-    result = gpu_check.compare_with_table([_binary(**{field: value})], [ROW], "sm_90")
+    result = binaries.compare_with_table([_binary(**{field: value})], [ROW], "sm_90")
     assert result["status"] == "fail", f"{field} {value} against the table's {ROW[field]} passed: {result}"
     [difference] = result["differing_from_table"]
     assert difference[field] == value and difference[f"table_{field}"] == [ROW[field]], difference
 
 
 def test_a_spilling_binary_fails_even_when_it_matches_the_table():
-    result = gpu_check.compare_with_table([_binary(spills=16)], [ROW], "sm_90")
+    result = binaries.compare_with_table([_binary(spills=16)], [ROW], "sm_90")
     assert result["status"] == "fail" and result["spilling"], result
 
 
 def test_a_binary_the_table_does_not_hold_fails():
     other_tile = _binary(key="fedcba9876543210", block="64x64x64")
-    result = gpu_check.compare_with_table([other_tile], [ROW], "sm_90")
+    result = binaries.compare_with_table([other_tile], [ROW], "sm_90")
     assert result["status"] == "fail" and result["not_in_table"][0]["block"] == "64x64x64", result
 
 
 def test_rows_of_another_architecture_do_not_vouch_for_a_binary():
-    result = gpu_check.compare_with_table([_binary()], [ROW], "sm_80")
+    result = binaries.compare_with_table([_binary()], [ROW], "sm_80")
     assert result["status"] == "fail" and result["not_in_table"], result
 
 
 def test_a_binary_without_a_rebuilt_key_is_matched_by_kernel_flags_and_tile():
-    matched = gpu_check.compare_with_table([_binary(key=None)], [ROW], "sm_90")
+    matched = binaries.compare_with_table([_binary(key=None)], [ROW], "sm_90")
     assert matched["status"] == "ok", matched
-    differing = gpu_check.compare_with_table([_binary(key=None, registers=200)], [ROW], "sm_90")
+    differing = binaries.compare_with_table([_binary(key=None, registers=200)], [ROW], "sm_90")
     assert differing["status"] == "fail" and differing["differing_from_table"], differing
 
 
 def test_the_compile_table_is_found_where_the_package_is_installed():
-    document, where = gpu_check.load_table()
+    document, where = binaries.load_table()
     # kernels/ in a checkout (editable install), fastcontrast/kernels/ in an installed wheel.
     assert where.replace("\\", "/").endswith("kernels/compile_table.json"), where
     assert document["rows"] and {"key", "arch", "registers", "shared"} <= set(document["rows"][0])
 
 
 def test_a_missing_compile_table_is_an_error_not_a_silent_not_found(monkeypatch, tmp_path):
-    monkeypatch.setattr(gpu_check, "TABLE_RESOURCE", ("fastcontrast.kernels", "no_such_table.json"))
+    monkeypatch.setattr(binaries, "TABLE_RESOURCE", ("fastcontrast.kernels", "no_such_table.json"))
     with pytest.raises(FileNotFoundError, match="not installed"):
-        gpu_check.load_table()
+        binaries.load_table()
     with pytest.raises(FileNotFoundError):
-        gpu_check.load_table(str(tmp_path / "missing.json"))
+        binaries.load_table(str(tmp_path / "missing.json"))
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="no rows"):
-        gpu_check.load_table(str(empty))
+        binaries.load_table(str(empty))
 
 
 def test_the_binaries_check_reports_a_missing_table_as_a_failure(tmp_path):
@@ -151,3 +151,17 @@ def test_the_host_sync_section_runs_every_loss_per_dtype_and_fails_on_a_sync(mon
     gpu_check.check_host_syncs(report, torch.device("cpu"))
     records = [r for r in report.records if r["check"].startswith("no host sync per step")]
     assert all(r["status"] == "fail" and r["syncs"] for r in records), records
+
+
+def test_every_kernel_of_the_compile_table_is_looked_up_among_the_launched_binaries():
+    # launched_binaries reads the in-memory cache of each jit kernel of binaries.KERNEL_MODULES: a kernel that
+    # moved to another module would otherwise never be compared with the table on a GPU.
+    import importlib
+
+    document, _ = binaries.load_table()
+    in_table = {row["kernel"] for row in document["rows"]}
+    looked_up = set()
+    for module_name in binaries.KERNEL_MODULES:
+        module = importlib.import_module(f"fastcontrast.kernels.{module_name}")
+        looked_up |= {name for name in dir(module) if name.endswith("_kernel")}
+    assert in_table <= looked_up, f"kernels in the table that gpu-check never looks up: {sorted(in_table - looked_up)}"
