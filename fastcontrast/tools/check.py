@@ -21,8 +21,10 @@ DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp1
 # Awkward sizes: a single-row edge, rows not dividing any block, d not a power of two.
 SHAPES = ((1, 8), (37, 64), (130, 257))
 # Every loss family: the two-tower losses (CLIP, SigLIP, distillation, CoCa's contrastive part), the
-# single-tower ones (NT-Xent, DCL, DCLW, SupCon) and the memory bank.
-LOSSES = ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "distill", "coca", "supcon")
+# single-tower ones (NT-Xent, DCL, DCLW, SupCon), the memory bank, and sentence-transformers' MNRL (every
+# direction, one hard negative per query).
+LOSSES = ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "distill", "coca", "supcon", "mnrl")
+MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 SMALL_CHUNK = 4096  # bytes: forces the torch engine through many chunks even at these sizes
 BANK_SIZE = 50
 DISTILL_SCALE = 20.0  # the teacher's exponentiated logit scale
@@ -31,8 +33,12 @@ COCA_WEIGHTS = {"caption_loss_weight": 2.0, "clip_loss_weight": 1.0}
 
 def shapes_for(loss: str) -> tuple:
     """The (n, d) a loss is checked at: DCL takes the positive out of the denominator, so one pair (2 rows)
-    leaves a row no candidate at all (LSE of nothing: −inf in lightly too); its edge case is 2 pairs."""
-    return tuple(((2, d) if n == 1 else (n, d)) for n, d in SHAPES) if loss in ("dcl", "dclw") else SHAPES
+    leaves a row no candidate at all (LSE of nothing: −inf in lightly too); its edge case is 2 pairs. MNRL's
+    single query over all four directions has two near-equal candidates whose gradients cancel to ~1e-5 of
+    their terms, below what a magnitude-relative tolerance can judge in fp32; its edge case is 2 queries."""
+    if loss in ("dcl", "dclw", "mnrl"):
+        return tuple(((2, d) if n == 1 else (n, d)) for n, d in SHAPES)
+    return SHAPES
 
 
 @dataclass
@@ -70,7 +76,9 @@ def _inputs(loss: str, n: int, d: int, dtype: torch.dtype, device: torch.device,
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=gen, dtype=torch.float64)
     b = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    if loss in ("clip", "siglip", "distill", "coca"):
+    if loss in ("clip", "siglip", "distill", "coca", "mnrl"):
+        # Unit rows, as the models hand them over (for MNRL's cos_sim, which normalises in the input dtype as
+        # sentence-transformers does, unit rows are also what keeps that step from adding a rounding).
         a = torch.nn.functional.normalize(a, dim=1)
         b = torch.nn.functional.normalize(b + a, dim=1)  # correlated pairs, like a trained model's
     # Round once to the dtype under test; the reference then works exactly on these values.
@@ -93,6 +101,9 @@ def _inputs(loss: str, n: int, d: int, dtype: torch.dtype, device: torch.device,
         extras["labels"] = torch.randint(0, 11, (n, 5), generator=gen).to(device)
     elif loss == "supcon":
         extras["labels"] = (torch.arange(n) % 3).to(device)
+    elif loss == "mnrl":
+        negative = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+        extras["negative"] = negative.to(dtype).to(device)
     return a, b, scale, bias, extras
 
 
@@ -109,6 +120,8 @@ def _run(loss: str, a, b, scale, bias, extras: dict, **kwargs):
     leaves = {"a": a}
     if loss != "supcon":  # SupCon takes one tower
         leaves["b"] = b = b.detach().clone().requires_grad_(True)
+    if loss == "mnrl":
+        leaves["negative"] = extras["negative"].detach().clone().requires_grad_(True)
     scalar_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     if scale is not None:
         leaves["scale"] = torch.tensor(scale, dtype=scalar_dtype, device=a.device, requires_grad=True)
@@ -135,6 +148,10 @@ def _run(loss: str, a, b, scale, bias, extras: dict, **kwargs):
             value = (COCA_WEIGHTS["clip_loss_weight"] * reference.clip_loss_reference(a, b, leaves["scale"])
                      + COCA_WEIGHTS["caption_loss_weight"]
                      * reference.caption_loss_reference(leaves["logits"], extras["labels"]))
+        elif loss == "mnrl":
+            from fastcontrast.losses.mnrl import cos_sim
+
+            value = reference.mnrl_loss_reference(a, a, [b, leaves["negative"]], 20.0, cos_sim, MNRL_DIRECTIONS)
         else:
             value = reference.supcon_loss_reference(a, extras["labels"], 0.1)
     elif loss == "clip":
@@ -154,6 +171,9 @@ def _run(loss: str, a, b, scale, bias, extras: dict, **kwargs):
     elif loss == "coca":
         coca = fastcontrast.CoCaLoss(**COCA_WEIGHTS, **kwargs)
         value = sum(coca(a, b, leaves["logits"], extras["labels"], leaves["scale"]))
+    elif loss == "mnrl":
+        value = functional.multiple_negatives_ranking_loss([a, b, leaves["negative"]], 20.0,
+                                                           directions=MNRL_DIRECTIONS, **kwargs)
     else:
         value = functional.supcon_loss(a, extras["labels"], temperature=0.1, **kwargs)
     grads = torch.autograd.grad(value, list(leaves.values()))
@@ -180,6 +200,10 @@ def check_one(loss: str, backend: Backend, dtype: torch.dtype, n: int, d: int, d
     """Compare one (loss, backend, dtype, shape) with the float64 reference."""
     a, b, scale, bias, extras = _inputs(loss, n, d, dtype, device, seed=n * 1000 + d)
     atol, rtol = TOLERANCES[dtype]
+    if loss == "mnrl" and dtype in (torch.float16, torch.bfloat16):
+        # cos_sim normalises in the input dtype, as sentence-transformers does: one more rounding of the
+        # features than the fp64 reference sees, amplified by the scale (20), so twice the usual tolerance.
+        atol, rtol = 2 * atol, 2 * rtol
     row = {"loss": loss, "backend": backend.label, "dtype": DTYPE_NAMES[dtype], "shape": f"{n}×{d}",
            "errors": {}, "worst": None, "ratio": None, "passed": False, "error": None}
     try:
@@ -192,11 +216,13 @@ def check_one(loss: str, backend: Backend, dtype: torch.dtype, n: int, d: int, d
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row
     names = {"a": "grad image", "b": "grad text", "scale": "grad scale", "bias": "grad bias",
-             "logits": "grad caption logits"}
+             "logits": "grad caption logits", "negative": "grad hard negative"}
     if loss in ("nt_xent", "memory_bank", "dcl", "dclw"):
         names.update(a="grad out0", b="grad out1")
     elif loss == "supcon":
         names.update(a="grad embeddings")
+    elif loss == "mnrl":
+        names.update(a="grad queries", b="grad positives")
     row["errors"]["loss"] = _error_ratio(value, ref_value, atol, rtol)
     for key, ref in ref_grads.items():
         row["errors"][names[key]] = _error_ratio(grads.get(key), ref, atol, rtol)

@@ -60,7 +60,7 @@ def test_check_cli_passes_on_this_machine():
     assert "FAIL" not in proc.stdout
     assert "passed" in proc.stdout
     checked = {line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")}
-    for loss in ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "distill", "coca", "supcon"):
+    for loss in ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "distill", "coca", "supcon", "mnrl"):
         assert loss in checked, f"check does not cover {loss}: {sorted(checked)}"
 
 
