@@ -20,6 +20,23 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+_INTERPRETER_SETTING = os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_setting_is_left_as_found():
+    """Every later test runs the kernels in the interpreter, which reads TRITON_INTERPRET on each call: a test
+    (or a fixture it uses) that drops or changes it fails here, by name, instead of a hundred tests later."""
+    yield
+    found = os.environ.get("TRITON_INTERPRET")
+    if found != _INTERPRETER_SETTING:
+        if _INTERPRETER_SETTING is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _INTERPRETER_SETTING
+        pytest.fail(f"TRITON_INTERPRET was {_INTERPRETER_SETTING!r} before this test and {found!r} after it")
+
+
 @pytest.fixture(autouse=True)
 def nan_filled_empty(request, monkeypatch):
     """In the interpreter tests every new float buffer starts as NaN (as fla's tests do), so an output

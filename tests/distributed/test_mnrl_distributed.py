@@ -150,9 +150,15 @@ def _free_port():
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("mnrl_dist")
-    os.environ.pop("TRITON_INTERPRET", None)  # torch engine only; the children never import triton
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
+    # The children run the torch engine only and never import triton. The variable is restored at once: the
+    # rest of the session runs the kernels in the interpreter, which reads it on every call.
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False,
+                                     start_method="spawn")
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not context.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
