@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 @dataclass
@@ -38,20 +38,39 @@ class Launch:
 
 
 @contextlib.contextmanager
-def recorded_launches() -> Iterator[list[Launch]]:
+def recorded_launches(keep: Optional[Callable[[Launch], Launch]] = None) -> Iterator[list[Launch]]:
     """Within the block, every ``kernel[grid](...)`` appends a :class:`Launch` to the yielded list instead of
     running (with and without ``TRITON_INTERPRET=1``, triton 3.2 and newer: ``kernel[grid]`` is the one
-    launch syntax every version shares)."""
+    launch syntax every version shares).
+
+    ``keep``, if given, maps each record to what the list keeps of it: a record holds its launch's tensors, so
+    at real sizes (thousands of launches, each with its own split-K slab) the list would otherwise hold them
+    all; :func:`without_storage` keeps their shapes alone."""
     launches: list[Launch] = []
 
     def index(self, grid):
         def record(*args, **kwargs):
-            launches.append(Launch(self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs))
+            launch = Launch(self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs)
+            launches.append(launch if keep is None else keep(launch))
 
         return record
 
     with patched_launch_index(index):
         yield launches
+
+
+def without_storage(launch: Launch) -> Launch:
+    """``launch`` with every tensor argument replaced by a meta-device tensor of the same shape, strides and
+    dtype: what a record needs for shapes and bytes, without keeping the launch's memory alive."""
+    import torch
+
+    def twin(value):
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return value
+
+    return Launch(launch.kernel, launch.grid, tuple(twin(a) for a in launch.args),
+                  {name: twin(value) for name, value in launch.kwargs.items()})
 
 
 def kernel_classes() -> list:

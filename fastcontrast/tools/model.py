@@ -295,17 +295,24 @@ def count_launch(launch):
 def count_loss(loss: str, d: int, n: int) -> tuple[list, int]:
     """The launches of one loss's forward + backward with their counted work, and its torch ops' bytes."""
     from fastcontrast.kernels.configs import assume_target
-    from fastcontrast.kernels.launches import recorded_launches
+    from fastcontrast.kernels.launches import recorded_launches, without_storage
 
     a, b = _inputs(loss, n, d)
     glue = _TrafficCounter()
-    with assume_target(("cuda", 90)), recorded_launches() as launches, glue.mode:
-        _run_loss(loss, a, b, "triton")
-    counted: dict = {}
-    for launch in launches:
+    first: dict = {}  # the first launch of each kind, with its tensors: program 0 is counted on them
+
+    def keep(launch):
+        # Every later launch of a kind keeps only its shapes: at N = 65,536 the records of thousands of panel
+        # launches would otherwise hold every split-K slab (tens of GB).
         key = _launch_key(launch)
-        if key not in counted:
-            counted[key] = count_launch(launch)
+        if key in first:
+            return without_storage(launch)
+        first[key] = launch
+        return launch
+
+    with assume_target(("cuda", 90)), recorded_launches(keep) as launches, glue.mode:
+        _run_loss(loss, a, b, "triton")
+    counted = {key: count_launch(launch) for key, launch in first.items()}
     return [(launch, counted[_launch_key(launch)]) for launch in launches], glue.bytes
 
 
