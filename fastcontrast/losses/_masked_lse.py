@@ -1,27 +1,47 @@
-"""Row log-sum-exp of S = s·A·Bᵀ with entries left out by a second, "guide" similarity: the torch-engine path.
+"""Row log-sum-exp of S = s·A·Bᵀ with entries left out by a similarity rule: the torch-engine path.
 
-Some losses leave out candidates by a rule on another similarity than the one they reduce: GISTEmbed drops
-column j of row i when the guide model rates it above the positive (Gᵢⱼ > tᵢ, G = A_g·B_gᵀ); false-negative
-masking drops it when the model's own detached similarity does. The core's engines know structural masks
-only (an excluded diagonal, a positive), so this module computes such a mask in the tile: each chunk of rows
-forms the model's tile S and the guide's tile G beside each other, masks, and reduces; the backward recomputes
-both. Memory is one chunk of S and G (``chunk_bytes`` of logits, as the blockwise engine), never N×N.
+Some losses leave out candidates by a rule the core's engines do not know (they know structural masks only: an
+excluded diagonal, a positive), so this module computes the mask in the tile, beside the logits, and reduces;
+the backward recomputes both. Two rules:
 
-The mask has no gradient (it is a comparison); gradients reach A and B only, the scale being a constant.
+- a second, "guide" similarity (:func:`guide_masked_lse`): GISTEmbed drops column j of row i when the guide
+  model rates it above the row's threshold (Gᵢⱼ > tᵢ, G = A_g·B_gᵀ); MNRL's ``false_negative_margin`` passes
+  the model's own detached features as the guide;
+- the model's own similarity against its positive (:func:`false_negative_lse`, ``false_negative_margin`` of
+  CLIP and NT-Xent): column j ≠ p(i) is dropped when simᵢⱼ > simᵢ,ₚ₍ᵢ₎ + margin, sim = A·Bᵀ before the scale,
+  with simᵢ,ₚ₍ᵢ₎ read from the same tile. One product per tile serves the logits and the mask.
+
+Memory is one chunk of tiles (``chunk_bytes`` of logits, as the blockwise engine), never N×N. The mask has no
+gradient (it is a selection); gradients reach A, B and a tensor scale.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
+from fastcontrast.autograd import _autocast_off
 from fastcontrast.blockwise import DEFAULT_CHUNK_BYTES
 from fastcontrast.engine import compute_dtype
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """What one call masks besides the structural diagonals. Given guides: the guide's similarity against the
+    threshold; no guides, a threshold: the model's own similarity against it; neither: the model's own
+    similarity against its positive's plus ``margin`` (``protect_offset`` then names the positive)."""
+
+    protect_offset: Optional[int]
+    exclude_offset: Optional[int]
+    margin: Optional[float]
+    need_argmax: bool
+    budget: int
+
+
 def _row_chunks(n: int, m: int, chunk_bytes: int, itemsize: int):
-    # Two tiles (S and G) live at once, so each gets half the budget.
+    # Two tiles (S and G, or S and its mask's comparison) live at once, so each gets half the budget.
     rows = max(1, chunk_bytes // max(1, 2 * m * itemsize))
     for start in range(0, n, rows):
         yield start, min(n, start + rows)
@@ -51,75 +71,163 @@ def _guide_mask(a_guide, b_guide, threshold, start, stop, budget):
     return mask
 
 
-def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset, exclude_offset, budget):
-    """S[start:stop] with the entries the guide rates above the row's threshold (and the excluded diagonal) set
-    to −inf, the protected diagonal kept (compute dtype)."""
+def _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, rule: _Rule):
+    """(logits, argmax): S[start:stop] = scale·A·Bᵀ (compute dtype) with the dropped entries and the excluded
+    diagonal set to −inf and the protected diagonal kept; the rows' argmax of the unmasked similarity, or None."""
     cdt = compute_dtype(a.dtype)
-    logits = (a[start:stop].to(cdt) @ b.to(cdt).T) * scale
-    mask = _guide_mask(a_guide, b_guide, threshold, start, stop, budget)
+    sim = a[start:stop].to(cdt) @ b.to(cdt).T  # [rows, d] @ [d, m] -> [rows, m], before the scale
     rows = torch.arange(stop - start, device=a.device)
+    if a_guide is not None:
+        dropped = _guide_mask(a_guide, b_guide, threshold, start, stop, rule.budget)
+    elif threshold is not None:
+        dropped = sim > threshold[start:stop].to(cdt).unsqueeze(1)
+    else:
+        # The positive's similarity from this very tile: a column equal to the positive ties with it exactly,
+        # and no entry needs a second product.
+        positive = sim[rows, rows + (start + rule.protect_offset)]
+        dropped = sim > (positive + rule.margin).unsqueeze(1)
+    argmax = sim.argmax(dim=1) if rule.need_argmax else None
     # Values as device tensors: a Python bool would be copied from the host on every chunk.
-    if protect_offset is not None:
-        mask.index_put_((rows, rows + start + protect_offset), torch.zeros_like(rows, dtype=torch.bool))
-    if exclude_offset is not None:
-        mask.index_put_((rows, rows + start + exclude_offset), torch.ones_like(rows, dtype=torch.bool))
-    return logits.masked_fill_(mask, float("-inf"))
+    if rule.protect_offset is not None:
+        dropped.index_put_((rows, rows + start + rule.protect_offset), torch.zeros_like(rows, dtype=torch.bool))
+    if rule.exclude_offset is not None:
+        dropped.index_put_((rows, rows + start + rule.exclude_offset), torch.ones_like(rows, dtype=torch.bool))
+    return sim.mul_(scale).masked_fill_(dropped, float("-inf")), argmax
 
 
-class GuideMaskedLogSumExp(torch.autograd.Function):
-    """``apply(a, b, a_guide, b_guide, threshold, scale, protect_offset, exclude_offset, chunk_bytes)`` → lse [n].
+def _scale_value(scale: Union[float, torch.Tensor], cdt: torch.dtype):
+    return scale.detach().to(cdt) if isinstance(scale, torch.Tensor) else scale
 
-    a: [n, d], b: [m, d] (the model's rows and columns); a_guide: [n, d_g], b_guide: [m, d_g] (the guide's,
-    no gradient); threshold: [n]; scale: Python float; protect_offset: column ``i + protect_offset`` of row i is
-    never masked (the positive), or None; ``exclude_offset``: column ``i + exclude_offset`` of row i is always
-    masked (self-similarity), or None; chunk_bytes: bytes of one chunk of logits, or None for the
-    blockwise engine's default. lseᵢ = log Σⱼ exp(s·aᵢ·bⱼ) over the j with a_guideᵢ·b_guideⱼ ≤ thresholdᵢ (or
-    j = i + protect_offset); −inf where every column is masked. fp32 (fp64 for fp64 inputs).
+
+class MaskedLogSumExp(torch.autograd.Function):
+    """``apply(a, b, scale, a_guide, b_guide, threshold, rule)`` → ``(lse [n], positives [n], argmax [n])``.
+
+    a: [n, d], b: [m, d] (the model's rows and columns); scale: Python float or 0-dim tensor (then it gets a
+    gradient); a_guide: [n, d_g], b_guide: [m, d_g] or both None (the model's own similarity is the guide);
+    threshold: [n] or None (the positive's similarity + ``rule.margin``); none of them gets a gradient;
+    ``rule``: a :class:`_Rule`. lseᵢ = log Σⱼ exp(s·aᵢ·bⱼ) over the columns the rule
+    keeps (−inf where it keeps none); positivesᵢ = s·aᵢ·b₍ᵢ₊protect_offset₎ out of the same tiles, its gradient
+    folded into the tile's dS as in the core (empty without ``protect_offset``); argmax: each row's argmax of
+    the unmasked similarity (lowest index on ties; empty unless ``rule.need_argmax``). fp32 (fp64 for fp64).
     """
 
     @staticmethod
-    def forward(ctx, a, b, a_guide, b_guide, threshold, scale: float, protect_offset: Optional[int],
-                exclude_offset: Optional[int], chunk_bytes: Optional[int]):
-        budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-        cdt = compute_dtype(a.dtype)
-        lse = torch.empty(a.shape[0], dtype=cdt, device=a.device)
-        with torch.no_grad():
-            for start, stop in _row_chunks(a.shape[0], b.shape[0], budget, torch.finfo(cdt).bits // 8):
-                tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset,
-                                    exclude_offset, budget)
+    def forward(ctx, a, b, scale, a_guide, b_guide, threshold, rule: _Rule):
+        n, cdt = a.shape[0], compute_dtype(a.dtype)
+        has_positive = rule.protect_offset is not None
+        lse = torch.empty(n, dtype=cdt, device=a.device)
+        positives = torch.empty(n if has_positive else 0, dtype=cdt, device=a.device)
+        argmax = torch.empty(n if rule.need_argmax else 0, dtype=torch.int64, device=a.device)
+        s = _scale_value(scale, cdt)
+        with torch.no_grad(), _autocast_off(a.device.type):
+            for start, stop in _row_chunks(n, b.shape[0], rule.budget, torch.finfo(cdt).bits // 8):
+                tile, row_argmax = _masked_tile(a, b, a_guide, b_guide, threshold, s, start, stop, rule)
                 lse[start:stop] = torch.logsumexp(tile, dim=1)
-        ctx.options = (scale, protect_offset, exclude_offset, budget)
-        ctx.save_for_backward(a, b, a_guide, b_guide, threshold, lse)
-        return lse
+                if has_positive:
+                    rows = torch.arange(stop - start, device=a.device)
+                    positives[start:stop] = tile[rows, rows + start + rule.protect_offset]
+                if row_argmax is not None:
+                    argmax[start:stop] = row_argmax
+        ctx.set_materialize_grads(False)
+        ctx.rule = rule
+        ctx.scale = None if isinstance(scale, torch.Tensor) else scale
+        ctx.save_for_backward(a, b, scale if isinstance(scale, torch.Tensor) else None, a_guide, b_guide,
+                              threshold, lse)
+        ctx.mark_non_differentiable(argmax)
+        return lse, positives, argmax
 
     @staticmethod
-    def backward(ctx, grad_lse):
-        a, b, a_guide, b_guide, threshold, lse = ctx.saved_tensors
-        scale, protect_offset, exclude_offset, budget = ctx.options
-        need_a, need_b = ctx.needs_input_grad[:2]
+    def backward(ctx, grad_lse, grad_positives, _grad_argmax):
+        a, b, scale_tensor, a_guide, b_guide, threshold, lse = ctx.saved_tensors
+        rule = ctx.rule
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        none = (None,) * 4  # guides, threshold and rule take no gradient
+        if grad_lse is None and grad_positives is None:
+            return (None, None, None) + none
         cdt = lse.dtype
-        grad_a = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a else None
+        scale = ctx.scale if scale_tensor is None else scale_tensor
+        s = _scale_value(scale, cdt)
+        # dS = s·(g·softmax + g_p·onehot(positive)); unscaled here, the factor s applied once at the end.
+        grad_a = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a or need_scale else None
         grad_b = torch.zeros(b.shape, dtype=cdt, device=b.device) if need_b else None
-        with torch.no_grad():
-            for start, stop in _row_chunks(a.shape[0], b.shape[0], budget, torch.finfo(cdt).bits // 8):
-                tile = _masked_tile(a, b, a_guide, b_guide, threshold, scale, start, stop, protect_offset,
-                                    exclude_offset, budget)
-                # dS = g·softmax; a fully masked row (lse = −inf) has no softmax and passes no gradient.
-                row_lse = lse[start:stop].unsqueeze(1)
-                probabilities = torch.exp(tile - row_lse).nan_to_num_(0.0)
-                grad_tile = probabilities.mul_(grad_lse[start:stop].to(cdt).unsqueeze(1) * scale)
-                if need_a:
-                    grad_a[start:stop] = grad_tile @ b.to(cdt)
-                if need_b:
-                    grad_b += grad_tile.T @ a[start:stop].to(cdt)
-        return (grad_a.to(a.dtype) if need_a else None, grad_b.to(b.dtype) if need_b else None,
-                None, None, None, None, None, None, None)
+        with torch.no_grad(), _autocast_off(a.device.type):
+            for start, stop in _row_chunks(a.shape[0], b.shape[0], rule.budget, torch.finfo(cdt).bits // 8):
+                tile, _ = _masked_tile(a, b, a_guide, b_guide, threshold, s, start, stop, rule)
+                if grad_lse is not None:
+                    # A fully masked row (lse = −inf) has no softmax and passes no gradient.
+                    grad_tile = torch.exp(tile - lse[start:stop].unsqueeze(1)).nan_to_num_(0.0)
+                    grad_tile.mul_(grad_lse[start:stop].to(cdt).unsqueeze(1))
+                else:
+                    grad_tile = torch.zeros_like(tile)
+                if grad_positives is not None:
+                    # Formed here in fp32, before any rounding: near convergence g·p + g_p (g_p = −g for
+                    # lse − positive) is a difference of two numbers near g, which keeps its digits only this
+                    # way (as in the core).
+                    rows = torch.arange(stop - start, device=a.device)
+                    grad_tile.index_put_((rows, rows + start + rule.protect_offset),
+                                         grad_positives[start:stop].to(cdt), accumulate=True)
+                if grad_a is not None:
+                    grad_a[start:stop] = grad_tile @ b.to(cdt)  # [rows, m] @ [m, d] -> [rows, d]
+                if grad_b is not None:
+                    grad_b += grad_tile.T @ a[start:stop].to(cdt)  # [m, rows] @ [rows, d] -> [m, d]
+        grad_scale = None
+        if need_scale:
+            # ds = Σ dS_unscaled ⊙ sim = ⟨A, dS_unscaled·B⟩: no extra pass over the tiles.
+            grad_scale = torch.dot(a.to(cdt).reshape(-1), grad_a.reshape(-1)).to(scale_tensor.dtype)
+            grad_scale = grad_scale.reshape(scale_tensor.shape)
+        grad_a = (grad_a * s).to(a.dtype) if need_a else None
+        grad_b = (grad_b * s).to(b.dtype) if need_b else None
+        return (grad_a, grad_b, grad_scale) + none
+
+
+def _budget(chunk_bytes: Optional[int]) -> int:
+    return DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
 
 def guide_masked_lse(a: torch.Tensor, b: torch.Tensor, a_guide: torch.Tensor, b_guide: torch.Tensor,
                      threshold: torch.Tensor, scale: float, *, protect_offset: Optional[int] = None,
                      exclude_offset: Optional[int] = None, chunk_bytes: Optional[int] = None) -> torch.Tensor:
-    """Row LSE of scale·A·Bᵀ over the columns the guide does not rate above ``threshold`` (see
-    :class:`GuideMaskedLogSumExp`); the guide operands and the threshold are detached."""
-    return GuideMaskedLogSumExp.apply(a, b, a_guide.detach(), b_guide.detach(), threshold.detach(), float(scale),
-                                      protect_offset, exclude_offset, chunk_bytes)
+    """Row LSE [n] of scale·A·Bᵀ over the columns whose guide similarity a_guideᵢ·b_guideⱼ is ≤ thresholdᵢ.
+
+    a: [n, d], b: [m, d]; a_guide: [n, d_g], b_guide: [m, d_g], threshold: [n] (all detached); scale: a
+    Python float (a constant); column ``i + protect_offset`` of row i is never masked (the positive) and
+    column ``i + exclude_offset`` always is (self-similarity), each when not None; chunk_bytes: bytes of one
+    chunk of logits (None: the blockwise engine's default). −inf where every column is masked; fp32 (fp64
+    for fp64 inputs).
+    """
+    rule = _Rule(protect_offset, exclude_offset, None, False, _budget(chunk_bytes))
+    lse, _, _ = MaskedLogSumExp.apply(a, b, float(scale), a_guide.detach(), b_guide.detach(), threshold.detach(),
+                                      rule)
+    return lse
+
+
+def false_negative_lse(a: torch.Tensor, b: torch.Tensor, scale: Union[float, torch.Tensor], margin: float, *,
+                       positive_offset: int, exclude_offset: Optional[int] = None,
+                       chunk_bytes: Optional[int] = None, need_argmax: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row LSE of scale·A·Bᵀ without the likely false negatives, and the positive logits.
+
+    Row i's positive is column p(i) = i + ``positive_offset``; column j ≠ p(i) is left out when
+    aᵢ·bⱼ > aᵢ·b₍ₚ₍ᵢ₎₎ + ``margin`` (the similarity before the scale, so the rule does not move with it),
+    and column ``i + exclude_offset`` always (self-similarity), when not None. The positive is never left out.
+
+    Args:
+        a: [n, d] rows, b: [m, d] columns (fp16, bf16, fp32 or fp64; same dtype).
+        scale: a Python float, or a 0-dim tensor that then gets a gradient (CLIP's ``logit_scale``).
+        margin: a finite float, negative allowed.
+    Returns:
+        ``(lse [n], positives [n], argmax [n])``: fp32 (fp64 for fp64) LSE and positive logits s·aᵢ·b₍ₚ₍ᵢ₎₎,
+        both differentiable; argmax of each row's unmasked similarity (int64, empty unless ``need_argmax``).
+    """
+    rule = _Rule(positive_offset, exclude_offset, float(margin), need_argmax, _budget(chunk_bytes))
+    return MaskedLogSumExp.apply(a, b, scale, None, None, None, rule)
+
+
+def threshold_masked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, threshold: torch.Tensor, *,
+                         chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """Row LSE [n] of scale·A·Bᵀ over the columns j with aᵢ·bⱼ ≤ thresholdᵢ (the similarity before the scale;
+    −inf where none is left): the false-negative rule when the positive is not among the columns (a memory
+    bank). a: [n, d], b: [m, d]; threshold: [n] (detached); scale: a Python float. fp32 (fp64 for fp64)."""
+    rule = _Rule(None, None, None, False, _budget(chunk_bytes))
+    lse, _, _ = MaskedLogSumExp.apply(a, b, float(scale), None, None, threshold.detach(), rule)
+    return lse

@@ -26,7 +26,6 @@ entries (positive, own hard negatives) are O(n·d) row dot products. Memory is O
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -41,6 +40,7 @@ from fastcontrast._validation import (
     cast_like_autocast,
     check_backend,
     check_chunk_bytes,
+    check_false_negative_margin,
     check_features,
     check_flags,
     check_pair,
@@ -120,19 +120,6 @@ def check_mnrl_options(scale: object, directions: object, partition_mode: object
     if hardness_strength < 0.0:
         raise ValueError(f"hardness_strength must be non-negative, got {hardness_strength}.")
     return directions
-
-
-def check_false_negative_margin(margin: object, backend: object) -> None:
-    """fastcontrast's ``false_negative_margin``: None (off) or a finite number; a torch-engine feature today."""
-    if margin is None:
-        return
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise TypeError(f"`false_negative_margin` must be None or a finite float, got {margin!r}.")
-    if backend == "triton":
-        raise ValueError(
-            "`false_negative_margin` masks candidates in the tile on the blockwise torch engine today: use "
-            "backend='torch' (or 'auto', which picks it for this option); the Triton kernels have no such mask yet."
-        )
 
 
 def _check_columns(embeddings: object) -> list[torch.Tensor]:
