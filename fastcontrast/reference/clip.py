@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastcontrast.reference._false_negatives import drop_false_negatives
 from fastcontrast.reference._types import Scale
 
 
@@ -34,6 +35,8 @@ def clip_loss_reference(
     text_features: torch.Tensor,
     logit_scale: Scale,
     logit_bias: Optional[Scale] = None,
+    *,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """open_clip 3.x ``ClipLoss`` (one process): ½[CE(s·I·Tᵀ + b, arange) + CE(s·T·Iᵀ + b, arange)].
 
@@ -41,6 +44,9 @@ def clip_loss_reference(
         image_features: [n, d]; text_features: [n, d]; both already normalised by the model.
         logit_scale: the *exponentiated* scale (open_clip passes ``logit_scale.exp()``), not clamped here.
         logit_bias: optional scalar added to every logit; it cannot change the value.
+        false_negative_margin: fastcontrast's option (open_clip has none): in each direction, row i leaves out
+            candidate j ≠ i when sim(i, j) > sim(i, i) + margin, sim = I·Tᵀ (T·Iᵀ for the text rows) before
+            the scale.
     Returns:
         0-dim loss in the logits' dtype.
     """
@@ -48,6 +54,11 @@ def clip_loss_reference(
         image_features, text_features, logit_scale, logit_bias
     )
     labels = torch.arange(logits_per_image.shape[0], device=image_features.device, dtype=torch.long)
+    if false_negative_margin is not None:
+        logits_per_image = drop_false_negatives(logits_per_image, image_features @ text_features.T, labels,
+                                                false_negative_margin)
+        logits_per_text = drop_false_negatives(logits_per_text, text_features @ image_features.T, labels,
+                                               false_negative_margin)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
@@ -60,6 +71,7 @@ def clip_loss_local_reference(
     logit_bias: Optional[Scale] = None,
     *,
     offset: int,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """open_clip 3.x ``ClipLoss`` with ``local_loss=True`` on one rank, given the gathered features.
 
@@ -69,6 +81,8 @@ def clip_loss_local_reference(
     Args:
         image_features, text_features: [n, d] this rank's features.
         all_image_features, all_text_features: [N, d] every rank's features in rank order.
+        false_negative_margin: as :func:`clip_loss_reference`, over the gathered candidates, each local row
+            against its own positive (column offset + i).
     Returns:
         0-dim loss: the mean over this rank's rows, in the logits' dtype.
     """
@@ -78,6 +92,11 @@ def clip_loss_local_reference(
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias
     labels = torch.arange(image_features.shape[0], device=image_features.device, dtype=torch.long) + offset
+    if false_negative_margin is not None:
+        logits_per_image = drop_false_negatives(logits_per_image, image_features @ all_text_features.T, labels,
+                                                false_negative_margin)
+        logits_per_text = drop_false_negatives(logits_per_text, text_features @ all_image_features.T, labels,
+                                               false_negative_margin)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 

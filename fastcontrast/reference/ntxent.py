@@ -5,8 +5,12 @@ Naive, full-matrix, in the input dtype: the original's math line for line (see :
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from fastcontrast.reference._false_negatives import drop_false_negatives
 
 
 def lightly_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -14,7 +18,8 @@ def lightly_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
-def nt_xent_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.5, *,
+                           false_negative_margin: Optional[float] = None) -> torch.Tensor:
     """lightly 1.6 ``NTXentLoss`` without memory bank, one process.
 
     Both views are normalised; each of the 2n rows is scored against the other 2n−1 rows, and the loss is
@@ -22,26 +27,20 @@ def nt_xent_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: 
 
     Args:
         out0, out1: [n, d] projections of two views of the same n images.
+        false_negative_margin: fastcontrast's option (lightly has none): row r leaves out candidate c ≠ its
+            positive when cos(z_r, z_c) > cos(z_r, z_positive) + margin.
     Returns:
         0-dim loss.
     """
-    batch_size = out0.shape[0]
     out0 = lightly_normalize(out0)
     out1 = lightly_normalize(out1)
-    diag_mask = torch.eye(batch_size, device=out0.device, dtype=torch.bool)
-    logits_00 = torch.einsum("nc,mc->nm", out0, out0) / temperature
-    logits_01 = torch.einsum("nc,mc->nm", out0, out1) / temperature
-    logits_10 = torch.einsum("nc,mc->nm", out1, out0) / temperature
-    logits_11 = torch.einsum("nc,mc->nm", out1, out1) / temperature
-    logits_00 = logits_00[~diag_mask].view(batch_size, -1)
-    logits_11 = logits_11[~diag_mask].view(batch_size, -1)
-    logits = torch.cat([torch.cat([logits_01, logits_00], dim=1), torch.cat([logits_10, logits_11], dim=1)], dim=0)
-    labels = torch.arange(batch_size, device=out0.device, dtype=torch.long).repeat(2)
-    return F.cross_entropy(logits, labels)
+    return nt_xent_loss_gathered_reference(out0, out1, out0, out1, temperature, offset=0,
+                                           false_negative_margin=false_negative_margin)
 
 
 def nt_xent_memory_bank_loss_reference(
-    out0: torch.Tensor, out1: torch.Tensor, bank: torch.Tensor, temperature: float = 0.5
+    out0: torch.Tensor, out1: torch.Tensor, bank: torch.Tensor, temperature: float = 0.5, *,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """lightly 1.6 ``NTXentLoss`` with a memory bank (MoCo-style), one process.
 
@@ -50,6 +49,8 @@ def nt_xent_memory_bank_loss_reference(
     Args:
         out0: [n, d] queries; out1: [n, d] keys (positives).
         bank: [K, d] negatives, read *before* this batch is enqueued; never receives a gradient.
+        false_negative_margin: fastcontrast's option (lightly has none): bank entry j is left out of query
+            i's row when q_i·bank_j > q_i·k_i + margin.
     Returns:
         0-dim loss.
     """
@@ -61,8 +62,10 @@ def nt_xent_memory_bank_loss_reference(
     # common dtype instead, which is what any working run of the original does (fp32).
     dtype = torch.promote_types(out0.dtype, negatives.dtype)
     sim_neg = torch.einsum("nc,ck->nk", out0.to(dtype), negatives.to(dtype))
-    logits = torch.cat([sim_pos.to(dtype), sim_neg], dim=1) / temperature
+    similarities = torch.cat([sim_pos.to(dtype), sim_neg], dim=1)
+    logits = similarities / temperature
     labels = torch.zeros(logits.shape[0], device=out0.device, dtype=torch.long)
+    logits = drop_false_negatives(logits, similarities, labels, false_negative_margin)
     return F.cross_entropy(logits, labels)
 
 
@@ -74,8 +77,10 @@ def nt_xent_loss_gathered_reference(
     temperature: float,
     *,
     offset: int,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
-    """lightly 1.6 ``NTXentLoss(gather_distributed=True)`` on one rank, given the gathered normalised views.
+    """lightly 1.6 ``NTXentLoss(gather_distributed=True)`` on one rank, given the gathered normalised views
+    (with the local views as the gathered ones and ``offset=0``: the one-process loss, lightly's same lines).
 
     Each local row is scored against both gathered views except itself (lightly's ``eye_rank`` mask, at
     column ``offset + i``); the positive of row i is at column ``offset + i`` of the other view.
@@ -84,6 +89,7 @@ def nt_xent_loss_gathered_reference(
         z0, z1: [n, d] this rank's views, already normalised (lightly normalises before gathering).
         z0_all, z1_all: [N, d] every rank's views in rank order (lightly's ``out0_large``, ``out1_large``).
         offset: this rank's first row in the gathered views (lightly's ``rank·n``).
+        false_negative_margin: as :func:`nt_xent_loss_reference`, over the gathered candidates.
     Returns:
         0-dim loss: the mean over this rank's 2n rows.
     """
@@ -91,16 +97,18 @@ def nt_xent_loss_gathered_reference(
     rows = torch.arange(batch_size, device=z0.device)
     diag_mask = torch.zeros((batch_size, z0_all.shape[0]), dtype=torch.bool, device=z0.device)
     diag_mask[rows, rows + offset] = True
-    logits_00 = torch.einsum("nc,mc->nm", z0, z0_all) / temperature
-    logits_01 = torch.einsum("nc,mc->nm", z0, z1_all) / temperature
-    logits_10 = torch.einsum("nc,mc->nm", z1, z0_all) / temperature
-    logits_11 = torch.einsum("nc,mc->nm", z1, z1_all) / temperature
-    logits_00 = logits_00[~diag_mask].view(batch_size, -1)
-    logits_11 = logits_11[~diag_mask].view(batch_size, -1)
-    logits_0100 = torch.cat([logits_01, logits_00], dim=1)
-    logits_1011 = torch.cat([logits_10, logits_11], dim=1)
-    logits = torch.cat([logits_0100, logits_1011], dim=0)
+
+    def lightly_layout(x00, x01, x10, x11):
+        x00 = x00[~diag_mask].view(batch_size, -1)
+        x11 = x11[~diag_mask].view(batch_size, -1)
+        return torch.cat([torch.cat([x01, x00], dim=1), torch.cat([x10, x11], dim=1)], dim=0)
+
+    similarities = (torch.einsum("nc,mc->nm", z0, z0_all), torch.einsum("nc,mc->nm", z0, z1_all),
+                    torch.einsum("nc,mc->nm", z1, z0_all), torch.einsum("nc,mc->nm", z1, z1_all))
+    logits = lightly_layout(*(x / temperature for x in similarities))
     labels = (rows + offset).repeat(2)
+    if false_negative_margin is not None:
+        logits = drop_false_negatives(logits, lightly_layout(*similarities), labels, false_negative_margin)
     return F.cross_entropy(logits, labels)
 
 
