@@ -17,12 +17,14 @@ from fastcontrast._validation import (
     check_backend,
     check_chunk_bytes,
     check_exchange,
+    check_false_negative_margin,
     check_flags,
     check_rank_world,
 )
 from fastcontrast.autograd import BlockwiseLogSumExp, keep_in_graph
 from fastcontrast.distributed import rank_mean
 from fastcontrast.losses._common import Scalar, two_towers_checked
+from fastcontrast.losses._masked_lse import false_negative_lse
 from fastcontrast.ring import Direction, Ring, RingLogSumExp
 
 
@@ -49,6 +51,7 @@ def clip_loss(
     chunk_bytes: Optional[int] = None,
     return_accuracy: bool = False,
     exchange: str = "gather",
+    false_negative_margin: Optional[float] = None,
 ):
     """open_clip's CLIP loss, blockwise: ½[mean(r − p) + mean(c − p)].
 
@@ -73,6 +76,15 @@ def clip_loss(
         exchange: across processes, ``"gather"`` (all-gather the features, open_clip's way) or ``"ring"``
             (:mod:`fastcontrast.ring`: the other tower's blocks travel, O(n·d) memory per rank; needs
             ``local_loss=True, gather_with_grad=True``, and gives the same loss and gradients).
+        false_negative_margin: fastcontrast's option (open_clip has none; None, the default, is off): leave out
+            likely false negatives, Qwen3-Embedding's rule ``sim > pos + margin``. With sim = I·Tᵀ, the
+            features' dot product before the scale (the cosine for open_clip's unit features; neither the
+            scale nor the bias moves the rule): image row i leaves out text j ≠ i when sim(i, j) > sim(i, i) +
+            margin, and text row j leaves out image i ≠ j when sim(i, j) > sim(j, j) + margin, each direction
+            against its own row's positive. The positive is never left out (a negative margin included); the
+            mask is a selection, with no gradient. Across processes the rule runs over the candidates the
+            row sees (every rank's, gathered), against the row's own positive. Computed in the tile on the
+            blockwise torch engine (``"auto"`` picks it; ``"triton"`` and ``exchange="ring"`` refuse it).
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). Across processes, ranks may hold different batch sizes;
         the local loss is then weighted by W·n_k/N so that the average over ranks is the global-batch loss.
@@ -80,13 +92,17 @@ def clip_loss(
         fp32 scalars over the rows this rank scores (all N for the global loss, its own rows for the local
         loss).
     """
+    margin = check_false_negative_margin(false_negative_margin, backend)
     check_backend(backend)
     check_exchange(exchange, what="ClipLoss", needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
-                   refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference"})
+                   refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference",
+                            "false_negative_margin": margin is not None})
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="ClipLoss")
-    scale, bias, engine, layout = two_towers_checked(image_features, text_features, logit_scale, logit_bias, backend,
+    # The false-negative mask is a torch-engine feature: "auto" picks that engine for it.
+    chosen = "torch" if margin is not None and backend == "auto" else backend
+    scale, bias, engine, layout = two_towers_checked(image_features, text_features, logit_scale, logit_bias, chosen,
                                                       chunk_bytes, group, "ClipLoss")
     if layout is None:
         all_image, all_text = image_features, text_features
@@ -110,15 +126,26 @@ def clip_loss(
     if engine is None:
         if local:
             loss = reference.clip_loss_local_reference(image_features, text_features, all_image, all_text, scale,
-                                                       bias, offset=start)
+                                                       bias, offset=start, false_negative_margin=margin)
             loss = loss if layout.equal else loss * layout.loss_weight()
             i2t, t2i = (image_features @ all_text.T).argmax(dim=1), (text_features @ all_image.T).argmax(dim=1)
         else:
-            loss = reference.clip_loss_reference(all_image, all_text, scale, bias)
+            loss = reference.clip_loss_reference(all_image, all_text, scale, bias, false_negative_margin=margin)
             logits_per_image, logits_per_text = reference.clip_logits_reference(all_image, all_text, scale)
             i2t, t2i = logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1)
         return (loss, _top1(i2t, t2i, positive_index)) if return_accuracy else loss
-    if local:
+    if margin is not None:
+        # Each direction is one masked call whose row rule reads that row's positive from the same tile; the
+        # positives come out of those tiles too, read from the gathered tensors as below.
+        rows_image, rows_text = (image_features, text_features) if local else (all_image, all_text)
+        options = dict(positive_offset=start, chunk_bytes=engine.chunk_bytes, need_argmax=return_accuracy)
+        lse_image, pos_image, i2t = false_negative_lse(rows_image, all_text, scale, margin, **options)
+        lse_text, pos_text, t2i = false_negative_lse(rows_text, all_image, scale, margin, **options)
+        if local:
+            loss = (rank_mean(lse_image - pos_image, layout) + rank_mean(lse_text - pos_text, layout)) / 2
+        else:
+            loss = ((lse_image - pos_image).mean() + (lse_text - pos_text).mean()) / 2
+    elif local:
         # The positives are read from the gathered tensors (open_clip's labels i + offset), so their gradients
         # take open_clip's routes: back through the gather with grad, nowhere when the copies are constants.
         lse_image, _, pos_image, i2t, _ = BlockwiseLogSumExp.apply(
@@ -167,6 +194,10 @@ class ClipLoss(nn.Module):
         exchange: ``"gather"`` (open_clip's all-gather) or ``"ring"``: the other tower's blocks pass from
             rank to rank, so per-rank memory stays O(n·d) at any world size (docs/distributed.md); needs
             ``local_loss=True, gather_with_grad=True``; same loss and gradients.
+        false_negative_margin: an option open_clip lacks, off by default (None): in each direction, leave out
+            candidates whose unscaled similarity exceeds the row's positive's by more than this margin
+            (Qwen3-Embedding's ``sim > pos + 0.1``); the positive never. See :func:`clip_loss` for the exact
+            rule. Blockwise torch engine only (``"auto"`` picks it; ``"triton"`` is refused).
     """
 
     # Subclasses whose forward returns more than the contrastive loss (distill, CoCa) take no accuracy.
@@ -186,13 +217,16 @@ class ClipLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
         return_accuracy: bool = False,
         exchange: str = "gather",
+        false_negative_margin: Optional[float] = None,
     ):
         super().__init__()
         check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                     return_accuracy=return_accuracy)
+        self.false_negative_margin = check_false_negative_margin(false_negative_margin, backend)
         self.exchange = check_exchange(
             exchange, what=type(self).__name__, needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
-            refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference"},
+            refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference",
+                     "false_negative_margin": false_negative_margin is not None},
         )
         if return_accuracy and not self._reports_accuracy:
             raise ValueError(f"`return_accuracy` is a ClipLoss option; {type(self).__name__} does not take it.")
@@ -230,7 +264,7 @@ class ClipLoss(nn.Module):
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
             rank=self.rank, world_size=self.world_size, process_group=self.process_group,
             backend=self.backend, chunk_bytes=self.chunk_bytes, return_accuracy=self.return_accuracy,
-            exchange=self.exchange,
+            exchange=self.exchange, false_negative_margin=self.false_negative_margin,
         )
         if not self.return_accuracy:
             return {"contrastive_loss": result} if output_dict else result
