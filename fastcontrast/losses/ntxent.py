@@ -21,6 +21,7 @@ from fastcontrast._validation import (
     check_backend,
     check_chunk_bytes,
     check_exchange,
+    check_false_negative_margin,
     check_features,
     check_flags,
     check_pair,
@@ -31,20 +32,23 @@ from fastcontrast.autograd import BlockwiseLogSumExp
 from fastcontrast.distributed import rank_mean
 from fastcontrast.engine import compute_dtype
 from fastcontrast.losses._common import normalize_rows
+from fastcontrast.losses._masked_lse import false_negative_lse, threshold_masked_lse
 from fastcontrast.memory_bank import MemoryBank
 from fastcontrast.ring import Direction, Ring, RingLogSumExp
 
 
 def _two_view_setup(out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, what,
-                    exchange):
+                    exchange, masked=False):
     """NT-Xent's and DCL's common start: checks, the engine, and across processes the exchanged layout.
 
     Returns ``(out0, out1, temperature, engine, layout, group)``: the features as autocast would cast them,
-    τ checked, and ``layout``/``group`` None for a single process.
+    τ checked, and ``layout``/``group`` None for a single process. ``masked``: a false-negative margin is set
+    (the torch engine's feature, which "auto" then picks).
     """
     check_backend(backend)
     check_exchange(exchange, what=what, needs={"gather_distributed": gather_distributed},
-                   refuses={"backend='reference'": backend == "reference"})
+                   refuses={"backend='reference'": backend == "reference", "false_negative_margin": masked})
+    backend = "torch" if masked and backend == "auto" else backend
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         out0, out1 = cast_like_autocast(out0, out1)
     temperature = check_temperature(temperature)
@@ -92,6 +96,21 @@ def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive, e
     return lse, positives, views
 
 
+def _two_view_rows_masked(z, group, layout, engine, temperature, margin):
+    """:func:`_two_view_rows` with the false-negative rule: row i leaves out candidate c ≠ its positive when
+    cos(zᵢ, z_c) > cos(zᵢ, z_positive) + ``margin``. The positive is not a fixed offset from the row across all
+    2n rows (i + n, then i − n), so each view's rows are one masked call, whose positive and self columns are."""
+    n = z.shape[0] // 2
+    views = None if layout is None else layout.scaled(2)
+    z_all = z if layout is None else distributed.gather_with_grad(z, group, views)
+    offset = 0 if views is None else views.offset
+    first = false_negative_lse(z[:n], z_all, 1.0 / temperature, margin, positive_offset=offset + n,
+                               exclude_offset=offset, chunk_bytes=engine.chunk_bytes)
+    second = false_negative_lse(z[n:], z_all, 1.0 / temperature, margin, positive_offset=offset,
+                                exclude_offset=offset + n, chunk_bytes=engine.chunk_bytes)
+    return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]), views
+
+
 def _gathered_views(z, group, layout):
     """lightly's ``out0_large``, ``out1_large``: every rank's normalised views, in rank order."""
     return distributed.split_views(distributed.gather_with_grad(z, group, layout.scaled(2)), layout, 2)
@@ -107,6 +126,7 @@ def nt_xent_loss(
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
     exchange: str = "gather",
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """lightly's NT-Xent (SimCLR) loss, blockwise, without memory bank.
 
@@ -121,23 +141,36 @@ def nt_xent_loss(
         process_group: the group to gather over (None: the default group); needs ``gather_distributed``.
         backend, chunk_bytes: see :func:`clip_loss`.
         exchange: ``"gather"`` or ``"ring"`` (needs ``gather_distributed=True``); see :func:`clip_loss`.
+        false_negative_margin: fastcontrast's option (lightly has none; None, the default, is off): leave out
+            likely false negatives, Qwen3-Embedding's rule ``sim > pos + margin`` on the cosine similarity
+            (before 1/τ, so τ does not move the rule): row r of the 2n leaves out candidate c (one of its 2n − 1
+            others; every rank's under ``gather_distributed``) when cos(z_r, z_c) > cos(z_r, z_positive) +
+            margin, its positive z_positive (the other view of its sample) never, a negative margin included.
+            The mask is a selection, with no gradient. Computed in the tile on the blockwise torch engine
+            (``"auto"`` picks it; ``"triton"`` and ``exchange="ring"`` refuse it).
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
+    margin = check_false_negative_margin(false_negative_margin, backend)
     out0, out1, temperature, engine, layout, group = _two_view_setup(
-        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "NTXentLoss", exchange
+        out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "NTXentLoss", exchange,
+        masked=margin is not None,
     )
     if engine is None:
         if layout is None:
-            return reference.nt_xent_loss_reference(out0, out1, temperature)
+            return reference.nt_xent_loss_reference(out0, out1, temperature, false_negative_margin=margin)
         z0, z1 = reference.lightly_normalize(out0), reference.lightly_normalize(out1)
         z0_all, z1_all = _gathered_views(torch.cat([z0, z1]), group, layout)
-        loss = reference.nt_xent_loss_gathered_reference(z0, z1, z0_all, z1_all, temperature, offset=layout.offset)
+        loss = reference.nt_xent_loss_gathered_reference(z0, z1, z0_all, z1_all, temperature, offset=layout.offset,
+                                                         false_negative_margin=margin)
         return loss if layout.equal else loss * layout.loss_weight()
     z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
-    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False,
-                                           exchange=exchange)
+    if margin is not None:
+        lse, positives, views = _two_view_rows_masked(z, group, layout, engine, temperature, margin)
+    else:
+        lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False,
+                                               exchange=exchange)
     return rank_mean(lse - positives, views)
 
 
@@ -232,6 +265,7 @@ def nt_xent_memory_bank_loss(
     *,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
+    false_negative_margin: Optional[float] = None,
 ) -> torch.Tensor:
     """lightly's NT-Xent with a memory bank (MoCo-style), blockwise.
 
@@ -243,9 +277,13 @@ def nt_xent_memory_bank_loss(
         bank: [K, d] negatives as read *before* this batch is enqueued (lightly keeps it in fp32); it never
             receives a gradient.
         temperature, backend, chunk_bytes: see :func:`nt_xent_loss`.
+        false_negative_margin: fastcontrast's option (lightly has none; None is off): bank entry j is left out
+            of query i's row when cos(qᵢ, bankⱼ) > cos(qᵢ, kᵢ) + margin (a stale key of the same image is the
+            classic case); the own key never. Torch engine only, as in :func:`nt_xent_loss`.
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features).
     """
+    margin = check_false_negative_margin(false_negative_margin, backend)
     check_backend(backend)
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         out0, out1 = cast_like_autocast(out0, out1)
@@ -259,13 +297,24 @@ def nt_xent_memory_bank_loss(
             f"memory bank feature dim must match `out0`'s: bank has shape {tuple(bank.shape)}, "
             f"out0 has dim {out0.shape[1]}."
         )
-    engine = resolve_engine(backend, out0.device, out0.dtype, chunk_bytes)
+    chosen = "torch" if margin is not None and backend == "auto" else backend
+    engine = resolve_engine(chosen, out0.device, out0.dtype, chunk_bytes)
     if engine is None:
-        return reference.nt_xent_memory_bank_loss_reference(out0, out1, bank, temperature)
+        return reference.nt_xent_memory_bank_loss_reference(out0, out1, bank, temperature,
+                                                            false_negative_margin=margin)
     n = out0.shape[0]
     # Queries and keys stay in their own dtype (normalised in fp32 first), so half inputs run on the tensor
     # cores; lightly's fp32 bank is cast to them, which is what its einsum does under autocast.
     q, k = normalize_rows(out0), normalize_rows(out1)
+    if margin is not None:
+        # The own key is not a column of the bank: loss = log(e^p + e^r) − p = softplus(r − p), with r the
+        # bank's masked LSE (−inf when the mask leaves nothing: loss 0) and p the positive logit, both O(n·d)
+        # around one pass over the bank.
+        cdt = compute_dtype(q.dtype)
+        similarity = (q.to(cdt) * k.to(cdt)).sum(dim=1)
+        lse_bank = threshold_masked_lse(q, bank.detach().to(device=q.device, dtype=q.dtype), 1.0 / temperature,
+                                        similarity.detach() + margin, chunk_bytes=engine.chunk_bytes)
+        return F.softplus(lse_bank - similarity / temperature).mean()
     # A fill on the device: torch.tensor(number, device=cuda) would block on a host-to-device copy each step.
     inv_temperature = torch.full((), 1.0 / temperature, dtype=compute_dtype(q.dtype), device=q.device)
     # One matrix [own keys; bank] with the keys private to their own query: the positive and the bank logits
@@ -296,6 +345,11 @@ class NTXentLoss(nn.Module):
         backend, process_group, chunk_bytes: see :class:`ClipLoss`.
         exchange: ``"gather"`` or ``"ring"`` (needs ``gather_distributed=True``, no memory bank); see
             :class:`ClipLoss`.
+        false_negative_margin: an option lightly lacks, off by default (None): leave out candidates whose
+            cosine similarity to the row exceeds its positive's by more than this margin (Qwen3-Embedding's
+            ``sim > pos + 0.1``), the positive never; with a memory bank, bank entries against the own key.
+            See :func:`nt_xent_loss` for the exact rule. Blockwise torch engine only (``"auto"`` picks it;
+            ``"triton"`` is refused).
     """
 
     def __init__(
@@ -308,13 +362,16 @@ class NTXentLoss(nn.Module):
         process_group=None,
         chunk_bytes: Optional[int] = None,
         exchange: str = "gather",
+        false_negative_margin: Optional[float] = None,
     ):
         super().__init__()
         # lightly's order of checks: the bank's size, τ, then distributed availability.
         self.memory_bank = MemoryBank(memory_bank_size)
+        self.false_negative_margin = check_false_negative_margin(false_negative_margin, backend)
         self.exchange = check_exchange(
             exchange, what="NTXentLoss", needs={"gather_distributed": gather_distributed},
-            refuses={"a memory bank": self.memory_bank.enabled, "backend='reference'": backend == "reference"},
+            refuses={"a memory bank": self.memory_bank.enabled, "backend='reference'": backend == "reference",
+                     "false_negative_margin": false_negative_margin is not None},
         )
         self.temperature = check_temperature(temperature)
         check_flags(gather_distributed=gather_distributed)
@@ -333,11 +390,13 @@ class NTXentLoss(nn.Module):
                 out0, out1, self.temperature,
                 gather_distributed=self.gather_distributed, process_group=self.process_group,
                 backend=self.backend, chunk_bytes=self.chunk_bytes, exchange=self.exchange,
+                false_negative_margin=self.false_negative_margin,
             )
         check_features("out1", out1)
         bank = self.memory_bank.read()
         loss = nt_xent_memory_bank_loss(
-            out0, out1, bank, self.temperature, backend=self.backend, chunk_bytes=self.chunk_bytes
+            out0, out1, bank, self.temperature, backend=self.backend, chunk_bytes=self.chunk_bytes,
+            false_negative_margin=self.false_negative_margin,
         )
         # lightly enqueues only when a backward pass will follow, so evaluation leaves the bank as it is.
         if out0.requires_grad:
