@@ -1,11 +1,14 @@
-"""``MultipleNegativesRankingLoss`` and ``GISTEmbedLoss`` with ``gather_across_devices=True`` on a real 2-rank
-gloo group, against sentence-transformers 6.2.0's own losses run in the same group.
+"""``MultipleNegativesRankingLoss`` and ``GISTEmbedLoss`` with ``gather_across_devices=True`` on real 2- and
+3-rank gloo groups, against sentence-transformers 6.2.0's own losses run in the same group.
 
 Each rank holds its slice of one global batch (queries, positives, hard negatives). Both losses gather with
 gradient (6.2.0 through ``torch.distributed.nn.all_gather``, fastcontrast through its own autograd gather), so
 every rank's loss and embedding gradients must agree to fp64 rounding: the candidate order (every rank's
 positives, then every rank's neg_1, …), the label offset rank·n and the reduce-scatter of the gradients.
-One spawn runs every case; it has a deadline, and the collectives a gloo timeout.
+One spawn per world size runs its cases: every case on 2 ranks; on 3 ranks (where a middle rank has
+neighbours on both sides) the cases whose candidate order is the most involved: every direction with hard
+negatives, the symmetric per-direction loss, and GIST with triplets. Each spawn has a deadline, and the
+collectives a gloo timeout.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from _helpers import DISTRIBUTED, assert_close
 
 pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 
-WORLD_SIZE = 2
+WORLD_SIZES = (2, 3)
 ROWS = 3
 DIM = 8
 SPAWN_DEADLINE_S = 240
@@ -51,7 +54,12 @@ GIST_CASES = {
                                                        contrast_anchors=False),
 }
 
-pytestmark = pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+# Spawning costs seconds (each rank imports sentence-transformers); 3 ranks run only these cases.
+THREE_RANK_CASES = ("all-directions-joint-all-negatives-k1", "symmetric-per-direction-in-batch-k1",
+                    "gist-triplets-relative-no-anchor-contrast")
+CASES_BY_WORLD_SIZE = {2: list(CASES) + list(GIST_CASES), 3: list(THREE_RANK_CASES)}
+
+pytestmark = pytest.mark.timeout(len(WORLD_SIZES) * SPAWN_DEADLINE_S + 60)
 
 
 class EmbeddingLookup(torch.nn.Module):
@@ -65,7 +73,7 @@ class EmbeddingLookup(torch.nn.Module):
         return {"sentence_embedding": features[self.key]}
 
 
-def _run_gist_case(rank, options):
+def _run_gist_case(rank, world_size, options):
     import tokenizers
     import transformers
     from sentence_transformers.base.losses.merged_forward import column_merging_disabled
@@ -79,7 +87,7 @@ def _run_gist_case(rank, options):
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]")
     model, guide = EmbeddingLookup("model", tokenizer), EmbeddingLookup("guide", tokenizer)
     g = torch.Generator().manual_seed(5)
-    global_model = [torch.randn(WORLD_SIZE * ROWS, DIM, generator=g, dtype=torch.float64) for _ in range(columns)]
+    global_model = [torch.randn(world_size * ROWS, DIM, generator=g, dtype=torch.float64) for _ in range(columns)]
     global_guide = [torch.cat([x[:, :5], 0.5 * torch.randn(x.shape[0], 2, generator=g, dtype=torch.float64)], 1)
                     for x in global_model]
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
@@ -95,7 +103,7 @@ def _run_gist_case(rank, options):
     return results
 
 
-def _run_case(rank, options):
+def _run_case(rank, world_size, options):
     from sentence_transformers import util
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Original
 
@@ -105,7 +113,7 @@ def _run_case(rank, options):
     negatives = options.pop("negatives")
     options["similarity_fct"] = getattr(util, options.pop("similarity", "cos_sim"))
     g = torch.Generator().manual_seed(99)
-    global_columns = [torch.randn(WORLD_SIZE * ROWS, DIM, generator=g, dtype=torch.float64) * 2
+    global_columns = [torch.randn(world_size * ROWS, DIM, generator=g, dtype=torch.float64) * 2
                       for _ in range(negatives + 2)]
     local = [x[rank * ROWS:(rank + 1) * ROWS] for x in global_columns]
     results = {}
@@ -118,22 +126,20 @@ def _run_case(rank, options):
     return results
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")  # torch.distributed.nn.all_gather (6.2.0's gather) is deprecated in torch 2.13
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     results = {}
     try:
-        for name, options in CASES.items():
+        for name in CASES_BY_WORLD_SIZE[world_size]:
             try:
-                results[name] = _run_case(rank, options)
-            except Exception:
-                results[name] = {"crash": traceback.format_exc()}
-        for name, options in GIST_CASES.items():
-            try:
-                results[name] = _run_gist_case(rank, options)
+                if name in CASES:
+                    results[name] = _run_case(rank, world_size, CASES[name])
+                else:
+                    results[name] = _run_gist_case(rank, world_size, GIST_CASES[name])
             except Exception:
                 results[name] = {"crash": traceback.format_exc()}
     finally:
@@ -147,15 +153,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("mnrl_dist")
+def _spawn(world_size, out_dir):
     # The children run the torch engine only and never import triton. The variable is restored at once: the
     # rest of the session runs the kernels in the interpreter, which reads it on every call.
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False,
-                                     start_method="spawn")
+        context = mp.start_processes(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size,
+                                     join=False, start_method="spawn")
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
@@ -165,22 +169,42 @@ def rank_results(tmp_path_factory):
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
-            pytest.fail(f"the {WORLD_SIZE}-rank gloo group did not finish within {SPAWN_DEADLINE_S}s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+            pytest.fail(f"the {world_size}-rank gloo group did not finish within {SPAWN_DEADLINE_S}s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-@pytest.mark.parametrize("case", list(CASES) + list(GIST_CASES))
-def test_gather_across_devices_matches_sentence_transformers_in_the_same_group(rank_results, case):
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """``rank_results(world_size)`` -> per-rank results, spawning that group once for the whole module."""
+    spawned = {}
+
+    def get(world_size):
+        if world_size not in spawned:
+            spawned[world_size] = _spawn(world_size, tmp_path_factory.mktemp(f"mnrl_dist_ws{world_size}"))
+        return spawned[world_size]
+
+    return get
+
+
+@pytest.mark.parametrize("world_size, case", [
+    pytest.param(world_size, case, id=f"ws{world_size}-{case}")
+    for world_size in WORLD_SIZES for case in CASES_BY_WORLD_SIZE[world_size]
+])
+def test_gather_across_devices_matches_sentence_transformers_in_the_same_group(rank_results, world_size, case):
     atol, rtol = DISTRIBUTED[torch.float64]
-    for rank, results in enumerate(rank_results):
+    for rank, results in enumerate(rank_results(world_size)):
         result = results[case]
-        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
+        assert "crash" not in result, f"rank {rank} of {world_size} crashed:\n{result['crash']}"
         (value, grads), (expected, expected_grads) = result["fastcontrast"], result["original"]
-        assert_close(f"rank {rank} {case}: loss", value, expected, atol, rtol)
+        assert_close(f"rank {rank} of {world_size} {case}: loss", value, expected, atol, rtol)
         for j, (grad, expected_grad) in enumerate(zip(grads, expected_grads)):
-            assert_close(f"rank {rank} {case}: d embeddings[{j}]", grad, expected_grad, atol, rtol)
+            assert_close(f"rank {rank} of {world_size} {case}: d embeddings[{j}]", grad, expected_grad, atol, rtol)
 
 
-def test_ranks_see_different_losses_so_the_gather_is_not_trivial(rank_results):
-    first, second = (results["default-k2"]["original"][0] for results in rank_results)
-    assert not torch.equal(first, second), "both ranks computed the same loss: the test would not see an offset bug"
+@pytest.mark.parametrize("world_size, case", [(2, "default-k2"), (3, "all-directions-joint-all-negatives-k1")],
+                         ids=["ws2", "ws3"])
+def test_ranks_see_different_losses_so_the_gather_is_not_trivial(rank_results, world_size, case):
+    losses = [results[case]["original"][0] for results in rank_results(world_size)]
+    for rank in range(1, world_size):
+        assert not torch.equal(losses[rank - 1], losses[rank]), (
+            f"ranks {rank - 1} and {rank} computed the same loss: the test would not see an offset bug")
