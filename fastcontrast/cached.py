@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -156,6 +156,10 @@ def _cuda_devices(inputs: Sequence[object], modules: Sequence[nn.Module]) -> Lis
     return sorted(d if d is not None else torch.cuda.current_device() for d in devices)
 
 
+def _no_progress(chunks: Sequence[Any], desc: str) -> Sequence[Any]:
+    return chunks
+
+
 class _RngState:
     """The CPU generator's state and those of the CUDA devices in use, taken before a chunk's forward."""
 
@@ -201,6 +205,13 @@ class ChunkedForward:
         ddp_modules: DistributedDataParallel modules the encoders run through that cannot be seen from them
             (an encoder that is a function calling a DDP model). Every encoder is taken to run through each.
             Encoders that are DDP modules, or bound methods of one, are found without this.
+        split: how to cut one input into chunks, called as ``split(batch, chunk_size)`` for every input before
+            any forward; returns ``(rows, chunk)`` pairs in order, ``rows`` the slice of the batch's rows the
+            chunk holds (contiguous from 0) and ``chunk`` what the encoder gets. None: ``chunk_size`` rows of
+            every tensor whose dim 0 is the batch. sentence-transformers' Cached* losses pass its own mini-batch
+            slicing (padding trimmed per mini-batch, or packed by token count).
+        progress: wraps the chunk loop of each phase, called as ``progress(chunks, desc)`` and iterated (e.g.
+            ``lambda chunks, desc: tqdm.tqdm(chunks, desc=desc)``); None: no progress display.
 
     After construction, ``embeddings`` holds every embedding as a leaf ``[n, dim]`` tensor requiring grad, in
     input order (an encoder with k outputs contributes k consecutive embeddings).
@@ -214,6 +225,8 @@ class ChunkedForward:
         *,
         autocast: Optional[AutocastFactory] = None,
         ddp_modules: Sequence[DistributedDataParallel] = (),
+        split: Optional[Callable[[object, int], Sequence[Tuple[slice, object]]]] = None,
+        progress: Optional[Callable[[Sequence[Any], str], Iterable[Any]]] = None,
     ):
         self.chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(inputs, (tuple, list)) or not inputs:
@@ -227,32 +240,35 @@ class ChunkedForward:
         self.encoders = encoders
         self.names = [_encoder_name(i, e) for i, e in enumerate(encoders)]
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
+        self.progress = progress if progress is not None else _no_progress
         self._ddp_of_input = [
             {id(m): m for m in (*_modules_of(e), *ddp_modules) if isinstance(m, DistributedDataParallel)}
             for e in encoders
         ]
         modules = [m for e in encoders for m in _modules_of(e)] + list(ddp_modules)
-        cuda_devices = _cuda_devices(inputs, modules)
+
+        # Every input is cut before the first forward: a bad batch fails before any work, and a module that
+        # edits its features in place (sentence-transformers' Pooling on prompts) cannot move the boundaries.
+        pieces = [(index, rows, args) for index, batch in enumerate(inputs)
+                  for rows, args in self._split(index, batch, split)]
+        cuda_devices = _cuda_devices([args for _, _, args in pieces], modules)
 
         self.chunks: List[_Chunk] = []
-        outputs_per_input: List[List[Tuple[torch.Tensor, ...]]] = []
+        outputs_per_input: List[List[Tuple[torch.Tensor, ...]]] = [[] for _ in inputs]
         with torch.no_grad():
-            for index, (encoder, batch) in enumerate(zip(encoders, inputs)):
-                count = _batch_rows(index, batch)
-                outputs = []
-                for start in range(0, count, self.chunk_size):
-                    rows = slice(start, min(start + self.chunk_size, count))
-                    args = _slice_rows(batch, rows, count)
-                    rng = _RngState(cuda_devices)
-                    with self.autocast():
-                        chunk_out = _embeddings_of(self.names[index], _call(encoder, args), rows.stop - rows.start)
-                    if outputs and len(chunk_out) != len(outputs[0]):
-                        raise ValueError(f"{self.names[index]} returned {len(chunk_out)} embeddings for rows "
-                                         f"{rows.start}:{rows.stop} but {len(outputs[0])} for rows "
-                                         f"0:{min(self.chunk_size, count)}.")
-                    outputs.append(chunk_out)
-                    self.chunks.append(_Chunk(index, rows, args, rng, [t.shape for t in chunk_out]))
-                outputs_per_input.append(outputs)
+            for index, rows, args in self.progress(pieces, "Embedding chunks (no grad)"):
+                outputs = outputs_per_input[index]
+                rng = _RngState(cuda_devices)
+                with self.autocast():
+                    chunk_out = _embeddings_of(self.names[index], _call(self.encoders[index], args),
+                                               rows.stop - rows.start)
+                if outputs and len(chunk_out) != len(outputs[0]):
+                    first_rows = self.chunks[-len(outputs)].rows
+                    raise ValueError(f"{self.names[index]} returned {len(chunk_out)} embeddings for rows "
+                                     f"{rows.start}:{rows.stop} but {len(outputs[0])} for rows "
+                                     f"{first_rows.start}:{first_rows.stop}.")
+                outputs.append(chunk_out)
+                self.chunks.append(_Chunk(index, rows, args, rng, [t.shape for t in chunk_out]))
 
         # One leaf per embedding; chunk c of input i fills rows c of embeddings first[i] ... first[i] + k_i - 1.
         self.embeddings: List[torch.Tensor] = []
@@ -262,6 +278,27 @@ class ChunkedForward:
             for position in range(len(outputs[0])):
                 self.embeddings.append(torch.cat([out[position] for out in outputs]).requires_grad_())
         self.embedding_shapes = [e.shape for e in self.embeddings]
+
+    def _split(self, index: int, batch: object, split) -> List[Tuple[slice, object]]:
+        """The chunks of input ``index``: ``split``'s, checked to cover rows 0, 1, ... in order, or rows of
+        ``chunk_size``."""
+        if split is None:
+            count = _batch_rows(index, batch)
+            return [(rows, _slice_rows(batch, rows, count))
+                    for rows in (slice(start, min(start + self.chunk_size, count))
+                                 for start in range(0, count, self.chunk_size))]
+        pieces = list(split(batch, self.chunk_size))
+        expected = 0
+        for rows, _ in pieces:
+            if not isinstance(rows, slice) or rows.start != expected or not rows.stop > rows.start \
+                    or rows.step not in (None, 1):
+                raise ValueError(f"`split` must return (rows, chunk) pairs whose rows are non-empty, contiguous "
+                                 f"slices from 0; for input {index} it returned {rows!r} where a slice starting at "
+                                 f"{expected} was due.")
+            expected = rows.stop
+        if not pieces:
+            raise ValueError(f"`split` returned no chunks for input {index} (an empty batch?).")
+        return pieces
 
     def release_embeddings(self) -> None:
         """Drop this object's references to the embeddings once their gradients are known: the re-forward needs
@@ -304,7 +341,7 @@ class ChunkedForward:
         plan = self._sync_plan()
         last = len(self.chunks) - 1
         backpropagated = False
-        for position, chunk in enumerate(self.chunks):
+        for position, chunk in enumerate(self.progress(self.chunks, "Re-forward and backward")):
             name = self.names[chunk.input_index]
             try:
                 with contextlib.ExitStack() as stack:
@@ -341,6 +378,26 @@ class ChunkedForward:
             # What loss.backward() says for a graph without parameters, instead of a silent no-op step.
             raise ValueError("GradCache: no encoder output and no extra argument of the loss requires grad: there "
                              "is no gradient to compute (are the encoders' parameters frozen?).")
+
+    def defer_backward(self, loss: torch.Tensor, embedding_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``loss`` as a new leaf whose ``backward()`` runs phase 3, for trainers that call
+        ``loss = loss_fn(batch); loss.backward()`` after phases 1 and 2 ran inside ``loss_fn`` (the contract of
+        sentence-transformers' Cached* losses, which do the same with a hook on a detached loss).
+
+        When autograd reaches the returned tensor, :meth:`backward` runs with ``embedding_grads`` (one per
+        embedding) times the gradient arriving there: the trainer's division for gradient accumulation and a
+        GradScaler's scale reach every chunk. The re-forward runs in grad mode, which autograd turns off
+        inside hooks. Each ``backward()`` through the returned tensor runs phase 3 once more.
+        """
+        grads = list(embedding_grads)
+        result = loss.detach().requires_grad_()
+
+        def reforward(upstream: torch.Tensor) -> None:
+            with torch.enable_grad():
+                self.backward([grad * upstream for grad in grads])
+
+        result.register_hook(reforward)
+        return result
 
 
 def split_extra_arguments(args: Sequence[object], kwargs: Mapping[str, object]):

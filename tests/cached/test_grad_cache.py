@@ -386,3 +386,44 @@ def test_autocast_runs_the_embedding_pass_re_forward_and_loss_in_bf16_like_the_p
     assert_relative("bf16-autocast logit_scale.grad", grads_c["logit_scale"], grads_p["logit_scale"], rtol=1e-6)
     for name in grads_p:
         assert_relative(f"bf16-autocast {name}.grad", grads_c[name], grads_p[name], rtol=2e-2)
+
+
+def test_chunked_forward_with_a_custom_split_and_defer_backward_gives_the_plain_gradient():
+    # Uneven chunks (5, 20, 39 rows) chosen by the caller, as sentence-transformers' token-packed mini-batches
+    # are; the loss's backward() runs the re-forward, scaled by the gradient that reaches it (here 0.5).
+    tower = Tower(dropout=0.0).double()
+    inputs, _ = batch("ntxent", 0)
+    loss_fn = fastcontrast.NTXentLoss(temperature=0.3, backend="torch")
+    loss_fn(*(tower(x) for x in inputs)).mul(0.5).backward()
+    expected = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad(set_to_none=True)
+
+    bounds = [0, 5, 25, BATCH]
+    seen = []
+
+    def split(x, chunk_size):
+        return [(slice(a, b), x[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    def progress(chunks, desc):
+        seen.append((desc, len(chunks)))
+        return chunks
+
+    forward = cached.ChunkedForward(tower, list(inputs), CHUNK, split=split, progress=progress)
+    assert [c.rows for c in forward.chunks] == [slice(a, b) for a, b in zip(bounds, bounds[1:])] * 2
+    value = loss_fn(*forward.embeddings)
+    grads, _ = cached.loss_gradients(value, forward.embeddings, [])
+    deferred = forward.defer_backward(value, grads)
+    assert deferred.grad_fn is None and deferred.requires_grad and torch.equal(deferred, value.detach())
+    assert all(p.grad is None for p in tower.parameters()), "phase 3 ran before backward()"
+    (deferred * 0.5).backward()
+    for name, (p, want) in zip([n for n, _ in tower.named_parameters()], zip(tower.parameters(), expected)):
+        torch.testing.assert_close(p.grad, want, rtol=RELATIVE, atol=0, msg=lambda m, name=name: f"d {name}: {m}")
+    assert seen == [("Embedding chunks (no grad)", 6), ("Re-forward and backward", 6)]
+
+
+@pytest.mark.parametrize("bounds", [[0, 5, 5, 64], [1, 64], [0, 30, 20, 64]], ids=["empty", "gap", "overlap"])
+def test_a_split_whose_rows_are_not_contiguous_from_zero_is_an_error_naming_split(bounds):
+    inputs, _ = batch("ntxent", 0)
+    with pytest.raises(ValueError, match="`split` must return .* non-empty, contiguous slices from 0; for input 0"):
+        cached.ChunkedForward(Tower().double(), list(inputs), CHUNK,
+                              split=lambda x, size: [(slice(a, b), x[a:b]) for a, b in zip(bounds, bounds[1:])])
