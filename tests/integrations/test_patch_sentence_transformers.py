@@ -3,7 +3,7 @@ fastcontrast's, at every import spelling, and ``SentenceTransformerTrainer`` tra
 step (MNRL, MNRL inside ``MatryoshkaLoss``, GISTEmbed with a guide model).
 
 The trainer runs end to end on the CPU with a tiny randomly initialised BERT and a WordLevel tokenizer trained
-in the test on a few sentences, saved to a temporary folder: no hub access (HF_HUB_OFFLINE=1, and
+on a few sentences (tests/_tiny_models.py), saved to a temporary folder: no hub access (HF_HUB_OFFLINE=1, and
 USE_HUB_KERNELS=0 so that transformers does not kernelize the model through the hub).
 """
 
@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from _tiny_models import SENTENCES, save_tiny_bert
 
 import fastcontrast
 from fastcontrast.integrations import patch_sentence_transformers
@@ -26,14 +27,6 @@ import sentence_transformers.sentence_transformer.losses.multiple_negatives_symm
 ORIGINAL = st_losses.MultipleNegativesRankingLoss
 ORIGINAL_SYMMETRIC = st_losses.MultipleNegativesSymmetricRankingLoss
 ORIGINAL_GIST = st_losses.GISTEmbedLoss
-
-SENTENCES = [
-    "the cat sat on the mat", "a dog ran in the park", "it is sunny outside today", "he drove to work by car",
-    "she reads a book at night", "the train was late again", "we cooked pasta for dinner", "rain fell all day",
-    "the market opens at nine", "children play in the garden", "a bird sang on the roof", "coffee keeps me awake",
-    "the river flows to the sea", "my phone battery is empty", "they won the football match", "snow covers the hill",
-]
-
 
 @pytest.fixture(autouse=True)
 def sentence_transformers_restored():
@@ -86,24 +79,9 @@ def test_bad_patch_options_fail_at_patch_time():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer, 32-wide BERT with random weights and a WordLevel tokenizer trained here, saved locally."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(SENTENCES, tokenizers.trainers.WordLevelTrainer(special_tokens=special))
-    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                                model_max_length=32)
-    fast.save_pretrained(folder)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    return str(folder)
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def train_losses(model_dir, tmp_path, make_loss, *, negatives, steps=10):
