@@ -29,6 +29,9 @@ from fastcontrast.functional import (
     supcon_loss,
 )
 from fastcontrast.losses import (
+    CachedGISTEmbedLoss,
+    CachedMultipleNegativesRankingLoss,
+    CachedMultipleNegativesSymmetricRankingLoss,
     ClipLoss,
     CoCaLoss,
     DCLLoss,
@@ -48,6 +51,9 @@ __all__ = [
     "BlockwiseDistill",
     "BlockwiseLogSumExp",
     "BlockwiseSigLipSum",
+    "CachedGISTEmbedLoss",
+    "CachedMultipleNegativesRankingLoss",
+    "CachedMultipleNegativesSymmetricRankingLoss",
     "ClipLoss",
     "CoCaLoss",
     "DCLLoss",

@@ -132,6 +132,16 @@ def check_non_negative_int(name: str, value: object) -> int:
     return value
 
 
+def check_positive_int(name: str, value: object, *, what: str = "") -> int:
+    """An int >= 1: ``TypeError`` for another type (a bool or a float included), ``ValueError`` below 1."""
+    meaning = f" ({what})" if what else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be a positive int{meaning}, got {type(value).__name__} ({value!r}).")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1{meaning}, got {value}.")
+    return value
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype torch.autocast casts GEMM inputs to on ``device`` right now, or None when it is off."""
     device_type = device.type

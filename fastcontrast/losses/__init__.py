@@ -14,6 +14,12 @@ module                    what it holds                                         
                           ``MultipleNegativesSymmetricRankingLoss``
 :mod:`.gist`              ``gist_embed_loss``, ``GISTEmbedLoss`` (guide mask in the      sentence-transformers
                           tile: :mod:`._masked_lse`, torch engine)                       6.2.0
+:mod:`.cached_mnrl`       ``CachedMultipleNegativesRankingLoss``,                        sentence-transformers
+                          ``CachedMultipleNegativesSymmetricRankingLoss`` (GradCache     6.2.0
+                          over :mod:`.mnrl`, the loss once per batch; what the Cached*
+                          losses share is in :mod:`._cached_st`)
+:mod:`.cached_gist`       ``CachedGISTEmbedLoss`` (GradCache over :mod:`.gist`)          sentence-transformers
+                                                                                         6.2.0
 ========================  ============================================================  ==================
 
 What several families share lives where it is shared: input checks in :mod:`fastcontrast._validation`,
@@ -22,6 +28,11 @@ the ring in :mod:`fastcontrast.ring`, and the few helpers only losses use in :mo
 docs/adding_a_loss.md says what a new family touches.
 """
 
+from fastcontrast.losses.cached_gist import CachedGISTEmbedLoss
+from fastcontrast.losses.cached_mnrl import (
+    CachedMultipleNegativesRankingLoss,
+    CachedMultipleNegativesSymmetricRankingLoss,
+)
 from fastcontrast.losses.clip import ClipLoss, CoCaLoss
 from fastcontrast.losses.distill import DistillClipLoss
 from fastcontrast.losses.gist import GISTEmbedLoss
@@ -30,14 +41,16 @@ from fastcontrast.losses.ntxent import DCLLoss, DCLWLoss, NTXentLoss
 from fastcontrast.losses.siglip import SigLipLoss
 from fastcontrast.losses.supcon import SupConLoss
 
-__all__ = ["ClipLoss", "CoCaLoss", "DCLLoss", "DCLWLoss", "DistillClipLoss", "GISTEmbedLoss",
+__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
+           "ClipLoss", "CoCaLoss", "DCLLoss", "DCLWLoss", "DistillClipLoss", "GISTEmbedLoss",
            "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "NTXentLoss", "SigLipLoss",
            "SupConLoss"]
 
 # The classes keep the public module they had before the split as their ``__module__``: a checkpoint that
 # pickled a loss module (the memory bank's state, say) names ``fastcontrast.losses.NTXentLoss`` and keeps
 # loading, whichever file the class lives in.
-for _cls in (ClipLoss, CoCaLoss, DCLLoss, DCLWLoss, DistillClipLoss, GISTEmbedLoss, MultipleNegativesRankingLoss,
+for _cls in (CachedGISTEmbedLoss, CachedMultipleNegativesRankingLoss, CachedMultipleNegativesSymmetricRankingLoss,
+             ClipLoss, CoCaLoss, DCLLoss, DCLWLoss, DistillClipLoss, GISTEmbedLoss, MultipleNegativesRankingLoss,
              MultipleNegativesSymmetricRankingLoss, NTXentLoss, SigLipLoss, SupConLoss):
     _cls.__module__ = __name__
 del _cls

@@ -26,6 +26,9 @@ MODULES = {
     "MultipleNegativesRankingLoss": "mnrl",
     "MultipleNegativesSymmetricRankingLoss": "mnrl",
     "GISTEmbedLoss": "gist",
+    "CachedMultipleNegativesRankingLoss": "cached_mnrl",
+    "CachedMultipleNegativesSymmetricRankingLoss": "cached_mnrl",
+    "CachedGISTEmbedLoss": "cached_gist",
 }
 FUNCTIONS = {
     "clip_loss": "clip",
@@ -72,7 +75,9 @@ def test_module_classes_pickle_by_the_public_path_they_had_before_the_split(name
     assert (cls.__module__, cls.__qualname__) == ("fastcontrast.losses", name)
     kwargs = {"CoCaLoss": {"caption_loss_weight": 2.0, "clip_loss_weight": 1.0},
               "MultipleNegativesRankingLoss": {"model": None}, "MultipleNegativesSymmetricRankingLoss": {"model": None},
-              "GISTEmbedLoss": {"model": None, "guide": None}}.get(name, {})
+              "GISTEmbedLoss": {"model": None, "guide": None}, "CachedMultipleNegativesRankingLoss": {"model": None},
+              "CachedMultipleNegativesSymmetricRankingLoss": {"model": None},
+              "CachedGISTEmbedLoss": {"model": None, "guide": None}}.get(name, {})
     restored = pickle.loads(pickle.dumps(cls(**kwargs)))
     assert type(restored) is cls
 

@@ -7,9 +7,11 @@ prove that it catches each kind; the last runs one forward + backward of every l
 
 Excluded, host-only by design: ``distributed.exchange_layout`` (CPU numbers over the gloo host group; it
 runs only with a process group: tests/distributed/test_no_host_sync_distributed.py runs the distributed
-modes and checks that its events are seen and exempted). The CPU-only input checks (a CPU
-``logit_scale``'s sign, a miner's index range) read values only where ``_validation.values_readable`` says
-the tensor is on the host; the step test patches it to False, so the CPU run takes the accelerator's branch.
+modes and checks that its events are seen and exempted), and the embedding passes of sentence-transformers'
+Cached* losses (its mini-batch slicing reads the padding on the host; their loss phase is checked, see
+``CACHED``). The CPU-only input checks (a CPU ``logit_scale``'s sign, a miner's index range) read values only
+where ``_validation.values_readable`` says the tensor is on the host; the step test patches it to False, so the
+CPU run takes the accelerator's branch.
 """
 
 from __future__ import annotations
@@ -119,12 +121,37 @@ def test_every_loss_step_has_no_host_sync(dtype, accelerator_branches):
         assert torch.isfinite(loss).all(), f"{name} ({dtype}): loss {loss}"
 
 
+# sentence-transformers' Cached* losses: their loss phase (``calculate_loss``, the MNRL / GIST steps above on
+# the cached embeddings) is checked below; a whole cached step is not sync-free by design, because the
+# embedding passes cut mini-batches with sentence-transformers' own slicing, which reads each mini-batch's last
+# non-padding column on the host (as 6.2.0 does; the mini-batch shapes then equal 6.2.0's).
+CACHED = ("CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss")
+
+
 def test_the_steps_cover_every_public_loss_module():
     import fastcontrast.losses
 
-    covered = {name.split("(")[0] for name in LOSSES}
+    covered = {name.split("(")[0] for name in LOSSES} | set(CACHED)
     missing = set(fastcontrast.losses.__all__) - covered
     assert not missing, f"loss modules without a step in tools/sync_check.loss_steps: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_the_cached_losses_loss_phase_has_no_host_sync(name, accelerator_branches):
+    import fastcontrast
+
+    g = torch.Generator().manual_seed(0)
+    # Two mini-batches per column, as the embedding pass hands them to calculate_loss.
+    reps = [[torch.randn(rows, 8, generator=g).requires_grad_() for rows in (5, 7)] for _ in range(3)]
+    loss = getattr(fastcontrast, name)(*([None, None] if name == "CachedGISTEmbedLoss" else [None]))
+    extra = ([[torch.randn(rows, 6, generator=g) for rows in (5, 7)] for _ in range(3)],) \
+        if name == "CachedGISTEmbedLoss" else (None,)
+    with HostSyncRecorder() as recorder:
+        value = loss.calculate_loss(reps, *extra, with_backward=True)
+    events = "; ".join(str(e) for e in recorder.events)
+    assert recorder.events == [], f"{name}.calculate_loss: host syncs: {events}"
+    assert not value.requires_grad and torch.isfinite(value)
+    assert all(r.grad is not None for column in reps for r in column)
 
 
 def test_run_one_step_of_every_loss_on_the_cpu_returns_every_loss():
