@@ -127,21 +127,30 @@ SENTENCE_TRANSFORMERS_LOSSES = {
     "MultipleNegativesSymmetricRankingLoss":
         "sentence_transformers.sentence_transformer.losses.multiple_negatives_symmetric_ranking",
     "GISTEmbedLoss": "sentence_transformers.sentence_transformer.losses.gist_embed",
+    "CachedMultipleNegativesRankingLoss":
+        "sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking",
+    "CachedMultipleNegativesSymmetricRankingLoss":
+        "sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_symmetric_ranking",
+    "CachedGISTEmbedLoss": "sentence_transformers.sentence_transformer.losses.cached_gist_embed",
 }
 
 
 def patch_sentence_transformers(*, backend: str = "auto", chunk_bytes: Optional[int] = None) -> Patch:
     """Make sentence-transformers (6.2) use fastcontrast's ``MultipleNegativesRankingLoss``,
-    ``MultipleNegativesSymmetricRankingLoss`` and ``GISTEmbedLoss``.
+    ``MultipleNegativesSymmetricRankingLoss``, ``GISTEmbedLoss`` and their Cached* versions
+    (``CachedMultipleNegativesRankingLoss``, ``CachedMultipleNegativesSymmetricRankingLoss``,
+    ``CachedGISTEmbedLoss``).
 
     Rebinds them in their defining modules, in ``sentence_transformers.sentence_transformer.losses`` (which
     ``sentence_transformers.losses``, the deprecated spelling, is an alias of: the same module object), and in
     any other imported ``sentence_transformers`` module holding them; so ``MultipleNegativesRankingLoss(model)``
     in unchanged user code builds the drop-in, also inside ``MatryoshkaLoss`` (which calls the inner loss's
-    ``forward`` with the model's forward decorated, as with the original). Classes sentence-transformers
-    already derived from the originals (``SparseMultipleNegativesRankingLoss``) keep their original base; the
-    Cached* losses are not replaced. ``GISTEmbedLoss``'s guide mask runs on the blockwise torch engine, so
-    ``backend="triton"`` does not suit it (it raises; ``"auto"`` does).
+    ``forward`` with the model's forward decorated, as with the original, or, for a Cached* loss, decorates its
+    ``calculate_loss``). Classes sentence-transformers already derived from the originals
+    (``SparseMultipleNegativesRankingLoss``) keep their original base. The Cached* losses compute the loss once
+    over the whole batch and return it with 6.2.0's trainer contract: ``loss.backward()`` re-embeds each
+    mini-batch with its RNG state replayed. ``GISTEmbedLoss``'s guide mask runs on the blockwise torch engine,
+    so ``backend="triton"`` does not suit it or ``CachedGISTEmbedLoss`` (they raise; ``"auto"`` does).
 
     Inputs are sentence-transformers': ``forward(sentence_features, labels)`` (and MNRL's
     ``compute_loss_from_embeddings(embeddings, labels)``), with the constructors' options as in 6.2.0.

@@ -9,6 +9,7 @@ USE_HUB_KERNELS=0 so that transformers does not kernelize the model through the 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 
@@ -24,9 +25,18 @@ st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.loss
 import sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking as mnrl_module  # noqa: E402
 import sentence_transformers.sentence_transformer.losses.multiple_negatives_symmetric_ranking as symmetric  # noqa: E402
 
+CACHED_MODULES = {  # where 6.2.0 defines each Cached* loss
+    "CachedMultipleNegativesRankingLoss": f"{st_losses.__name__}.cached_multiple_negatives_ranking",
+    "CachedMultipleNegativesSymmetricRankingLoss": f"{st_losses.__name__}.cached_multiple_negatives_symmetric_ranking",
+    "CachedGISTEmbedLoss": f"{st_losses.__name__}.cached_gist_embed",
+}
+
 ORIGINAL = st_losses.MultipleNegativesRankingLoss
 ORIGINAL_SYMMETRIC = st_losses.MultipleNegativesSymmetricRankingLoss
 ORIGINAL_GIST = st_losses.GISTEmbedLoss
+ORIGINAL_CACHED = (st_losses.CachedMultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesSymmetricRankingLoss,
+                   st_losses.CachedGISTEmbedLoss)
+
 
 @pytest.fixture(autouse=True)
 def sentence_transformers_restored():
@@ -36,6 +46,8 @@ def sentence_transformers_restored():
     )
     assert st_losses.MultipleNegativesSymmetricRankingLoss is ORIGINAL_SYMMETRIC
     assert st_losses.GISTEmbedLoss is ORIGINAL_GIST
+    assert (st_losses.CachedMultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesSymmetricRankingLoss,
+            st_losses.CachedGISTEmbedLoss) == ORIGINAL_CACHED
 
 
 def test_every_import_spelling_returns_fastcontrasts_class_while_patched():
@@ -48,6 +60,14 @@ def test_every_import_spelling_returns_fastcontrasts_class_while_patched():
         assert mnrl_module.MultipleNegativesRankingLoss is fastcontrast.MultipleNegativesRankingLoss
         assert symmetric.MultipleNegativesSymmetricRankingLoss is fastcontrast.MultipleNegativesSymmetricRankingLoss
         assert old_spelling.GISTEmbedLoss is st_losses.GISTEmbedLoss is fastcontrast.GISTEmbedLoss
+        for name in ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
+                     "CachedGISTEmbedLoss"):
+            ours = getattr(fastcontrast, name)
+            assert getattr(old_spelling, name) is getattr(st_losses, name) is ours, name
+            assert getattr(importlib.import_module(CACHED_MODULES[name]), name) is ours, name
+        # 6.2.0's symmetric module imported the base class by name: that binding is the drop-in's too.
+        cached_symmetric = importlib.import_module(CACHED_MODULES["CachedMultipleNegativesSymmetricRankingLoss"])
+        assert cached_symmetric.CachedMultipleNegativesRankingLoss is fastcontrast.CachedMultipleNegativesRankingLoss
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
         assert type(MultipleNegativesRankingLoss(None)) is fastcontrast.MultipleNegativesRankingLoss
@@ -116,6 +136,12 @@ def matryoshka_mnrl(model, model_dir):
     return st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), matryoshka_dims=[32, 16, 8])
 
 
+def cached_mnrl(model, model_dir):
+    # Mini-batches of 3 in batches of 4 (ragged), dropout on: the per-step losses agree only if the re-forward
+    # replays each mini-batch's RNG state as 6.2.0's does.
+    return st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+
+
 def gist(model, model_dir):
     from sentence_transformers import SentenceTransformer
 
@@ -123,10 +149,16 @@ def gist(model, model_dir):
     return st_losses.GISTEmbedLoss(model, SentenceTransformer(model_dir, device="cpu"), temperature=0.05)
 
 
-@pytest.mark.parametrize("make_loss, negatives", [(mnrl, False), (matryoshka_mnrl, True), (gist, True)],
-                         ids=["mnrl-pairs", "matryoshka-mnrl-triplets", "gist-triplets"])
+def inner_loss(loss):
+    """The loss MatryoshkaLoss wraps, or the loss itself (a Cached* loss's own ``.loss`` is its non-cached core)."""
+    return loss.loss if isinstance(loss, st_losses.MatryoshkaLoss) else loss
+
+
+@pytest.mark.parametrize("make_loss, negatives, steps", [(mnrl, False, 10), (matryoshka_mnrl, True, 10),
+                                                         (gist, True, 10), (cached_mnrl, True, 4)],
+                         ids=["mnrl-pairs", "matryoshka-mnrl-triplets", "gist-triplets", "cached-mnrl-triplets"])
 def test_trainer_losses_per_step_are_the_same_patched_and_unpatched(tiny_model_dir, tmp_path, monkeypatch,
-                                                                     make_loss, negatives):
+                                                                     make_loss, negatives, steps):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # transformers 5.x kernelizes models through the hub's `kernels` package by default (a download); and this
     # repository's own kernels/ folder is importable as `kernels` from its root, which transformers would take
@@ -134,15 +166,18 @@ def test_trainer_losses_per_step_are_the_same_patched_and_unpatched(tiny_model_d
     monkeypatch.setenv("USE_HUB_KERNELS", "0")
     logging.disable(logging.WARNING)
     try:
-        expected, original_loss = train_losses(tiny_model_dir, tmp_path / "original", make_loss, negatives=negatives)
+        expected, original_loss = train_losses(tiny_model_dir, tmp_path / "original", make_loss, negatives=negatives,
+                                               steps=steps)
         with patch_sentence_transformers(backend="torch"):
-            got, patched_loss = train_losses(tiny_model_dir, tmp_path / "patched", make_loss, negatives=negatives)
+            got, patched_loss = train_losses(tiny_model_dir, tmp_path / "patched", make_loss, negatives=negatives,
+                                             steps=steps)
     finally:
         logging.disable(logging.NOTSET)
-    inner = getattr(patched_loss, "loss", patched_loss)
-    drop_ins = (fastcontrast.MultipleNegativesRankingLoss, fastcontrast.GISTEmbedLoss)
+    inner = inner_loss(patched_loss)
+    drop_ins = (fastcontrast.MultipleNegativesRankingLoss, fastcontrast.GISTEmbedLoss,
+                fastcontrast.CachedMultipleNegativesRankingLoss)
     assert isinstance(inner, drop_ins), type(inner)
-    assert not isinstance(getattr(original_loss, "loss", original_loss), drop_ins)
+    assert not isinstance(inner_loss(original_loss), drop_ins)
     assert len(set(expected)) > 1, f"the loss did not change during training: {expected}"
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"per-step training losses, patched vs original: {m}\n"
