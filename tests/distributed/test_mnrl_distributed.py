@@ -7,8 +7,9 @@ every rank's loss and embedding gradients must agree to fp64 rounding: the candi
 positives, then every rank's neg_1, …), the label offset rank·n and the reduce-scatter of the gradients.
 One spawn per world size runs its cases: every case on 2 ranks; on 3 ranks (where a middle rank has
 neighbours on both sides) the cases whose candidate order is the most involved: every direction with hard
-negatives, the symmetric per-direction loss, and GIST with triplets. Each spawn has a deadline, and the
-collectives a gloo timeout.
+negatives, the symmetric per-direction loss, and GIST with triplets. The Cached* losses run on 2 ranks
+through a stand-in model with dropout (each rank's parameters' gradients after ``loss.backward()``, which
+re-forwards the mini-batches). Each spawn has a deadline, and the collectives a gloo timeout.
 """
 
 from __future__ import annotations
@@ -54,10 +55,20 @@ GIST_CASES = {
                                                        contrast_anchors=False),
 }
 
+# The Cached* losses through a stand-in model with dropout, in mini-batches of 2 of each rank's 3 rows: every
+# parameter's gradient after loss.backward() (the re-forward) against 6.2.0's Cached* loss.
+CACHED_CASES = {
+    "cached-mnrl-k1-in-batch-hardness": dict(loss="CachedMultipleNegativesRankingLoss", negatives=1,
+                                            hardness_mode="in_batch_negatives", hardness_strength=2.0),
+    "cached-symmetric-pairs": dict(loss="CachedMultipleNegativesSymmetricRankingLoss", negatives=0),
+    "cached-gist-triplets-relative": dict(loss="CachedGISTEmbedLoss", negatives=1, temperature=0.1,
+                                          margin_strategy="relative", margin=0.05),
+}
+
 # Spawning costs seconds (each rank imports sentence-transformers); 3 ranks run only these cases.
 THREE_RANK_CASES = ("all-directions-joint-all-negatives-k1", "symmetric-per-direction-in-batch-k1",
                     "gist-triplets-relative-no-anchor-contrast")
-CASES_BY_WORLD_SIZE = {2: list(CASES) + list(GIST_CASES), 3: list(THREE_RANK_CASES)}
+CASES_BY_WORLD_SIZE = {2: list(CASES) + list(GIST_CASES) + list(CACHED_CASES), 3: list(THREE_RANK_CASES)}
 
 pytestmark = pytest.mark.timeout(len(WORLD_SIZES) * SPAWN_DEADLINE_S + 60)
 
@@ -71,6 +82,56 @@ class EmbeddingLookup(torch.nn.Module):
 
     def forward(self, features):
         return {"sentence_embedding": features[self.key]}
+
+
+class DropoutEncoder(torch.nn.Module):
+    """A SentenceTransformer stand-in's one module: features["x"] -> Linear -> Dropout -> "sentence_embedding"."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.dropout = torch.nn.Linear(DIM, DIM, dtype=torch.float64), torch.nn.Dropout(0.3)
+
+    def forward(self, features):
+        return {**features, "sentence_embedding": self.dropout(self.linear(features["x"]))}
+
+
+class StandInModel(torch.nn.Sequential):
+    """What the Cached* losses need of a SentenceTransformer: indexable modules, a tokenizer, max_seq_length."""
+
+    def __init__(self, tokenizer):
+        torch.manual_seed(11)  # the same weights on every rank, as DDP replicas have
+        super().__init__(DropoutEncoder())
+        self.tokenizer, self.max_seq_length = tokenizer, 32
+
+
+def _run_cached_case(rank, world_size, options):
+    import tokenizers
+    import transformers
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    import fastcontrast
+
+    options = dict(options)
+    name, negatives = options.pop("loss"), options.pop("negatives")
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]")
+    model = StandInModel(tokenizer).train()
+    guide = (EmbeddingLookup("guide", tokenizer),) if name == "CachedGISTEmbedLoss" else ()
+    g = torch.Generator().manual_seed(7)
+    global_columns = [torch.randn(world_size * ROWS, DIM, generator=g, dtype=torch.float64)
+                      for _ in range(2 + negatives)]
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    features = [{"x": x[rows], "guide": x[rows, :5] + 0.3 * torch.randn(ROWS, 5, generator=g, dtype=torch.float64)}
+                for x in global_columns]
+    results = {}
+    for label, cls in (("original", getattr(st_losses, name)), ("fastcontrast", getattr(fastcontrast, name))):
+        loss = cls(model, *guide, mini_batch_size=2, gather_across_devices=True, **options)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + rank)
+        value = loss([dict(f) for f in features], None)
+        value.backward()
+        results[label] = (value.detach(), [p.grad.clone() for p in model.parameters()])
+    return results
 
 
 def _run_gist_case(rank, world_size, options):
@@ -138,8 +199,10 @@ def _worker(rank, world_size, port, out_dir):
             try:
                 if name in CASES:
                     results[name] = _run_case(rank, world_size, CASES[name])
-                else:
+                elif name in GIST_CASES:
                     results[name] = _run_gist_case(rank, world_size, GIST_CASES[name])
+                else:
+                    results[name] = _run_cached_case(rank, world_size, CACHED_CASES[name])
             except Exception:
                 results[name] = {"crash": traceback.format_exc()}
     finally:
