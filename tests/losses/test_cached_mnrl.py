@@ -89,7 +89,7 @@ def assert_same_step(got, expected, what):
 
 
 MNRL_CASES = {
-    "pairs": dict(negatives=0),
+    "pairs-with-progress-bar": dict(negatives=0, show_progress_bar=True),
     "k1-all-directions-joint-all-negatives": dict(
         negatives=1, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
         hardness_mode="all_negatives", hardness_strength=3.0, scale=10.0),
