@@ -143,6 +143,11 @@ def _distill_backward_fake(a, b, scale, a_t, b_t, scale_t, stats, grads, need_a,
             _matrix_or_empty(a, a_t.shape, need_a_t), _matrix_or_empty(a, b_t.shape, need_b_t))
 
 
+# The ops' Python bodies by qualified name. A TorchDispatchMode sees a custom op as one call; a tool that
+# counts what the engines issue (the work model) runs the body under its mode to see each torch op inside.
+IMPLEMENTATIONS = {f"fastcontrast::{body.__name__}": body for body in (
+    lse_forward, lse_backward, siglip_forward, siglip_backward, distill_forward, distill_backward)}
+
 if HAS_CUSTOM_OP:
     # Registered under fastcontrast::<name>; the module-level names then dispatch through torch.
     lse_forward = torch.library.custom_op("fastcontrast::lse_forward", lse_forward, mutates_args=())

@@ -27,16 +27,18 @@ A model, never a measurement (no GPU is used). How the numbers are made:
 6. **Calibration.** The same model applied to a published, measured Triton kernel on H100 (:data:`REFERENCE`):
    how far it lands from the measurement is printed, and every fused time is also given × that factor.
 
-    python -m fastcontrast model [--quick] [--json FILE]
+    python -m fastcontrast model [--quick] [--gpus H100 …] [--json FILE] [--calibrate RESULTS.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 N_TARGET = 65_536
@@ -54,6 +56,11 @@ class GpuSpec:
     sfu_per_s: float  # exp2 / log2 elements per second
     sms: int
     l2_bytes: int
+    arch: str = "sm_90"  # the compile table's rows that give a launch's registers and shared memory
+    registers_per_sm: int = 65536
+    warps_per_sm: int = 64
+    programs_per_sm: int = 32
+    shared_per_sm: int = 228 * 1024  # of which 1 KiB per resident program is reserved by the driver
 
 
 # Vendor figures (dense, no sparsity): H100 SXM 989 TFLOP/s bf16, 3.35 TB/s; H200 SXM the same chip with 4.8 TB/s
@@ -95,6 +102,49 @@ def wgmma_n(kernel: str, kwargs: dict, warps: int) -> int:
     dot_ns = {"gradient_kernel": (block_n, block_d), "distill_gradient_kernel": (block_n, block_d)}.get(
         kernel, (block_n,))
     return min(256, min(n // along_n for n in dot_ns))
+
+
+def _table_rows(arch: str) -> dict:
+    """Compile-table rows of ``arch`` by (kernel, dtype, tile, warps, stages); cached."""
+    if arch not in _TABLE_ROWS:
+        from fastcontrast.tools.binaries import load_table
+
+        rows: dict = {}
+        for row in load_table()[0]["rows"]:
+            if row["arch"] == arch:
+                key = (row["kernel"], row["dtype"], row["block"], row["warps"], row["stages"])
+                rows.setdefault(key, []).append(row)
+        _TABLE_ROWS[arch] = rows
+    return _TABLE_ROWS[arch]
+
+
+_TABLE_ROWS: dict = {}
+
+
+def resident_programs(launch, gpu: GpuSpec) -> Optional[int]:
+    """Programs of ``launch`` that fit on one SM at once, from the compile table's registers and shared memory
+    of its binary on ``gpu.arch``: the rows of the same kernel, dtype, tile, warps and stages (their constexpr
+    variants differ little; the largest footprint is taken). None if the table has no such row."""
+    kw = launch.kwargs
+    x = kw.get("X", kw.get("A", kw.get("P")))
+    dtype = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(x.dtype)]
+    tile = f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_D')}"
+    rows = _table_rows(gpu.arch).get((launch.name, dtype, tile, kw["num_warps"], kw["num_stages"]))
+    if not rows:
+        return None
+    warps = kw["num_warps"]
+    # Registers are allocated per warp in units of 256; shared memory per program plus 1 KiB reserved.
+    per_warp = -(-max(r["registers"] for r in rows) * 32 // 256) * 256
+    by_registers = (gpu.registers_per_sm // per_warp) // warps
+    by_shared = gpu.shared_per_sm // (max(r["shared"] for r in rows) + 1024)
+    return max(1, min(by_registers, by_shared, gpu.warps_per_sm // warps, gpu.programs_per_sm))
+
+
+def wave_factor(programs: int, resident: Optional[int], gpu: GpuSpec) -> float:
+    """Time of ``programs`` in whole waves over the time if the last wave were full: ⌈w⌉ / w, w = programs /
+    (SMs × resident). A launch without a table row is taken as one resident program per SM."""
+    waves = programs / (gpu.sms * (resident or 1))
+    return math.ceil(waves) / waves
 
 
 def _efficiency(n: int) -> float:
@@ -152,6 +202,9 @@ class KernelRecord:
     modelled_s: float
     naive_s: Optional[float] = None
     gpu: str = "H100"
+    resident_programs: Optional[int] = None  # per SM, from the compile table; None: no row for this launch
+    wave_factor: float = 1.0  # the largest ⌈waves⌉ / waves of its launches
+    wave_s: float = 0.0  # the partial last waves' idle compute, included in modelled_s
 
 
 def _inputs(loss: str, n: int, d: int):
@@ -207,38 +260,95 @@ def _run_naive_best(loss: str, a, b):
     value.backward()
 
 
-class _TrafficCounter:
-    """A TorchDispatchMode counting matmul FLOPs and the bytes every other (non-view) op reads and writes."""
+@dataclass
+class TorchOps:
+    """The torch ops a loss's step issues, beside its Triton launches: each one is a GPU launch of its own.
 
+    ``engine_*``: inside the engines' custom ops (split-K merges, casts, the scale gradient); ``outer_*``: in the
+    loss's Python around them (the mean over rows, the positive's term); ``*_by_name``: aten op name → count."""
+
+    engine_ops: int = 0
+    engine_bytes: int = 0
+    outer_ops: int = 0
+    outer_bytes: int = 0
+    engine_by_name: dict = field(default_factory=dict)
+    outer_by_name: dict = field(default_factory=dict)
+
+    @property
+    def ops(self) -> int:
+        return self.engine_ops + self.outer_ops
+
+    @property
+    def bytes(self) -> int:
+        return self.engine_bytes + self.outer_bytes
+
+
+class _TrafficCounter:
+    """A TorchDispatchMode counting matmul FLOPs, and every other (non-view) op and the bytes it reads and writes.
+
+    A custom op of the engines reaches a dispatch mode as one call, so its Python body
+    (:data:`fastcontrast.ops.IMPLEMENTATIONS`) is run under the mode instead: its torch ops are counted one by
+    one, as ``engine_*``."""
+
+    # Ops that launch nothing on a GPU: views, and allocations (an uninitialised tensor is not written).
     VIEWS = ("view", "_unsafe_view", "t", "transpose", "expand", "detach", "alias", "select", "slice", "unsqueeze",
-             "squeeze", "permute", "as_strided", "empty", "new_empty", "empty_like", "empty_strided")
+             "squeeze", "permute", "as_strided", "empty", "new_empty", "empty_like", "empty_strided", "lift_fresh",
+             "_reshape_alias", "detach_")
 
     def __init__(self):
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
+        from fastcontrast.ops import IMPLEMENTATIONS
+
         counter = self
         self.flops = 0
-        self.bytes = 0
+        self.ops = TorchOps()
+        self._depth = 0
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                kwargs = kwargs or {}
                 if getattr(func, "namespace", "") == "fastcontrast":
-                    return out  # the engine's own op: its kernels are counted apart, its torch ops one by one
+                    # The mode is off inside its own handler: entered again, it sees the body's ops.
+                    counter._depth += 1
+                    try:
+                        with self:
+                            return IMPLEMENTATIONS[func._schema.name](*args, **kwargs)
+                    finally:
+                        counter._depth -= 1
+                if counter._depth and torch._C._dispatch_has_kernel_for_dispatch_key(
+                        func.name(), "CompositeImplicitAutograd"):
+                    # Under the body's mode, composite ops (``.to``) reach the mode whole: run their
+                    # decomposition under it, so that a real copy is counted and a no-op ``.to`` is not.
+                    with self:
+                        return func.decompose(*args, **kwargs)
+                out = func(*args, **kwargs)
+                name = func.__name__.split(".")[0]
+                if name in counter.VIEWS:
+                    return out
                 tensors_in = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
                 tensors_out = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
-                name = func.__name__.split(".")[0]
                 if name in ("mm", "bmm", "addmm"):
                     x, y = [t for t in tensors_in if t.dim() >= 2][-2:]
                     counter.flops += 2 * x.shape[-2] * x.shape[-1] * y.shape[-1] * (x.shape[0] if x.dim() == 3 else 1)
-                    counter.bytes += sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
-                elif name not in counter.VIEWS:
-                    counter.bytes += sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
+                moved = sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
+                ops = counter.ops
+                if counter._depth:
+                    ops.engine_ops, ops.engine_bytes = ops.engine_ops + 1, ops.engine_bytes + moved
+                    names = ops.engine_by_name
+                else:
+                    ops.outer_ops, ops.outer_bytes = ops.outer_ops + 1, ops.outer_bytes + moved
+                    names = ops.outer_by_name
+                names[name] = names.get(name, 0) + 1
                 return out
 
         self.mode = Mode()
+
+    @property
+    def bytes(self) -> int:
+        return self.ops.bytes
 
 
 # Kernels whose programs loop over a long dimension: (the arguments bounding program 0's loop, the block that
@@ -292,8 +402,8 @@ def count_launch(launch):
     return WorkCount(*(launch.programs * v for v in per_program))
 
 
-def count_loss(loss: str, d: int, n: int) -> tuple[list, int]:
-    """The launches of one loss's forward + backward with their counted work, and its torch ops' bytes."""
+def count_loss(loss: str, d: int, n: int) -> tuple[list, TorchOps]:
+    """The launches of one loss's forward + backward with their counted work, and its torch ops."""
     from fastcontrast.kernels.configs import assume_target
     from fastcontrast.kernels.launches import recorded_launches, without_storage
 
@@ -313,20 +423,27 @@ def count_loss(loss: str, d: int, n: int) -> tuple[list, int]:
     with assume_target(("cuda", 90)), recorded_launches(keep) as launches, glue.mode:
         _run_loss(loss, a, b, "triton")
     counted = {key: count_launch(launch) for key, launch in first.items()}
-    return [(launch, counted[_launch_key(launch)]) for launch in launches], glue.bytes
+    return [(launch, counted[_launch_key(launch)]) for launch in launches], glue.ops
 
 
-def time_loss(loss: str, d: int, n: int, launches: list, glue_bytes: int, gpu: GpuSpec):
-    """Per-kernel records of one loss's counted launches on ``gpu``, and the loss's own record."""
+def time_loss(loss: str, d: int, n: int, launches: list, torch_ops: TorchOps, gpu: GpuSpec):
+    """Per-kernel records of one loss's counted launches on ``gpu``, and the loss's own record: the launches'
+    times plus its torch ops', each op one launch (:data:`LAUNCH_S`) and its bytes at HBM speed."""
     by_kernel: dict[str, KernelRecord] = {}
     for launch, work in launches:
         n_instr = wgmma_n(launch.name, launch.kwargs, launch.kwargs["num_warps"])
-        hbm = hbm_bytes(launch, work.bytes_stored, gpu)
+        resident = resident_programs(launch, gpu)
+        hbm = hbm_bytes(launch, work.bytes_stored, gpu, resident or 1)
         tensor_s = work.flops / (gpu.tensor_flops * _efficiency(n_instr))
         sfu_s = work.transcendentals / gpu.sfu_per_s
         memory_s = hbm / gpu.hbm_bytes_per_s
+        # A last wave that leaves SMs idle costs a whole wave of compute (the tail), not its share of the work.
+        waves = wave_factor(launch.programs, resident, gpu)
         record = by_kernel.setdefault(launch.name, KernelRecord(loss, launch.name, d, n, 0, 0, 0, 0, 0, n_instr, 0, 0,
                                                                  0, 0, gpu=gpu.name))
+        record.resident_programs = resident
+        record.wave_factor = max(record.wave_factor, waves)
+        record.wave_s += (waves - 1) * max(tensor_s, sfu_s)
         record.launches += 1
         record.flops += work.flops
         record.transcendentals += work.transcendentals
@@ -336,17 +453,28 @@ def time_loss(loss: str, d: int, n: int, launches: list, glue_bytes: int, gpu: G
         record.tensor_s += tensor_s
         record.sfu_s += sfu_s
         record.memory_s += memory_s
-        record.modelled_s += max(tensor_s, sfu_s, memory_s) + LAUNCH_S
+        record.modelled_s += max(waves * max(tensor_s, sfu_s), memory_s) + LAUNCH_S
     kernels = list(by_kernel.values())
-    glue_s = glue_bytes / gpu.hbm_bytes_per_s
+    glue_bytes = torch_ops.bytes
+    glue_s = glue_bytes / gpu.hbm_bytes_per_s + torch_ops.ops * LAUNCH_S
+    triton_launches = sum(k.launches for k in kernels)
     total = {
         "loss": loss, "kernel": "forward+backward", "d": d, "n": n, "gpu": gpu.name,
-        "launches": sum(k.launches for k in kernels),
+        "launches": triton_launches + torch_ops.ops, "triton_launches": triton_launches,
+        "torch_ops": torch_ops.engine_ops, "torch_ops_outside": torch_ops.outer_ops,
+        "torch_op_names": dict(sorted(torch_ops.engine_by_name.items())),
+        "torch_op_names_outside": dict(sorted(torch_ops.outer_by_name.items())),
+        "triton_launch_names": dict(sorted(Counter(launch.name for launch, _ in launches).items())),
         "flops": sum(k.flops for k in kernels), "transcendentals": sum(k.transcendentals for k in kernels),
         "bytes": sum(k.bytes for k in kernels) + glue_bytes,
         "bytes_hbm": sum(k.bytes_hbm for k in kernels) + glue_bytes,
-        "glue_bytes": glue_bytes, "tensor_s": sum(k.tensor_s for k in kernels), "sfu_s": sum(k.sfu_s for k in kernels),
-        "memory_s": sum(k.memory_s for k in kernels) + glue_s,
+        "glue_bytes": glue_bytes, "torch_op_bytes": torch_ops.engine_bytes,
+        "torch_op_bytes_outside": torch_ops.outer_bytes, "glue_s": glue_s,
+        "launch_s": (triton_launches + torch_ops.ops) * LAUNCH_S,
+        "tensor_s": sum(k.tensor_s for k in kernels), "sfu_s": sum(k.sfu_s for k in kernels),
+        "memory_s": sum(k.memory_s for k in kernels) + glue_bytes / gpu.hbm_bytes_per_s,
+        "kernels_s": sum(k.modelled_s for k in kernels), "wave_s": sum(k.wave_s for k in kernels),
+        "launches_without_table_row": sum(1 for launch, _ in launches if resident_programs(launch, gpu) is None),
         "modelled_s": sum(k.modelled_s for k in kernels) + glue_s,
         "passes": sum(k.flops for k in kernels) / (2 * _rows(loss, n) ** 2 * d),
     }
@@ -394,7 +522,7 @@ def run(dims=DIMS, losses=LOSSES, n: int = N_TARGET, gpus=("H100", "H200")) -> d
     cal = calibration(GPUS["H100"])
     for loss in losses:
         for d in dims:
-            launches, glue_bytes = count_loss(loss, d, n)
+            launches, torch_ops = count_loss(loss, d, n)
             naive_counts = naive_model(loss, d, n, GPUS[gpus[0]])
             best_counts = naive_model(loss, d, n, GPUS[gpus[0]], best=True)
             for gpu_name in gpus:
@@ -405,7 +533,7 @@ def run(dims=DIMS, losses=LOSSES, n: int = N_TARGET, gpus=("H100", "H200")) -> d
                     return gemm_s + counts["bytes"] / gpu.hbm_bytes_per_s
 
                 naive_s, naive_best_s = naive_time(naive_counts), naive_time(best_counts)
-                kernels, total = time_loss(loss, d, n, launches, glue_bytes, gpu)
+                kernels, total = time_loss(loss, d, n, launches, torch_ops, gpu)
                 for record in kernels:
                     record.naive_s = naive_s
                     records.append(asdict(record))
@@ -413,7 +541,10 @@ def run(dims=DIMS, losses=LOSSES, n: int = N_TARGET, gpus=("H100", "H200")) -> d
                              naive_passes=naive_counts["passes"], naive_as_written_s=naive_s,
                              naive_best_s=naive_best_s, naive_best_passes=best_counts["passes"],
                              naive_best_flops=best_counts["flops"], naive_best_bytes=best_counts["bytes"],
-                             calibrated_s=total["modelled_s"] * cal["measured_over_modelled"])
+                             # One calibration rule, applied to both sides: the ratios do not move.
+                             calibrated_s=total["modelled_s"] * cal["measured_over_modelled"],
+                             naive_calibrated_s=naive_s * cal["measured_over_modelled"],
+                             naive_best_calibrated_s=naive_best_s * cal["measured_over_modelled"])
                 totals.append(total)
                 print(f"  {gpu.name} {loss} d={d}: fused {total['modelled_s'] * 1e3:.1f} ms (model), naive "
                       f"{naive_s * 1e3:.1f} ms as written, {naive_best_s * 1e3:.1f} ms at best", file=sys.stderr,
@@ -426,33 +557,111 @@ def run(dims=DIMS, losses=LOSSES, n: int = N_TARGET, gpus=("H100", "H200")) -> d
 def format_markdown(result: dict) -> str:
     """The per-loss table of the README / docs (a model: says so in its header)."""
     cal = result["calibration"]
+    measured = result.get("measured_calibration")
     lines = [
-        f"Model (not a measurement), bf16, N = {result['assumptions']['n']:,}: fused = slowest of tensor cores, SFU "
-        f"and HBM per kernel, every byte counted; naive = open_clip / lightly as written. The same model lands "
-        f"{cal['measured_over_modelled']:.2f}× under a measured Triton kernel ({cal['name']}): the 'calibrated' "
-        "column multiplies by that.",
+        f"Model (not a measurement), bf16, N = {result['assumptions']['n']:,}: fused = per launch, the slowest of "
+        "tensor cores (with its partial last wave), SFU and HBM, plus every torch op the engine issues (its bytes "
+        "and a launch each); naive = open_clip / lightly as written, and written with care (3 GEMM passes). "
+        f"Ratios are model ÷ model. The same model lands {cal['measured_over_modelled']:.2f}× under a measured "
+        f"Triton kernel ({cal['name']}); 'calibrated' multiplies both sides by that, so the ratios are the same.",
         "",
-        "| GPU | loss | d | passes | bytes to HBM | fused (model) | fused (calibrated) | naive as written (model) "
-        "| naive at best (model) | as written ÷ calibrated | best ÷ calibrated |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GPU | loss | d | passes | launches (Triton + torch) | bytes to HBM | fused (model) | fused (calibrated) "
+        "| naive as written (model) | naive at best (model) | as written ÷ fused | best ÷ fused |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if measured:
+        lines.insert(1, f"Calibrated from a GPU run ({measured['source']}): per kernel kind, modelled × "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(measured["kernels"].items())) + ".")
     for t in result["losses"]:
         lines.append(
-            f"| {t['gpu']} | {t['loss']} | {t['d']} | {t['passes']:.2f} | {t['bytes_hbm'] / 2**30:.2f} GiB | "
-            f"{t['modelled_s'] * 1e3:.1f} ms | {t['calibrated_s'] * 1e3:.1f} ms | {t['naive_s'] * 1e3:.1f} ms | "
-            f"{t['naive_best_s'] * 1e3:.1f} ms | {t['naive_s'] / t['calibrated_s']:.2f}× | "
-            f"{t['naive_best_s'] / t['calibrated_s']:.2f}× |"
+            f"| {t['gpu']} | {t['loss']} | {t['d']} | {t['passes']:.2f} | {t['launches']:,} "
+            f"({t['triton_launches']:,} + {t['torch_ops'] + t['torch_ops_outside']:,}) | "
+            f"{t['bytes_hbm'] / 2**30:.2f} GiB | {t['modelled_s'] * 1e3:.1f} ms | {t['calibrated_s'] * 1e3:.1f} ms | "
+            f"{t['naive_s'] * 1e3:.1f} ms | {t['naive_best_s'] * 1e3:.1f} ms | {t['naive_s'] / t['modelled_s']:.2f}× | "
+            f"{t['naive_best_s'] / t['modelled_s']:.2f}× |"
         )
     lines += ["", "| GPU | loss | d | kernel | launches | FLOPs | bytes counted | bytes to HBM (model) | wgmma N | "
-              "tensor | SFU | memory | modelled |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "resident / SM | wave factor | tensor | SFU | memory | modelled |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in result["kernels"]:
         lines.append(
             f"| {k['gpu']} | {k['loss']} | {k['d']} | {k['kernel']} | {k['launches']} | {k['flops']:.3g} | "
             f"{k['bytes'] / 2**30:.2f} GiB | {k['bytes_hbm'] / 2**30:.2f} GiB | {k['instruction_n']} | "
-            f"{k['tensor_s'] * 1e3:.2f} ms | {k['sfu_s'] * 1e3:.2f} ms | {k['memory_s'] * 1e3:.2f} ms | "
-            f"{k['modelled_s'] * 1e3:.2f} ms |"
+            f"{k['resident_programs'] if k['resident_programs'] is not None else 'no row'} | "
+            f"{k['wave_factor']:.2f} | {k['tensor_s'] * 1e3:.2f} ms | {k['sfu_s'] * 1e3:.2f} ms | "
+            f"{k['memory_s'] * 1e3:.2f} ms | {k['modelled_s'] * 1e3:.2f} ms |"
         )
     return "\n".join(lines)
+
+
+def read_gpu_check(path: str) -> list[dict]:
+    """The performance-probe records of a ``gpu-check`` run (its JSONL): each line with ``loss``, ``d``, ``n``
+    and ``kernel_times_s`` (Triton kernel name → measured seconds per step, from torch.profiler), and
+    optionally ``naive_best_s`` (the best naive loss, measured in the same run)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from None
+            if isinstance(record, dict) and record.get("kernel_times_s"):
+                records.append(record)
+    if not records:
+        raise ValueError(f"{path} has no performance-probe record (a line with 'kernel_times_s'): run "
+                         "`python -m fastcontrast gpu-check` on a GPU first")
+    return records
+
+
+def measured_calibration(path: str, gpu: GpuSpec) -> dict:
+    """Measured ÷ modelled per kernel kind (and for the best naive loss, if measured), from a gpu-check run:
+    the model is run at each probe's (loss, d, n) and compared kernel by kernel; factors of a kind measured
+    more than once are averaged geometrically."""
+    ratios: dict = {}
+    naive: list = []
+    for probe in read_gpu_check(path):
+        launches, torch_ops = count_loss(probe["loss"], probe["d"], probe["n"])
+        kernels, _ = time_loss(probe["loss"], probe["d"], probe["n"], launches, torch_ops, gpu)
+        modelled = {k.kernel: k.modelled_s for k in kernels}
+        for name, seconds in probe["kernel_times_s"].items():
+            if name in modelled and seconds > 0:
+                ratios.setdefault(name, []).append(seconds / modelled[name])
+        if probe.get("naive_best_s"):
+            naive.append(probe["naive_best_s"] / naive_model(probe["loss"], probe["d"], probe["n"], gpu, best=True)[
+                "naive_s"])
+
+    def mean(values):
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    return {"source": path, "gpu": gpu.name, "kernels": {k: mean(v) for k, v in ratios.items()},
+            "naive_best": mean(naive) if naive else None}
+
+
+def apply_calibration(result: dict, measured: dict) -> dict:
+    """``result`` with ``calibrated_s`` from measured factors: each kernel kind's modelled time × its factor
+    (kinds not measured: × 1, and listed), torch ops unchanged; the naive columns × the naive factor if it was
+    measured, else as modelled (and said so in ``calibration_note``)."""
+    by_loss: dict = {}
+    for k in result["kernels"]:
+        factor = measured["kernels"].get(k["kernel"], 1.0)
+        k["calibrated_s"] = k["modelled_s"] * factor
+        key = (k["gpu"], k["loss"], k["d"])
+        by_loss[key] = by_loss.get(key, 0.0) + k["calibrated_s"] - k["modelled_s"]
+    naive = measured["naive_best"]
+    for t in result["losses"]:
+        t["calibrated_s"] = t["modelled_s"] + by_loss.get((t["gpu"], t["loss"], t["d"]), 0.0)
+        t["naive_calibrated_s"] = t["naive_s"] * (naive or 1.0)
+        t["naive_best_calibrated_s"] = t["naive_best_s"] * (naive or 1.0)
+    unmeasured = sorted({k["kernel"] for k in result["kernels"]} - set(measured["kernels"]))
+    result["measured_calibration"] = {**measured, "unmeasured_kernels": unmeasured}
+    result["calibration_note"] = (
+        "per kernel kind from " + measured["source"]
+        + (f"; not measured (× 1): {', '.join(unmeasured)}" if unmeasured else "")
+        + ("; naive × its measured factor" if naive else "; naive not measured: as modelled"))
+    return result
 
 
 def model_cli(argv=None) -> int:
@@ -461,7 +670,14 @@ def model_cli(argv=None) -> int:
                         help=f"CLIP only at d = {', '.join(map(str, QUICK_DIMS))}, H100 only (under 2 minutes)")
     parser.add_argument("--json", metavar="FILE", help="write every record as JSON")
     parser.add_argument("--n", type=int, default=N_TARGET, help="batch size (a multiple of 4096)")
+    parser.add_argument("--gpus", nargs="+", choices=sorted(GPUS), default=None,
+                        help="the GPUs to model (default: H100 and H200; H100 alone with --quick)")
+    parser.add_argument("--calibrate", metavar="RESULTS.jsonl",
+                        help="a gpu-check run's JSONL: replace the assumed efficiencies by the measured ones, per "
+                             "kernel kind (measured ÷ modelled at the probe's sizes), and the naive loss's if measured")
     args = parser.parse_args(argv)
+    if args.calibrate and not os.path.isfile(args.calibrate):
+        raise SystemExit(f"--calibrate: no such file: {args.calibrate}")
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # The counts come from the interpreter, which must be on before triton is imported.
         if "triton" in sys.modules:
@@ -469,10 +685,22 @@ def model_cli(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     if args.n % 4096:
         raise SystemExit(f"--n must be a multiple of 4096 (tile-aligned panels), got {args.n}")
+    from fastcontrast.tools.bench.meters import pin_malloc_mmap_threshold
+
+    # Thousands of panel-sized temporaries come and go at N = 65,536: with glibc's default, its raised mmap
+    # threshold serves them from the heap, which keeps them resident (17 GB instead of 1.8 GB for NT-Xent).
+    pin_malloc_mmap_threshold()
+    gpus = tuple(args.gpus or (("H100",) if args.quick else ("H100", "H200")))
     if args.quick:
-        result = run(dims=QUICK_DIMS, losses=("CLIP",), n=args.n, gpus=("H100",))
+        result = run(dims=QUICK_DIMS, losses=("CLIP",), n=args.n, gpus=gpus)
     else:
-        result = run(n=args.n)
+        result = run(n=args.n, gpus=gpus)
+    if args.calibrate:
+        try:
+            measured = measured_calibration(args.calibrate, GPUS[gpus[0]])
+        except ValueError as exc:
+            raise SystemExit(f"--calibrate: {exc}") from None
+        result = apply_calibration(result, measured)
     print(format_markdown(result))
     if args.json:
         with open(args.json, "w") as f:
