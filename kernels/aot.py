@@ -238,6 +238,32 @@ def _specialise(launch, arch: str, backend) -> Variant:
     return Variant(kernel, arch, signature, constexprs, attrs, options, dtype, launch.kwargs["INPUT_PRECISION"])
 
 
+@contextlib.contextmanager
+def _many_panels(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, the panel gradient path cuts the recording calls' few rows into panels of 32 × 32 and
+    fills the GPU without splitting the reduction: the launches a real batch makes (N ≥ 4096 is several
+    panels, and where a panel's output tiles fill the GPU its GEMM adds to the previous panel's result,
+    ACCUMULATE), which ``_ROWS`` rows alone never reach. Only the panel extents and the split count change;
+    configs and flags are the launchers' own."""
+    if not enabled:
+        yield
+        return
+    from fastcontrast.kernels import configs, distill_launch, gradient_launch
+
+    saved = gradient_launch.panel_configs, distill_launch.panel_configs, gradient_launch.target_programs
+
+    def small_panels(target, dtype):
+        _, ds_config, matmul_config = configs.panel_configs(target, dtype)
+        return configs.PanelConfig(32, 32), ds_config, matmul_config
+
+    gradient_launch.panel_configs = distill_launch.panel_configs = small_panels
+    gradient_launch.target_programs = lambda device: 1
+    try:
+        yield
+    finally:
+        gradient_launch.panel_configs, distill_launch.panel_configs, gradient_launch.target_programs = saved
+
+
 def variants(archs: Iterable[str] = ARCHS, dtypes: Iterable[str] = DTYPES, dims: Iterable[int] = DIMS) -> list[Variant]:
     """Every distinct binary the engine launches on ``archs`` (see the module docstring)."""
     from fastcontrast.kernels import engine as triton_engine
@@ -252,11 +278,12 @@ def variants(archs: Iterable[str] = ARCHS, dtypes: Iterable[str] = DTYPES, dims:
             dtype = _TORCH_DTYPES[dtype_name]
             for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
                 for d in dims:
-                    for single_pass in (True, False):
+                    for single_pass, many_panels in ((True, False), (False, False), (False, True)):
                         saved = triton_engine.SINGLE_PASS_SCRATCH_BYTES
                         triton_engine.SINGLE_PASS_SCRATCH_BYTES = saved if single_pass else 0
                         try:
-                            with assume_target(_config_target(arch)), _tf32(tf32), recorded_launches() as launches:
+                            with assume_target(_config_target(arch)), _tf32(tf32), recorded_launches() as launches, \
+                                    _many_panels(many_panels):
                                 engine = triton_engine.TritonEngine()
                                 for _, call in engine_calls(dtype, d):
                                     call(engine)
@@ -451,5 +478,6 @@ if __name__ == "__main__":
     arguments = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     if "sample" in arguments:
         print(json.dumps(keys_and_sample(arguments["sample"])))
+
     else:
         print(json.dumps(compile_table(**arguments)))
