@@ -337,3 +337,32 @@ def test_cached_caption_loss_is_cocas_token_mean_and_its_gradient():
     assert no_clip[0].dtype == torch.int64 and no_clip[0].item() == 0
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "precision, rel_tol",
+    [
+        # Two units in the last place of the autocast format (2 ** -7 for bf16's 8-bit significand, 2 ** -10
+        # for fp16's 11-bit one), relative. Under autocast the linear layers round their outputs to that format,
+        # and oneDNN's GEMMs for 4 rows and for 8 rows round differently, so the cached step's features are the
+        # plain step's to within a rounding of the format, not bit for bit (in fp32 they are bit for bit), and
+        # the parameters then drift by as much over the steps. Measured over the 6 steps: at most 0.77 ulp
+        # (bf16: 3.0e-3 relative) and 0.70 ulp (fp16: 3.4e-4); open_clip's own bf16 step is 4.4e-3 away from
+        # its fp32 step over the same steps.
+        pytest.param("amp_bf16", 2**-7, id="amp_bf16"),
+        # fp16 autocast and GradScaler (torch.amp.GradScaler(device="cpu")): both run on CPU.
+        pytest.param("amp", 2**-10, id="amp-fp16-grad-scaler"),
+    ],
+)
+def test_grad_cache_step_gives_open_clips_losses_under_mixed_precision(dataset, precision, rel_tol):
+    reference = train(dataset, f"cache-{precision}-open_clip", "open_clip", 1, [], model="model_patch_dropout",
+                      csv="csv_short", precision=precision)
+    patched = train(dataset, f"cache-{precision}-fastcontrast", "fastcontrast", 1, ["--fastcontrast-grad-cache", "4"],
+                    model="model_patch_dropout", csv="csv_short", precision=precision)
+    assert_losses_match(reference[0], patched[0], SHORT_SAMPLES // BATCH, rel_tol=rel_tol)
+    if precision == "amp":
+        # GradScaler's first scale (2 ** 16) overflows fp16 gradients: open_clip's step 0 is skipped (the logit
+        # scale the next step's loss sees is unchanged), and the cached step, which scales the loss before its
+        # gradients are cached, must overflow and skip it too.
+        for run in (reference[0], patched[0]):
+            assert run[1]["logit_scale"] == run[0]["logit_scale"] != run[2]["logit_scale"]
