@@ -10,7 +10,8 @@ open_clip_train's ``train_one_epoch`` (accum_freq 1) does, per batch::
     backward(total_loss, scaler)          # open_clip_train.train.backward
     [scaler.]step(optimizer) ...
 
-:func:`grad_cache_train_one_epoch` runs that same function, unchanged, with two stand-ins:
+:func:`grad_cache_train_one_epoch` runs that same function, unchanged, with two stand-ins (three for CoCa,
+below):
 
 - the model is a :class:`CachedStepModel`: its call embeds the batch in chunks of CHUNK samples without grad
   (phase 1 of :mod:`fastcontrast.cached`, RNG state saved per chunk) and returns the features as leaf
