@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/step_memory.py [--sizes 1024 2048 4096 8192 16384] [--chunk 256]
         [--plain-max 4096] [--width 128] [--tokens 32] [--in-dim 32] [--dim 32] [--dropout 0.1]
-        [--repeats 0] [--json PATH] [--png PATH]
+        [--repeats 0] [--phases] [--json PATH] [--png PATH]
 
 The model: two towers (image, text), each a token MLP: ``tokens`` × ``in_dim`` inputs per sample, per token
 Linear(in_dim, width) → GELU → Dropout → Linear(width, width) → GELU → Dropout, mean over tokens, then
@@ -29,6 +29,12 @@ state). Where VmHWM cannot be reset the meter falls back to ``tensor_bytes`` (li
 a TorchDispatchMode) and the JSON says so. Time: the median wall time of the measured step and ``--repeats``
 further steps in the same worker (with the pinned mmap threshold, which costs some page faults: a slight
 overestimate for both modes).
+
+``--phases`` (cached step, ``cpu_vmhwm`` only: ignored where the meter falls back) also records the peak of
+each phase of the measured step, on the same baseline: ``embed`` (zero_grad and phase 1), ``loss`` (the
+loss, its gradients w.r.t. the embeddings, releasing them), ``re-forward`` (phase 3) and ``optimizer``; the
+step's peak is their maximum. It finds the phases by wrapping ``ChunkedForward.__init__`` and
+``ChunkedForward.backward``.
 
 Writes JSON (the points, the settings, the machine) and, with matplotlib, a PNG of peak memory and time
 against N. Exit status 1 if any point failed.
@@ -113,13 +119,57 @@ def run_worker(settings: dict) -> dict:
         loss = step(images, texts)
         return loss, time.perf_counter() - start
 
-    (loss, first_time), peak = meter.measure(timed_step)
+    phases = None
+    if settings.get("phases") and mode == "cached" and meter.name == "cpu_vmhwm":
+        (loss, first_time), phases = measure_phases(timed_step)
+        peak = max(phases.values())
+    else:
+        (loss, first_time), peak = meter.measure(timed_step)
     times = [first_time]
     for _ in range(settings["repeats"]):
         times.append(timed_step()[1])
-    return {"n": n, "mode": mode, "peak_bytes": peak, "peak_mib": round(peak / MIB, 2), "measure": meter.name,
-            "step_s": round(statistics.median(times), 4), "step_times_s": [round(t, 4) for t in times],
-            "loss": loss}
+    point = {"n": n, "mode": mode, "peak_bytes": peak, "peak_mib": round(peak / MIB, 2), "measure": meter.name,
+             "step_s": round(statistics.median(times), 4), "step_times_s": [round(t, 4) for t in times],
+             "loss": loss}
+    if phases is not None:
+        point["phase_peak_mib"] = {name: round(value / MIB, 2) for name, value in phases.items()}
+    return point
+
+
+def measure_phases(fn):
+    """Run ``fn`` (one cached step) with VmHWM read and reset at each phase boundary of the cached step;
+    returns (its result, {phase: peak bytes over VmRSS before the call}). The cpu_vmhwm measure, per phase."""
+    import gc
+
+    from fastcontrast import cached
+    from fastcontrast.tools.bench.meters import _proc_status_bytes, _reset_vmhwm
+
+    peaks = {}
+    init, backward = cached.ChunkedForward.__init__, cached.ChunkedForward.backward
+
+    def mark(name):
+        peaks[name] = max(0, _proc_status_bytes("VmHWM") - base)
+        _reset_vmhwm()
+
+    def init_then_mark(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        mark("embed")
+
+    def backward_between_marks(self, *args, **kwargs):
+        mark("loss")
+        backward(self, *args, **kwargs)
+        mark("re-forward")
+
+    cached.ChunkedForward.__init__, cached.ChunkedForward.backward = init_then_mark, backward_between_marks
+    try:
+        gc.collect()
+        _reset_vmhwm()
+        base = _proc_status_bytes("VmRSS")
+        result = fn()
+        mark("optimizer")
+    finally:
+        cached.ChunkedForward.__init__, cached.ChunkedForward.backward = init, backward
+    return result, peaks
 
 
 def spawn_point(settings: dict, timeout_s: float) -> dict:
@@ -181,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=0, help="timed steps after the measured one")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--phases", action="store_true", help="also record the cached step's peak per phase")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per worker")
     parser.add_argument("--json", type=Path, default=RESULTS / "cpu_step_memory_clip.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "cpu_step_memory_clip.png")
@@ -199,7 +250,8 @@ def main(argv=None) -> int:
     from fastcontrast.tools.bench import environment, load_average, now_utc
     from fastcontrast.tools.bench.meters import MEASURES
 
-    common = {k: getattr(args, k) for k in ("chunk", "width", "tokens", "in_dim", "dim", "dropout", "repeats")}
+    common = {k: getattr(args, k) for k in ("chunk", "width", "tokens", "in_dim", "dim", "dropout", "repeats",
+                                             "phases")}
     points = []
     for n in args.sizes:
         for mode in args.modes:
@@ -212,6 +264,8 @@ def main(argv=None) -> int:
             point["chunk"] = args.chunk
             points.append(point)
             shown = point.get("error") or f"peak {point['peak_mib']:9.1f} MiB  step {point['step_s']:8.3f} s"
+            if "phase_peak_mib" in point:
+                shown += "  " + "  ".join(f"{k} {v:.1f}" for k, v in point["phase_peak_mib"].items())
             print(f"N={n:6d}  {mode:6s}  {shown}", flush=True)
     measures = sorted({p["measure"] for p in points if "measure" in p})
     command = "benchmarks/step_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)

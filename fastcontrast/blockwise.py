@@ -122,9 +122,13 @@ class TorchEngine:
             # Left-out entries are −inf; where a whole row or column is left out its LSE is −inf too, and
             # exp(−inf − (−inf)) is NaN, which would poison every gradient through dS·B: zero them explicitly.
             left_out = torch.isneginf(logits) if masked else None
-            grad_logits = torch.zeros_like(logits)
+            # Two chunk-sized buffers at a time, S and dS: the row term is formed in dS's own buffer and the
+            # column term in S's, in place (a zeros buffer, an out-of-place exp(S − lse) and the previous
+            # chunk's S and dS held four to five).
             if grad_row is not None:
-                grad_logits.add_(torch.exp(logits - lse_row[start:stop, None]).mul_(row_weight[start:stop]))
+                grad_logits = torch.sub(logits, lse_row[start:stop, None]).exp_().mul_(row_weight[start:stop])
+            else:
+                grad_logits = torch.zeros_like(logits)
             if grad_col is not None:
                 grad_logits.add_(logits.sub_(col_shift).exp_().mul_(col_weight))
             if left_out is not None:
@@ -136,6 +140,8 @@ class TorchEngine:
                 grad_logits.scatter_add_(1, positive_index[start:stop, None], grad_positives[start:stop, None])
             self._accumulate(grad_logits, a, b_c, start, stop, grad_a if need_a else None,
                              grad_b if need_b else None)
+            # Freed before the next chunk's S exists, not when the names are rebound after it.
+            del logits, grad_logits, left_out
         return grad_a, grad_b
 
     def siglip_forward(self, a, b, scale, bias, *, positive_offset):

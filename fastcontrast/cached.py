@@ -161,10 +161,14 @@ def _no_progress(chunks: Sequence[Any], desc: str) -> Sequence[Any]:
 
 
 class _RngState:
-    """The CPU generator's state and those of the CUDA devices in use, taken before a chunk's forward."""
+    """The CPU generator's state and those of the CUDA devices in use, taken before a chunk's forward.
 
-    def __init__(self, cuda_devices: Sequence[int]):
-        self.cpu = torch.get_rng_state()
+    ``cpu_slot``: a uint8 row to keep the CPU state in (see :class:`ChunkedForward`), or None for its own tensor.
+    """
+
+    def __init__(self, cuda_devices: Sequence[int], cpu_slot: Optional[torch.Tensor] = None):
+        state = torch.get_rng_state()
+        self.cpu = state if cpu_slot is None or cpu_slot.shape != state.shape else cpu_slot.copy_(state)
         self.cuda_devices = list(cuda_devices)
         self.cuda = [torch.cuda.get_rng_state(device) for device in self.cuda_devices]
 
@@ -173,7 +177,8 @@ class _RngState:
         """Run the body from this state, then put every generator back where it was (``fork_rng``): the
         re-forward draws the embedding pass's dropout masks and leaves the RNG stream where phase 1 left it."""
         with torch.random.fork_rng(devices=self.cuda_devices):
-            torch.set_rng_state(self.cpu)
+            # A copy: torch 2.13's set_rng_state crashes (SIGSEGV) on a row of a larger buffer (offset > 0).
+            torch.set_rng_state(self.cpu.clone())
             for device, state in zip(self.cuda_devices, self.cuda):
                 torch.cuda.set_rng_state(state, device)
             yield
@@ -253,31 +258,49 @@ class ChunkedForward:
                   for rows, args in self._split(index, batch, split)]
         cuda_devices = _cuda_devices([args for _, _, args in pieces], modules)
 
+        # One leaf per embedding; chunk c of input i fills rows c of embeddings first[i] ... first[i] + k_i - 1.
+        # Each chunk's output is copied into its rows as soon as it exists and then freed: the embedding pass
+        # holds the N rows once (a list of chunks and their torch.cat would hold them twice, and the freed
+        # chunks would stay in the CPU allocator's heap).
+        counts = [_batch_rows(index, batch) for index, batch in enumerate(inputs)]
+        # Every chunk's CPU generator state (5 KiB for torch's default generator) in one buffer: one small
+        # tensor per chunk would sit between the chunks' outputs in the CPU allocator's heap and keep it from
+        # reusing their space (measured: 2-3 MiB more resident heap for 128 chunks, for 0.6 MiB of states).
+        cpu_state = torch.get_rng_state()
+        cpu_states = cpu_state.new_empty((len(pieces), cpu_state.numel()))
+        del cpu_state
         self.chunks: List[_Chunk] = []
-        outputs_per_input: List[List[Tuple[torch.Tensor, ...]]] = [[] for _ in inputs]
+        self.embeddings: List[torch.Tensor] = []
+        self._first_embedding: List[int] = []
         with torch.no_grad():
             for index, rows, args in self.progress(pieces, "Embedding chunks (no grad)"):
-                outputs = outputs_per_input[index]
-                rng = _RngState(cuda_devices)
+                rng = _RngState(cuda_devices, cpu_states[len(self.chunks)])
                 with self.autocast():
                     chunk_out = _embeddings_of(self.names[index], _call(self.encoders[index], args),
                                                rows.stop - rows.start)
-                if outputs and len(chunk_out) != len(outputs[0]):
-                    first_rows = self.chunks[-len(outputs)].rows
-                    raise ValueError(f"{self.names[index]} returned {len(chunk_out)} embeddings for rows "
-                                     f"{rows.start}:{rows.stop} but {len(outputs[0])} for rows "
-                                     f"{first_rows.start}:{first_rows.stop}.")
-                outputs.append(chunk_out)
+                if rows.start == 0:
+                    self._first_embedding.append(len(self.embeddings))
+                    self.embeddings += [t.new_empty((counts[index], *t.shape[1:])) for t in chunk_out]
+                mine = self.embeddings[self._first_embedding[index]:]  # inputs come in order: this one's are last
+                self._check_like_first_chunk(index, rows, chunk_out, mine)
+                for embedding, tensor in zip(mine, chunk_out):
+                    embedding[rows] = tensor
                 self.chunks.append(_Chunk(index, rows, args, rng, [t.shape for t in chunk_out]))
-
-        # One leaf per embedding; chunk c of input i fills rows c of embeddings first[i] ... first[i] + k_i - 1.
-        self.embeddings: List[torch.Tensor] = []
-        self._first_embedding = []
-        for outputs in outputs_per_input:
-            self._first_embedding.append(len(self.embeddings))
-            for position in range(len(outputs[0])):
-                self.embeddings.append(torch.cat([out[position] for out in outputs]).requires_grad_())
+                del chunk_out
+        for embedding in self.embeddings:
+            embedding.requires_grad_()
         self.embedding_shapes = [e.shape for e in self.embeddings]
+
+    def _check_like_first_chunk(self, index: int, rows: slice, chunk_out: Tuple[torch.Tensor, ...],
+                                embeddings: List[torch.Tensor]) -> None:
+        """Every chunk of an input must give as many embeddings as its first, of the same dtype and width."""
+        def described(tensors):
+            return [(str(t.dtype), tuple(t.shape[1:])) for t in tensors]
+
+        if described(chunk_out) != described(embeddings):
+            raise ValueError(f"{self.names[index]} returned embeddings (dtype, shape after the rows) "
+                             f"{described(chunk_out)} for rows {rows.start}:{rows.stop} but {described(embeddings)} "
+                             f"for rows 0:{min(self.chunk_size, embeddings[0].shape[0])}.")
 
     def _split(self, index: int, batch: object, split) -> List[Tuple[slice, object]]:
         """The chunks of input ``index``: ``split``'s, checked to cover rows 0, 1, ... in order, or rows of

@@ -10,7 +10,8 @@ open_clip_train's ``train_one_epoch`` (accum_freq 1) does, per batch::
     backward(total_loss, scaler)          # open_clip_train.train.backward
     [scaler.]step(optimizer) ...
 
-:func:`grad_cache_train_one_epoch` runs that same function, unchanged, with two stand-ins:
+:func:`grad_cache_train_one_epoch` runs that same function, unchanged, with two stand-ins (three for CoCa,
+below):
 
 - the model is a :class:`CachedStepModel`: its call embeds the batch in chunks of CHUNK samples without grad
   (phase 1 of :mod:`fastcontrast.cached`, RNG state saved per chunk) and returns the features as leaf
@@ -21,10 +22,19 @@ open_clip_train's ``train_one_epoch`` (accum_freq 1) does, per batch::
   whose backward also carries ``logit_scale`` / ``logit_bias``'s gradients through the model's parameters.
 
 The teacher of ``--distill-*`` runs in chunks of CHUNK samples too (under no_grad, as open_clip runs it).
+
+CoCa: the caption loss is a mean over the batch's non-pad tokens, ``Σ_tokens CE / T``, so it is a sum over
+samples: the stand-in keeps, per sample, the sum of its tokens' cross-entropies (a leaf ``[N]``, like the
+features; the ``[N, L, V]`` caption logits are never kept) and its non-pad token count, and the loss is
+replaced for the epoch by :class:`CachedCaptionCoCaLoss`, which computes the contrastive part with the
+CoCaLoss module's own settings and the caption part as ``Σ sums / T``. Its gradient w.r.t. each sample's sum
+is ``caption_loss_weight / T`` (times the GradScaler's scale), which phase 3 backpropagates through the
+chunk's re-forward caption logits, with the features' cached gradients.
+
 Everything else (the scheduler, the scaler, gradient clipping, the logit-scale clamp, logging, evaluation) is
 open_clip's code. Combinations that would give a different step are refused: ``--accum-freq > 1`` (the two
 are alternative ways to the same gradient), Horovod, and models whose output holds more than the two towers'
-features and the logit scale/bias (CoCa's caption logits).
+features, the logit scale/bias and (with a CoCaLoss) CoCa's caption logits and labels.
 """
 
 from __future__ import annotations
@@ -33,12 +43,18 @@ import contextlib
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastcontrast.cached import ChunkedForward, loss_gradients, split_extra_arguments
+from fastcontrast.losses.clip import ClipLoss, CoCaLoss
 
 FEATURE_KEYS = ("image_features", "text_features")
 EXTRA_KEYS = ("logit_scale", "logit_bias")
+CAPTION_KEYS = ("logits", "labels")
+# What the stand-in model returns in place of CoCa's [N, L, V] logits and [N, L] labels (per sample).
+CAPTION_SUM_KEYS = ("caption_token_loss_sums", "caption_token_counts")
 
 
 def _unwrap(model):
@@ -56,11 +72,52 @@ def check_args(args: Any, chunk_size: int) -> None:
         )
     if getattr(args, "horovod", False):
         raise ValueError("--fastcontrast-grad-cache does not support --horovod (it needs torch.distributed's DDP).")
-    if "coca" in str(getattr(args, "model", "")).lower():
-        raise ValueError(
-            f"--fastcontrast-grad-cache does not support CoCa models yet (--model {args.model}): the caption loss "
-            "is a token mean over the whole batch and would need its own per-chunk weighting."
-        )
+
+
+def caption_token_sums(logits: torch.Tensor, labels: torch.Tensor, pad_id: int):
+    """Per sample, the sum of its caption tokens' cross-entropies and the number of its non-pad tokens.
+
+    Args: ``logits`` [rows, L, V] (any float dtype), ``labels`` [rows, L] int64 token ids, ``pad_id`` the id
+    CoCaLoss ignores. Returns two tensors [rows]: the sums in fp32 (fp64 for fp64 logits) and the counts in
+    fp32. Summed over the batch and divided, they give CoCaLoss's ``CrossEntropyLoss(ignore_index=pad_id)``
+    mean over the batch's non-pad tokens (the same cross-entropy op, so under autocast the same fp32 one).
+    """
+    token_losses = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=pad_id, reduction="none")
+    sums = token_losses.to(torch.promote_types(token_losses.dtype, torch.float32)).sum(dim=1)
+    return sums, (labels != pad_id).sum(dim=1).to(torch.float32)
+
+
+class CachedCaptionCoCaLoss(nn.Module):
+    """Stands in for a CoCaLoss in a cached step, where the model stand-in returns per-sample caption sums.
+
+    ``forward(image_features, text_features, caption_token_loss_sums, caption_token_counts, logit_scale,
+    output_dict=False)``: features [N, d], the two [N] fp32 outputs of :func:`caption_token_sums`, the
+    exponentiated scale. Returns what the CoCaLoss returns for the whole batch:
+    ``clip_loss_weight · contrastive`` (computed by the CoCaLoss's own ClipLoss part, with its local-loss /
+    gather / backend settings; ``tensor(0)`` when the weight is 0, as CoCaLoss) and
+    ``caption_loss_weight · Σ sums / Σ counts``, the token mean over the batch's non-pad tokens (NaN when
+    there are none, as ``CrossEntropyLoss``).
+    """
+
+    def __init__(self, loss: CoCaLoss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                caption_token_loss_sums: torch.Tensor, caption_token_counts: torch.Tensor,
+                logit_scale: torch.Tensor, output_dict: bool = False):
+        loss = self.loss
+        if loss.clip_loss_weight:
+            # The contrastive part exactly as CoCaLoss.forward computes it (its own ClipLoss settings).
+            clip_loss = loss.clip_loss_weight * ClipLoss.forward(loss, image_features, text_features, logit_scale)
+        else:
+            clip_loss = torch.zeros((), dtype=torch.int64, device=caption_token_loss_sums.device)
+        # The token count is data, not a function of the parameters: no gradient goes to it.
+        tokens = caption_token_counts.detach().sum()
+        caption_loss = caption_token_loss_sums.sum() / tokens * loss.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
 
 
 class CachedStepModel:
@@ -73,10 +130,13 @@ class CachedStepModel:
     attributes) is the real model's.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int, autocast: Optional[Callable] = None):
+    def __init__(self, model: torch.nn.Module, chunk_size: int, autocast: Optional[Callable] = None,
+                 caption_pad_id: Optional[int] = None):
         self._model = model
         self._chunk_size = chunk_size
         self._autocast = autocast
+        # Not None for CoCa (with a CoCaLoss): the model's logits/labels become per-sample caption sums.
+        self._caption_pad_id = caption_pad_id
         self._pending = None
 
     @property
@@ -98,11 +158,20 @@ class CachedStepModel:
         if not isinstance(out, dict):
             raise TypeError(f"--fastcontrast-grad-cache needs the model's output dict (open_clip_train builds models "
                             f"with output_dict=True), got {type(out).__name__}.")
-        unknown = sorted(set(out) - set(FEATURE_KEYS) - set(EXTRA_KEYS))
+        known = FEATURE_KEYS + EXTRA_KEYS + (CAPTION_KEYS if self._caption_pad_id is not None else ())
+        unknown = sorted(set(out) - set(known))
         if unknown:
-            raise ValueError(f"--fastcontrast-grad-cache handles models that output {FEATURE_KEYS + EXTRA_KEYS}; "
-                             f"this one also outputs {unknown} (e.g. CoCa's caption logits), which it cannot chunk.")
-        return tuple(out[key] for key in FEATURE_KEYS)
+            raise ValueError(f"--fastcontrast-grad-cache handles models that output {known}; this one also outputs "
+                             f"{unknown}, which it cannot chunk (CoCa's caption logits are handled only with "
+                             "open_clip's CoCa loss).")
+        features = tuple(out[key] for key in FEATURE_KEYS)
+        if self._caption_pad_id is None:
+            return features
+        missing = [key for key in CAPTION_KEYS if key not in out]
+        if missing:
+            raise ValueError(f"--fastcontrast-grad-cache: the loss is a CoCaLoss but the model's output has no "
+                             f"{missing} (open_clip's CoCa returns them with output_labels=True).")
+        return (*features, *caption_token_sums(out["logits"], out["labels"], self._caption_pad_id))
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not torch.is_grad_enabled():
@@ -120,7 +189,8 @@ class CachedStepModel:
             extras["logit_bias"] = inner.logit_bias
         _, extras_for_loss, originals, leaves = split_extra_arguments((), extras)
         self._pending = (forward, originals, leaves)
-        return {**dict(zip(FEATURE_KEYS, forward.embeddings)), **extras_for_loss}
+        keys = FEATURE_KEYS + (CAPTION_SUM_KEYS if self._caption_pad_id is not None else ())
+        return {**dict(zip(keys, forward.embeddings)), **extras_for_loss}
 
     def backward(self, total_loss: torch.Tensor, scaler) -> None:
         """Phases 2 and 3: cache the (scaled) loss's gradients, re-forward each chunk and backpropagate them."""
@@ -168,7 +238,15 @@ def grad_cache_train_one_epoch(original: Callable, chunk_size: int) -> Callable:
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         check_args(args, chunk_size)
         autocast = get_autocast(args.precision, device_type=torch.device(args.device).type)
-        cached_model = CachedStepModel(model, chunk_size, autocast)
+        caption_pad_id = None
+        if any(cls.__name__ == "CoCaLoss" for cls in type(loss).__mro__):
+            if not isinstance(loss, CoCaLoss):
+                raise ValueError("--fastcontrast-grad-cache with a CoCa model needs fastcontrast's CoCaLoss (run "
+                                 "through python -m fastcontrast.open_clip_train, which patches open_clip's), got "
+                                 f"{type(loss).__module__}.{type(loss).__qualname__}.")
+            caption_pad_id = loss.caption_loss.ignore_index
+            loss = CachedCaptionCoCaLoss(loss)
+        cached_model = CachedStepModel(model, chunk_size, autocast, caption_pad_id)
         teacher = ChunkedTeacher(dist_model, chunk_size) if dist_model is not None else None
         original_backward = train_module.backward
         train_module.backward = cached_model.backward

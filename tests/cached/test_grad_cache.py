@@ -278,6 +278,46 @@ def test_an_encoder_returning_the_wrong_type_or_shape_is_an_error_naming_the_enc
         cache.step(*inputs, loss_args=(torch.tensor(5.0, dtype=torch.float64),))
 
 
+@pytest.mark.parametrize(
+    "later_chunk, match",
+    [
+        pytest.param(lambda x: x.float(), r"\('torch.float32', \(12,\)\)\] for rows 8:16 but \[\('torch.float64'",
+                     id="dtype"),
+        pytest.param(lambda x: x[:, :5], r"\(5,\)\)\] for rows 8:16 but \[\('torch.float64', \(12,\)\)\] for rows 0:8",
+                     id="width"),
+    ],
+)
+def test_an_encoder_whose_chunks_disagree_in_dtype_or_width_is_an_error_naming_the_encoder(later_chunk, match):
+    calls = []
+
+    def tower(x):
+        calls.append(x)
+        return x if len(calls) == 1 else later_chunk(x)
+
+    with pytest.raises(ValueError, match=r"encoder 0 \(.*tower\) returned embeddings .*" + match):
+        cached.ChunkedForward([tower], [torch.randn(BATCH, IN_DIM, dtype=torch.float64)], CHUNK)
+
+
+def test_the_embedding_pass_holds_the_batch_of_embeddings_once():
+    # Each chunk's output is copied into the [N, d] leaf as it comes and freed: live tensor storage peaks at
+    # the embeddings, the chunks' RNG states (5 KiB each on CPU) and one chunk's forward (measured: 2 chunk
+    # outputs), where a list of chunks and their torch.cat would hold the embeddings twice (2 MiB here).
+    from fastcontrast.tools.bench import MemoryMeter
+
+    rows, width, chunk = 4096, 64, 256
+    inputs = torch.randn(rows, width)
+    forward, peak = MemoryMeter(torch.device("cpu"), prefer="tensor_bytes").measure(
+        lambda: cached.ChunkedForward([lambda x: x * 2.0], [inputs], chunk)
+    )
+    torch.testing.assert_close(forward.embeddings[0], inputs * 2.0, rtol=0, atol=0)
+    embedding_bytes, chunk_bytes, rng_bytes = rows * width * 4, chunk * width * 4, rows // chunk * 8 * 2**10
+    bound = embedding_bytes + rng_bytes + 2 * chunk_bytes + 64 * 2**10
+    assert peak <= bound, (
+        f"embedding pass peak {peak} B of live tensors; bound {bound} B = embeddings {embedding_bytes} + RNG "
+        f"states {rng_bytes} + 2 chunks {2 * chunk_bytes} + 64 KiB"
+    )
+
+
 def test_encoder_count_must_match_the_inputs():
     cache = fastcontrast.GradCache([Tower().double()] * 3, fastcontrast.ClipLoss(backend="torch"), CHUNK)
     with pytest.raises(ValueError, match="one callable per input \\(2\\), got 3"):

@@ -5,10 +5,10 @@
 ``open_clip`` runs ``open_clip_train.main.main`` unpatched; ``fastcontrast`` runs
 ``python -m fastcontrast.open_clip_train``'s ``main`` (which patches, then calls the same function). Every
 forward of the loss module is recorded through a global module forward hook — the trainer itself is not
-touched — as the loss class and each output term's exact fp32 value (``.item()``, so no rounding from
-open_clip's 5-digit log lines). Each rank writes ``<prefix>.rank<R>.json``. The trainer's arguments come in
-a file because torchrun's own parser rejects some of them even after the script name (``--logs`` is an
-"ambiguous option" for it: ``--logs-specs``).
+touched — as the loss class, each output term's exact fp32 value (``.item()``, so no rounding from
+open_clip's 5-digit log lines) and the logit scale it was given. Each rank writes ``<prefix>.rank<R>.json``.
+The trainer's arguments come in a file because torchrun's own parser rejects some of them even after the
+script name (``--logs`` is an "ambiguous option" for it: ``--logs-specs``).
 
 One CPU workaround, test-side only: open_clip_train wraps the model in
 ``DistributedDataParallel(model, device_ids=[device])`` even when the device is the CPU, which torch rejects
@@ -25,7 +25,8 @@ import sys
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
-LOSS_CLASS_NAMES = {"ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss"}
+# CachedCaptionCoCaLoss: what --fastcontrast-grad-cache calls in place of a CoCaLoss (it wraps one, as .loss).
+LOSS_CLASS_NAMES = {"ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss", "CachedCaptionCoCaLoss"}
 
 
 class CpuFriendlyDDP(torch.nn.parallel.DistributedDataParallel):
@@ -41,7 +42,7 @@ def main() -> int:
     prefix, via, argv = job["prefix"], job["via"], job["argv"]
     records = []
 
-    def record(module, args, output):
+    def record(module, args, kwargs, output):
         cls = type(module)
         if cls.__name__ not in LOSS_CLASS_NAMES:
             return
@@ -51,10 +52,14 @@ def main() -> int:
             "mro": [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__],
             "backend": getattr(module, "backend", None),
             "chunk_bytes": getattr(module, "chunk_bytes", None),
+            "wraps": [f"{c.__module__}.{c.__qualname__}" for c in type(getattr(module, "loss", None)).__mro__]
+            if isinstance(getattr(module, "loss", None), torch.nn.Module) else None,
             "terms": {name: float(value.item()) for name, value in terms.items()},
+            # open_clip_train calls its loss with keyword arguments only (loss(**model_out, output_dict=True)).
+            "logit_scale": float(kwargs["logit_scale"]) if "logit_scale" in kwargs else None,
         })
 
-    register_module_forward_hook(record)
+    register_module_forward_hook(record, with_kwargs=True)
     torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
 
     if via == "open_clip":

@@ -73,3 +73,35 @@ def test_the_recorder_sees_the_n_by_n_logits_of_the_reference_backend(loss_name)
     for phase, recorder in (("forward", forward), ("backward", backward)):
         numel, op = recorder.largest()
         assert numel >= N * N, f"{phase}: largest tensor is {numel} elements ({op}), expected an N×N one"
+
+
+@pytest.mark.parametrize("directions", ["row-and-column", "row", "column"])
+def test_torch_engine_backward_holds_at_most_two_chunks_of_logits_at_once(directions):
+    # The torch engine's backward, called directly (inside the fastcontrast::lse_backward op a dispatch mode
+    # sees nothing): per chunk it needs S and dS, two chunk-sized buffers. Live tensor storage must stay
+    # under the outputs (dS·B, dSᵀ·A), two chunks and the O(n) vectors.
+    from fastcontrast.blockwise import TorchEngine
+    from fastcontrast.tools.bench import MemoryMeter
+
+    n, d, chunk_bytes = 1024, 16, 64 * 2**10  # 16 rows of 1024 fp32 logits per chunk
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1) for _ in range(2))
+    scale = torch.tensor(14.3)
+    engine = TorchEngine(chunk_bytes=chunk_bytes)
+    masks = {"exclude_offset": None, "exclude_positive": False, "private_columns": 0}
+    positive_index = torch.arange(n)
+    lse_row, lse_col, *_ = engine.lse_forward(a, b, scale, positive_index, need_row=True, need_col=True,
+                                              need_argmax=False, **masks)
+    grad_row = torch.full((n,), 1.0 / n) if directions != "column" else None
+    grad_col = torch.full((n,), 1.0 / n) if directions != "row" else None
+    (grad_a, grad_b), peak = MemoryMeter(torch.device("cpu"), prefer="tensor_bytes").measure(
+        lambda: engine.lse_backward(a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col,
+                                    -torch.ones(n) / n, need_a=True, need_b=True, **masks)
+    )
+    assert grad_a.shape == grad_b.shape == (n, d)
+    output_bytes, vector_bytes = 2 * n * d * 4, 8 * n * 4
+    bound = output_bytes + 2 * chunk_bytes + vector_bytes
+    assert peak <= bound, (
+        f"{directions}: backward peak {peak} B of live tensors; bound {bound} B = outputs {output_bytes} + "
+        f"2 chunks {2 * chunk_bytes} + O(n) {vector_bytes}"
+    )

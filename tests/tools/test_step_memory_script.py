@@ -21,7 +21,7 @@ def test_step_memory_script_reports_both_steps_and_skips_plain_above_its_limit(t
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--sizes", "64", "128", "--plain-max", "64", "--chunk", "32", "--width", "16",
-         "--tokens", "2", "--in-dim", "8", "--dim", "8", "--json", str(json_path), "--png", str(png_path)],
+         "--tokens", "2", "--in-dim", "8", "--dim", "8", "--phases", "--json", str(json_path), "--png", str(png_path)],
         capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 0, f"script exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
@@ -34,6 +34,16 @@ def test_step_memory_script_reports_both_steps_and_skips_plain_above_its_limit(t
         assert "error" not in point, f"{key}: {point.get('error')}"
         assert point["peak_bytes"] >= 0 and point["step_s"] > 0, f"{key}: {point}"
         assert point["measure"] in report["measure"], f"{key}: measure {point['measure']} not described"
+    # --phases: the cached step's peak is the largest of its phases' (where VmHWM works).
+    for key in ((64, "cached"), (128, "cached")):
+        point = points[key]
+        if point["measure"] == "cpu_vmhwm":
+            phases = point["phase_peak_mib"]
+            assert list(phases) == ["embed", "loss", "re-forward", "optimizer"], f"{key}: {phases}"
+            assert point["peak_mib"] == max(phases.values()), f"{key}: {point}"
+        else:
+            assert "phase_peak_mib" not in point, f"{key}: {point}"
+    assert "phase_peak_mib" not in points[(64, "plain")]
     # Same model and data; the dropout masks differ (the chunks interleave the two dropout layers' draws), so
     # the losses agree only roughly.
     assert points[(64, "cached")]["loss"] == pytest.approx(points[(64, "plain")]["loss"], rel=0.05)
