@@ -838,10 +838,14 @@ def run_section(name: str, out_dir: Optional[str], dry: bool, table_path: Option
     report = Report(path)
     report.section = name
     try:
-        ctx = _context(dry, table_path, path)
+        if name == MODEL_SECTION:  # CPU work in the interpreter: it never touches the GPU
+            ctx = Context(torch.device("cpu"), DRY_SIZES if dry else GPU_SIZES,
+                          Plan("triton", "the work model counts the Triton kernels", None), dry, table_path, path)
+        else:
+            ctx = _context(dry, table_path, path)
         if plan is not None:
             ctx.plan = plan
-        if not dry and name != "compile":
+        if not dry and name not in ("compile", MODEL_SECTION):
             from fastcontrast.tools import gpu_compile
 
             gpu_compile.log_cache_misses(report.add)
