@@ -68,8 +68,10 @@ ESTIMATE_S = {"compile": 60, "probe": 40, "numerics": 45, "crash": 20, "syncs": 
               "binaries": 25, "ring": 15, "max_n": 50}
 # With --dry the sections run in the interpreter on a shared CPU: only a hang is worth a timeout.
 DRY_TIMEOUT_S = 300
-# Fault injection for the tests: the named section aborts its process at start (as a segfault would).
+# Fault injection for the tests: the named section aborts its process at start (as a segfault would), or
+# hangs (as a deadlocked kernel would).
 CRASH_ENV = "FASTCONTRAST_GPU_CHECK_CRASH"
+HANG_ENV = "FASTCONTRAST_GPU_CHECK_HANG"
 MODEL_SECTION = "model"  # the work model for the probe's case: a CPU subprocess beside the others
 
 
@@ -606,7 +608,8 @@ def workloads(sizes: Sizes, device: torch.device) -> list:
                     for loss in LOSSES:
                         _loss_and_grads(loss, a, b, scale, backend)
 
-            out.append(("numerics", f"sweep d={d} {_dtype_name(dtype)}{' tf32' if tf32 else ''}", sweep))
+            out.append(("numerics", f"sweep d={d} {_dtype_name(dtype)}{' tf32' if tf32 else ''} scale={scale:g}",
+                        sweep))
 
     def crash(device, backend):
         with _tf32(True):
@@ -834,6 +837,8 @@ def run_section(name: str, out_dir: Optional[str], dry: bool, table_path: Option
     exception that escapes a section is its failure, recorded."""
     if os.environ.get(CRASH_ENV) == name:
         os.abort()  # the tests' stand-in for a segfault or a CUDA error that kills the process
+    if os.environ.get(HANG_ENV) == name:
+        time.sleep(3600)
     path = os.path.join(out_dir, JSONL) if out_dir else None
     report = Report(path)
     report.section = name
@@ -880,17 +885,30 @@ def _stderr_tail(path: str, limit: int = 3000) -> str:
         return ""
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def _run_isolated(name: str, out_dir: str, dry: bool, table_path: Optional[str], timeout: float) -> dict:
     """Run a section in its own subprocess with ``timeout``; the section record (its checks wrote their own)."""
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     stderr_path = os.path.join(out_dir, "logs", f"{name}.stderr")
     start = time.monotonic()
     with open(stderr_path, "w") as stderr:
+        # Its own session, so that a timeout kills the section with everything it started (the compile
+        # pool's workers would otherwise go on compiling under the next sections' timings).
+        proc = subprocess.Popen(_section_command(name, out_dir, dry, table_path), env=_section_env(name, dry),
+                                stdout=None, stderr=stderr, start_new_session=True)
         try:
-            proc = subprocess.run(_section_command(name, out_dir, dry, table_path), env=_section_env(name, dry),
-                                  stdout=None, stderr=stderr, timeout=timeout)
-            returncode, timed_out = proc.returncode, False
+            returncode, timed_out = proc.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             returncode, timed_out = None, True
     record = {"check": f"section {name}", "seconds": round(time.monotonic() - start, 2), "timeout_s": round(timeout),
               "returncode": returncode, "stderr": os.path.relpath(stderr_path, out_dir)}
@@ -910,7 +928,7 @@ def _start_model(out_dir: str, dry: bool) -> subprocess.Popen:
     interpreter: about 30 s per loss on one core); its records land in the same JSONL."""
     stderr = open(os.path.join(out_dir, "logs", f"{MODEL_SECTION}.stderr"), "w")
     return subprocess.Popen(_section_command(MODEL_SECTION, out_dir, dry, None), env=_section_env(MODEL_SECTION, dry),
-                            stdout=subprocess.DEVNULL, stderr=stderr)
+                            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
 def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Optional[str] = None,
@@ -959,14 +977,14 @@ def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Op
         try:
             model.wait(timeout=max(1.0, deadline - (time.monotonic() - report.start)))
         except subprocess.TimeoutExpired:
-            model.kill()
-            model.wait()
+            _kill_group(model)
             report.add({"check": f"section {MODEL_SECTION}", "status": "skip",
                         "reason": "the work model did not finish before the deadline"})
-        if model.returncode not in (0, 1, None) and model.returncode != -9:
+        if model.returncode not in (0, 1, -9):
             stderr_path = os.path.join(out_dir, "logs", f"{MODEL_SECTION}.stderr")
             report.add({"check": f"section {MODEL_SECTION}", "status": "fail", "returncode": model.returncode,
                         "reason": "the work model's process crashed", "stderr_tail": _stderr_tail(stderr_path)})
+    _add_measured_over_modelled(report, read_records(path))
     from fastcontrast.tools.gpu_summary import write_summary
 
     records = read_records(path)
@@ -975,6 +993,28 @@ def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Op
     checks = sum(1 for r in records if r.get("status") in ("ok", "fail", "skip"))
     print(f"{checks} checks, {failed} failed; JSON lines in {path}, summary in {summary}", flush=True)
     return failed
+
+
+def _add_measured_over_modelled(report: Report, records: list[dict]) -> None:
+    """One ``info`` record per probed loss: measured ÷ modelled for the step and per kernel kind, once the
+    work model's records are in (the probe may have finished first)."""
+    from fastcontrast.tools import gpu_measure
+
+    env = next((r for r in records if r.get("check") == "environment"), {})
+    for probe in (r for r in records if r.get("check", "").startswith("probe ") and r.get("status") == "ok"):
+        model = gpu_measure.pick_model(records, probe["loss"], probe["n"], probe["d"], env.get("device_name", ""))
+        if model is None:
+            continue
+        kernels = {}
+        for kernel, measured in probe.get("kernels", {}).items():
+            modelled = model["kernels"].get(kernel, {}).get("modelled_s")
+            if modelled:
+                kernels[kernel] = {"measured_s": measured["ms"] / 1e3, "modelled_s": modelled,
+                                   "measured_over_modelled": measured["ms"] / 1e3 / modelled}
+        report.add({"check": f"measured over modelled {probe['loss']} N={probe['n']} d={probe['d']}",
+                    "status": "info", "model_gpu": model["gpu"], "measured_s": probe["median_s"],
+                    "modelled_s": model["modelled_s"],
+                    "measured_over_modelled": probe["median_s"] / model["modelled_s"], "kernels": kernels})
 
 
 def print_plan(dry: bool, arch: Optional[str]) -> int:

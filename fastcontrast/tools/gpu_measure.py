@@ -192,18 +192,13 @@ def probe(loss: str, n: int, d: int, device, backend: str, repeats: int, device_
               "median_s": fused["median_s"], "times_s": fused["times_s"], "peak_bytes": fused["peak_bytes"],
               "kernels": fused["kernels"], "flops": flops, "flops_counted": counted, "tflops": tflops,
               "percent_of_dense_peak": None if peak is None else 100 * tflops * 1e12 / peak}
-    naive_n = n
-    while True:
-        try:
-            naive = measure(loss, naive_n, d, device, "naive", backend, max(1, repeats // 2))
+    naive_n, naive = n, None
+    while naive_n >= n // 4:
+        naive = _unless_out_of_memory(lambda m=naive_n: measure(loss, m, d, device, "naive", backend,
+                                                                 max(1, repeats // 2)), device)
+        if naive is not None:
             break
-        except torch.OutOfMemoryError:
-            _free(device)
-            naive_n //= 2
-            if naive_n < n // 4:
-                naive = None
-                break
-    _free(device)
+        naive_n //= 2
     if naive is None:
         record.update(naive_n=None, naive="out of memory at N / 4")
     else:
@@ -313,10 +308,22 @@ def largest_n(fits: Callable[[int], bool], start: int, limit: int) -> Optional[i
     return low
 
 
+def _unless_out_of_memory(fn: Callable[[], object], device):
+    """``fn()``, or None when it runs out of device memory; the memory is freed either way. (Freed after the
+    ``except`` block: while it runs, the exception's traceback keeps the failed call's tensors alive.)"""
+    result, out_of_memory = None, False
+    try:
+        result = fn()
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+    _free(device)
+    return None if out_of_memory else result
+
+
 def step_peak(loss: str, n: int, d: int, device, provider: str, backend: str) -> Optional[int]:
     """Peak bytes allocated by one forward + backward (inputs included) after a warm-up, or None when it does
     not fit (CUDA only)."""
-    try:
+    def run():
         a, b = probe_inputs(n, d, device)
 
         def step():
@@ -325,11 +332,8 @@ def step_peak(loss: str, n: int, d: int, device, provider: str, backend: str) ->
 
         step()
         return peak_bytes(step, device)
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        a = b = None
-        _free(device)
+
+    return _unless_out_of_memory(run, device)
 
 
 def max_n(loss: str, d: int, device, backend: str, budget_bytes: float, n: int, start: int, limit: int) -> dict:

@@ -146,8 +146,9 @@ def test_gpu_check_dry_runs_every_section_in_its_own_subprocess(tmp_path):
     for loss in ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "supcon", "distill", "coca"):
         assert all(loss in r["gradient"] for r in panels), f"gpu-check's numerics leave out {loss}"
     assert "meaningless" in by_check["probe CLIP N=128 d=32 bf16"]["note"]
+    # The work model's records (from its own process) joined to the probe's once both are in.
+    assert by_check["measured over modelled CLIP N=128 d=32"]["measured_over_modelled"] > 0
     summary = (tmp_path / "gpu_check.md").read_text()
-    # The work model's record (from its own process) joined to the probe's: measured ÷ modelled.
     probe_row = next(line for line in summary.splitlines() if line.startswith("| CLIP | 128 |"))
     assert not probe_row.endswith("| - |"), probe_row
     for heading in ("## Sections", "## Performance probe", "## Multi-panel numerics", "## Ring per-block shapes",

@@ -172,6 +172,16 @@ def test_a_crashing_section_leaves_the_others_answers_and_is_reported_as_failed(
     assert "| ring | fail |" in summary and "## Failures" in summary, summary
 
 
+def test_a_hanging_section_is_killed_at_its_timeout_and_reported_as_failed(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setenv(gpu_check.HANG_ENV, "ring")
+    start = time.monotonic()
+    record = gpu_check._run_isolated("ring", str(tmp_path), True, None, timeout=8)
+    assert time.monotonic() - start < 60
+    assert record["status"] == "fail" and "killed after its 8 s timeout" in record["reason"], record
+
+
 def _synthetic_run(path):
     """A run's JSONL as the sections write it: environment, a probe and its model, a panel check, a section
     that timed out."""
