@@ -680,6 +680,10 @@ def section_compile(report: Report, ctx: Context) -> None:
     else:
         target = ("cuda", 90)
     arch = gpu_compile.arch_name(target)
+    if ctx.plan.backend != "triton":  # nothing of the Triton engine launches here
+        report.skip("compile plan", ctx.plan.triton_only())
+        report.skip("compile into triton's cache", ctx.plan.triton_only())
+        return
     start = time.perf_counter()
     variants, per_workload = gpu_compile.record_variants(workloads(ctx.sizes, ctx.device), target, ctx.device)
     errors = [w for w in per_workload if "error" in w]
@@ -687,9 +691,6 @@ def section_compile(report: Report, ctx: Context) -> None:
                 "variants": len(variants), "workloads": len(per_workload),
                 "by_kernel": dict(Counter(v.name for v in variants)), "record_s": round(time.perf_counter() - start, 2),
                 "errors": errors[:5]})
-    if ctx.plan.backend != "triton":
-        report.skip("compile into triton's cache", ctx.plan.triton_only())
-        return
     if ctx.dry:
         report.skip("compile into triton's cache", f"--dry: no GPU target here (the interpreter compiles nothing); "
                     f"the plan above is what {arch} would launch at the --dry shapes")
@@ -1042,6 +1043,10 @@ def print_plan(dry: bool, arch: Optional[str]) -> int:
         error = f"  ERROR {entry['error']}" if "error" in entry else ""
         print(f"  {entry['section']:<12} {entry['workload']:<52} +{entry['new_variants']:>3} variants "
               f"({entry['seconds']:.1f} s){error}", flush=True)
+    missing = ["max_n (its N is found at run time; its compiles show as cache misses)"]
+    if device.type != "cuda":
+        missing.insert(0, "int64 offsets (B alone is GBs: recorded on a GPU only)")
+    print(f"  not recorded here: {'; '.join(missing)}", flush=True)
     workers = 16
     compile_s = 20 + -(-len(variants) // workers) * COMPILE_S_PER_VARIANT
     estimates = {**ESTIMATE_S, "compile": round(compile_s)}

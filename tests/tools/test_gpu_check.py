@@ -231,6 +231,22 @@ def test_largest_n_doubles_then_bisects():
     assert largest_n(lambda n: False, 64, 4096) is None
 
 
+def test_max_n_extrapolates_the_fused_peak_and_searches_the_naive_one(monkeypatch):
+    from fastcontrast.tools import gpu_measure
+
+    # Fused: 1 GiB + 4 KiB per row; naive: 16 bytes per logit. Budget 100 GiB.
+    def fake_peak(loss, n, d, device, provider, backend):
+        peak = 2**30 + 4096 * n if provider == "fused" else 16 * n * n
+        return peak if peak <= 100 * 2**30 else None
+
+    monkeypatch.setattr(gpu_measure, "step_peak", fake_peak)
+    record = gpu_measure.max_n("CLIP", 768, "cuda", "triton", 100 * 2**30, 65536, 16384, 2**22)
+    assert record["fused_largest_n"] == (99 * 2**30) // 4096, record
+    naive = record["naive_largest_n"]
+    assert 16 * naive**2 <= 100 * 2**30 < 16 * (naive + naive // 8) ** 2, record
+    assert record["fused_over_naive_n"] == record["fused_largest_n"] / naive
+
+
 @pytest.mark.parametrize("loss", ["CLIP", "SigLIP", "NT-Xent"])
 def test_the_probes_naive_loss_is_the_work_models_best_naive_loss(loss):
     from fastcontrast.tools import gpu_measure, model
