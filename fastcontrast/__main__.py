@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the end.",
     )
     gpu.add_argument("--out", metavar="DIR", default=None,
-                     help="folder for gpu_check.jsonl and gpu_check.md (default: a new temporary folder)")
+                     help="folder for the JSON lines (gpu_check.jsonl) and the Markdown summary (default: a new "
+                     "temporary folder)")
     gpu.add_argument("--budget", metavar="SECONDS", type=_positive_float, default=480.0,
                      help="start no new section past this many seconds (none runs past 1.25 × this)")
     gpu.add_argument("--dry", action="store_true",
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--arch", default=None, choices=["sm_80", "sm_90", "sm_100", "gfx90a", "gfx942"],
                      help="with --plan: the target to record the variants for (default: this GPU, else sm_90)")
     gpu.add_argument("--summarize", metavar="DIR", default=None,
-                     help="rebuild DIR/gpu_check.md from DIR/gpu_check.jsonl (a run cut short) and print it")
+                     help="rebuild the Markdown summary in DIR from DIR/gpu_check.jsonl (a run cut short) and print it")
     gpu.add_argument("--sections", nargs="+", default=None,
                      choices=["compile", "probe", "numerics", "crash", "syncs", "determinism", "binaries", "ring",
                               "max_n"],

@@ -27,7 +27,7 @@ section alone), each printing one line per check and appending its JSON record t
    extrapolated linearly: its memory is O(N·d)) against the best naive loss (searched by running it).
 
 ``--budget`` stops starting new sections past that many seconds, and no section runs past 1.25 × the budget;
-a Markdown summary is written at the end (``gpu_check.md``), or from the JSONL by ``--summarize DIR`` when a
+a Markdown summary is written at the end (:data:`SUMMARY`), or from the JSONL by ``--summarize DIR`` when a
 run was cut short. ``--plan`` prints the sections, the variant count and the time estimate without a GPU.
 
 On a GPU the compile table has no checked binaries for (below sm_80, sm_12x, ROCm archs other than gfx90a /
