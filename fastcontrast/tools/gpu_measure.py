@@ -340,17 +340,20 @@ def max_n(loss: str, d: int, device, backend: str, budget_bytes: float, n: int, 
     """The largest N whose forward + backward fits in ``budget_bytes``, fused and naive.
 
     Fused: peaks measured at ``n`` and ``2n`` and extrapolated linearly (its memory is O(N·d); running it at
-    that N would take minutes of compute, its time being O(N²)). Naive: found by running it (doubling from
-    ``start``, then bisecting), its memory being O(N²)."""
-    peaks = {m: step_peak(loss, m, d, device, "fused", backend) for m in (n, 2 * n)}
+    that N would take minutes of compute, its time being O(N²)); the peak at ``4n`` checks the line.
+    Naive: found by running it (doubling from ``start``, then bisecting), its memory being O(N²)."""
+    peaks = {m: step_peak(loss, m, d, device, "fused", backend) for m in (n, 2 * n, 4 * n)}
     record: dict = {"fused_peak_bytes": {str(m): p for m, p in peaks.items()}}
-    if None in peaks.values() or peaks[2 * n] <= peaks[n]:
+    if peaks[n] is None or peaks[2 * n] is None or peaks[2 * n] <= peaks[n]:
         record["fused_largest_n"] = None
     else:
         per_row = (peaks[2 * n] - peaks[n]) / n
         record.update(fused_bytes_per_row=per_row,
                       fused_largest_n=int(n + (budget_bytes - peaks[n]) // per_row),
                       fused_how="extrapolated linearly from the peaks at N and 2N (O(N·d) memory)")
+        if peaks[4 * n] is not None:  # the line's check: its prediction at 4N against the peak measured there
+            predicted = peaks[n] + per_row * 3 * n
+            record["fused_peak_4n_over_linear"] = peaks[4 * n] / predicted
     naive_peaks: dict = {}
 
     def fits(m: int) -> bool:

@@ -245,6 +245,7 @@ def test_max_n_extrapolates_the_fused_peak_and_searches_the_naive_one(monkeypatc
     naive = record["naive_largest_n"]
     assert 16 * naive**2 <= 100 * 2**30 < 16 * (naive + naive // 8) ** 2, record
     assert record["fused_over_naive_n"] == record["fused_largest_n"] / naive
+    assert record["fused_peak_4n_over_linear"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("loss", ["CLIP", "SigLIP", "NT-Xent"])
