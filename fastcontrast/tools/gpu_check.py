@@ -1073,6 +1073,9 @@ def gpu_check_cli(args) -> int:
     if args.summarize:
         from fastcontrast.tools.gpu_summary import write_summary
 
+        if not os.path.isfile(os.path.join(args.summarize, JSONL)):
+            raise SystemExit(f"--summarize: no {JSONL} in {args.summarize}")
+
         with open(write_summary(args.summarize), encoding="utf-8") as f:
             print(f.read())
         return 0
