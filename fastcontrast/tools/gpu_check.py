@@ -73,6 +73,8 @@ DRY_TIMEOUT_S = 300
 CRASH_ENV = "FASTCONTRAST_GPU_CHECK_CRASH"
 HANG_ENV = "FASTCONTRAST_GPU_CHECK_HANG"
 MODEL_SECTION = "model"  # the work model for the probe's case: a CPU subprocess beside the others
+# The run's start (time.time()) handed to its sections, so every record's elapsed_s counts from it.
+START_ENV = "FASTCONTRAST_GPU_CHECK_START"
 
 
 @dataclass
@@ -120,7 +122,8 @@ class Report:
 
     def __init__(self, path: Optional[str], budget_s: float = float("inf")):
         self.path = path
-        self.start = time.monotonic()
+        # In a section's process: the run's start, so that elapsed_s reads as one timeline across processes.
+        self.start = time.monotonic() - max(0.0, time.time() - float(os.environ.get(START_ENV, time.time())))
         self.budget_s = budget_s
         self.failed = 0
         self.records: list = []
@@ -862,10 +865,11 @@ def run_section(name: str, out_dir: Optional[str], dry: bool, table_path: Option
     return report.failed
 
 
-def _section_env(name: str, dry: bool) -> dict:
+def _section_env(name: str, dry: bool, run_start: Optional[float] = None) -> dict:
     """The section's environment: triton's interpreter on for --dry and for the work model, off for the
     compile section (``triton.compile`` cannot take the interpreter's functions) and every GPU section."""
     env = dict(os.environ)
+    env[START_ENV] = repr(time.time() if run_start is None else run_start)
     if (dry and name != "compile") or name == MODEL_SECTION:
         env["TRITON_INTERPRET"] = "1"
     else:
@@ -896,7 +900,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_isolated(name: str, out_dir: str, dry: bool, table_path: Optional[str], timeout: float) -> dict:
+def _run_isolated(name: str, out_dir: str, dry: bool, table_path: Optional[str], timeout: float,
+                  run_start: Optional[float] = None) -> dict:
     """Run a section in its own subprocess with ``timeout``; the section record (its checks wrote their own)."""
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     stderr_path = os.path.join(out_dir, "logs", f"{name}.stderr")
@@ -904,8 +909,9 @@ def _run_isolated(name: str, out_dir: str, dry: bool, table_path: Optional[str],
     with open(stderr_path, "w") as stderr:
         # Its own session, so that a timeout kills the section with everything it started (the compile
         # pool's workers would otherwise go on compiling under the next sections' timings).
-        proc = subprocess.Popen(_section_command(name, out_dir, dry, table_path), env=_section_env(name, dry),
-                                stdout=None, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(_section_command(name, out_dir, dry, table_path),
+                                env=_section_env(name, dry, run_start), stdout=None, stderr=stderr,
+                                start_new_session=True)
         try:
             returncode, timed_out = proc.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
@@ -924,11 +930,12 @@ def _run_isolated(name: str, out_dir: str, dry: bool, table_path: Optional[str],
     return record
 
 
-def _start_model(out_dir: str, dry: bool) -> subprocess.Popen:
+def _start_model(out_dir: str, dry: bool, run_start: float) -> subprocess.Popen:
     """The work model for the probe's cases, in a CPU subprocess beside the GPU sections (it counts in the
     interpreter: about 30 s per loss on one core); its records land in the same JSONL."""
     stderr = open(os.path.join(out_dir, "logs", f"{MODEL_SECTION}.stderr"), "w")
-    return subprocess.Popen(_section_command(MODEL_SECTION, out_dir, dry, None), env=_section_env(MODEL_SECTION, dry),
+    return subprocess.Popen(_section_command(MODEL_SECTION, out_dir, dry, None),
+                            env=_section_env(MODEL_SECTION, dry, run_start),
                             stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
@@ -945,6 +952,7 @@ def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Op
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     path = os.path.join(out_dir, JSONL)
     open(path, "w").close()
+    run_start = time.time()  # the sections' clocks start here too
     report = Report(path, budget_s)
     from fastcontrast.tools.bench.cases import environment
 
@@ -957,14 +965,15 @@ def gpu_check(out_dir: Optional[str], budget_s: float, dry: bool, table_path: Op
                 "budget_s": budget_s, "deadline_s": deadline, "isolated": isolate})
     model = None
     if "probe" in sections and isolate:
-        model = _start_model(out_dir, dry)
+        model = _start_model(out_dir, dry, run_start)
     for name in sections:
         elapsed = time.monotonic() - report.start
         if elapsed > budget_s:
             report.skip(f"section {name}", f"past the {budget_s:g} s budget")
             continue
         if isolate:
-            report.add(_run_isolated(name, out_dir, dry, table_path, min(timeouts[name], max(1.0, deadline - elapsed))))
+            timeout = min(timeouts[name], max(1.0, deadline - elapsed))
+            report.add(_run_isolated(name, out_dir, dry, table_path, timeout, run_start))
         else:
             start = time.monotonic()
             if name == "compile":
