@@ -689,11 +689,17 @@ def section_compile(report: Report, ctx: Context) -> None:
         return
     start = time.perf_counter()
     variants, per_workload = gpu_compile.record_variants(workloads(ctx.sizes, ctx.device), target, ctx.device)
-    errors = [w for w in per_workload if "error" in w]
+    errors = [{k: v for k, v in w.items() if k != "digests"} for w in per_workload if "error" in w]
+    table_arch = ctx.plan.table_arch or arch
+    missing = _not_in_table(variants, table_arch, ctx.table_path)
+    lacking = {m["digest"] for m in missing or []}
     report.add({"check": "compile plan", "status": "fail" if errors else "info", "arch": arch,
                 "variants": len(variants), "workloads": len(per_workload),
                 "by_kernel": dict(Counter(v.name for v in variants)), "record_s": round(time.perf_counter() - start, 2),
-                "errors": errors[:5]})
+                "errors": errors[:5], "table_arch": table_arch,
+                "not_in_table": None if missing is None else len(missing),
+                "not_in_table_first": [{k: v for k, v in m.items() if k != "digest"} for m in (missing or [])[:10]],
+                "not_in_table_from": sorted({w["workload"] for w in per_workload if lacking & set(w["digests"])})})
     if ctx.dry:
         report.skip("compile into triton's cache", f"--dry: no GPU target here (the interpreter compiles nothing); "
                     f"the plan above is what {arch} would launch at the --dry shapes")
@@ -713,6 +719,18 @@ def section_compile(report: Report, ctx: Context) -> None:
                 "variants": len(results), "compiled": sum(not r.get("cache_hit", True) for r in results),
                 "already_cached": sum(bool(r.get("cache_hit")) for r in results), "failed": failed,
                 "workers": workers, "seconds": round(time.perf_counter() - start, 2)})
+
+
+def _not_in_table(variants: list, table_arch: str, table_path: Optional[str]) -> Optional[list]:
+    """The planned variants the compile table lacks for ``table_arch`` (None when the table cannot be read:
+    the binaries section reports that)."""
+    from fastcontrast.tools import gpu_compile
+
+    try:
+        table, _ = binaries.load_table(table_path)
+    except (OSError, ValueError):
+        return None
+    return gpu_compile.not_in_table(variants, table_arch, table["rows"])
 
 
 def _model_record(path: Optional[str], loss: str, sizes: Sizes, device_name: str) -> Optional[dict]:
@@ -1048,10 +1066,19 @@ def print_plan(dry: bool, arch: Optional[str]) -> int:
           f"recorded on {device.type})", flush=True)
     start = time.perf_counter()
     variants, per_workload = gpu_compile.record_variants(workloads(sizes, device), target, device)
+    table_arch = gpu_compile.arch_name(target)
+    if on_gpu:
+        from fastcontrast._targets import triton_support
+
+        table_arch = triton_support(device).table_arch or table_arch
+    lacking = _not_in_table(variants, table_arch, None)
+    lacking_digests = {v["digest"] for v in lacking or []}
     for entry in per_workload:
         error = f"  ERROR {entry['error']}" if "error" in entry else ""
+        outside = len(lacking_digests & set(entry["digests"]))
+        note = f", {outside} not in the table" if outside else ""
         print(f"  {entry['section']:<12} {entry['workload']:<52} +{entry['new_variants']:>3} variants "
-              f"({entry['seconds']:.1f} s){error}", flush=True)
+              f"({entry['seconds']:.1f} s{note}){error}", flush=True)
     missing = ["max_n (its N is found at run time; its compiles show as cache misses)"]
     if device.type != "cuda":
         missing.insert(0, "int64 offsets (B alone is GBs: recorded on a GPU only)")
@@ -1062,6 +1089,13 @@ def print_plan(dry: bool, arch: Optional[str]) -> int:
     kinds = ", ".join(f"{kernel} {count}" for kernel, count in sorted(Counter(v.name for v in variants).items()))
     print(f"\n{len(variants)} variants to compile ({kinds}); recorded in {time.perf_counter() - start:.1f} s",
           flush=True)
+    if lacking:
+        print(f"{len(lacking)} of them not in the compile table for {table_arch} (the binaries section would "
+              "fail on them):", flush=True)
+        for v in lacking:
+            print(f"  {v['kernel']} {v['dtype']} {v['precision']} {v['block']} {v['flags']}", flush=True)
+    elif lacking is not None:
+        print(f"every one of them is in the compile table for {table_arch}", flush=True)
     print("\nsection        timeout  estimate (H100 / H200, not yet timed)")
     for name in SECTIONS:
         print(f"  {name:<12} {TIMEOUT_S[name]:>5} s  {estimates[name]:>5} s")

@@ -84,7 +84,8 @@ def _recording(target, device: torch.device) -> Iterator[dict]:
 
 def record_variants(workloads: Iterable[Workload], target, device: torch.device) -> tuple[list, list[dict]]:
     """(every distinct Variant the workloads launch on ``target``, one dict per workload: section, label,
-    the variants it added, seconds, and the error if its recording failed: a plan never stops on one)."""
+    the variants it added, seconds, the digests of all it launches, and the error if its recording failed: a
+    plan never stops on one)."""
     import warnings
 
     variants: dict = {}
@@ -102,7 +103,8 @@ def record_variants(workloads: Iterable[Workload], target, device: torch.device)
             found = {}
         for key, variant in found.items():
             variants.setdefault(key, variant)
-        entry.update(new_variants=len(variants) - before, seconds=round(time.perf_counter() - start, 2))
+        entry.update(new_variants=len(variants) - before, seconds=round(time.perf_counter() - start, 2),
+                     digests=sorted(variant.digest() for variant in found.values()))
         per_workload.append(entry)
     return list(variants.values()), per_workload
 
@@ -179,3 +181,14 @@ def log_cache_misses(add: Callable[[dict], None]) -> None:
                  "compile_s": round(times.total / 1e6, 2) if hasattr(times, "total") else None})
 
     knobs.compilation.listener = listener
+
+
+def not_in_table(variants: list, table_arch: str, rows: list[dict]) -> list[dict]:
+    """The variants whose binary the compile table (``rows``) does not hold for ``table_arch``, keyed as the
+    binaries check keys a launched binary (its Variant under the table's architecture): what that check would
+    fail on, known before anything runs."""
+    import dataclasses
+
+    keys = {row["key"] for row in rows if row["arch"] == table_arch}
+    return [{"kernel": v.name, "dtype": v.dtype, "precision": v.precision, "flags": v.flags(), "block": v.tile(),
+             "digest": v.digest()} for v in variants if dataclasses.replace(v, arch=table_arch).digest() not in keys]
