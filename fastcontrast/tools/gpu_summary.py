@@ -141,8 +141,9 @@ def summarize(records: list[dict]) -> str:
     if compiled or misses:
         lines += ["## Compilation", ""]
         for r in compiled:
-            detail = ", ".join(f"{k}={r[k]}" for k in ("arch", "variants", "compiled", "already_cached", "failed",
-                                                       "workers", "seconds", "record_s", "reason") if k in r)
+            detail = ", ".join(f"{k}={r[k]}" for k in ("arch", "variants", "not_in_table", "not_in_table_from",
+                                                       "compiled", "already_cached", "failed", "workers", "seconds",
+                                                       "record_s", "reason") if k in r)
             lines.append(f"- {r['check']} ({r['status']}): {detail}")
         later = [r for r in misses if r.get("section") != "compile"]
         lines.append(f"- cache misses after the compile section: {len(later)}"
