@@ -940,12 +940,17 @@ def _run_isolated(name: str, out_dir: str, dry: bool, table_path: Optional[str],
     if timed_out:
         record.update(status="fail", reason=f"killed after its {timeout:.0f} s timeout", stderr_tail=_stderr_tail(
             stderr_path))
-    elif returncode in (0, 1):
+    elif returncode == 0 or (returncode == 1 and _recorded_a_failure(out_dir, name)):
         record["status"] = "done"  # its checks' records say what passed and what failed
-    else:
+    else:  # a signal, or an exit before any check could record why (an import error, say)
         reason = f"crashed (signal {-returncode})" if returncode < 0 else f"exited with {returncode}"
         record.update(status="fail", reason=reason, stderr_tail=_stderr_tail(stderr_path))
     return record
+
+
+def _recorded_a_failure(out_dir: str, name: str) -> bool:
+    return any(r.get("section") == name and r.get("status") == "fail"
+               for r in read_records(os.path.join(out_dir, JSONL)))
 
 
 def _start_model(out_dir: str, dry: bool, run_start: float) -> subprocess.Popen:
