@@ -23,8 +23,9 @@ section alone), each printing one line per check and appending its JSON record t
 7. ``binaries``: every workload of the run launched, then the launched binaries against the compile table
    installed with the package (a spill, other registers or shared memory, or a binary it lacks fails);
 8. ``ring``: the ring's per-block shapes (B = N / 8) timed in one process against one rectangular call;
-9. ``max_n``: per loss, the largest N whose step fits in 90 % of the GPU, fused (peaks measured at two N,
-   extrapolated linearly: its memory is O(N·d)) against the best naive loss (searched by running it).
+9. ``max_n``: per loss, the largest N whose step fits in 90 % of the GPU, fused (peaks measured at N and 2N,
+   extrapolated linearly, its memory being O(N·d), the line checked at 4N) against the best naive loss
+   (searched by running it).
 
 ``--budget`` stops starting new sections past that many seconds, and no section runs past 1.25 × the budget;
 a Markdown summary is written at the end (:data:`SUMMARY`), or from the JSONL by ``--summarize DIR`` when a
