@@ -5,7 +5,7 @@ Performance probe (the first minute after compiling): CLIP, SigLIP and NT-Xent a
 forward + backward. Per loss: the median step time over CUDA events, ``torch.cuda.max_memory_allocated``,
 each kernel's time from ``torch.profiler``, TFLOP/s of counted work and its share of the dense bf16 peak,
 and the best naive loss (:func:`naive_best_step`) side by side at the same N or, where it does not fit,
-N / 2. Counted work: the work model's FLOPs when its record is in (:func:`model_records`, run in a CPU
+N / 2 (else N / 4). Counted work: the work model's FLOPs when its record is in (:func:`model_records`, run in a CPU
 subprocess beside the GPU sections), else the analytic count, 4 GEMM passes of 2·rows²·d (the work model's
 count at these widths on sm_90: ``tests/kernels/test_work_model.py``); the record says which.
 
