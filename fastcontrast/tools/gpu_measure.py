@@ -191,7 +191,9 @@ def probe(loss: str, n: int, d: int, device, backend: str, repeats: int, device_
     record = {"status": "ok", "loss": loss, "n": n, "d": d, "dtype": "bf16", "backend": backend,
               "median_s": fused["median_s"], "times_s": fused["times_s"], "peak_bytes": fused["peak_bytes"],
               "kernels": fused["kernels"], "flops": flops, "flops_counted": counted, "tflops": tflops,
-              "percent_of_dense_peak": None if peak is None else 100 * tflops * 1e12 / peak}
+              "percent_of_dense_peak": None if peak is None else 100 * tflops * 1e12 / peak,
+              # What `python -m fastcontrast model --calibrate` reads: seconds per step of each Triton kernel.
+              "kernel_times_s": {k: v["ms"] / 1e3 for k, v in fused["kernels"].items() if k != "other"}}
     naive_n, naive = n, None
     while naive_n >= n // 4:
         naive = _unless_out_of_memory(lambda m=naive_n: measure(loss, m, d, device, "naive", backend,
@@ -205,6 +207,7 @@ def probe(loss: str, n: int, d: int, device, backend: str, repeats: int, device_
         record.update(naive_n=naive_n, naive_median_s=naive["median_s"], naive_peak_bytes=naive["peak_bytes"])
         if naive_n == n:
             record["speedup_over_naive"] = naive["median_s"] / fused["median_s"]
+            record["naive_best_s"] = naive["median_s"]  # the model's calibration takes it at the same N only
     if dry:
         record["note"] = DRY_NOTE
     return record
@@ -215,10 +218,10 @@ def model_records(loss: str, n: int, d: int) -> dict:
     on the H100 and the H200, and the best naive loss's modelled time."""
     from fastcontrast.tools import model
 
-    launches, glue_bytes = model.count_loss(loss, d, n)
+    launches, torch_ops = model.count_loss(loss, d, n)
     out = {"loss": loss, "n": n, "d": d, "gpus": {}}
     for name, gpu in model.GPUS.items():
-        kernels, total = model.time_loss(loss, d, n, launches, glue_bytes, gpu)
+        kernels, total = model.time_loss(loss, d, n, launches, torch_ops, gpu)
         naive = model.naive_model(loss, d, n, gpu, best=True)
         out["gpus"][name] = {"modelled_s": total["modelled_s"], "passes": total["passes"],
                              "naive_best_s": naive["naive_s"],

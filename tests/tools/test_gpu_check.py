@@ -182,7 +182,7 @@ def test_a_hanging_section_is_killed_at_its_timeout_and_reported_as_failed(monke
     assert record["status"] == "fail" and "killed after its 8 s timeout" in record["reason"], record
 
 
-def _synthetic_run(path):
+def _synthetic_run(path, cut_short=True):
     """A run's JSONL as the sections write it: environment, a probe and its model, a panel check, a section
     that timed out."""
     model = {"check": "model CLIP N=65536 d=768", "status": "info", "section": "model", "loss": "CLIP", "n": 65536,
@@ -192,7 +192,8 @@ def _synthetic_run(path):
              "n": 65536, "d": 768, "median_s": 0.050, "peak_bytes": 2**30, "tflops": 527.0,
              "percent_of_dense_peak": 53.3, "naive_n": 65536, "naive_median_s": 0.15, "naive_peak_bytes": 40 * 2**30,
              "speedup_over_naive": 3.0, "flops_counted": "analytic",
-             "kernels": {"lse_forward_kernel": {"ms": 12.5, "launches": 1}}}
+             "kernels": {"lse_forward_kernel": {"ms": 12.5, "launches": 1}},
+             "kernel_times_s": {"lse_forward_kernel": 0.0125}, "naive_best_s": 0.15}
     panel = {"check": "multi-panel numerics N=10007 d=768 bfloat16", "status": "ok", "section": "numerics",
              "bound": 0.02, "gradient": {"clip": 0.004, "siglip": 0.005}, "negatives": {"clip": 0.006},
              "negatives_bound": {"clip": 0.05}}
@@ -204,7 +205,8 @@ def _synthetic_run(path):
         for record in (env, model, {"check": "section probe", "status": "done", "seconds": 40.0}, probe, panel,
                        timed_out):
             f.write(json.dumps(record) + "\n")
-        f.write('{"check": "cut short by a kill')  # the last line of a killed process
+        if cut_short:
+            f.write('{"check": "cut short by a kill')  # the last line of a killed process
 
 
 def test_summarize_rebuilds_the_markdown_from_the_jsonl(tmp_path):
@@ -221,6 +223,22 @@ def test_summarize_rebuilds_the_markdown_from_the_jsonl(tmp_path):
     assert kernel_row.endswith("| 1.25 |"), kernel_row
     assert "killed after its 90 s timeout" in summary
     assert "6.00e-03 (clip; 0.05)" in summary
+
+
+def test_the_probes_records_are_what_the_work_models_calibration_reads(tmp_path, monkeypatch):
+    # `python -m fastcontrast model --calibrate DIR/gpu_check.jsonl` takes the probe's lines; the probe's own
+    # record (here on the CPU, no profiler) carries the same fields.
+    from fastcontrast.tools import gpu_measure, model
+
+    _synthetic_run(tmp_path / "gpu_check.jsonl", cut_short=False)
+    [probe] = model.read_gpu_check(str(tmp_path / "gpu_check.jsonl"))
+    assert (probe["loss"], probe["n"], probe["d"]) == ("CLIP", 65536, 768) and probe["naive_best_s"] == 0.15
+    monkeypatch.setattr(gpu_measure, "kernel_times", lambda step, device: {
+        "lse_forward_kernel": {"ms": 2.0, "launches": 1}, "other": {"ms": 1.0, "launches": 7}})
+    record = gpu_measure.probe("CLIP", 32, 16, torch.device("cpu"), "torch", 1, "cpu", dry=True)
+    assert record["kernel_times_s"] == {"lse_forward_kernel": 0.002}, record["kernel_times_s"]
+    assert record["naive_best_s"] == record["naive_median_s"] and record["naive_n"] == 32
+    assert record["loss"] in model.LOSSES
 
 
 def test_largest_n_doubles_then_bisects():
