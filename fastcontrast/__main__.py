@@ -133,18 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
                       "(docs/kernels.md)")
 
     gpu = commands.add_parser(
-        "gpu-check", help="the one-shot check for a first GPU run: crash paths, numerics, offsets, speed",
-        description="Crash scenarios first, then numerics against float64, int64 offsets, determinism, the "
-        "launched binaries and TFLOP/s; one line per check, JSON lines in --out as they finish.",
+        "gpu-check", help="the one-shot check for a first GPU run: compile, speed, numerics, crash paths, memory",
+        description="Compile every variant first (in parallel), then the performance probe, multi-panel numerics, "
+        "crash scenarios, host syncs, determinism, the launched binaries, the ring and the largest N; each section "
+        "in its own subprocess with its own timeout, JSON lines in --out as checks finish, a Markdown summary at "
+        "the end.",
     )
-    gpu.add_argument("--out", metavar="DIR", default=None, help="folder for gpu_check.jsonl")
+    gpu.add_argument("--out", metavar="DIR", default=None,
+                     help="folder for the JSON lines (gpu_check.jsonl) and the Markdown summary (default: a new "
+                     "temporary folder)")
     gpu.add_argument("--budget", metavar="SECONDS", type=_positive_float, default=480.0,
-                     help="start no new check past this many seconds")
+                     help="start no new section past this many seconds (none runs past 1.25 × this)")
     gpu.add_argument("--dry", action="store_true",
                      help="tiny shapes on the CPU in triton's interpreter (what the test suite runs)")
     gpu.add_argument("--table", metavar="FILE", default=None,
                      help="the compile table to compare the launched binaries with (default: the one installed "
                      "with the package, fastcontrast/kernels/compile_table.json)")
+    gpu.add_argument("--plan", action="store_true",
+                     help="print the sections, the kernel variants the run will compile and the time estimate; "
+                     "no GPU needed (with --dry: for the --dry shapes, seconds; else the GPU shapes, minutes on a "
+                     "2-core CPU)")
+    gpu.add_argument("--arch", default=None, choices=["sm_80", "sm_90", "sm_100", "gfx90a", "gfx942"],
+                     help="with --plan: the target to record the variants for (default: this GPU, else sm_90)")
+    gpu.add_argument("--summarize", metavar="DIR", default=None,
+                     help="rebuild the Markdown summary in DIR from DIR/gpu_check.jsonl (a run cut short) and print it")
+    gpu.add_argument("--sections", nargs="+", default=None,
+                     choices=["compile", "probe", "numerics", "crash", "syncs", "determinism", "binaries", "ring",
+                              "max_n"],
+                     help="run only these sections (in the standard order)")
+    # One section in this process: how gpu-check runs each of its subprocesses.
+    gpu.add_argument("--section", default=None, help=argparse.SUPPRESS)
 
     # Parsed by fastcontrast.tools.model itself (main() hands it the arguments); listed here for --help.
     commands.add_parser("model", help="modelled H100 / H200 time of every kernel and loss (a model)")

@@ -110,27 +110,50 @@ def test_info_kernels_json_has_one_row_per_binary_with_its_resources(tmp_path):
         assert all(key in row for row in table["rows"]), key
 
 
-def test_gpu_check_dry_runs_every_check_in_the_interpreter(tmp_path):
-    """The one-shot GPU check at tiny sizes on the CPU, so that the script cannot rot before a GPU comes."""
+def test_gpu_check_dry_runs_every_section_in_its_own_subprocess(tmp_path):
+    """The one-shot GPU check at tiny sizes on the CPU, every section in its own subprocess as on a GPU, so that
+    the script cannot rot before a GPU comes."""
+    from fastcontrast.tools import gpu_check
+
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "fastcontrast", "gpu-check", "--dry", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
-    checks = {r["check"].split(" d=")[0].split(" N=")[0] for r in records}
-    for expected in ("fp32 under the new TF32 API", "fp16 gradients with dS below fp16 subnormals",
-                     "fp32 near one-hot batch at scale 100", "numerics", "int64 offsets past 2^31 elements",
-                     "single-pass vs two-pass forward", "argmax ties", "bitwise determinism",
-                     "launched binaries match the compile table", "performance CLIP bf16"):
-        assert expected in checks, f"{expected!r} missing from {sorted(checks)}"
+    records = gpu_check.read_records(str(tmp_path / "gpu_check.jsonl"))
     assert not [r for r in records if r["status"] == "fail"]
     by_check = {r["check"]: r for r in records}
+    # Each section ran in its own process and wrote its own lines (the model beside the probe too).
+    for section in gpu_check.SECTIONS:
+        assert by_check[f"section {section}"]["status"] == "done", by_check.get(f"section {section}")
+        assert [r for r in records if r.get("section") == section], f"section {section} wrote no record"
+    assert [r for r in records if r.get("section") == "model" and r["status"] == "info"]
+    checks = {r["check"].split(" d=")[0].split(" N=")[0] for r in records}
+    for expected in ("compile plan", "compile into triton's cache", "probe CLIP", "probe SigLIP", "probe NT-Xent",
+                     "multi-panel numerics", "numerics", "fp32 under the new TF32 API",
+                     "fp16 gradients with dS below fp16 subnormals", "fp32 near one-hot batch at scale 100",
+                     "no host sync per step bfloat16", "int64 offsets past 2^31 elements",
+                     "single-pass vs two-pass forward", "argmax ties", "bitwise determinism",
+                     "launched binaries match the compile table", "ring per-block shapes",
+                     "largest N in 90% of memory CLIP"):
+        assert expected in checks, f"{expected!r} missing from {sorted(checks)}"
     assert by_check["engine under test"]["backend"] == "triton"
+    assert by_check["compile plan"]["variants"] > 20 and not by_check["compile plan"]["errors"]
+    assert "--dry" in by_check["compile into triton's cache"]["reason"]
     # The interpreter launches no binary, but the installed compile table must be found.
     assert by_check["launched binaries match the compile table"]["table"].endswith("compile_table.json")
-    numerics = [r for r in records if r["check"].startswith("numerics")]
+    panels = [r for r in records if r["check"].startswith("multi-panel numerics")]
+    assert {"bfloat16", "float16"} == {r["check"].rsplit(" ", 1)[1] for r in panels}
     for loss in ("clip", "siglip", "nt_xent", "memory_bank", "dcl", "dclw", "supcon", "distill", "coca"):
-        assert all(loss in r for r in numerics), f"gpu-check's numerics leave out {loss}"
+        assert all(loss in r["gradient"] for r in panels), f"gpu-check's numerics leave out {loss}"
+    assert "meaningless" in by_check["probe CLIP N=128 d=32 bf16"]["note"]
+    # The work model's records (from its own process) joined to the probe's once both are in.
+    assert by_check["measured over modelled CLIP N=128 d=32"]["measured_over_modelled"] > 0
+    summary = (tmp_path / "gpu_check.md").read_text()
+    probe_row = next(line for line in summary.splitlines() if line.startswith("| CLIP | 128 |"))
+    assert not probe_row.endswith("| - |"), probe_row
+    for heading in ("## Sections", "## Performance probe", "## Multi-panel numerics", "## Ring per-block shapes",
+                    "## Compilation"):
+        assert heading in summary, heading
 
 
 def test_cli_module_imports_without_triton_matplotlib_or_cuda():

@@ -1,9 +1,14 @@
 """gpu-check's parts that need no GPU: the "binaries match" verdict on fake launched binaries, finding the
-installed compile table, and what it runs on a GPU the compile table has no checked binaries for."""
+installed compile table, what it runs on a GPU the compile table has no checked binaries for, ``--plan``, the
+sections' isolation (a crashing one leaves the others' answers), ``--summarize``, the compile pool, and the
+measurements' pure parts. The whole ``--dry`` run, every section in its own subprocess, is in test_cli.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,22 +117,213 @@ def test_check_skips_triton_on_an_unchecked_gpu_with_the_reason(monkeypatch):
 
 def test_gpu_check_on_an_unchecked_gpu_runs_the_torch_engine_and_skips_the_triton_checks(monkeypatch, tmp_path,
                                                                                        capsys):
-    """The whole script at --dry sizes, with the plan a T4 gets (the tensors stay on the CPU)."""
+    """Every section at --dry sizes in this process (so the patched plan holds), with the plan a T4 gets (the
+    tensors stay on the CPU)."""
     reason = "no Triton binary is compiled and checked for Tesla T4 (cuda:0, sm_75): simulated"
     monkeypatch.setattr(gpu_check, "engine_under_test", lambda device, dry: gpu_check.Plan("torch", reason, None))
-    failed = gpu_check.gpu_check(str(tmp_path), budget_s=600, dry=True)
-    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    failed = gpu_check.gpu_check(str(tmp_path), budget_s=600, dry=True, isolate=False)
+    records = gpu_check.read_records(str(tmp_path / "gpu_check.jsonl"))
     assert failed == 0, [r for r in records if r["status"] == "fail"]
     by_check = {r["check"]: r for r in records}
     assert by_check["engine under test"]["backend"] == "torch" and "sm_75" in by_check["engine under test"]["reason"]
     for name in ("int64 offsets past 2^31 elements", "single-pass vs two-pass forward", "argmax ties",
                  "launched binaries match the compile table", "fp32 near one-hot batch at scale 100"):
         assert by_check[name]["status"] == "skip" and "sm_75" in by_check[name]["reason"], by_check[name]
-    numerics = [r for r in records if r["check"].startswith("numerics")]
+    numerics = [r for r in records if "numerics" in r["check"] and not r["check"].startswith("section")]
     assert numerics and all(r["status"] == "ok" for r in numerics), numerics
-    performance = [r for r in records if r["check"].startswith("performance")]
-    assert performance and all(r["backend"] == "torch" for r in performance), performance
+    probes = [r for r in records if r["check"].startswith("probe ")]
+    assert len(probes) == 3 and all(r["backend"] == "torch" for r in probes), probes
     assert "engine under test: backend=torch" in capsys.readouterr().out
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# gpu-check")
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fastcontrast", "gpu-check", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "TRITON_INTERPRET": "1", **(env or {})})
+
+
+def test_plan_prints_the_variant_count_the_sections_and_the_estimate_without_a_gpu():
+    proc = _cli("--plan", "--dry", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    variants = int(out.split(" variants to compile")[0].rsplit("\n", 1)[-1])
+    assert variants > 20, out
+    for section in gpu_check.SECTIONS:
+        assert f"  {section} " in out, f"{section} missing from the plan:\n{out}"
+    # Every workload recorded, none failing, each section with a timeout and an estimate.
+    assert "ERROR" not in out and "Estimate" in out, out
+    for _, label, _ in gpu_check.workloads(gpu_check.DRY_SIZES, torch.device("cpu")):
+        assert label in out, label
+
+
+def test_a_crashing_section_leaves_the_others_answers_and_is_reported_as_failed(tmp_path):
+    proc = _cli("--dry", "--out", str(tmp_path), "--sections", "binaries", "ring",
+                env={gpu_check.CRASH_ENV: "ring"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = gpu_check.read_records(str(tmp_path / "gpu_check.jsonl"))
+    by_check = {r["check"]: r for r in records}
+    ring = by_check["section ring"]
+    assert ring["status"] == "fail" and "crashed (signal 6)" in ring["reason"], ring
+    # The section before it answered, from its own process.
+    assert by_check["section binaries"]["status"] == "done"
+    table = by_check["launched binaries match the compile table"]
+    assert table["section"] == "binaries" and table["status"] == "skip", table
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "| ring | fail |" in summary and "## Failures" in summary, summary
+
+
+def test_a_hanging_section_is_killed_at_its_timeout_and_reported_as_failed(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setenv(gpu_check.HANG_ENV, "ring")
+    start = time.monotonic()
+    record = gpu_check._run_isolated("ring", str(tmp_path), True, None, timeout=8)
+    assert time.monotonic() - start < 60
+    assert record["status"] == "fail" and "killed after its 8 s timeout" in record["reason"], record
+
+
+def _synthetic_run(path, cut_short=True):
+    """A run's JSONL as the sections write it: environment, a probe and its model, a panel check, a section
+    that timed out."""
+    model = {"check": "model CLIP N=65536 d=768", "status": "info", "section": "model", "loss": "CLIP", "n": 65536,
+             "d": 768, "flops": 2.6e13, "gpus": {"H200": {"modelled_s": 0.040, "passes": 4.0, "naive_best_s": 0.12,
+                                                          "kernels": {"lse_forward_kernel": {"modelled_s": 0.010}}}}}
+    probe = {"check": "probe CLIP N=65536 d=768 bf16", "status": "ok", "section": "probe", "loss": "CLIP",
+             "n": 65536, "d": 768, "median_s": 0.050, "peak_bytes": 2**30, "tflops": 527.0,
+             "percent_of_dense_peak": 53.3, "naive_n": 65536, "naive_median_s": 0.15, "naive_peak_bytes": 40 * 2**30,
+             "speedup_over_naive": 3.0, "flops_counted": "analytic",
+             "kernels": {"lse_forward_kernel": {"ms": 12.5, "launches": 1}},
+             "kernel_times_s": {"lse_forward_kernel": 0.0125}, "naive_best_s": 0.15}
+    panel = {"check": "multi-panel numerics N=10007 d=768 bfloat16", "status": "ok", "section": "numerics",
+             "bound": 0.02, "gradient": {"clip": 0.004, "siglip": 0.005}, "negatives": {"clip": 0.006},
+             "negatives_bound": {"clip": 0.05}}
+    timed_out = {"check": "section numerics", "status": "fail", "seconds": 90.0,
+                 "reason": "killed after its 90 s timeout"}
+    env = {"check": "environment", "status": "info", "dry": False, "device_name": "NVIDIA H200 (cuda:0)",
+           "fastcontrast": "0.1.0", "torch": "2.13.0", "triton": "3.9.0", "cuda": "12.8"}
+    with open(path, "w") as f:
+        for record in (env, model, {"check": "section probe", "status": "done", "seconds": 40.0}, probe, panel,
+                       timed_out):
+            f.write(json.dumps(record) + "\n")
+        if cut_short:
+            f.write('{"check": "cut short by a kill')  # the last line of a killed process
+
+
+def test_summarize_rebuilds_the_markdown_from_the_jsonl(tmp_path):
+    from fastcontrast.__main__ import main
+
+    _synthetic_run(tmp_path / "gpu_check.jsonl")
+    assert main(["gpu-check", "--summarize", str(tmp_path)]) == 0
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "NVIDIA H200" in summary
+    # The probe beside the H200 model: 50 ms measured over 40 ms modelled, per kernel 12.5 ms over 10 ms.
+    probe_row = next(line for line in summary.splitlines() if line.startswith("| CLIP | 65536 |"))
+    assert "| 1.25 |" in probe_row and "527" in probe_row, probe_row
+    kernel_row = next(line for line in summary.splitlines() if line.startswith("| CLIP | lse_forward_kernel |"))
+    assert kernel_row.endswith("| 1.25 |"), kernel_row
+    assert "killed after its 90 s timeout" in summary
+    assert "6.00e-03 (clip; 0.05)" in summary
+
+
+def test_the_probes_records_are_what_the_work_models_calibration_reads(tmp_path, monkeypatch):
+    # `python -m fastcontrast model --calibrate DIR/gpu_check.jsonl` takes the probe's lines; the probe's own
+    # record (here on the CPU, no profiler) carries the same fields.
+    from fastcontrast.tools import gpu_measure, model
+
+    _synthetic_run(tmp_path / "gpu_check.jsonl", cut_short=False)
+    [probe] = model.read_gpu_check(str(tmp_path / "gpu_check.jsonl"))
+    assert (probe["loss"], probe["n"], probe["d"]) == ("CLIP", 65536, 768) and probe["naive_best_s"] == 0.15
+    monkeypatch.setattr(gpu_measure, "kernel_times", lambda step, device: {
+        "lse_forward_kernel": {"ms": 2.0, "launches": 1}, "other": {"ms": 1.0, "launches": 7}})
+    record = gpu_measure.probe("CLIP", 32, 16, torch.device("cpu"), "torch", 1, "cpu", dry=True)
+    assert record["kernel_times_s"] == {"lse_forward_kernel": 0.002}, record["kernel_times_s"]
+    assert record["naive_best_s"] == record["naive_median_s"] and record["naive_n"] == 32
+    assert record["loss"] in model.LOSSES
+
+
+def test_largest_n_doubles_then_bisects():
+    from fastcontrast.tools.gpu_measure import largest_n
+
+    assert largest_n(lambda n: n <= 1000, 64, 4096) == 960
+    assert largest_n(lambda n: n <= 10**9, 64, 4096) == 4096
+    assert largest_n(lambda n: False, 64, 4096) is None
+
+
+def test_max_n_extrapolates_the_fused_peak_and_searches_the_naive_one(monkeypatch):
+    from fastcontrast.tools import gpu_measure
+
+    # Fused: 1 GiB + 4 KiB per row; naive: 16 bytes per logit. Budget 100 GiB.
+    def fake_peak(loss, n, d, device, provider, backend):
+        peak = 2**30 + 4096 * n if provider == "fused" else 16 * n * n
+        return peak if peak <= 100 * 2**30 else None
+
+    monkeypatch.setattr(gpu_measure, "step_peak", fake_peak)
+    record = gpu_measure.max_n("CLIP", 768, "cuda", "triton", 100 * 2**30, 65536, 16384, 2**22)
+    assert record["fused_largest_n"] == (99 * 2**30) // 4096, record
+    naive = record["naive_largest_n"]
+    assert 16 * naive**2 <= 100 * 2**30 < 16 * (naive + naive // 8) ** 2, record
+    assert record["fused_over_naive_n"] == record["fused_largest_n"] / naive
+    assert record["fused_peak_4n_over_linear"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("loss", ["CLIP", "SigLIP", "NT-Xent"])
+def test_the_probes_naive_loss_is_the_work_models_best_naive_loss(loss):
+    from fastcontrast.tools import gpu_measure, model
+
+    grads = []
+    for run in (lambda a, b: model._run_naive_best(loss, a, b), lambda a, b: gpu_measure.naive_best_step(loss, a, b)):
+        a, b = gpu_measure.probe_inputs(48, 16, "cpu", dtype=torch.float64)
+        run(a, b)
+        grads.append((a.grad, b.grad))
+    for name, x, y in zip(("grad_a", "grad_b"), *grads):
+        assert torch.allclose(x, y, rtol=1e-12, atol=1e-15), name
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip", "nt_xent", "memory_bank", "dcl"])
+def test_the_negatives_term_is_the_gradient_minus_the_positives(loss):
+    # The positive part has a gradient for every loss that splits; on CLIP the loss's gradient minus it is the
+    # negatives' term alone: dA = s·(½(P_row + P_col)·B − B) / n, the positive part −s·mean(aᵢ·bᵢ) being the −B.
+    a = gpu_check._unit(24, 8, torch.float64, "cpu", 1).requires_grad_()
+    b = gpu_check._unit(24, 8, torch.float64, "cpu", 2).requires_grad_()
+    positive = torch.autograd.grad(gpu_check._positive_part(loss, a, b, 14.3), [a, b])
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in positive)
+    if loss == "clip":
+        logits = 14.3 * a @ b.T
+        softmax = (torch.softmax(logits, 1) + torch.softmax(logits, 0)) / 2
+        expected_negatives = 14.3 * softmax @ b / 24
+        expected_whole = expected_negatives - 14.3 * b / 24
+        got_whole = gpu_check._loss_and_grads("clip", a.detach(), b.detach(), 14.3, "torch")[1]
+        assert torch.allclose(got_whole, expected_whole, atol=1e-12)
+        assert torch.allclose(got_whole - positive[0], expected_negatives, atol=1e-12)
+
+
+_POOL = """
+import json, torch
+from fastcontrast.tools import gpu_compile, gpu_measure
+
+def main():
+    workload = [("probe", "clip", lambda device, backend: gpu_measure.fused_step(
+        "CLIP", *gpu_measure.probe_inputs(64, 32, device), backend))]
+    variants, _ = gpu_compile.record_variants(workload, ("cuda", 80), torch.device("cpu"))
+    specs = [gpu_compile.variant_spec(v) for v in variants][:2]
+    print(json.dumps([gpu_compile.compile_in_pool(specs, 2) for _ in range(2)]))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_the_compile_pool_fills_tritons_cache_so_the_second_compile_hits(tmp_path):
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(first) == 2 and not any("error" in r for r in first + second), (first, second)
+    assert [r["cache_hit"] for r in first] == [False, False], first
+    assert [r["cache_hit"] for r in second] == [True, True], second
 
 
 def test_the_host_sync_section_runs_every_loss_per_dtype_and_fails_on_a_sync(monkeypatch):
