@@ -17,10 +17,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from fastcontrast import distributed
-from fastcontrast._validation import check_backend, check_chunk_bytes, check_flags
 from fastcontrast.losses._cached_st import check_mini_batches, check_not_static_embedding, forward_cached
-from fastcontrast.losses.gist import _check_models, _token_rows, check_gist_options, gist_embed_loss
+from fastcontrast.losses.gist import _token_rows, gist_embed_loss, set_gist_options
 
 
 class GuidedEmbedding:
@@ -89,36 +87,12 @@ class CachedGISTEmbedLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_not_static_embedding(model, type(self).__name__, "GISTEmbedLoss")
-        self.model = model
-        self.guide = guide
-        self.temperature = temperature
-        self.must_retokenize = False
-        if model is not None or guide is not None:
-            self.must_retokenize = _check_models(model, guide)
-            if self.must_retokenize:
-                self.tokenizer = model.tokenizer  # type: ignore[union-attr]
         check_mini_batches(mini_batch_size, mini_batch_num_tokens, show_progress_bar)
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar
-        check_gist_options(temperature, margin_strategy, margin)
-        check_flags(gather_across_devices=gather_across_devices, contrast_anchors=contrast_anchors,
-                    contrast_positives=contrast_positives)
-        self.margin_strategy = margin_strategy
-        self.margin = margin
-        self.contrast_anchors = contrast_anchors
-        self.contrast_positives = contrast_positives
-        self.gather_across_devices = gather_across_devices
-        self.backend = check_backend(backend)
-        if backend == "triton":
-            raise ValueError(
-                "CachedGISTEmbedLoss: the guide's mask runs on the blockwise torch engine today (backend='torch' or "
-                "'auto'); the Triton kernels have no guide-similarity mask yet."
-            )
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
-        if process_group is not None:
-            distributed.resolve_gather_group(gather_across_devices, process_group, what=type(self).__name__)
-        self.process_group = process_group
+        set_gist_options(self, model, guide, temperature, margin_strategy, margin, contrast_anchors,
+                         contrast_positives, gather_across_devices, backend, chunk_bytes, process_group)
 
     def calculate_loss(self, reps: list[list[torch.Tensor]], reps_guided: list[list[torch.Tensor]], *,
                        with_backward: bool = False) -> torch.Tensor:

@@ -149,6 +149,39 @@ def gist_embed_loss(
     return rank_mean(log_z - positive_logit, layout)
 
 
+def set_gist_options(loss: nn.Module, model, guide, temperature, margin_strategy, margin, contrast_anchors,
+                     contrast_positives, gather_across_devices, backend, chunk_bytes, process_group) -> None:
+    """Check 6.2.0's GISTEmbedLoss options and fastcontrast's and set them on ``loss`` (a GISTEmbedLoss or a
+    CachedGISTEmbedLoss: the same attributes, which trainers and model cards read)."""
+    name = type(loss).__name__
+    loss.model = model
+    loss.guide = guide
+    loss.temperature = temperature
+    loss.must_retokenize = False
+    if model is not None or guide is not None:
+        loss.must_retokenize = _check_models(model, guide)
+        if loss.must_retokenize:
+            loss.tokenizer = model.tokenizer  # type: ignore[union-attr]
+    check_gist_options(temperature, margin_strategy, margin)
+    check_flags(gather_across_devices=gather_across_devices, contrast_anchors=contrast_anchors,
+                contrast_positives=contrast_positives)
+    loss.margin_strategy = margin_strategy
+    loss.margin = margin
+    loss.contrast_anchors = contrast_anchors
+    loss.contrast_positives = contrast_positives
+    loss.gather_across_devices = gather_across_devices
+    loss.backend = check_backend(backend)
+    if backend == "triton":
+        raise ValueError(
+            f"{name}: the guide's mask runs on the blockwise torch engine today (backend='torch' or 'auto'); the "
+            "Triton kernels have no guide-similarity mask yet."
+        )
+    loss.chunk_bytes = check_chunk_bytes(chunk_bytes)
+    if process_group is not None:
+        distributed.resolve_gather_group(gather_across_devices, process_group, what=name)
+    loss.process_group = process_group
+
+
 class GISTEmbedLoss(nn.Module):
     """Drop-in for sentence-transformers 6.2.0 ``GISTEmbedLoss``, O(N·d) memory (see the module doc).
 
@@ -176,32 +209,8 @@ class GISTEmbedLoss(nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
-        self.model = model
-        self.guide = guide
-        self.temperature = temperature
-        self.must_retokenize = False
-        if model is not None or guide is not None:
-            self.must_retokenize = _check_models(model, guide)
-            if self.must_retokenize:
-                self.tokenizer = model.tokenizer  # type: ignore[union-attr]
-        check_gist_options(temperature, margin_strategy, margin)
-        check_flags(gather_across_devices=gather_across_devices, contrast_anchors=contrast_anchors,
-                    contrast_positives=contrast_positives)
-        self.margin_strategy = margin_strategy
-        self.margin = margin
-        self.contrast_anchors = contrast_anchors
-        self.contrast_positives = contrast_positives
-        self.gather_across_devices = gather_across_devices
-        self.backend = check_backend(backend)
-        if backend == "triton":
-            raise ValueError(
-                "GISTEmbedLoss: the guide's mask runs on the blockwise torch engine today (backend='torch' or "
-                "'auto'); the Triton kernels have no guide-similarity mask yet."
-            )
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
-        if process_group is not None:
-            distributed.resolve_gather_group(gather_across_devices, process_group, what="GISTEmbedLoss")
-        self.process_group = process_group
+        set_gist_options(self, model, guide, temperature, margin_strategy, margin, contrast_anchors,
+                         contrast_positives, gather_across_devices, backend, chunk_bytes, process_group)
 
     def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: Optional[torch.Tensor]
                 ) -> torch.Tensor:
