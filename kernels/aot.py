@@ -44,9 +44,10 @@ NVIDIA_ARCHS = (80, 90, 100)
 AMD_ARCHS = ("gfx90a", "gfx942")
 ARCHS = tuple(f"sm_{a}" for a in NVIDIA_ARCHS) + AMD_ARCHS
 DTYPES = ("fp16", "bf16", "fp32")
-# Feature dims covering every config bucket (forward resident / looped, fused gradient 64 / 128 / 256, panel
-# path) plus dims that are not multiples of 16, which the engine pads: they must add no variant.
-DIMS = (48, 64, 100, 128, 200, 256, 300, 512, 1000)
+# Feature dims covering every config bucket (the narrowest, d ≤ 32; forward resident / looped, fused gradient
+# 64 / 128 / 256, panel path) plus dims that are not multiples of 16, which the engine pads: they must add no
+# variant.
+DIMS = (16, 32, 48, 64, 100, 128, 200, 256, 300, 512, 1000)
 # Per-block shared memory a kernel may use (opt-in maximum), bytes; AMD: LDS per workgroup. sm_80 binaries
 # stand for every part that gets the Ampere tiles (configs._family): sm_86 / sm_89 / sm_120 (RTX, A10, L4,
 # L40) allow 99 KiB against the A100's 163 KiB, so the smaller limit is the one checked.

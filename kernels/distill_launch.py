@@ -12,7 +12,7 @@ from fastcontrast.kernels.configs import (
     target_for,
 )
 from fastcontrast.kernels.distill import distill_forward_kernel, distill_gradient_kernel, distill_panel_kernel
-from fastcontrast.kernels.gradient_launch import multiply_panel, panel_scratch, panels
+from fastcontrast.kernels.gradient_launch import PanelOutput, multiply_panel, panel_scratch, panels
 from fastcontrast.kernels.launch import launch_flags
 
 
@@ -73,11 +73,12 @@ def panel_distill_gradients(problem, *, needs):
     def scratch(wanted):
         return panel_scratch(rows, cols, a) if wanted else None
 
-    def output(x, wanted):
-        return torch.empty((x.shape[0], x.shape[1]), dtype=torch.float32, device=a.device) if wanted else None
+    def output(x, wanted, panel_rows, depth):
+        return PanelOutput(x.shape[0], x.shape[1], panel_rows, depth, matmul_config, a.device) if wanted else None
 
     w_panel, t_panel = scratch(student), scratch(teacher)
-    outs = [output(a, need_a), output(b, need_b), output(a_t, need_a_t), output(b_t, need_b_t)]
+    outs = [output(a, need_a, rows, cols), output(b, need_b, cols, rows), output(a_t, need_a_t, rows, cols),
+            output(b_t, need_b_t, cols, rows)]
     row_stats, col_stats = problem["rows"], problem["cols"]
     for (r0, r1), (c0, c1) in panels(n, m, rows, cols):
         grid = (triton.cdiv(r1 - r0, config.block_m), triton.cdiv(c1 - c0, config.block_n))
@@ -100,4 +101,4 @@ def panel_distill_gradients(problem, *, needs):
         if teacher:
             multiply_panel(t_panel, r0, r1, c0, c1, shared_scale, matmul_config, out_a=outs[2], out_b=outs[3],
                             a=a_t, b=b_t)
-    return outs
+    return [None if out is None else out.result() for out in outs]

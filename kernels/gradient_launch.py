@@ -89,8 +89,8 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
     panel, ds_config, matmul_config = panel_configs(target, a.dtype)
     rows, cols = min(n, panel.rows), min(m, panel.cols)
     ds = panel_scratch(rows, cols, a)
-    grad_a = torch.empty((n, d), dtype=torch.float32, device=a.device) if need_a else None
-    grad_b = torch.empty((m, d), dtype=torch.float32, device=a.device) if need_b else None
+    grad_a = PanelOutput(n, d, rows, cols, matmul_config, a.device) if need_a else None
+    grad_b = PanelOutput(m, d, cols, rows, matmul_config, a.device) if need_b else None
     row_stats, col_stats = problem["row_stats"], problem["col_stats"]
     offset, mode = problem["offset"], problem["mode"]
     bias_partials = []
@@ -116,7 +116,7 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
         multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config,
                         out_a=grad_a, out_b=grad_b, a=a, b=b)
     grad_bias = torch.cat(bias_partials).sum() if need_bias else None
-    return grad_a, grad_b, grad_bias
+    return (None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result()), grad_bias
 
 
 # Elements after the dS panel's last row: panel_matmul_kernel reads dSᵀ without a row mask, up to one
@@ -133,34 +133,54 @@ def panel_scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return buffer[: rows * stride].view(rows, stride)
 
 
+class PanelOutput:
+    """An fp32 output [rows, d] of the panel GEMMs (dA or dB), and where its split reduction adds up.
+
+    Where one panel's output tiles would leave the GPU idle (few rows, or a narrow d), each GEMM splits its
+    reduction over ``splits`` programs. The splits' partial sums go to a slab [splits, rows, d] that spans
+    the whole output and lives for the whole sweep: every panel adds into it, in the kernel, and
+    :meth:`result` sums the splits once, in a fixed order (deterministic, no atomics). So the torch ops of
+    the reduction are one per output, not one or two per panel. Scratch: ``splits`` × rows × d × 4 bytes,
+    with ``splits`` ≤ (programs that fill the GPU) ÷ (output tiles of one panel); none when one split fills
+    it. ``panel_rows`` / ``depth``: the output rows and reduction depth of the sweep's first (largest) panel,
+    which fix ``splits`` and ``k_per_split`` for every panel (the first panel writes every split; a smaller
+    last panel may use fewer, adding to what is there)."""
+
+    def __init__(self, rows: int, d: int, panel_rows: int, depth: int, config, device: torch.device):
+        tiles = triton.cdiv(panel_rows, config.block_m) * triton.cdiv(d, config.block_n)
+        splits = max(1, min(target_programs(device) // tiles, triton.cdiv(depth, 4 * config.block_d)))
+        self.k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
+        self.splits = triton.cdiv(depth, self.k_per_split)
+        self.slab = torch.empty((self.splits, rows, d), dtype=torch.float32, device=device)
+
+    def result(self) -> torch.Tensor:
+        if self.splits == 1:
+            return self.slab[0]
+        return self.slab.sum(dim=0)
+
+
 def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):
     """out_a[r0:r1] (+)= P·B[c0:c1] and out_b[c0:c1] (+)= Pᵀ·A[r0:r1] for the panel P of rows r0:r1 and
-    columns c0:c1 (the first panel of each output row range writes, the later ones add)."""
+    columns c0:c1 (:class:`PanelOutput`; the first panel of each output row range writes, the later ones
+    add)."""
     if out_a is not None:
-        _launch_panel_matmul(out=out_a[r0:r1], p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
+        _launch_panel_matmul(out=out_a, start=r0, stop=r1, p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
                              y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config, transposed=False)
     if out_b is not None:
-        _launch_panel_matmul(out=out_b[c0:c1], p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
+        _launch_panel_matmul(out=out_b, start=c0, stop=c1, p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
                              y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config, transposed=True)
 
 
-def _launch_panel_matmul(*, out, p, p_strides, depth, y, accumulate, ds_scale, config, transposed):
-    """out (+)= P[:rows, :depth] @ y (fp32), with the reduction split across programs when the output tiles
-    alone would leave the GPU idle (few rows: a local loss); the splits are summed in a fixed order."""
-    rows, cols = out.shape
+def _launch_panel_matmul(*, out: PanelOutput, start, stop, p, p_strides, depth, y, accumulate, ds_scale, config,
+                         transposed):
+    """out[start:stop] (+)= P[:rows, :depth] @ y (fp32), each split of the reduction into its slab."""
+    target = out.slab[:, start:stop]
+    rows, cols = target.shape[1], target.shape[2]
     tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(cols, config.block_n)
-    splits = max(1, min(target_programs(out.device) // tiles, triton.cdiv(depth, 4 * config.block_d)))
-    k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
-    splits = triton.cdiv(depth, k_per_split)
-    target = out if splits == 1 else torch.empty((splits, rows, cols), dtype=torch.float32, device=out.device)
+    splits = triton.cdiv(depth, out.k_per_split)  # the last, smaller panel may need fewer than the first
     panel_matmul_kernel[(tiles, splits)](
-        P=p, Y=y, OUT=target, DS_SCALE=ds_scale, rows=rows, cols=cols, depth=depth, k_per_split=k_per_split,
-        stride_p_row=p_strides[0], stride_p_k=p_strides[1], stride_y=y.stride(0), stride_out=out.stride(0),
-        ACCUMULATE=accumulate and splits == 1, SCALE_DS=ds_scale is not None, P_TRANSPOSED=transposed,
-        **launch_flags(config, y),
+        P=p, Y=y, OUT=target, DS_SCALE=ds_scale, rows=rows, cols=cols, depth=depth, k_per_split=out.k_per_split,
+        stride_p_row=p_strides[0], stride_p_k=p_strides[1], stride_y=y.stride(0), stride_out=target.stride(1),
+        stride_split=target.stride(0), ACCUMULATE=accumulate, SCALE_DS=ds_scale is not None,
+        P_TRANSPOSED=transposed, **launch_flags(config, y),
     )
-    if splits > 1:
-        if accumulate:
-            out.add_(target.sum(dim=0))
-        else:
-            torch.sum(target, dim=0, out=out)

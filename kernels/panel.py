@@ -142,6 +142,7 @@ def panel_matmul_kernel(
     stride_p_k,
     stride_y,
     stride_out,
+    stride_split,
     ACCUMULATE: tl.constexpr,
     SCALE_DS: tl.constexpr,
     P_TRANSPOSED: tl.constexpr,
@@ -155,8 +156,10 @@ def panel_matmul_kernel(
 
     P is the dS panel, read as [rows, depth] through its strides (dS itself for dA; dSᵀ for dB, then
     P_TRANSPOSED: contiguous along rows); Y is [depth, cols] row-major (B's or A's rows, cols = padded d, a
-    multiple of 16); OUT is fp32 [splits, rows, cols]. ACCUMULATE adds to what OUT holds (the earlier
-    panels); SCALE_DS divides by the fp16 scale of dS. BLOCK_D is the K chunk; k_per_split is a multiple of it.
+    multiple of 16); OUT is fp32 [splits, rows, cols] with strides (stride_split, stride_out, 1): the rows of
+    a slab that spans the whole output and outlives the panel, so that its splits add up over every panel and
+    are summed once at the end. ACCUMULATE adds to what OUT holds (the earlier panels); SCALE_DS divides by the
+    fp16 scale of dS. BLOCK_D is the K chunk; k_per_split is a multiple of it.
 
     The loads are vectorised, so that they become pipelined ``cp.async`` copies: a mask must then be constant
     along each load's contiguous dimension. So the whole K blocks run without a K mask and only the last,
@@ -192,7 +195,7 @@ def panel_matmul_kernel(
         b_acc = _panel_dot(b_p, b_y, b_acc, DOT_FP32, INPUT_PRECISION)
     if SCALE_DS:
         b_acc = b_acc / tl.load(DS_SCALE)
-    p_out = OUT + i_s.to(tl.int64) * rows * stride_out + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]
+    p_out = OUT + i_s.to(tl.int64) * stride_split + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]
     m_out = m_m[:, None] & m_n[None, :]
     if ACCUMULATE:
         b_acc += tl.load(p_out, mask=m_out, other=0.0)

@@ -331,3 +331,49 @@ def test_panel_gemm_split_along_the_reduction_gives_the_reference(dtype, monkeyp
 
     _compare(loss, expected, [rows, cols, scale], ["rows", "cols", "scale"], dtype)
     assert any(grid[1] > 1 for grid in launches), f"no split-K launch: {launches}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_reductions_add_up_over_many_panels_in_one_slab(dtype, monkeypatch):
+    # Ragged panels in both directions (350 rows and 330 columns in 160 × 160 panels, 32-deep K blocks), each
+    # GEMM's reduction split in two (a ragged last panel in one): the splits of every panel add into one slab
+    # per output, in the kernel, summed once at the end. No torch op per panel: one sum per output is left.
+    from fastcontrast.kernels import configs, gradient_launch, launch
+
+    monkeypatch.setattr(launch, "INTERPRETER_TARGET_PROGRAMS", 256)
+    monkeypatch.setattr(configs, "INTERPRETER_PANEL", configs.PanelConfig(rows=160, cols=160))
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.KernelConfig(32, 32, 32, num_warps=1, num_stages=1))
+    grids, slab_sums = [], []
+    real = gradient_launch.panel_matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(gradient_launch, "panel_matmul_kernel", Spy())
+    result = gradient_launch.PanelOutput.result
+
+    def counted_result(self):
+        slab_sums.append(self.splits)
+        return result(self)
+
+    monkeypatch.setattr(gradient_launch.PanelOutput, "result", counted_result)
+    from fastcontrast._dispatch import resolve_engine
+
+    rows, cols = _features(350, 48, dtype, 35), _features(330, 48, dtype, 36)
+    scale = torch.tensor(7.0, requires_grad=True)
+    positives = (torch.arange(350) * 7) % 330
+    triton_engine = resolve_engine("triton", rows.device, dtype, None)
+
+    def loss(a, b, s):
+        lse, _, pos = fc.blockwise_lse_and_positives(a, b, s, triton_engine, positives)
+        return (lse - pos).sum()
+
+    def expected(a, b, s):
+        return (torch.logsumexp(s * a @ b.T, dim=1) - s * (a * b[positives]).sum(dim=1)).sum()
+
+    _compare(loss, expected, [rows, cols, scale], ["rows", "cols", "scale"], dtype)
+    assert len(grids) == 2 * 3 * 3, grids  # 3 × 3 panels, a dA and a dB GEMM each
+    assert {grid[1] for grid in grids} == {1, 2}, grids  # full panels in two splits, the ragged last in one
+    assert slab_sums == [2, 2]
