@@ -133,6 +133,10 @@ def panel_scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return buffer[: rows * stride].view(rows, stride)
 
 
+# A split reduction's slab may always take this much (a local loss's few rows split as far as the GPU needs).
+SPLIT_SCRATCH_BYTES = 64 * 2**20
+
+
 class PanelOutput:
     """An fp32 output [rows, d] of the panel GEMMs (dA or dB), and where its split reduction adds up.
 
@@ -141,22 +145,26 @@ class PanelOutput:
     the whole output and lives for the whole sweep: every panel adds into it, in the kernel, and
     :meth:`result` sums the splits once, in a fixed order (deterministic, no atomics). So the torch ops of
     the reduction are one per output, not one or two per panel. Scratch: ``splits`` × rows × d × 4 bytes,
-    with ``splits`` ≤ (programs that fill the GPU) ÷ (output tiles of one panel); none when one split fills
-    it. ``panel_rows`` / ``depth``: the output rows and reduction depth of the sweep's first (largest) panel,
-    which fix ``splits`` and ``k_per_split`` for every panel (the first panel writes every split; a smaller
-    last panel may use fewer, adding to what is there)."""
+    with ``splits`` ≤ (programs that fill the GPU) ÷ (output tiles of one panel), and bounded so that the slab
+    holds at most two copies of the output or :data:`SPLIT_SCRATCH_BYTES`, whichever is more: a global batch
+    (many rows) then splits in two at most, a local loss (few rows) as far as filling the GPU asks.
+    ``panel_rows`` / ``depth``: the output rows and reduction depth of the sweep's first (largest) panel, which
+    fix ``splits`` and ``k_per_split`` for every panel (the first panel writes every split; a smaller last
+    panel may use fewer, adding to what is there)."""
 
     def __init__(self, rows: int, d: int, panel_rows: int, depth: int, config, device: torch.device):
         tiles = triton.cdiv(panel_rows, config.block_m) * triton.cdiv(d, config.block_n)
-        splits = max(1, min(target_programs(device) // tiles, triton.cdiv(depth, 4 * config.block_d)))
+        by_memory = max(2, SPLIT_SCRATCH_BYTES // (rows * d * 4))
+        splits = max(1, min(target_programs(device) // tiles, triton.cdiv(depth, 4 * config.block_d), by_memory))
         self.k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
         self.splits = triton.cdiv(depth, self.k_per_split)
         self.slab = torch.empty((self.splits, rows, d), dtype=torch.float32, device=device)
 
     def result(self) -> torch.Tensor:
-        if self.splits == 1:
-            return self.slab[0]
-        return self.slab.sum(dim=0)
+        """The output, once every panel has added to it; the slab is let go (the next output's sum then runs
+        without this one's slab alive)."""
+        slab, self.slab = self.slab, None
+        return slab[0] if self.splits == 1 else slab.sum(dim=0)
 
 
 def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):

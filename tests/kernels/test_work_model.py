@@ -90,23 +90,23 @@ def test_every_loss_kernels_but_partial_waves_are_within_1_25x_of_their_tensor_c
         assert total["kernels_s"] - total["wave_s"] <= 1.25 * total["tensor_s"], total
 
 
-_FEWER_PASSES = ("the fewer-passes issue: panel_matmul_kernel runs 2 programs per SM in a grid of 384 or 640 tiles "
-                 "(partial last waves, up to 1.375x at d = 768), and the torch ops between the launches (split-K "
-                 "merges, ~1,000 per step) cost a quarter of the step; a persistent panel loop and split-K inside "
-                 "the kernels are its items, and these then pass")
-
-
-@pytest.mark.xfail(strict=True, reason=_FEWER_PASSES)
+@pytest.mark.xfail(strict=True, reason=(
+    "the fewer-passes issue: at d = 1280 panel_matmul_kernel fits 1 program per SM (the accumulating variant's "
+    "registers) and its 640-tile grids leave the last of 5 waves part-empty (1.31x its tensor time); a persistent "
+    "panel loop or bigger panels are that issue's items, and this then passes"))
 def test_every_kernel_is_within_1_25x_of_its_tensor_core_time(modelled_losses):
     slow = [(k["loss"], k["d"], k["kernel"]) for k in modelled_losses["kernels"]
             if k["modelled_s"] > 1.25 * k["tensor_s"]]
     assert not slow, slow
 
 
-@pytest.mark.xfail(strict=True, reason=_FEWER_PASSES)
-def test_every_loss_step_with_its_torch_ops_is_within_1_25x_of_its_tensor_core_time(modelled_losses):
+def test_every_loss_step_with_its_torch_ops_and_partial_waves_is_within_1_25x_of_its_tensor_core_time(
+        modelled_losses):
+    # Everything the step issues: the Triton launches with their partial last waves, the torch ops around and
+    # inside the engines (a handful, now that split reductions add up in the kernels), 4 µs per launch.
     for total in modelled_losses["losses"]:
         assert total["modelled_s"] <= 1.25 * total["tensor_s"], total
+        assert total["torch_ops"] <= 16, (total["loss"], total["d"], total["torch_op_names"])
 
 
 def test_the_torch_ops_and_partial_waves_are_in_the_step(modelled_losses):
