@@ -156,6 +156,18 @@ def test_plan_prints_the_variant_count_the_sections_and_the_estimate_without_a_g
         assert label in out, label
 
 
+def test_plan_at_gpu_shapes_finds_every_variant_in_the_compile_table():
+    # The run's own workloads at their GPU shapes (the probe at N = 65,536, d = 768; multi-panel numerics at
+    # N = 10,007, d = 768 and 1280; determinism at 16,384; the host-sync steps at d = 16; ...), recorded for
+    # sm_90 on this CPU: every binary an H100 / H200 run launches must be in the compile table, or its binaries
+    # section fails on the first GPU (about 30 s here).
+    proc = _cli("--plan", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert int(out.split(" variants to compile")[0].rsplit("\n", 1)[-1]) > 100, out
+    assert "every one of them is in the compile table for sm_90" in out, out[-3000:]
+
+
 def test_a_crashing_section_leaves_the_others_answers_and_is_reported_as_failed(tmp_path):
     proc = _cli("--dry", "--out", str(tmp_path), "--sections", "binaries", "ring",
                 env={gpu_check.CRASH_ENV: "ring"})
