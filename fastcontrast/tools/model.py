@@ -600,16 +600,19 @@ def read_gpu_check(path: str) -> list[dict]:
     optionally ``naive_best_s`` (the best naive loss, measured in the same run)."""
     records = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from None
-            if isinstance(record, dict) and record.get("kernel_times_s"):
-                records.append(record)
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                continue  # a last line without its newline: the run was killed while writing it
+            raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from None
+        if isinstance(record, dict) and record.get("kernel_times_s"):
+            records.append(record)
     if not records:
         raise ValueError(f"{path} has no performance-probe record (a line with 'kernel_times_s'): run "
                          "`python -m fastcontrast gpu-check` on a GPU first")

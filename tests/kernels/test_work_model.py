@@ -254,3 +254,7 @@ def test_calibrate_refuses_a_file_without_a_performance_probe(tmp_path):
     broken.write_text("{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:1"):
         model.read_gpu_check(str(broken))
+    # A run killed while writing its last line leaves it without a newline: the lines before still count.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(_probe_line("CLIP", 128, 4096, {"lse_forward_kernel": 1e-3}) + '{"check": "probe SigL')
+    assert [r["loss"] for r in model.read_gpu_check(str(cut))] == ["CLIP"]
