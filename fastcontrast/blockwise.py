@@ -158,27 +158,30 @@ class TorchEngine:
             total -= F.logsigmoid(signed.neg_()).sum()
         return total
 
-    def siglip_backward(self, a, b, scale, bias, grad, *, positive_offset, need_a, need_b):
-        """See :meth:`fastcontrast.engine.Engine.siglip_backward`."""
+    def siglip_forward_backward(self, a, b, scale, bias, *, positive_offset, need_a, need_b):
+        """See :meth:`fastcontrast.engine.Engine.siglip_forward_backward`: each chunk of S gives its share of
+        the sum and of the gradient products before it is let go."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         b_c = b.to(cdt)
         s = scale.detach().to(cdt)
         bias_c = None if bias is None else bias.detach().to(cdt)
-        g = grad.to(cdt)
         grad_a = torch.empty((n, a.shape[1]), dtype=cdt, device=a.device) if need_a else empty_like_result(a)
         grad_b = torch.zeros((m, b.shape[1]), dtype=cdt, device=a.device) if need_b else empty_like_result(a)
+        total = torch.zeros((), dtype=cdt, device=a.device)
         grad_bias = torch.zeros((), dtype=cdt, device=a.device)
         for start, stop in self._chunks(n, m, cdt):
             signed = self._siglip_signed_logits(a, b_c, s, bias_c, start, stop, positive_offset)
+            total -= F.logsigmoid(signed.neg()).sum()  # as siglip_forward: the same chunks, the same bits
             # d/dx softplus(−z·x) = −z·σ(−z·x); `signed` is −z·x, so negate σ back at the positives.
-            grad_logits = signed.sigmoid_().mul_(g)
+            grad_logits = signed.sigmoid_()
             rows, cols = _offset_diagonal(start, stop, m, positive_offset, a.device)
             grad_logits[rows, cols] = -grad_logits[rows, cols]
             grad_bias += grad_logits.sum()
             self._accumulate(grad_logits, a, b_c, start, stop, grad_a if need_a else None,
                              grad_b if need_b else None)
-        return grad_a, grad_b, grad_bias
+            del signed, grad_logits
+        return total, grad_a, grad_b, grad_bias
 
     def distill_forward(self, a, b, scale, a_t, b_t, scale_t, *, need_row, need_col):
         """See :meth:`fastcontrast.engine.Engine.distill_forward`.

@@ -158,19 +158,21 @@ class Engine(Protocol):
         """0-dim Σᵢⱼ softplus(−zᵢⱼ·(Sᵢⱼ + b)) (the caller divides by n)."""
         ...
 
-    def siglip_backward(
+    def siglip_forward_backward(
         self,
         a: torch.Tensor,
         b: torch.Tensor,
         scale: torch.Tensor,
         bias: Optional[torch.Tensor],
-        grad: torch.Tensor,
         *,
         positive_offset: int,
         need_a: bool,
         need_b: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unscaled ``(dS·B, dSᵀ·A, Σ dS)`` for dSᵢⱼ = −zᵢⱼ·σ(−zᵢⱼ·(Sᵢⱼ + b))·grad; Σ dS is the bias gradient."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sum and its gradient in one sweep over S: ``(0-dim Σ softplus(−zᵢⱼ·(Sᵢⱼ + b)), dS·B, dSᵀ·A,
+        Σ dS)``, unscaled, at upstream gradient 1: dSᵢⱼ = −zᵢⱼ·σ(−zᵢⱼ·(Sᵢⱼ + b)). SigLIP's dS is elementwise
+        in S (no LSE to wait for), so the forward under grad forms it from the tiles it already has and the
+        backward only multiplies by its upstream gradient; Σ dS is the bias gradient."""
         ...
 
     def distill_forward(

@@ -94,19 +94,20 @@ def _siglip_forward_fake(a, b, scale, bias, positive_offset, engine, chunk_bytes
     return a.new_empty((), dtype=compute_dtype(a.dtype))
 
 
-def siglip_backward(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], grad: torch.Tensor,
-    positive_offset: int, need_a: bool, need_b: bool, engine: str, chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:meth:`Engine.siglip_backward` of engine ``engine``: unscaled (dS·B, dSᵀ·A, Σ dS)."""
-    return engine_for(engine, chunk_bytes).siglip_backward(
-        a, b, scale, bias, grad, positive_offset=positive_offset, need_a=need_a, need_b=need_b
+def siglip_forward_backward(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], positive_offset: int,
+    need_a: bool, need_b: bool, engine: str, chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`Engine.siglip_forward_backward` of engine ``engine``: (sum, dS·B, dSᵀ·A, Σ dS), unscaled, at
+    upstream gradient 1."""
+    return engine_for(engine, chunk_bytes).siglip_forward_backward(
+        a, b, scale, bias, positive_offset=positive_offset, need_a=need_a, need_b=need_b
     )
 
 
-def _siglip_backward_fake(a, b, scale, bias, grad, positive_offset, need_a, need_b, engine, chunk_bytes):
-    return (_matrix_or_empty(a, a.shape, need_a), _matrix_or_empty(a, b.shape, need_b),
-            a.new_empty((), dtype=compute_dtype(a.dtype)))
+def _siglip_forward_backward_fake(a, b, scale, bias, positive_offset, need_a, need_b, engine, chunk_bytes):
+    return (a.new_empty((), dtype=compute_dtype(a.dtype)), _matrix_or_empty(a, a.shape, need_a),
+            _matrix_or_empty(a, b.shape, need_b), a.new_empty((), dtype=compute_dtype(a.dtype)))
 
 
 def distill_forward(
@@ -146,7 +147,7 @@ def _distill_backward_fake(a, b, scale, a_t, b_t, scale_t, stats, grads, need_a,
 # The ops' Python bodies by qualified name. A TorchDispatchMode sees a custom op as one call; a tool that
 # counts what the engines issue (the work model) runs the body under its mode to see each torch op inside.
 IMPLEMENTATIONS = {f"fastcontrast::{body.__name__}": body for body in (
-    lse_forward, lse_backward, siglip_forward, siglip_backward, distill_forward, distill_backward)}
+    lse_forward, lse_backward, siglip_forward, siglip_forward_backward, distill_forward, distill_backward)}
 
 if HAS_CUSTOM_OP:
     # Registered under fastcontrast::<name>; the module-level names then dispatch through torch.
@@ -156,8 +157,9 @@ if HAS_CUSTOM_OP:
     lse_backward.register_fake(_lse_backward_fake)
     siglip_forward = torch.library.custom_op("fastcontrast::siglip_forward", siglip_forward, mutates_args=())
     siglip_forward.register_fake(_siglip_forward_fake)
-    siglip_backward = torch.library.custom_op("fastcontrast::siglip_backward", siglip_backward, mutates_args=())
-    siglip_backward.register_fake(_siglip_backward_fake)
+    siglip_forward_backward = torch.library.custom_op("fastcontrast::siglip_forward_backward",
+                                                      siglip_forward_backward, mutates_args=())
+    siglip_forward_backward.register_fake(_siglip_forward_backward_fake)
     distill_forward = torch.library.custom_op("fastcontrast::distill_forward", distill_forward, mutates_args=())
     distill_forward.register_fake(_distill_forward_fake)
     distill_backward = torch.library.custom_op("fastcontrast::distill_backward", distill_backward, mutates_args=())

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from fastcontrast import ops
-from fastcontrast.autograd import _autocast_off, _positive_logits
+from fastcontrast.autograd import _autocast_off, _positive_logits, siglip_gradients_at
 from fastcontrast.distributed import BatchLayout, DistGroup
 from fastcontrast.engine import DistillStats, Engine, compute_dtype, present
 
@@ -227,54 +227,55 @@ class RingSigLipSum(torch.autograd.Function):
     """Σᵢⱼ softplus(−zᵢⱼ·(s·Iᵢ·Tⱼ + b)) of this rank's images against every rank's texts; zᵢⱼ = +1 only for
     the rank's own pairs (i, i).
 
-    ``apply(ring, engine, scale, bias, image, text)`` → 0-dim sum (compute dtype); equal to
-    :class:`~fastcontrast.autograd.BlockwiseSigLipSum` on the gathered texts with the positives at the offset.
+    ``apply(ring, engine, scale, bias, image, text, needs)`` → 0-dim sum (compute dtype), with needs: which
+    of (image, text, scale, bias) take a gradient; equal to :class:`~fastcontrast.autograd.BlockwiseSigLipSum`
+    on the gathered texts with the positives at the offset. As there, with a gradient needed the forward
+    computes it in the same sweep (:meth:`~fastcontrast.engine.Engine.siglip_forward_backward`): the text
+    blocks go round once, each carrying its gradient home behind it (:meth:`Ring.gradients_home`), and the
+    backward only multiplies by its upstream gradient: no second trip round the ring.
     """
 
     @staticmethod
-    def forward(ctx, ring: Ring, engine: Engine, scale, bias, image, text):
-        sums = {}
+    def forward(ctx, ring: Ring, engine: Engine, scale, bias, image, text, needs=(False, False, False, False)):
+        need_image, need_text, need_scale, need_bias = needs
+        ctx.set_materialize_grads(False)
+        world = ring.group.world_size
+        sums, bias_parts = {}, {}
         with _autocast_off(image.device.type):
-            for source, (block,) in ring.blocks([text]):
-                sums[source] = ops.siglip_forward(image, block, scale, bias, _siglip_offset(source, ring, block),
-                                                  engine.name, engine.chunk_bytes)
-                del block
-        ctx.ring, ctx.engine = ring, engine
-        ctx.save_for_backward(scale, bias, image, text)
-        return torch.stack([sums[r] for r in range(ring.group.world_size)]).sum()
+            if not any(needs):
+                for source, (block,) in ring.blocks([text]):
+                    sums[source] = ops.siglip_forward(image, block, scale, bias, _siglip_offset(source, ring, block),
+                                                      engine.name, engine.chunk_bytes)
+                    del block
+                return torch.stack([sums[r] for r in range(world)]).sum()
+            grad_image = torch.zeros(image.shape, dtype=compute_dtype(image.dtype), device=image.device)
+
+            def visit(source: int, block: tuple) -> tuple:
+                sums[source], grad_a, grad_b, bias_parts[source] = ops.siglip_forward_backward(
+                    image, block[0], scale, bias, _siglip_offset(source, ring, block[0]), need_image or need_scale,
+                    need_text, engine.name, engine.chunk_bytes,
+                )
+                if need_image or need_scale:
+                    grad_image.add_(grad_a)
+                return (grad_b,) if need_text else ()
+
+            arrived = ring.gradients_home([text], visit)
+            total = torch.stack([sums[r] for r in range(world)]).sum()
+            inner = torch.dot(image.to(grad_image.dtype).reshape(-1), grad_image.reshape(-1)) if need_scale else None
+            grad_bias = torch.stack([bias_parts[r] for r in range(world)]).sum() if need_bias else None
+        ctx.save_for_backward(scale, bias, grad_image if need_image else None, arrived[0] if need_text else None,
+                              inner, grad_bias)
+        ctx.dtypes = (image.dtype, text.dtype)
+        return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        ring, engine = ctx.ring, ctx.engine
-        scale, bias, image, text = ctx.saved_tensors
-        need_scale, need_bias, need_image, need_text = ctx.needs_input_grad[2:6]
-        cdt = compute_dtype(image.dtype)
-        grad_image = torch.zeros(image.shape, dtype=cdt, device=image.device)
-        bias_parts = {}
-
-        def visit(source: int, block: tuple) -> tuple:
-            grad_a, grad_b, grad_bias = ops.siglip_backward(
-                image, block[0], scale, bias, grad_total, _siglip_offset(source, ring, block[0]),
-                need_image or need_scale, need_text, engine.name, engine.chunk_bytes,
-            )
-            bias_parts[source] = grad_bias
-            if need_image or need_scale:
-                grad_image.add_(grad_a)
-            return (grad_b,) if need_text else ()
-
-        with _autocast_off(image.device.type):
-            arrived = ring.gradients_home([text], visit)
-            grad_scale = None
-            if need_scale:
-                grad_scale = torch.dot(image.to(cdt).reshape(-1), grad_image.reshape(-1)).to(scale.dtype)
-                grad_scale = grad_scale.reshape(scale.shape)
-            grad_bias = None
-            if need_bias:
-                total = torch.stack([bias_parts[r] for r in range(ring.group.world_size)]).sum()
-                grad_bias = total.to(bias.dtype).reshape(bias.shape)
-            grad_image_out = _scale_in_place(grad_image, scale, image) if need_image else None
-            grad_text = _scale_in_place(arrived[0], scale, text) if need_text else None
-        return None, None, grad_scale, grad_bias, grad_image_out, grad_text
+        scale, bias, grad_image, grad_text, inner, grad_bias = ctx.saved_tensors
+        if grad_total is None:
+            return (None,) * 7
+        grad_image, grad_text, grad_scale, grad_bias = siglip_gradients_at(
+            grad_total, scale, bias, ctx.dtypes, grad_image, grad_text, inner, grad_bias)
+        return None, None, grad_scale, grad_bias, grad_image, grad_text, None
 
 
 def _siglip_offset(source: int, ring: Ring, block: torch.Tensor) -> int:

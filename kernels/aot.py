@@ -141,11 +141,11 @@ def engine_calls(dtype: torch.dtype, d: int) -> Iterator[tuple[str, Callable]]:
 
         yield f"siglip_forward bias={with_bias}", siglip_forward
         for need_a, need_b in ((True, True), (True, False), (False, True), (False, False)):
-            def siglip_backward(engine, with_bias=with_bias, need_a=need_a, need_b=need_b):
-                engine.siglip_backward(a, b, scale, bias if with_bias else None, torch.tensor(1.0), positive_offset=3,
-                                       need_a=need_a, need_b=need_b)
+            def siglip_forward_backward(engine, with_bias=with_bias, need_a=need_a, need_b=need_b):
+                engine.siglip_forward_backward(a, b, scale, bias if with_bias else None, positive_offset=3,
+                                               need_a=need_a, need_b=need_b)
 
-            yield f"siglip_backward bias={with_bias} a={need_a} b={need_b}", siglip_backward
+            yield f"siglip_forward_backward bias={with_bias} a={need_a} b={need_b}", siglip_forward_backward
     from fastcontrast.engine import DistillStats
 
     a_t, b_t = features(n), features(m)
@@ -253,7 +253,7 @@ def _many_panels(enabled: bool) -> Iterator[None]:
 
     saved = gradient_launch.panel_configs, distill_launch.panel_configs, gradient_launch.target_programs
 
-    def small_panels(target, dtype):
+    def small_panels(target, dtype, **_shape):
         _, ds_config, matmul_config = configs.panel_configs(target, dtype)
         return configs.PanelConfig(32, 32), ds_config, matmul_config
 

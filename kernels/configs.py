@@ -1,4 +1,4 @@
-"""Tile sizes, warps and pipeline depth of every kernel, by target and feature-dim bucket (DESIGN §4, "Configs").
+"""Tile sizes, warps and pipeline depth of every kernel, by target and feature-dim bucket.
 
 There is no autotuning: the interpreter cannot autotune, and a fixed table keeps results bit-reproducible
 across runs. Every entry is compiled for sm_80, sm_90, sm_100, gfx90a and gfx942 by the compile checks
@@ -19,7 +19,7 @@ reuse each loaded tile more (fewer bytes per FLOP); the resource checks keep the
 The tables are a resource fit, not a timing: no GPU has timed them yet (``python -m fastcontrast gpu-check``
 measures what they give).
 
-The gradient has two paths (DESIGN §4 "Backward"; the fast-by-design issue). For d ≤ :func:`fused_max_d` the
+The gradient has two paths (docs/kernels.md#kernels). For d ≤ :func:`fused_max_d` the
 fused kernel keeps the [BLOCK_M, d] fp32 accumulator and the row tile of X in registers across the column
 loop, as FlashAttention does. Above that the accumulator cannot stay on chip, and read-modify-writing it per
 column block made the kernel memory-bound (8·n·m·d/BLOCK_N bytes); the panel path instead writes dS for a
@@ -176,7 +176,8 @@ _SIGLIP_FORWARD = {
 }
 # The dS kernel of the panel path keeps no running reductions: the largest tiles of all where they fit.
 _DS_PANEL = {
-    ("ampere", "half"): _c(128, 128, 64, 8, 3),
+    # 128 × 64: at 128 × 128 SigLIP's variant that sums the loss beside dS spills on sm_80.
+    ("ampere", "half"): _c(128, 64, 64, 8, 3),
     ("ampere", "fp32"): _c(32, 64, 32, 4, 3),
     ("hopper", "half"): _c(128, 64, 64, 8, 3),
     ("hopper", "fp32"): _c(64, 64, 32, 4, 3),
@@ -299,12 +300,39 @@ def gradient_config(target: Target, d: int, dtype: torch.dtype) -> KernelConfig:
     raise ValueError(f"the fused gradient takes d ≤ {fused_max_d(target, dtype)}, got d = {d}")
 
 
-def panel_configs(target: Target, dtype: torch.dtype) -> tuple[PanelConfig, KernelConfig, KernelConfig]:
-    """(panel size, dS kernel config, GEMM config) of the panel gradient path."""
+def panel_configs(target: Target, dtype: torch.dtype, *, n: int = 0, m: int = 0,
+                  budget_bytes: int = 0) -> tuple[PanelConfig, KernelConfig, KernelConfig]:
+    """(panel size, dS kernel config, GEMM config) of the panel gradient path, for an n×m problem whose
+    panels may take ``budget_bytes`` of scratch (:func:`grown_panel`; 0: the base size)."""
     if target == "interpreter":
         return INTERPRETER_PANEL, INTERPRETER_CONFIG, INTERPRETER_CONFIG
-    return (_GPU_PANEL[_precision(dtype)], _lookup(_DS_PANEL, target, dtype),
-            _lookup(_PANEL_MATMUL, target, dtype))
+    panel = grown_panel(_GPU_PANEL[_precision(dtype)], n, m, budget_bytes, dtype.itemsize)
+    return panel, _lookup(_DS_PANEL, target, dtype), _lookup(_PANEL_MATMUL, target, dtype)
+
+
+def grown_panel(base: PanelConfig, n: int, m: int, budget_bytes: int, itemsize: int) -> PanelConfig:
+    """``base`` doubled (columns first, then rows, alternately) while the panel stays within ``budget_bytes``
+    and the n×m matrix still has more than one panel in that direction.
+
+    Why: each panel costs 3 launches (dS, then its two GEMMs), and at the base size (4096² for 16-bit) an
+    N = 65,536 step makes 769 of them: at ~4 µs each, 10 % of a modelled CLIP step at d = 512. The launchers
+    give the panels the size of the fp32 gradients they produce ((n + m)·d·4 bytes, :func:`panel_budget`), so
+    scratch still grows with N·d, never N²: at N = 65,536 a 16-bit panel is 8192 × 16384 (256 MiB) at d = 512,
+    16384² (512 MiB) at d = 1280, and the step makes 97 or 49 launches."""
+    rows, cols = base.rows, base.cols
+    while rows < n or cols < m:
+        grow_cols = cols < m and (cols <= rows or rows >= n)
+        grown = (rows, 2 * cols) if grow_cols else (2 * rows, cols)
+        if min(grown[0], n) * min(grown[1], m) * itemsize > budget_bytes:
+            break
+        rows, cols = grown
+    return PanelConfig(rows, cols)
+
+
+def panel_budget(n: int, m: int, d: int, panels: int = 1) -> int:
+    """The scratch bytes a problem's panels may take: as much as its fp32 gradients, (n + m)·d·4, shared by
+    ``panels`` panels that live at once."""
+    return (n + m) * d * 4 // panels
 
 
 def distill_config(target: Target, kernel: str, dtype: torch.dtype) -> KernelConfig:

@@ -8,6 +8,7 @@ import torch
 import triton
 from fastcontrast.kernels.configs import (
     distill_config,
+    panel_budget,
     panel_configs,
     target_for,
 )
@@ -66,7 +67,9 @@ def panel_distill_gradients(problem, *, needs):
     student, teacher = need_a or need_b, need_a_t or need_b_t
     target = target_for(a.device)
     n, m = a.shape[0], b.shape[0]
-    panel, _, matmul_config = panel_configs(target, a.dtype)
+    # Two panels (student and teacher) may live at once: they share the budget.
+    budget = panel_budget(n, m, max(a.shape[1], a_t.shape[1]), panels=2 if student and teacher else 1)
+    panel, _, matmul_config = panel_configs(target, a.dtype, n=n, m=m, budget_bytes=budget)
     config = distill_config(target, "panel", a.dtype)
     rows, cols = min(n, panel.rows), min(m, panel.cols)
 

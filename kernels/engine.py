@@ -131,7 +131,7 @@ class TritonEngine:
                 positive_index=aligned_vector(positive_index, torch.int64), grad_positives=grad_positives,
                 offset=exclude_offset, exclude_positive=exclude_positive, private_columns=private_columns,
             )
-            grad_a, grad_b, _ = gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
+            grad_a, grad_b, _, _ = gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
         return empty_results(a, *unpadded(d, grad_a, grad_b))
 
     def siglip_forward(self, a, b, scale, bias, *, positive_offset):
@@ -150,19 +150,25 @@ class TritonEngine:
             )
             return partial.sum()
 
-    def siglip_backward(self, a, b, scale, bias, grad, *, positive_offset, need_a, need_b):
+    def siglip_forward_backward(self, a, b, scale, bias, *, positive_offset, need_a, need_b):
+        """The gradient kernels at upstream gradient 1; the panel path (every real CLIP width) sums the loss in
+        its dS kernel, beside Σ dS: one sweep. At fused widths the forward kernel adds its pass."""
         with launch_device(a):
             d = a.shape[1]
             a, b = aligned_features(a), aligned_features(b)
-            grad = aligned_vector(grad.reshape(()), torch.float32)
+            # Upstream gradient 1: a constant on the device (a fill, no host-to-device copy).
+            grad = torch.ones((), dtype=torch.float32, device=a.device)
             problem = dict(
                 a=a, b=b, d=d, scale=aligned_vector(scale), bias=bias_or_zero(bias, scale), mode=MODE_SIGLIP,
                 row_stats=None, col_stats=None, grad_total=grad, ds_scale=gradient_scale(a.dtype, grad),
                 positive_index=None, grad_positives=None, offset=positive_offset, exclude_positive=False,
                 private_columns=0,
             )
-            grad_a, grad_b, grad_bias = gradients(problem, need_a=need_a, need_b=need_b, need_bias=True)
-        return empty_results(a, *unpadded(d, grad_a, grad_b)) + (grad_bias,)
+            grad_a, grad_b, grad_bias, total = gradients(problem, need_a=need_a, need_b=need_b, need_bias=True,
+                                                         need_loss=True)
+            if total is None:
+                total = self.siglip_forward(a, b, scale, bias, positive_offset=positive_offset)
+        return (total,) + empty_results(a, *unpadded(d, grad_a, grad_b)) + (grad_bias,)
 
     def distill_forward(self, a, b, scale, a_t, b_t, scale_t, *, need_row, need_col):
         """Rows and columns come from one pass when the column partials (3 · n / BLOCK_M · m fp32) are small,

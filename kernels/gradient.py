@@ -17,7 +17,12 @@ many columns) each split writes its own [n_x, d] slab and the host sums the slab
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import as_dot_operand, gradient_tile, load_row_statistics, load_rows
+from fastcontrast.kernels.tiles import (
+    as_dot_operand,
+    gradient_tile,
+    load_row_statistics,
+    load_rows,
+)
 
 
 @triton.jit(do_not_specialize=["n_x", "n_y", "offset", "private_columns", "cols_per_split"])
@@ -95,7 +100,7 @@ def gradient_kernel(
             b_y = b_y.to(tl.float32)  # interpreter only, see tiles.similarity_tile
         # [BM, BD] @ [BD, BN] -> [BM, BN]
         b_s = tl.dot(b_x, tl.trans(b_y), input_precision=INPUT_PRECISION)
-        b_ds = gradient_tile(
+        b_ds, _ = gradient_tile(
             b_s, o_x, o_y, m_x, m_y, scale, bias, offset, private_columns, grad_total,
             b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x, LSE_Y, GRAD_Y, POSITIVE_INDEX, GRAD_POSITIVES,
             MODE, HAS_X_TERM, HAS_Y_TERM, HAS_EXCLUDE, HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, X_IS_A,

@@ -10,6 +10,7 @@ import triton
 from fastcontrast.kernels.configs import (
     fused_gradient,
     gradient_config,
+    panel_budget,
     panel_configs,
     target_for,
 )
@@ -18,27 +19,32 @@ from fastcontrast.kernels.launch import ALIGNMENT, MODE_LSE, MODE_SIGLIP, column
 from fastcontrast.kernels.panel import ds_panel_kernel, panel_matmul_kernel
 
 
-def gradients(problem: dict, *, need_a: bool, need_b: bool, need_bias: bool):
-    """dS·B, dSᵀ·A (fp32, padded width) and Σ dS (or None) of an LSE / SigLIP problem: the fused kernels while
-    the accumulator fits on chip, else the panel path."""
+def gradients(problem: dict, *, need_a: bool, need_b: bool, need_bias: bool, need_loss: bool = False):
+    """dS·B, dSᵀ·A (fp32, padded width), Σ dS and SigLIP's sum of terms (each None where not asked) of an
+    LSE / SigLIP problem: the fused kernels while the accumulator fits on chip, else the panel path.
+    ``need_loss`` (SigLIP only): the panel path's dS kernel also sums the loss, so a forward under grad is
+    that sweep alone; the fused path returns None for it (the caller runs the forward kernel)."""
     a = problem["a"]
     target = target_for(a.device)
+    needs = dict(need_a=need_a, need_b=need_b, need_bias=need_bias, need_loss=need_loss)
     if fused_gradient(target, a.shape[1], a.dtype):
-        return _fused_gradients(problem, target, need_a=need_a, need_b=need_b, need_bias=need_bias)
-    return _panel_gradients(problem, target, need_a=need_a, need_b=need_b, need_bias=need_bias)
+        return _fused_gradients(problem, target, **needs)
+    return _panel_gradients(problem, target, **needs)
 
 
-def _fused_gradients(problem, target, *, need_a, need_b, need_bias):
+def _fused_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
     # Σ dS (the bias gradient) comes with the SigLIP passes (each sees every (i, j) once): the dA pass's when
-    # it runs, else the dB pass's; when neither gradient is needed, the dA pass runs for it alone.
+    # it runs, else the dB pass's; when neither gradient is needed, the dA pass runs for it alone. The loss
+    # is not summed here (None: the caller runs the forward kernel): its softplus terms beside the fused
+    # accumulator spill on sm_80. The panel path, every real CLIP width, sums it in its dS kernel.
     grad_a = grad_b = bias_partial = None
-    if need_a or (need_bias and not need_b):
+    if need_a or not need_b:
         grad_a, bias_partial = _launch_gradient(problem, target, transposed=False)
     if need_b:
         grad_b, b_partial = _launch_gradient(problem, target, transposed=True)
         bias_partial = b_partial if bias_partial is None else bias_partial
     grad_bias = bias_partial.sum() if need_bias else None
-    return (grad_a if need_a else None), grad_b, grad_bias
+    return (grad_a if need_a else None), grad_b, grad_bias, None
 
 
 def _launch_gradient(problem, target, *, transposed):
@@ -64,12 +70,14 @@ def _launch_gradient(problem, target, *, transposed):
         X=x, Y=y, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
         POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"], LSE_X=lse_x,
         GRAD_X=grad_x, LSE_Y=lse_y, GRAD_Y=grad_y, GRAD_TOTAL=problem["grad_total"], OUT=out,
-        BIAS_PARTIAL=bias_partial, n_x=n_x, n_y=n_y, d=d, stride_x=x.stride(0), stride_y=y.stride(0),
-        stride_out=out.stride(1), offset=0 if offset is None else offset, private_columns=problem["private_columns"],
+        BIAS_PARTIAL=bias_partial, n_x=n_x, n_y=n_y, d=d, stride_x=x.stride(0),
+        stride_y=y.stride(0), stride_out=out.stride(1), offset=0 if offset is None else offset,
+        private_columns=problem["private_columns"],
         cols_per_split=cols_per_split, MODE=mode, HAS_X_TERM=x_stats is not None, HAS_Y_TERM=y_stats is not None,
         HAS_EXCLUDE=offset is not None and mode == MODE_LSE, HAS_POSITIVES=has_positives,
         EXCLUDE_POSITIVE=problem["exclude_positive"], HAS_PRIVATE=problem["private_columns"] > 0,
-        X_IS_A=not (transposed and has_positives), SCALE_DS=problem["ds_scale"] is not None, **launch_flags(config, x),
+        X_IS_A=not (transposed and has_positives), SCALE_DS=problem["ds_scale"] is not None,
+        **launch_flags(config, x),
     )
     # Sum the column splits' slabs in a fixed order: deterministic, no atomics.
     return (out[0] if splits == 1 else out.sum(dim=0)), bias_partial
@@ -82,41 +90,47 @@ def panels(n: int, m: int, rows: int, cols: int):
             yield (r0, min(n, r0 + rows)), (c0, min(m, c0 + cols))
 
 
-def _panel_gradients(problem, target, *, need_a, need_b, need_bias):
+def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
     """The panel path (kernels/panel.py): per panel one dS kernel and up to two GEMM kernels."""
     a, b = problem["a"], problem["b"]
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    panel, ds_config, matmul_config = panel_configs(target, a.dtype)
+    panel, ds_config, matmul_config = panel_configs(target, a.dtype, n=n, m=m, budget_bytes=panel_budget(n, m, d))
     rows, cols = min(n, panel.rows), min(m, panel.cols)
     ds = panel_scratch(rows, cols, a)
     grad_a = PanelOutput(n, d, rows, cols, matmul_config, a.device) if need_a else None
     grad_b = PanelOutput(m, d, cols, rows, matmul_config, a.device) if need_b else None
     row_stats, col_stats = problem["row_stats"], problem["col_stats"]
     offset, mode = problem["offset"], problem["mode"]
-    bias_partials = []
+    bias_partials, loss_partials = [], []
     for (r0, r1), (c0, c1) in panels(n, m, rows, cols):
         grid = (triton.cdiv(r1 - r0, ds_config.block_m), triton.cdiv(c1 - c0, ds_config.block_n))
         bias_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if mode == MODE_SIGLIP else None
+        loss_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if need_loss else None
         ds_panel_kernel[grid](
             A=a, B=b, SCALE=problem["scale"], BIAS=problem["bias"], DS_SCALE=problem["ds_scale"],
             POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"],
             LSE_ROW=None if row_stats is None else row_stats[0], GRAD_ROW=None if row_stats is None else row_stats[1],
             LSE_COL=None if col_stats is None else col_stats[0], GRAD_COL=None if col_stats is None else col_stats[1],
-            GRAD_TOTAL=problem["grad_total"], DS=ds, BIAS_PARTIAL=bias_partial,
+            GRAD_TOTAL=problem["grad_total"], DS=ds, BIAS_PARTIAL=bias_partial, LOSS_PARTIAL=loss_partial,
             row_start=r0, row_stop=r1, col_start=c0, col_stop=c1, d=d, stride_a=a.stride(0), stride_b=b.stride(0),
             stride_ds=ds.stride(0), offset=0 if offset is None else offset,
             private_columns=problem["private_columns"], MODE=mode, HAS_ROW_TERM=row_stats is not None,
             HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
             HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
             HAS_PRIVATE=problem["private_columns"] > 0, SCALE_DS=problem["ds_scale"] is not None,
-            **launch_flags(ds_config, a),
+            WRITE_LOSS=need_loss, **launch_flags(ds_config, a),
         )
         if need_bias:
             bias_partials.append(bias_partial.reshape(-1))
+        if need_loss:
+            loss_partials.append(loss_partial.reshape(-1))
         multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config,
                         out_a=grad_a, out_b=grad_b, a=a, b=b)
+    del ds  # the panel goes before the outputs' sums allocate: it is the largest scratch at a big batch
     grad_bias = torch.cat(bias_partials).sum() if need_bias else None
-    return (None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result()), grad_bias
+    loss = torch.cat(loss_partials).sum() if need_loss else None
+    return ((None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result()), grad_bias,
+            loss)
 
 
 # Elements after the dS panel's last row: panel_matmul_kernel reads dSᵀ without a row mask, up to one

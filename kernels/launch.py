@@ -37,7 +37,8 @@ PROGRAMS_PER_SM = 4
 # In the interpreter, split whenever fewer than this many row blocks exist, so that the tests' small
 # shapes run the split path as well as the plain one.
 INTERPRETER_TARGET_PROGRAMS = 4
-# triton specialises an int or a pointer as "divisible by 16" only when it is (DESIGN §6).
+# triton specialises an int or a pointer as "divisible by 16" only when it is
+# (docs/kernels.md#compiled-for-every-target-without-spills).
 ALIGNMENT = 16
 
 
@@ -102,9 +103,9 @@ def aligned_vector(x: Optional[torch.Tensor], dtype: Optional[torch.dtype] = Non
 def dot_settings(dtype: torch.dtype, target: Target) -> tuple[bool, str]:
     """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype`` on ``target``.
 
-    The interpreter's bf16 ``tl.dot`` is wrong (DESIGN §6): there bf16 tiles are multiplied in fp32. fp32 runs
-    TF32 only where the user enabled it and the target's triton backend has it (gfx90a's HIP backend rejects
-    "tf32")."""
+    The interpreter's bf16 ``tl.dot`` is wrong (docs/numerics.md#testing-gpu-code-on-a-cpu): there bf16 tiles
+    are multiplied in fp32. fp32 runs TF32 only where the user enabled it and the target's triton backend has
+    it (gfx90a's HIP backend rejects "tf32")."""
     interpreter = triton_interpreter_enabled()
     dot_fp32 = interpreter and dtype == torch.bfloat16
     if dtype == torch.float32 and not interpreter and tf32_matmul_enabled() and has_tf32(target):

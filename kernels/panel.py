@@ -41,6 +41,7 @@ def ds_panel_kernel(
     GRAD_TOTAL,
     DS,
     BIAS_PARTIAL,
+    LOSS_PARTIAL,
     row_start,
     row_stop,
     col_start,
@@ -59,6 +60,7 @@ def ds_panel_kernel(
     EXCLUDE_POSITIVE: tl.constexpr,
     HAS_PRIVATE: tl.constexpr,
     SCALE_DS: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -66,7 +68,8 @@ def ds_panel_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """One program: DS[tile (i_m, i_n) of the panel] = dS of rows [row_start + i_m·BM, …) of A against columns
-    [col_start + i_n·BN, …) of B, in DS's dtype; for SigLIP (MODE 1) also the tile's Σ dS."""
+    [col_start + i_n·BN, …) of B, in DS's dtype; for SigLIP (MODE 1) also the tile's Σ dS and, with
+    WRITE_LOSS, the tile's sum of SigLIP's terms (a forward under grad is then this sweep alone)."""
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
     o_x = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,13 +88,16 @@ def ds_panel_kernel(
     b_s = similarity_tile(
         A, B, o_x, o_y, m_x, m_y, d, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION,
     )
-    b_ds = gradient_tile(
+    b_ds, b_loss_rows = gradient_tile(
         b_s, o_x, o_y, m_x, m_y, scale, bias, offset, private_columns, grad_total,
         b_lse_x, b_grad_x, b_pos_x, b_grad_pos_x, LSE_COL, GRAD_COL, POSITIVE_INDEX, GRAD_POSITIVES,
         MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE, HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, True, BLOCK_N,
+        WRITE_LOSS,
     )
     if MODE == 1:
         tl.store(BIAS_PARTIAL + i_m * tl.num_programs(1) + i_n, tl.sum(tl.sum(b_ds, 1), 0))
+        if WRITE_LOSS:
+            tl.store(LOSS_PARTIAL + i_m * tl.num_programs(1) + i_n, tl.sum(b_loss_rows, 0))
     if SCALE_DS:
         b_ds = b_ds * tl.load(DS_SCALE)
     if DOT_FP32:

@@ -1,6 +1,6 @@
 """Tile helpers shared by the kernels: the S tile, the masks of left-out entries, the dS tile.
 
-Naming (STYLE.md): ``i_`` program ids, ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` block values.
+Naming: ``i_`` program ids, ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` block values.
 X / Y are the kernel's row and column operands: (X, Y) = (A, B) for the row direction and (B, A) for the
 column direction; ``X_IS_A`` says which, because a positive index and the private columns belong to A's rows.
 
@@ -49,7 +49,8 @@ def similarity_tile(
         b_y = tl.load(p_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)
         if DOT_FP32:
             # Interpreter only: it stores bf16 as raw uint16 and its tl.dot multiplies those integers
-            # (DESIGN §6). A bf16×bf16 product is exact in fp32, so this keeps the GPU's numerics.
+            # (docs/numerics.md#testing-gpu-code-on-a-cpu). A bf16×bf16 product is exact in fp32, so this
+            # keeps the GPU's numerics.
             b_x = b_x.to(tl.float32)
             b_y = b_y.to(tl.float32)
         # [BM, BD] @ [BD, BN] -> [BM, BN]
@@ -106,7 +107,7 @@ def allowed_entries(
     HAS_PRIVATE: tl.constexpr,
     X_IS_A: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] mask of the entries an LSE counts (DESIGN §2; the masks of fastcontrast.engine).
+    """[BLOCK_M, BLOCK_N] mask of the entries an LSE counts (the masks of fastcontrast.engine).
 
     ``exclude_offset`` is already in this orientation (the launcher negates it for X = B). ``b_pos_x`` holds
     the positive column of each X row (X = A), ``b_pos_y`` that of each Y row (X = B). X_IS_A matters only
@@ -202,6 +203,57 @@ def load_rows(X, o_x, m_x, d, stride_x, BLOCK_D: tl.constexpr, DOT_FP32: tl.cons
 
 
 @triton.jit
+def log1p_of_small(b_u, b_w):
+    """log1p(u) for fp32 tiles u ∈ [0, 1], given w = 1 + u (as rounded): log(w)·u / (w − 1) (Goldberg).
+
+    SigLIP sums n·m terms and most are negatives with x ≈ bias ≈ −10, where softplus ≈ 4.5e−5: a plain
+    log(1 + u) would round 1 + u and lose ~1e−3 relative on every such term, a bias that does not average
+    out; the factor u / (w − 1) cancels that rounding.
+    """
+    b_den = tl.where(b_w == 1.0, 1.0, b_w - 1.0)
+    # Approximate division (2 ulp): the IEEE one is a subroutine call whose frame spills on sm_80.
+    return tl.where(b_w == 1.0, b_u, LN2 * tl.log2(b_w) * tl.fdiv(b_u, b_den, ieee_rounding=False))
+
+
+@triton.jit
+def siglip_loss_tile(b_s, o_x, o_y, m_x, m_y, scale, bias, offset):
+    """SigLIP's terms softplus(t) = max(t, 0) + log1p(e^−|t|), t = −zᵢⱼ·(s·Sᵢⱼ + b), of one tile (0 outside
+    the matrix), z = +1 where j = i + offset: the forward's sum, accurate to a few ulp for every t."""
+    b_logits = b_s * scale + bias
+    # −z·x: +x for negatives, −x for the positive pair.
+    b_t = tl.where(o_y[None, :] == o_x[:, None] + offset, -b_logits, b_logits)
+    b_u = tl.exp2(-tl.abs(b_t) * LOG2E)
+    b_terms = tl.maximum(b_t, 0.0) + log1p_of_small(b_u, 1.0 + b_u)
+    return tl.where(m_x[:, None] & m_y[None, :], b_terms, 0.0)
+
+
+@triton.jit
+def siglip_tiles(b_s, o_x, o_y, m_x, m_y, scale, bias, offset, grad_total, WITH_LOSS: tl.constexpr):
+    """SigLIP's dS tile −zᵢⱼ·σ(tᵢⱼ)·g, 0 outside the matrix, t = −zᵢⱼ·(s·Sᵢⱼ + b); with WITH_LOSS also the
+    row sums [BLOCK_M] of the loss's terms softplus(tᵢⱼ) from the same e^−|t| (else zeros). The terms are
+    reduced to their row sums at once, so no second full tile stays live beside dS (registers).
+    σ(t) = 1/(1 + e^−|t|) for t ≥ 0, e^−|t|/(1 + e^−|t|) below: neither branch overflows."""
+    b_logits = b_s * scale + bias
+    m_positive = o_y[None, :] == o_x[:, None] + offset
+    b_t = tl.where(m_positive, -b_logits, b_logits)
+    b_u = tl.exp2(-tl.abs(b_t) * LOG2E)
+    b_w = 1.0 + b_u
+    # Approximate reciprocal (2 ulp, w ∈ [1, 2]): the IEEE division is a subroutine call whose frame, with the
+    # loss's terms sharing the registers, spills on sm_80 and leaves a stack on sm_90.
+    b_r = tl.fdiv(b_u * 0.0 + 1.0, b_w, ieee_rounding=False)
+    m_in = m_x[:, None] & m_y[None, :]
+    b_loss_rows = tl.zeros([b_s.shape[0]], dtype=tl.float32)
+    if WITH_LOSS:
+        # log1p(u) = log(w) − ((w − 1) − u)/w: the second term undoes the rounding of w = 1 + u to first
+        # order (exact to a few ulp for every u ∈ [0, 1]; u where w rounds to 1), reusing 1/w.
+        b_log1p = LN2 * tl.log2(b_w) - ((b_w - 1.0) - b_u) * b_r
+        b_loss_rows = tl.sum(tl.where(m_in, tl.maximum(b_t, 0.0) + b_log1p, 0.0), 1)
+    b_sigmoid = tl.where(b_t >= 0, b_r, b_u * b_r)
+    b_ds = tl.where(m_in, tl.where(m_positive, -b_sigmoid, b_sigmoid) * grad_total, 0.0)
+    return b_ds, b_loss_rows
+
+
+@triton.jit
 def gradient_tile(
     b_s,
     o_x,
@@ -230,6 +282,7 @@ def gradient_tile(
     HAS_PRIVATE: tl.constexpr,
     X_IS_A: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WITH_LOSS: tl.constexpr = False,
 ):
     """The fp32 dS tile of the unscaled similarity tile ``b_s`` = X[o_x]·Y[o_y]ᵀ, 0 outside the allowed entries.
 
@@ -239,6 +292,10 @@ def gradient_tile(
     has dS = p − 1 there, a small difference that rounding each term first would lose). Row statistics come
     loaded (``b_*_x``), column ones are loaded here. MODE 1 (SigLIP): −zᵢⱼ·σ(−zᵢⱼ·(xᵢⱼ + b))·g with
     zᵢⱼ = +1 where j = i + offset.
+
+    Returns ``(dS, loss row sums)``: for MODE 1 with WITH_LOSS the row sums of the loss's terms
+    softplus(−zᵢⱼ·(xᵢⱼ + b)) from the same exponentials (:func:`siglip_tiles`), for a kernel that sums the
+    loss in the gradient's sweep; else zeros, unused.
     """
     if MODE == 0:
         b_lse_y = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -263,16 +320,10 @@ def gradient_tile(
                 b_ds += tl.where(b_is_positive, b_grad_pos_x[:, None], 0.0)
             else:
                 b_ds += tl.where(b_is_positive, b_grad_pos_y[None, :], 0.0)
+        b_loss_rows = tl.zeros([BLOCK_N], dtype=tl.float32)  # MODE 0 has no loss terms here; unused
     else:
-        b_logits = b_s * scale + bias
-        m_positive = o_y[None, :] == o_x[:, None] + offset
-        # t = −z·x; d softplus(t)/dx = −z·σ(t). σ(t) from e^−|t| so neither branch overflows.
-        b_t = tl.where(m_positive, -b_logits, b_logits)
-        b_e = tl.exp2(-tl.abs(b_t) * LOG2E)
-        b_sigmoid = tl.where(b_t >= 0, 1.0 / (1.0 + b_e), b_e / (1.0 + b_e))
-        b_ds = tl.where(m_positive, -b_sigmoid, b_sigmoid) * grad_total
-        b_ds = tl.where(m_x[:, None] & m_y[None, :], b_ds, 0.0)
-    return b_ds
+        b_ds, b_loss_rows = siglip_tiles(b_s, o_x, o_y, m_x, m_y, scale, bias, offset, grad_total, WITH_LOSS)
+    return b_ds, b_loss_rows
 
 
 @triton.jit

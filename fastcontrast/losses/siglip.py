@@ -23,7 +23,7 @@ from fastcontrast._validation import (
     check_rank_world,
     check_siglip_dist_impl,
 )
-from fastcontrast.autograd import BlockwiseSigLipSum
+from fastcontrast.autograd import blockwise_siglip_sum, gradients_needed
 from fastcontrast.losses._common import Scalar, two_towers_checked
 from fastcontrast.ring import Ring, RingSigLipSum
 
@@ -78,9 +78,10 @@ def siglip_loss(
         loss = reference.siglip_loss_reference(image_features, all_text, scale, bias, positive_offset=offset)
         return loss if layout is None or layout.equal else loss * layout.loss_weight()
     if all_text is None:
-        total = RingSigLipSum.apply(Ring(group, layout), engine, scale, bias, image_features, text_features)
+        total = RingSigLipSum.apply(Ring(group, layout), engine, scale, bias, image_features, text_features,
+                                    gradients_needed(image_features, text_features, scale, bias))
     else:
-        total = BlockwiseSigLipSum.apply(image_features, all_text, scale, bias, engine, offset)
+        total = blockwise_siglip_sum(image_features, all_text, scale, bias, engine, positive_offset=offset)
     if layout is None or layout.equal:
         return total / image_features.shape[0]
     return total * (layout.world_size / layout.total)
@@ -90,6 +91,10 @@ class SigLipLoss(nn.Module):
     """Drop-in for open_clip's ``SigLipLoss`` with O(N·d) memory.
 
     −Σᵢⱼ log σ(zᵢⱼ·(s·Iᵢ·Tⱼ + b)) / n, z = +1 on the diagonal and −1 elsewhere.
+
+    When any input requires grad (and grad mode is on), the forward also computes the gradients, in the same
+    sweep over the similarity tiles, and the backward only scales them (3 GEMM passes in all instead of 4). A
+    forward under grad whose backward never runs has paid for them: evaluate under ``torch.no_grad()``.
 
     Args:
         cache_labels, rank, world_size: as in open_clip (``cache_labels`` has no effect: no labels are built).

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from fastcontrast.tools.info import KERNEL_SOURCES
-
 ROOT = Path(__file__).resolve().parents[2]
 if not (ROOT / "README.md").is_file():
     # The packaging smokes run the test suite copied away from the checkout, without the pages it checks.
@@ -30,11 +28,6 @@ if not (ROOT / "README.md").is_file():
 PAGES = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
 SOURCE_DIRS = ("fastcontrast", "kernels", "benchmarks", "tests")
 
-# The kernel sources decide the compiled binaries, and a digest of their full text guards the committed
-# compile table (fastcontrast.tools.info.kernel_sources_digest), so even a comment there cannot change without
-# regenerating it (about 45 minutes). Their old "DESIGN §n" / "STYLE.md" references are fixed with the next
-# regeneration; until then these files alone are exempt from the source checks below.
-DIGEST_GUARDED = {Path("kernels") / name for name in KERNEL_SOURCES}
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -153,8 +146,6 @@ def test_no_markdown_table_of_a_page_is_empty(page):
 def test_every_md_path_in_the_sources_resolves():
     problems = []
     for source in _source_files():
-        if _relative(source) in DIGEST_GUARDED:
-            continue
         for number, line in enumerate(source.read_text().splitlines(), 1):
             for match in SOURCE_MD_PATH.finditer(line):
                 path_text, anchor = match.group(1), (match.group(2) or "")[1:]
@@ -167,8 +158,6 @@ def test_every_md_path_in_the_sources_resolves():
 def test_no_section_sign_or_outside_document_is_referenced():
     found = []
     for path in [*_source_files(), *PAGES]:
-        if _relative(path) in DIGEST_GUARDED:
-            continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if FORBIDDEN.search(line):
                 found.append(f"{_relative(path)}:{number}: {line.strip()[:100]}")

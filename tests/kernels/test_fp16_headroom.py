@@ -105,18 +105,19 @@ def test_clip_negatives_term_keeps_fp16_precision_at_65536(d):
 @pytest.mark.parametrize("d,tolerance", [(256, 4e-5), (512, 6e-5)], ids=["N65536-D256", "N65536-D512"])
 def test_siglip_negatives_term_keeps_fp16_precision_at_initial_bias(d, tolerance):
     """SigLIP at its initialisation (logit_scale 10, logit_bias −10, independent features): a negative's
-    dS = σ(s·x + b)/N ≈ e⁻¹⁰/N, which the old factor put at ≈ 2.3e-5, below fp16's smallest normal 6.1e-5.
+    dS = σ(s·x + b) ≈ e⁻¹⁰ (the forward forms SigLIP's dS at upstream gradient 1; the loss's 1/N is applied
+    to the fp32 products after), which the old factor put at ≈ 2.3e-5, below fp16's smallest normal 6.1e-5.
     The gain is smaller than CLIP's (those entries sat just below the normal range, not far below it).
     Measured (4 rows each): d = 256 new 2.4e-5 … 2.6e-5, old 5.7e-5 … 6.4e-5; d = 512 new 4.2e-5 … 4.6e-5,
     old 1.3e-4 … 1.4e-4. The floor grows with d: Σⱼ dSⱼ·Bⱼ of independent rows cancels more."""
     image, text = _isotropic_pairs(d, seed=d)
-    upstream = torch.tensor(1 / N)  # the loss is the sum over all pairs divided by N
+    upstream = torch.tensor(1.0)  # siglip_forward_backward's upstream gradient
     factor = _engine().gradient_scale(torch.float16, upstream)
     old = _old_scale(upstream)
     for i in ROWS:
         logits = 10.0 * (image[i].double() @ text.double().T) - 10.0
-        ds64 = torch.sigmoid(logits) / N
-        ds32 = torch.sigmoid(logits.float()) / N
+        ds64 = torch.sigmoid(logits)
+        ds32 = torch.sigmoid(logits.float())
         ds64[i] = ds32[i] = 0
         error = _negatives_term_error(ds32, ds64, text, factor)
         assert error <= tolerance, f"row {i}: negatives' term relative error {error:.2e} > {tolerance:.0e}"
@@ -188,10 +189,11 @@ def _loss_and_inputs(kind: str):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_kernels_undo_a_forced_gradient_scale_exactly(kind, monkeypatch):
-    """With ``gradient_scale`` forced to 2¹⁷ or 2²¹ the fp16 gradients are bit-equal to the unforced ones (here
-    2¹⁹: the bound is 2/(2n) = 2⁻⁶ for CLIP, 1/n for SigLIP): the factor is a power of two applied before the
-    fp16 cast and removed in fp32 after the product, and every scaled dS is an fp16 normal. A kernel that
-    forgot to remove it would be off by 2¹⁷ or more."""
+    """With ``gradient_scale`` forced to two other powers of two the fp16 gradients are bit-equal to the
+    unforced ones: the factor is applied before the fp16 cast and removed in fp32 after the product, and every
+    scaled dS is an fp16 normal. CLIP's bound is 2/(2n) = 2⁻⁶ (natural factor 2¹⁹; forced 2¹⁷, 2²¹); SigLIP's
+    gradient is formed in the forward at upstream gradient 1, bound 1 (natural 2¹³; forced 2¹¹, 2¹⁵). A kernel
+    that forgot to remove the factor would be off by 2¹¹ or more."""
     engine = _engine()
     loss_fn, inputs = _loss_and_inputs(kind)
     names = ["dimage", "dtext", "dscale", "dbias"][: len(inputs)]
@@ -206,12 +208,13 @@ def test_kernels_undo_a_forced_gradient_scale_exactly(kind, monkeypatch):
 
         return gradient_scale
 
+    exponents = (17, 21) if kind == "clip" else (11, 15)
     results = {}
-    for exponent in (17, 21):
+    for exponent in exponents:
         monkeypatch.setattr(engine, "gradient_scale", forced(exponent))
         results[exponent] = torch.autograd.grad(loss_fn(), inputs)
     assert calls and all(dtype == torch.float16 for dtype in calls), "the engine never asked for the fp16 scale"
-    for name, unforced, *forced_grads in zip(names, natural, results[17], results[21]):
-        for exponent, got in zip((17, 21), forced_grads):
+    for name, unforced, *forced_grads in zip(names, natural, *(results[e] for e in exponents)):
+        for exponent, got in zip(exponents, forced_grads):
             worst = (got.double() - unforced.double()).abs().max().item()
             assert torch.equal(got, unforced), f"{name}: factor 2^{exponent} changed the gradient (max abs {worst:.3e})"

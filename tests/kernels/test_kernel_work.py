@@ -2,7 +2,8 @@
 
 One GEMM pass is 2·n·m·d FLOPs over the similarity matrix. Budgets: symmetric CLIP ≤ 6 passes forward +
 backward, 5 with the single-pass forward (naive = 3, Inf-CL's two one-directional calls = 10). NT-Xent
-(2n×2n matrix, one direction) and SigLIP are held to the same 5.
+(2n×2n matrix, one direction) is held to the same 5; SigLIP, whose gradient is formed in the forward, to 5
+with the fused gradient and 3 on the panel path (every real CLIP width).
 """
 
 from __future__ import annotations
@@ -57,11 +58,23 @@ def test_clip_forward_falls_back_to_two_passes_when_column_scratch_is_too_big(mo
     assert passes(forward.flops + backward.flops, N, N, D) == 6.0
 
 
-def test_siglip_forward_and_backward_cost_five_gemm_passes():
+def test_siglip_computes_its_gradient_in_the_forward_sweep_and_the_backward_launches_nothing():
+    # Fused width (d ≤ the on-chip accumulator): the forward kernel's sum, then the dA and dB kernels, each
+    # S recompute + dS·X: 5 passes, all in the forward; the backward only multiplies by its upstream gradient.
     a, b = _inputs()
     forward, backward, passes = _count(lambda x, y: fc.siglip_loss(x, y, 10.0, -10.0, backend="triton"), a, b)
-    assert passes(forward.flops, N, N, D) == 1.0
-    assert passes(backward.flops, N, N, D) == 4.0
+    assert passes(forward.flops, N, N, D) == 5.0
+    assert backward.flops == 0 and backward.bytes_requested == 0
+
+
+def test_siglip_without_a_gradient_is_one_pass():
+    a, b = _inputs()
+    from fastcontrast.kernels.work_count import count_work, gemm_passes
+
+    for context in (torch.no_grad(), torch.enable_grad()):
+        with context, count_work() as forward:
+            fc.siglip_loss(a.detach(), b.detach(), 10.0, -10.0, backend="triton")
+        assert gemm_passes(forward.flops, N, N, D) == 1.0
 
 
 def test_nt_xent_forward_and_backward_cost_five_passes_over_the_2n_matrix():
@@ -88,18 +101,24 @@ def aligned_panels(monkeypatch):
     monkeypatch.setattr(configs, "INTERPRETER_PANEL", configs.PanelConfig(rows=64, cols=128))
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_above_the_fused_width_the_panel_backward_costs_three_passes(loss, aligned_panels):
+def test_above_the_fused_width_the_panel_backward_costs_three_passes(aligned_panels):
     # d > the fused gradient's width: dS is written once per panel and multiplied out by two GEMMs
     # (dS·B and dSᵀ·A), so the backward recomputes S once instead of twice.
     d = 128
     a, b = _inputs(d=d)
-    if loss == "clip":
-        forward, backward, passes = _count(lambda x, y: fc.clip_loss(x, y, 10.0, backend="triton"), a, b)
-    else:
-        forward, backward, passes = _count(lambda x, y: fc.siglip_loss(x, y, 10.0, -10.0, backend="triton"), a, b)
+    forward, backward, passes = _count(lambda x, y: fc.clip_loss(x, y, 10.0, backend="triton"), a, b)
     assert passes(forward.flops, N, N, d) == 1.0
     assert passes(backward.flops, N, N, d) == 3.0
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_siglip_above_the_fused_width_costs_three_passes_in_all(d, aligned_panels):
+    # SigLIP's dS needs no LSE: the forward under grad writes each dS panel as it computes S (and sums the
+    # loss from the same tile) and multiplies it out: S, dS·B, dSᵀ·A; the backward launches nothing.
+    a, b = _inputs(d=d)
+    forward, backward, passes = _count(lambda x, y: fc.siglip_loss(x, y, 10.0, -10.0, backend="triton"), a, b)
+    assert passes(forward.flops, N, N, d) == 3.0
+    assert backward.flops == 0 and backward.bytes_requested == 0
 
 
 def test_panel_backward_moves_no_n_m_d_sized_read_modify_write(aligned_panels):

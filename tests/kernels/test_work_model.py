@@ -90,11 +90,9 @@ def test_every_loss_kernels_but_partial_waves_are_within_1_25x_of_their_tensor_c
         assert total["kernels_s"] - total["wave_s"] <= 1.25 * total["tensor_s"], total
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the fewer-passes issue: at d = 1280 panel_matmul_kernel fits 1 program per SM (the accumulating variant's "
-    "registers) and its 640-tile grids leave the last of 5 waves part-empty (1.31x its tensor time); a persistent "
-    "panel loop or bigger panels are that issue's items, and this then passes"))
 def test_every_kernel_is_within_1_25x_of_its_tensor_core_time(modelled_losses):
+    # Partial last waves included: the grown panels give the GEMMs grids of many waves (at d = 1280 the
+    # 4096² panels' 640-tile grids left the last of 5 waves part-empty, 1.31x).
     slow = [(k["loss"], k["d"], k["kernel"]) for k in modelled_losses["kernels"]
             if k["modelled_s"] > 1.25 * k["tensor_s"]]
     assert not slow, slow
@@ -119,14 +117,28 @@ def test_the_torch_ops_and_partial_waves_are_in_the_step(modelled_losses):
         assert k["resident_programs"] >= 1 and k["wave_factor"] >= 1.0
 
 
-def test_the_counted_passes_are_four_at_clip_widths(modelled_losses):
-    # Forward 1 (row and column LSE from one pass) + backward 3 (dS once per panel, then dS·B and dSᵀ·A).
+def test_the_counted_passes_are_four_at_clip_widths_and_three_for_siglip(modelled_losses):
+    # Forward 1 (row and column LSE from one pass) + backward 3 (dS once per panel, then dS·B and dSᵀ·A);
+    # SigLIP forms its gradient in the forward: S and dS once per panel, dS·B, dSᵀ·A, and no backward pass.
     from fastcontrast.tools import model
 
     assert {(t["loss"], t["d"]) for t in modelled_losses["losses"]} == {
         (loss, d) for loss in model.LOSSES for d in model.DIMS}
     for total in modelled_losses["losses"]:
-        assert total["passes"] == pytest.approx(4.0, abs=1e-9), (total["loss"], total["d"])
+        expected = 3.0 if total["loss"] == "SigLIP" else 4.0
+        assert total["passes"] == pytest.approx(expected, abs=1e-9), (total["loss"], total["d"])
+
+
+def test_launch_overhead_is_at_most_3_percent_of_every_modelled_step(modelled_losses):
+    # Every launch, Triton or torch, costs the model's LAUNCH_S; the panels grow with N·d so that a step at
+    # N = 65,536 makes about a hundred launches, not ~800.
+    from fastcontrast.tools import model
+
+    for total in modelled_losses["losses"]:
+        overhead = total["launches"] * model.LAUNCH_S
+        assert overhead <= 0.03 * total["modelled_s"], (
+            f"{total['loss']} d={total['d']}: {total['launches']} launches, {overhead * 1e3:.2f} ms of "
+            f"{total['modelled_s'] * 1e3:.2f} ms")
 
 
 def test_the_model_records_carry_their_fields(modelled_losses):

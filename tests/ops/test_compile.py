@@ -123,8 +123,7 @@ OPCHECK_CASES = {
     "lse_backward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, torch.randn(9), torch.randn(7), torch.randn(9),
                                      torch.randn(7), torch.randn(9), None, False, 0, True, True, "torch", 1024),
     "siglip_forward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, "torch", 1024),
-    "siglip_backward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), torch.tensor(1.0), 0, True, False, "torch",
-                                        1024),
+    "siglip_forward_backward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, True, False, "torch", 1024),
     "distill_forward": lambda a, b, s: (a, b, s, torch.randn(9, 3), torch.randn(7, 3), s, True, True, "torch", 1024),
 }
 
