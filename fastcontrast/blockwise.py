@@ -172,7 +172,10 @@ class TorchEngine:
         grad_bias = torch.zeros((), dtype=cdt, device=a.device)
         for start, stop in self._chunks(n, m, cdt):
             signed = self._siglip_signed_logits(a, b_c, s, bias_c, start, stop, positive_offset)
-            total -= F.logsigmoid(signed.neg()).sum()  # as siglip_forward: the same chunks, the same bits
+            # As siglip_forward (the same chunks, the same bits), negating in place and back (exact): one
+            # chunk-sized temporary, logsigmoid's output, not two.
+            total -= F.logsigmoid(signed.neg_()).sum()
+            signed.neg_()
             # d/dx softplus(−z·x) = −z·σ(−z·x); `signed` is −z·x, so negate σ back at the positives.
             grad_logits = signed.sigmoid_()
             rows, cols = _offset_diagonal(start, stop, m, positive_offset, a.device)
