@@ -203,28 +203,33 @@ def load_rows(X, o_x, m_x, d, stride_x, BLOCK_D: tl.constexpr, DOT_FP32: tl.cons
 
 
 @triton.jit
-def log1p_of_small(b_u, b_w):
-    """log1p(u) for fp32 tiles u ∈ [0, 1], given w = 1 + u (as rounded): log(w)·u / (w − 1) (Goldberg).
+def softplus_from(b_t, b_u, b_w, b_r):
+    """softplus(t) = max(t, 0) + log1p(u) for fp32 tiles, given u = e^−|t|, w = 1 + u (as rounded) and r ≈ 1/w.
 
-    SigLIP sums n·m terms and most are negatives with x ≈ bias ≈ −10, where softplus ≈ 4.5e−5: a plain
+    SigLIP sums n·m terms and most are negatives with t ≈ bias ≈ −10, where softplus ≈ 4.5e−5: a plain
     log(1 + u) would round 1 + u and lose ~1e−3 relative on every such term, a bias that does not average
-    out; the factor u / (w − 1) cancels that rounding.
-    """
-    b_den = tl.where(b_w == 1.0, 1.0, b_w - 1.0)
-    # Approximate division (2 ulp): the IEEE one is a subroutine call whose frame spills on sm_80.
-    return tl.where(b_w == 1.0, b_u, LN2 * tl.log2(b_w) * tl.fdiv(b_u, b_den, ieee_rounding=False))
+    out. log1p(u) = log(w) − ((w − 1) − u)/w undoes that rounding to first order (a few ulp for every
+    u ∈ [0, 1]; exactly u where w rounds to 1)."""
+    return tl.maximum(b_t, 0.0) + (LN2 * tl.log2(b_w) - ((b_w - 1.0) - b_u) * b_r)
+
+
+@triton.jit
+def reciprocal(b_w):
+    """1/w for fp32 tiles w ∈ [1, 2], approximate (2 ulp): the IEEE division is a subroutine call whose frame
+    spills on sm_80 and leaves a stack on sm_90 in the SigLIP kernels."""
+    return tl.fdiv(b_w * 0.0 + 1.0, b_w, ieee_rounding=False)
 
 
 @triton.jit
 def siglip_loss_tile(b_s, o_x, o_y, m_x, m_y, scale, bias, offset):
-    """SigLIP's terms softplus(t) = max(t, 0) + log1p(e^−|t|), t = −zᵢⱼ·(s·Sᵢⱼ + b), of one tile (0 outside
-    the matrix), z = +1 where j = i + offset: the forward's sum, accurate to a few ulp for every t."""
+    """SigLIP's terms softplus(t), t = −zᵢⱼ·(s·Sᵢⱼ + b), of one tile (0 outside the matrix), z = +1 where
+    j = i + offset: the forward's sum, accurate to a few ulp for every t."""
     b_logits = b_s * scale + bias
     # −z·x: +x for negatives, −x for the positive pair.
     b_t = tl.where(o_y[None, :] == o_x[:, None] + offset, -b_logits, b_logits)
     b_u = tl.exp2(-tl.abs(b_t) * LOG2E)
-    b_terms = tl.maximum(b_t, 0.0) + log1p_of_small(b_u, 1.0 + b_u)
-    return tl.where(m_x[:, None] & m_y[None, :], b_terms, 0.0)
+    b_w = 1.0 + b_u
+    return tl.where(m_x[:, None] & m_y[None, :], softplus_from(b_t, b_u, b_w, reciprocal(b_w)), 0.0)
 
 
 @triton.jit
@@ -238,16 +243,11 @@ def siglip_tiles(b_s, o_x, o_y, m_x, m_y, scale, bias, offset, grad_total, WITH_
     b_t = tl.where(m_positive, -b_logits, b_logits)
     b_u = tl.exp2(-tl.abs(b_t) * LOG2E)
     b_w = 1.0 + b_u
-    # Approximate reciprocal (2 ulp, w ∈ [1, 2]): the IEEE division is a subroutine call whose frame, with the
-    # loss's terms sharing the registers, spills on sm_80 and leaves a stack on sm_90.
-    b_r = tl.fdiv(b_u * 0.0 + 1.0, b_w, ieee_rounding=False)
+    b_r = reciprocal(b_w)
     m_in = m_x[:, None] & m_y[None, :]
     b_loss_rows = tl.zeros([b_s.shape[0]], dtype=tl.float32)
     if WITH_LOSS:
-        # log1p(u) = log(w) − ((w − 1) − u)/w: the second term undoes the rounding of w = 1 + u to first
-        # order (exact to a few ulp for every u ∈ [0, 1]; u where w rounds to 1), reusing 1/w.
-        b_log1p = LN2 * tl.log2(b_w) - ((b_w - 1.0) - b_u) * b_r
-        b_loss_rows = tl.sum(tl.where(m_in, tl.maximum(b_t, 0.0) + b_log1p, 0.0), 1)
+        b_loss_rows = tl.sum(tl.where(m_in, softplus_from(b_t, b_u, b_w, b_r), 0.0), 1)
     b_sigmoid = tl.where(b_t >= 0, b_r, b_u * b_r)
     b_ds = tl.where(m_in, tl.where(m_positive, -b_sigmoid, b_sigmoid) * grad_total, 0.0)
     return b_ds, b_loss_rows
