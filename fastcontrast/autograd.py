@@ -51,8 +51,9 @@ class BlockwiseLogSumExp(torch.autograd.Function):
     private_columns, need_argmax)`` with a: [n, d], b: [m, d] or None (then b is a: self-similarity, one
     gradient), scale: 0-dim, engine: an :class:`~fastcontrast.engine.Engine`, positive_index: [n] int64 or
     None; the masks as in :mod:`fastcontrast.engine`. Returns ``(lse_row [n], lse_col [m], positives [n],
-    argmax_row [n], argmax_col [m])``: fp32 (fp64 for fp64 inputs), argmaxes int64 and not differentiable; a
-    result not asked for is an empty tensor.
+    argmax_row [n], argmax_col [m], lse_row_low [n], lse_col_low [m])``: fp32 (fp64 for fp64 inputs),
+    argmaxes int64; argmaxes and the LSEs' low parts (:mod:`fastcontrast.lse_split`) are not differentiable;
+    a result not asked for is an empty tensor.
 
     The positives come from the engine, out of the tiles its LSE reduced, and their gradient is folded into
     dS there: near convergence a row's softmax approaches the one-hot of its positive, and dS at the
@@ -65,7 +66,7 @@ class BlockwiseLogSumExp(torch.autograd.Function):
                 exclude_positive=False, private_columns=0, need_argmax=False):
         other = a if b is None else b
         with _autocast_off(a.device.type):
-            lse_row, lse_col, positives, argmax_row, argmax_col = ops.lse_forward(
+            lse_row, lse_col, positives, argmax_row, argmax_col, low_row, low_col = ops.lse_forward(
                 a, other, scale, positive_index, need_row, need_col, exclude_offset, exclude_positive,
                 private_columns, need_argmax, engine.name, engine.chunk_bytes,
             )
@@ -74,11 +75,12 @@ class BlockwiseLogSumExp(torch.autograd.Function):
         ctx.mask = (exclude_offset, exclude_positive, private_columns)
         ctx.self_similarity = b is None
         ctx.save_for_backward(a, b, scale, lse_row, lse_col, positive_index)
-        ctx.mark_non_differentiable(argmax_row, argmax_col)
-        return lse_row, lse_col, positives, argmax_row, argmax_col
+        ctx.mark_non_differentiable(argmax_row, argmax_col, low_row, low_col)
+        return lse_row, lse_col, positives, argmax_row, argmax_col, low_row, low_col
 
     @staticmethod
-    def backward(ctx, grad_row, grad_col, grad_positives, _grad_argmax_row, _grad_argmax_col):
+    def backward(ctx, grad_row, grad_col, grad_positives, _grad_argmax_row, _grad_argmax_col, _grad_low_row,
+                 _grad_low_col):
         a, b, scale, lse_row, lse_col, positive_index = ctx.saved_tensors
         other = a if ctx.self_similarity else b
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
@@ -377,7 +379,7 @@ def blockwise_lse_and_positives(
         ``(lse_row [n] or None, lse_col [m] or None, positives [n])``, fp32 (fp64 for fp64 inputs); with
         ``return_argmax``, followed by ``argmax_row [n] or None, argmax_col [m] or None``.
     """
-    lse_row, lse_col, positives, argmax_row, argmax_col = BlockwiseLogSumExp.apply(
+    lse_row, lse_col, positives, argmax_row, argmax_col, _, _ = BlockwiseLogSumExp.apply(
         a, b, scale, engine, rows, cols, positive_index, exclude_offset, False, 0, return_argmax
     )
     lse_row, lse_col = _or_none(lse_row, rows), _or_none(lse_col, cols)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fastcontrast._validation import check_chunk_bytes
 from fastcontrast.engine import DistillStats, compute_dtype, empty_like_result
+from fastcontrast.lse_split import finite_or_zero, lse_from_sums
 
 # 8 MiB of fp32 logits per chunk. Each step holds about two chunk-sized temporaries (S and exp(S − lse)),
 # so the engine's extra memory stays near 16 MiB whatever N is. Measured on a 2-core CPU at N = 8192,
@@ -62,7 +63,8 @@ class TorchEngine:
     def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
                     private_columns, need_argmax):
         """See :meth:`fastcontrast.engine.Engine.lse_forward`. Chunks of rows: the row LSE chunk by chunk, the
-        column LSE merged across chunks with logaddexp, the positives gathered from the same logits."""
+        column sums merged across chunks against a running max, the positives gathered from the same logits.
+        Max and log-sum stay apart until :func:`~fastcontrast.lse_split.split_lse` (why: that module)."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         device = a.device
@@ -71,30 +73,40 @@ class TorchEngine:
         mask = (exclude_offset, exclude_positive, private_columns)
         need_positives = positive_index is not None
         lse_row = torch.empty(n, dtype=cdt, device=device) if need_row else empty_like_result(a)
-        lse_col = torch.full((m,), float("-inf"), dtype=cdt, device=device) if need_col else empty_like_result(a)
+        low_row = torch.empty(n, dtype=cdt, device=device) if need_row else empty_like_result(a)
         positives = torch.empty(n, dtype=cdt, device=device) if need_positives else empty_like_result(a)
         argmax_row = torch.empty(n if need_row and need_argmax else 0, dtype=torch.long, device=device)
         argmax_col = torch.zeros(m if need_col and need_argmax else 0, dtype=torch.long, device=device)
-        col_max = torch.full((m,), float("-inf"), dtype=cdt, device=device) if argmax_col.numel() else None
+        col_top = torch.full((m,), float("-inf"), dtype=cdt, device=device) if need_col else None
+        col_total = torch.zeros(m, dtype=cdt, device=device) if need_col else None
         for start, stop in self._chunks(n, m, cdt):
             logits, chunk_positives = self._masked_logits(a, b_c, s, start, stop, positive_index, *mask)
             if need_positives:
                 # The very entries the LSE reduces: on a one-hot row lse − positive is then exactly 0.
                 positives[start:stop] = chunk_positives
+            if need_col:
+                chunk_top, chunk_arg = logits.max(dim=0)
+                if need_argmax:
+                    # Only a strictly larger max moves the argmax: ties keep the earlier (lower) row.
+                    argmax_col = torch.where(chunk_top > col_top, chunk_arg + start, argmax_col)
+                top = torch.maximum(col_top, chunk_top)
+                shift = finite_or_zero(top)
+                col_total.mul_((col_top - shift).exp_()).add_((logits - shift).exp_().sum(dim=0))
+                col_top = top
             if need_row:
-                lse_row[start:stop] = torch.logsumexp(logits, dim=1)
+                top, arg = logits.max(dim=1)
                 if need_argmax:
                     # torch's max returns the first maximal index: the lowest column on ties.
-                    argmax_row[start:stop] = logits.max(dim=1).indices
-            if need_col:
-                torch.logaddexp(lse_col, torch.logsumexp(logits, dim=0), out=lse_col)
-                if col_max is not None:
-                    chunk_max, chunk_arg = logits.max(dim=0)
-                    # Only a strictly larger max moves the argmax: ties keep the earlier (lower) row.
-                    better = chunk_max > col_max
-                    argmax_col = torch.where(better, chunk_arg + start, argmax_col)
-                    col_max = torch.where(better, chunk_max, col_max)
-        return lse_row, lse_col, positives, argmax_row, argmax_col
+                    argmax_row[start:stop] = arg
+                shift = finite_or_zero(top)
+                # The chunk's logits are not needed past here: exp in place, no second chunk-sized temporary.
+                total = logits.sub_(shift.unsqueeze(1)).exp_().sum(dim=1)
+                lse_row[start:stop], low_row[start:stop] = lse_from_sums(top, total)
+        if need_col:
+            lse_col, low_col = lse_from_sums(col_top, col_total)
+        else:
+            lse_col, low_col = empty_like_result(a), empty_like_result(a)
+        return lse_row, lse_col, positives, argmax_row, argmax_col, low_row, low_col
 
     def lse_backward(
         self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,

@@ -12,7 +12,9 @@ one kernel serves A·Bᵀ and B·Aᵀ):
 
 - ``a`` [n, d], ``b`` [m, d]: the two feature matrices; ``scale`` (s): 0-dim tensor, read on the device;
   ``bias`` (b): SigLIP's 0-dim bias or None.
-- ``lse_row`` [n] / ``lse_col`` [m]: row / column log-sum-exp of S, natural log.
+- ``lse_row`` [n] / ``lse_col`` [m]: row / column log-sum-exp of S, natural log; ``lse_row_low`` /
+  ``lse_col_low``: their rounding errors, so that lse + low is max + log-sum before rounding
+  (:mod:`fastcontrast.lse_split`: what makes ``lse − positive`` the originals' value to the bit).
 - ``exclude_offset``: entry (i, i + offset) is left out of both reductions (self-similarity), or None.
 - ``exclude_positive``: each row's positive entry is left out of the LSEs too (decoupled contrastive
   learning), while ``positives`` still reports it.
@@ -116,10 +118,12 @@ class Engine(Protocol):
         exclude_positive: bool,
         private_columns: int,
         need_argmax: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(lse_row [n], lse_col [m], positives [n], argmax_row [n], argmax_col [m])``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lse_row [n], lse_col [m], positives [n], argmax_row [n], argmax_col [m], lse_row_low [n],
+        lse_col_low [m])``.
 
-        ``positives`` whenever a ``positive_index`` is given; argmaxes only with ``need_argmax``.
+        ``positives`` whenever a ``positive_index`` is given; argmaxes only with ``need_argmax``; each low part
+        with its LSE.
         """
         ...
 

@@ -46,8 +46,9 @@ def lse_forward(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, positive_index: Optional[torch.Tensor],
     need_row: bool, need_col: bool, exclude_offset: Optional[int], exclude_positive: bool, private_columns: int,
     need_argmax: bool, engine: str, chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:meth:`Engine.lse_forward` of engine ``engine``: (lse_row, lse_col, positives, argmax_row, argmax_col)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`Engine.lse_forward` of engine ``engine``: (lse_row, lse_col, positives, argmax_row, argmax_col,
+    lse_row_low, lse_col_low)."""
     return engine_for(engine, chunk_bytes).lse_forward(
         a, b, scale, positive_index, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset,
         exclude_positive=exclude_positive, private_columns=private_columns, need_argmax=need_argmax,
@@ -60,7 +61,8 @@ def _lse_forward_fake(a, b, scale, positive_index, need_row, need_col, exclude_o
     return (_vector(a, n if need_row else 0), _vector(a, m if need_col else 0),
             _vector(a, n if positive_index is not None else 0),
             _vector(a, n if need_row and need_argmax else 0, torch.long),
-            _vector(a, m if need_col and need_argmax else 0, torch.long))
+            _vector(a, m if need_col and need_argmax else 0, torch.long),
+            _vector(a, n if need_row else 0), _vector(a, m if need_col else 0))
 
 
 def lse_backward(

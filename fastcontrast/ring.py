@@ -31,6 +31,7 @@ from fastcontrast import ops
 from fastcontrast.autograd import _autocast_off, _positive_logits, siglip_gradients_at
 from fastcontrast.distributed import BatchLayout, DistGroup
 from fastcontrast.engine import DistillStats, Engine, compute_dtype, present
+from fastcontrast.lse_split import merge_split_lse
 
 EXCHANGES = ("gather", "ring")
 # p2p tags: blocks and gradient accumulators may be in flight to the same peer at once (gloo matches by tag).
@@ -123,6 +124,11 @@ def _merge_lse(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
 
 
+def _merge_split_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (hi, lo) LSE pair over blocks (:mod:`fastcontrast.lse_split`), in rank order."""
+    return merge_split_lse([p[0] for p in parts], [p[1] for p in parts])
+
+
 @dataclass(frozen=True)
 class Direction:
     """One row reduction of a ring LSE: ``rows`` (index of the local features scored) against the blocks of
@@ -150,9 +156,10 @@ class RingLogSumExp(torch.autograd.Function):
     """Row LSEs of local rows against every rank's travelling features, and the home block's positives.
 
     ``apply(ring, engine, directions, scale, *features)``: ``features`` are this rank's tensors ([n_f, d]
-    each, one d), ``directions`` a tuple of :class:`Direction`. Returns ``(lse_0, positives_0, lse_1, ...)``
-    per direction: the LSE over all N columns [n_rows], the positives [n_rows] (empty without
-    ``positive_index``), in the compute dtype. Equal to :class:`~fastcontrast.autograd.BlockwiseLogSumExp`
+    each, one d), ``directions`` a tuple of :class:`Direction`. Returns ``(lse_0, positives_0, low_0, lse_1,
+    ...)`` per direction: the LSE over all N columns [n_rows], the positives [n_rows] (empty without
+    ``positive_index``) and the LSE's low part [n_rows] (not differentiable, :mod:`fastcontrast.lse_split`),
+    in the compute dtype. Equal to :class:`~fastcontrast.autograd.BlockwiseLogSumExp`
     with ``need_row`` on the gathered features.
     """
 
@@ -166,26 +173,27 @@ class RingLogSumExp(torch.autograd.Function):
                 home = source == ring.rank
                 for k, d in enumerate(directions):
                     positive_index, exclude_offset, exclude_positive = d.home_args(home)
-                    lse, _, pos, _, _ = ops.lse_forward(
+                    lse, _, pos, _, _, low, _ = ops.lse_forward(
                         features[d.rows], block[travel.index(d.travel)], scale, positive_index, True, False,
                         exclude_offset, exclude_positive, 0, False, engine.name, engine.chunk_bytes,
                     )
-                    parts[k][source] = lse
+                    parts[k][source] = (lse, low)
                     if positive_index is not None:
                         positives[k] = pos
                 del block
-        lses = [_merge_lse([p[r] for r in range(ring.group.world_size)]) for p in parts]
+        lses, lows = zip(*(_merge_split_lse([p[r] for r in range(ring.group.world_size)]) for p in parts))
         ctx.set_materialize_grads(False)
         ctx.ring, ctx.engine, ctx.directions = ring, engine, directions
         ctx.save_for_backward(scale, *features, *lses)
-        return tuple(x for pair in zip(lses, positives) for x in pair)
+        ctx.mark_non_differentiable(*lows)
+        return tuple(x for triple in zip(lses, positives, lows) for x in triple)
 
     @staticmethod
     def backward(ctx, *grads):
         ring, engine, directions = ctx.ring, ctx.engine, ctx.directions
         scale, *saved = ctx.saved_tensors
         features, lses = saved[: len(saved) - len(directions)], saved[len(saved) - len(directions):]
-        grad_lse, grad_pos = grads[0::2], grads[1::2]
+        grad_lse, grad_pos = grads[0::3], grads[1::3]
         need_scale, need_features = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
         travel = _travelling(directions)
         carried = [t for t in travel if need_features[t]]  # travelling features that take a gradient home

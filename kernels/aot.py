@@ -234,9 +234,11 @@ def _specialise(launch, arch: str, backend) -> Variant:
         binder = _BINDERS[binder_key] = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    x = launch.kwargs.get("X", launch.kwargs.get("A", launch.kwargs.get("P")))
+    # The features' dtype names a binary; the LSE partials' merge (no features, no dot) is fp32 through and through.
+    x = launch.kwargs.get("X", launch.kwargs.get("A", launch.kwargs.get("P", launch.kwargs.get("PART_LSE"))))
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[x.dtype]
-    return Variant(kernel, arch, signature, constexprs, attrs, options, dtype, launch.kwargs["INPUT_PRECISION"])
+    return Variant(kernel, arch, signature, constexprs, attrs, options, dtype,
+                   launch.kwargs.get("INPUT_PRECISION", "ieee"))
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from fastcontrast.kernels.launch import (
     launch_flags,
     merge_argmax,
     merge_lse_in_place,
+    merge_partials,
     unpadded,
 )
 from fastcontrast.kernels.lse_forward import lse_forward_kernel
@@ -57,10 +58,11 @@ from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
 
 from fastcontrast.engine import DistillStats, empty_like_result
 
-# Merge the column LSE in the same pass as the row LSE while its scratch (n / BLOCK_M · m fp32) stays under
-# this many bytes, i.e. up to N ≈ 90k at BLOCK_M = 128; past that a second pass over S is cheaper than
-# the scratch's memory.
-SINGLE_PASS_SCRATCH_BYTES = 256 * 2**20
+# Merge the column LSE in the same pass as the row LSE while its scratch (each row block's column LSEs as exact
+# pairs: 2 · n / BLOCK_M · m fp32) stays under this many bytes, i.e. up to N ≈ 90k at BLOCK_M = 128, under the
+# gradient sweep's own peak there; past that a second pass over S is cheaper than the scratch's memory. Also
+# what keeps the scratch's offsets (int32 in the kernels) under 2³¹.
+SINGLE_PASS_SCRATCH_BYTES = 512 * 2**20
 
 
 class TritonEngine:
@@ -79,40 +81,42 @@ class TritonEngine:
             n, m = a.shape[0], b.shape[0]
             masks = dict(exclude_offset=exclude_offset, exclude_positive=exclude_positive,
                          private_columns=private_columns)
-            lse_row = lse_col = positives = argmax_row = argmax_col = None
+            lse_row = lse_col = positives = argmax_row = argmax_col = low_row = low_col = None
             config = forward_config(target_for(a.device), a.dtype, a.shape[1])
             n_row_blocks = triton.cdiv(n, config.block_m)
-            scratch = n_row_blocks * m * (4 + (12 if need_argmax else 0))
+            scratch = n_row_blocks * m * (8 + (12 if need_argmax else 0))
             single_pass = need_row and need_col and scratch <= SINGLE_PASS_SCRATCH_BYTES
             if need_row or positive_index is not None:
-                col_partial = col_max = col_argmax = None
+                col_partial = col_low = col_max = col_argmax = None
                 if single_pass:
+                    # Each row block's column LSEs as exact pairs (fastcontrast/lse_split.py).
                     col_partial = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
+                    col_low = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
                     if need_argmax:
                         col_max = torch.empty((n_row_blocks, m), dtype=torch.float32, device=a.device)
                         col_argmax = torch.empty((n_row_blocks, m), dtype=torch.int64, device=a.device)
-                lse_row, positives, argmax_row = _launch_lse(
+                (lse_row, low_row), positives, argmax_row = _launch_lse(
                     x=a, y=b, scale=scale, x_is_a=True, positive_index=positive_index,
-                    need_argmax=need_argmax and need_row, col_partial=col_partial, col_max=col_max,
+                    need_argmax=need_argmax and need_row, col_partial=col_partial, col_low=col_low, col_max=col_max,
                     col_argmax=col_argmax, config=config, **masks,
                 )
                 if single_pass:
-                    lse_col, _ = merge_lse_in_place(col_partial)
                     if need_argmax:
                         argmax_col = merge_argmax(col_max, col_argmax)
+                    lse_col, low_col = merge_partials(col_partial, col_low)
                 if not need_row:  # the pass ran for the positives alone
-                    lse_row = argmax_row = None
+                    lse_row = argmax_row = low_row = None
             if need_col and lse_col is None:
                 # The column pass needs the positive index only where a mask depends on it.
                 masked_by_positive = exclude_positive or private_columns > 0
-                lse_col, _, argmax_col = _launch_lse(
+                (lse_col, low_col), _, argmax_col = _launch_lse(
                     x=b, y=a, scale=scale, x_is_a=False, positive_index=positive_index if masked_by_positive else None,
                     need_argmax=need_argmax, config=config,
                     **{**masks, "exclude_offset": None if exclude_offset is None else -exclude_offset},
                 )
         return empty_results(a, lse_row, lse_col, positives) + tuple(
             empty_like_result(a, torch.long) if x is None else x for x in (argmax_row, argmax_col)
-        )
+        ) + empty_results(a, low_row, low_col)
 
     def lse_backward(self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
                      exclude_offset, exclude_positive, private_columns, need_a, need_b):
@@ -179,7 +183,8 @@ class TritonEngine:
             n, m = a.shape[0], b.shape[0]
             config = distill_config(target_for(a.device), "forward", a.dtype)
             n_row_blocks = triton.cdiv(n, config.block_m)
-            single_pass = need_col and 3 * n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES
+            # Half the LSE's bound (its partials are three plain fp32, not exact pairs): N ≈ 64k at BLOCK_M = 128.
+            single_pass = need_col and 3 * n_row_blocks * m * 4 <= SINGLE_PASS_SCRATCH_BYTES // 2
             stats = DistillStats(*(empty_like_result(a) for _ in range(6)))
             if need_row or single_pass:
                 partial = torch.empty((3, n_row_blocks, m), dtype=torch.float32, device=a.device) if single_pass \
@@ -236,22 +241,23 @@ class TritonEngine:
 
 
 def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_offset, exclude_positive,
-                private_columns, config, col_partial=None, col_max=None, col_argmax=None):
+                private_columns, config, col_partial=None, col_low=None, col_max=None, col_argmax=None):
     """Row LSE of S = s·X·Yᵀ (and the positives, column partials, argmax when asked): returns
-    ``(lse [n_x], positives [n_x] or None, argmax [n_x] or None)``."""
+    ``((lse [n_x], lse_low [n_x]), positives [n_x] or None, argmax [n_x] or None)``."""
     n_x, n_y = x.shape[0], y.shape[0]
     splits, cols_per_split = column_splits(n_x, n_y, config.block_m, config.block_n, x.device)
     grid = (triton.cdiv(n_x, config.block_m), splits)
     partial = functools.partial(torch.empty, (splits, n_x), device=x.device)
     write_positives = x_is_a and positive_index is not None
     x_is_a = x_is_a or positive_index is None  # the orientation matters only with positives (tiles.py)
-    lse = partial(dtype=torch.float32)
+    lse, low = partial(dtype=torch.float32), partial(dtype=torch.float32)
     positives = partial(dtype=torch.float32) if write_positives else None
     argmax = partial(dtype=torch.int64) if need_argmax else None
     row_max = partial(dtype=torch.float32) if need_argmax else None
     lse_forward_kernel[grid](
-        X=x, Y=y, SCALE=scale, POSITIVE_INDEX=positive_index, LSE_X=lse, POSITIVES=positives,
-        COL_PARTIAL=col_partial, ARGMAX_X=argmax, MAX_X=row_max, COL_ARGMAX=col_argmax, COL_MAX=col_max,
+        X=x, Y=y, SCALE=scale, POSITIVE_INDEX=positive_index, LSE_X=lse, LOW_X=low, POSITIVES=positives,
+        COL_PARTIAL=col_partial, COL_LOW=col_low, ARGMAX_X=argmax, MAX_X=row_max, COL_ARGMAX=col_argmax,
+        COL_MAX=col_max,
         n_x=n_x, n_y=n_y, d=x.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
         exclude_offset=0 if exclude_offset is None else exclude_offset, private_columns=private_columns,
         cols_per_split=cols_per_split,
@@ -262,7 +268,7 @@ def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_off
     )
     # Merge the column splits in a fixed order; a positive lies in exactly one split (0 in the others).
     return (
-        lse[0] if splits == 1 else torch.logsumexp(lse, dim=0),
+        (lse[0], low[0]) if splits == 1 else merge_partials(lse, low),
         None if positives is None else positives.sum(dim=0),
         merge_argmax(row_max, argmax) if need_argmax else None,
     )

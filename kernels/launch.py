@@ -27,6 +27,7 @@ from fastcontrast.kernels.configs import (
     has_tf32,
     target_for,
 )
+from fastcontrast.kernels.lse_forward import merge_partials_kernel
 
 from fastcontrast._dispatch import triton_interpreter_enabled
 from fastcontrast.engine import empty_like_result, tf32_matmul_enabled
@@ -141,6 +142,23 @@ def merge_lse_in_place(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     total = partial.sub_(top).exp_().sum(dim=0)
     return total.log().add_(top), total
+
+
+MERGE_BLOCK = 512  # entries per program of merge_partials_kernel: 128 programs at N = 65k
+
+
+def merge_partials(part_lse: torch.Tensor, part_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSE over dim 0 of partial LSEs given as exact pairs [k, n] (the row splits, the row blocks' column
+    partials), as the exact pair ``(hi, lo)`` of :mod:`fastcontrast.lse_split`: one launch of
+    ``merge_partials_kernel`` ([n] fp32 each), no torch op between the kernels; a fixed reduction order."""
+    n = part_lse.shape[1]
+    hi = torch.empty(n, dtype=torch.float32, device=part_lse.device)
+    lo = torch.empty(n, dtype=torch.float32, device=part_lse.device)
+    merge_partials_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
+        PART_LSE=part_lse, PART_LOW=part_low, LSE=hi, LOW=lo, n_parts=part_lse.shape[0], n=n, BLOCK=MERGE_BLOCK,
+        num_warps=4, num_stages=1,
+    )
+    return hi, lo
 
 
 def merge_argmax(partial_max: torch.Tensor, partial_argmax: torch.Tensor) -> torch.Tensor:

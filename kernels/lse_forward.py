@@ -1,14 +1,18 @@
 """Forward log-sum-exp kernel: row LSE of S = s·X·Yᵀ, the positive logits, optionally column partials.
 
-One pass over S gives both directions of CLIP when the column scratch (n / BLOCK_M · m fp32) is small:
-each program also writes, for every column, the LSE over its own BLOCK_M rows, and the host merges those
-partials with one ``logsumexp`` over the row blocks. When the scratch would be large, the column LSE is
-the same kernel run on Y·Xᵀ instead (a second pass, no scratch).
+Every LSE leaves the kernels as an exact pair, hi = fl(max + log-sum) and lo = its rounding error
+(:func:`exact_sum`; fastcontrast/lse_split.py): what makes lse − positive the originals' log-sum −
+(positive − max) to the bit, where one fp32 LSE would round at the max's magnitude.
+
+One pass over S gives both directions of CLIP when the column scratch (2 · n / BLOCK_M · m fp32) is small:
+each program also writes, for every column, the LSE pair over its own BLOCK_M rows, and
+:func:`merge_partials_kernel` merges those partials over the row blocks. When the scratch would be large, the
+column LSE is the same kernel run on Y·Xᵀ instead (a second pass, no scratch).
 """
 
 import triton
 import triton.language as tl
-from fastcontrast.kernels.tiles import LN2, LOG2E, allowed_entries, load_rows, positive_entries, row_tile_similarity
+from fastcontrast.kernels.tiles import LOG2E, allowed_entries, load_rows, positive_entries, row_tile_similarity
 
 
 @triton.jit(do_not_specialize=["n_x", "n_y", "exclude_offset", "private_columns", "cols_per_split"])
@@ -18,12 +22,14 @@ def lse_forward_kernel(
     SCALE,
     POSITIVE_INDEX,
     LSE_X,
+    LOW_X,
     POSITIVES,
     COL_PARTIAL,
     ARGMAX_X,
     MAX_X,
     COL_ARGMAX,
     COL_MAX,
+    COL_LOW,
     n_x,
     n_y,
     d,
@@ -49,12 +55,14 @@ def lse_forward_kernel(
     """One program: rows [i_m·BLOCK_M, (i_m+1)·BLOCK_M) of X against the columns of split i_s of Y (with
     X_RESIDENT, d ≤ BLOCK_D: the row tile loaded once and kept on chip for the whole column loop).
 
-    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the entries the masks allow (``allowed_entries``).
+    Writes LSE_X[i_s, rows] = log Σⱼ exp(s·Xᵢ·Yⱼ) over the entries the masks allow (``allowed_entries``) and
+    LOW_X its low part (:func:`exact_sum`; −inf and 0 where the masks allow nothing).
     With positives on A's rows (HAS_POSITIVES and X_IS_A), POSITIVES[i_s, rows] = the logit at each row's
     positive column (0 in splits that do not hold it, so the host's sum over splits is exact). With
-    WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] = log Σ_{i in block} exp(Sᵢⱼ). Online softmax in natural units
-    with exp2 (see tiles.py), fp32 throughout. With more than one split (few rows, many columns: a local
-    loss, a memory bank) the host merges the splits' partial LSEs with one logsumexp, in a fixed order.
+    WRITE_COL_PARTIAL, COL_PARTIAL[i_m, j] = log Σ_{i in block} exp(Sᵢⱼ) and COL_LOW[i_m, j] its low part.
+    Online softmax in natural units with exp2 (see tiles.py), fp32 throughout. With more than one split (few
+    rows, many columns: a local loss, a memory bank) :func:`merge_partials_kernel` merges the splits' pairs, in
+    a fixed order.
 
     If WRITE_ARGMAX, also each row's argmax over the split (ARGMAX_X, with its max in MAX_X) and, with
     the column partials, each column's argmax over the block's rows (COL_ARGMAX, COL_MAX): retrieval accuracy
@@ -113,23 +121,62 @@ def lse_forward_kernel(
         b_max = b_new_max
 
         if WRITE_COL_PARTIAL:
+            # int32: the launcher keeps the column scratch (n / BLOCK_M · m entries) under 2³¹ (256 MiB bound).
+            p_col = i_m * n_y + o_y
             if WRITE_ARGMAX:
                 b_col_max, b_col_arg = tl.max(b_logits, 0, return_indices=True)
-                p_col = i_m.to(tl.int64) * n_y + o_y
                 tl.store(COL_MAX + p_col, b_col_max, mask=m_y)
                 tl.store(COL_ARGMAX + p_col, (i_m * BLOCK_M + b_col_arg).to(tl.int64), mask=m_y)
             else:
                 b_col_max = tl.max(b_logits, 0)
             b_col_shift = tl.where(b_col_max == float("-inf"), 0.0, b_col_max)
             b_col_sum = tl.sum(tl.exp2((b_logits - b_col_shift[None, :]) * LOG2E), 0)
-            b_col_lse = b_col_shift + tl.log2(b_col_sum) * LN2
-            tl.store(COL_PARTIAL + i_m.to(tl.int64) * n_y + o_y, b_col_lse, mask=m_y)
+            b_col_hi, b_col_lo = exact_sum(b_col_shift, tl.log(b_col_sum))
+            tl.store(COL_PARTIAL + p_col, b_col_hi, mask=m_y)
+            tl.store(COL_LOW + p_col, b_col_lo, mask=m_y)
 
-    b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
     p_row = i_s.to(tl.int64) * n_x + o_x
-    tl.store(LSE_X + p_row, b_shift + tl.log2(b_sum) * LN2, mask=m_x)
+    b_hi, b_lo = exact_sum(tl.where(b_max == float("-inf"), 0.0, b_max), tl.log(b_sum))
+    tl.store(LSE_X + p_row, b_hi, mask=m_x)
+    tl.store(LOW_X + p_row, b_lo, mask=m_x)
     if HAS_POSITIVES and X_IS_A:
         tl.store(POSITIVES + p_row, b_positive, mask=m_x)
     if WRITE_ARGMAX:
         tl.store(ARGMAX_X + p_row, b_arg.to(tl.int64), mask=m_x)
         tl.store(MAX_X + p_row, b_max, mask=m_x)
+
+
+@triton.jit(do_not_specialize=["n_parts", "n"])
+def merge_partials_kernel(PART_LSE, PART_LOW, LSE, LOW, n_parts, n, BLOCK: tl.constexpr):
+    """The LSE of each of n entries from n_parts partial LSEs given as exact pairs [n_parts, n] (the row splits,
+    the row blocks' column partials), as the exact pair LSE = fl(max + log-sum), LOW = (max + log-sum) − LSE
+    (:func:`exact_sum`; fastcontrast/lse_split.py says why). One program per BLOCK entries, the partials in a
+    fixed order. int32 offsets: the launchers keep n_parts · n under the single-pass scratch bound.
+    """
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    b_top = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for k in range(0, n_parts):
+        b_top = tl.maximum(b_top, tl.load(PART_LSE + k * n + o, mask=m, other=float("-inf")))
+    # −inf everywhere (nothing allowed): shift 0, every weight exp(−inf) = 0, the LSE −inf.
+    b_shift = tl.where(b_top == float("-inf"), 0.0, b_top)
+    b_total = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, n_parts):
+        b_part = tl.load(PART_LSE + k * n + o, mask=m, other=float("-inf"))
+        # (LSEₖ − max) is exact near the max (Sterbenz); its low part adds back the digits LSEₖ lost.
+        b_total += tl.exp2(((b_part - b_shift) + tl.load(PART_LOW + k * n + o, mask=m, other=0.0)) * LOG2E)
+    b_hi, b_lo = exact_sum(b_shift, tl.log(b_total))
+    tl.store(LSE + o, b_hi, mask=m)
+    tl.store(LOW + o, b_lo, mask=m)
+
+
+@triton.jit
+def exact_sum(b_shift, b_log_sum):
+    """(hi, lo) = (fl(shift + log_sum), its rounding error), exactly (TwoSum); lo = 0 where hi is ±inf.
+
+    Callers pass a log-sum from tl.log (natural log, no product): no multiply feeds these additions, so no fused
+    multiply-add can change their rounding."""
+    b_hi = b_shift + b_log_sum
+    b_from_log_sum = b_hi - b_shift
+    b_lo = (b_shift - (b_hi - b_from_log_sum)) + (b_log_sum - b_from_log_sum)
+    return b_hi, tl.where((b_hi == float("-inf")) | (b_hi == float("inf")), 0.0, b_lo)

@@ -25,6 +25,7 @@ from fastcontrast.autograd import BlockwiseLogSumExp, keep_in_graph
 from fastcontrast.distributed import rank_mean
 from fastcontrast.losses._common import Scalar, two_towers_checked
 from fastcontrast.losses._masked_lse import false_negative_lse
+from fastcontrast.lse_split import lse_gap
 from fastcontrast.ring import Direction, Ring, RingLogSumExp
 
 
@@ -109,11 +110,12 @@ def clip_loss(
     else:
         if exchange == "ring":
             home = torch.arange(image_features.shape[0], device=image_features.device)
-            lse_image, pos_image, lse_text, pos_text = RingLogSumExp.apply(
+            lse_image, pos_image, low_image, lse_text, pos_text, low_text = RingLogSumExp.apply(
                 Ring(group, layout), engine, (Direction(0, 1, home), Direction(1, 0, home)), scale,
                 image_features, text_features,
             )
-            loss = (rank_mean(lse_image - pos_image, layout) + rank_mean(lse_text - pos_text, layout)) / 2
+            loss = (rank_mean(lse_gap(lse_image, low_image, pos_image), layout)
+                    + rank_mean(lse_gap(lse_text, low_text, pos_text), layout)) / 2
             return keep_in_graph(loss, bias)
         gather = distributed.gather_for(local_loss=local_loss, with_grad=gather_with_grad)
         all_image, all_text = gather(image_features, group, layout), gather(text_features, group, layout)
@@ -148,18 +150,19 @@ def clip_loss(
     elif local:
         # The positives are read from the gathered tensors (open_clip's labels i + offset), so their gradients
         # take open_clip's routes: back through the gather with grad, nowhere when the copies are constants.
-        lse_image, _, pos_image, i2t, _ = BlockwiseLogSumExp.apply(
+        lse_image, _, pos_image, i2t, _, low_image, _ = BlockwiseLogSumExp.apply(
             image_features, all_text, scale, engine, True, False, positive_index, None, False, 0, return_accuracy
         )
-        lse_text, _, pos_text, t2i, _ = BlockwiseLogSumExp.apply(
+        lse_text, _, pos_text, t2i, _, low_text, _ = BlockwiseLogSumExp.apply(
             text_features, all_image, scale, engine, True, False, positive_index, None, False, 0, return_accuracy
         )
-        loss = (rank_mean(lse_image - pos_image, layout) + rank_mean(lse_text - pos_text, layout)) / 2
+        loss = (rank_mean(lse_gap(lse_image, low_image, pos_image), layout)
+                + rank_mean(lse_gap(lse_text, low_text, pos_text), layout)) / 2
     else:
-        lse_row, lse_col, pos, i2t, t2i = BlockwiseLogSumExp.apply(
+        lse_row, lse_col, pos, i2t, t2i, low_row, low_col = BlockwiseLogSumExp.apply(
             all_image, all_text, scale, engine, True, True, positive_index, None, False, 0, return_accuracy
         )
-        loss = ((lse_row - pos).mean() + (lse_col - pos).mean()) / 2
+        loss = (lse_gap(lse_row, low_row, pos).mean() + lse_gap(lse_col, low_col, pos).mean()) / 2
     loss = keep_in_graph(loss, bias)
     return (loss, _top1(i2t, t2i, positive_index)) if return_accuracy else loss
 

@@ -262,8 +262,8 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
                                     protect_offset=offset if protect_own else None,
                                     exclude_offset=offset if exclude_own else None, chunk_bytes=engine.chunk_bytes)
         scale_t = s if at_scale == scale else torch.full((), at_scale, dtype=cdt, device=device)
-        row, _, _, _, _ = BlockwiseLogSumExp.apply(rows, cols, scale_t, engine, True, False, None,
-                                                   offset if exclude_own else None)
+        row, *_ = BlockwiseLogSumExp.apply(rows, cols, scale_t, engine, True, False, None,
+                                           offset if exclude_own else None)
         return row
 
     penalised = penalty > 0.0 and hardness_mode is not None
@@ -279,7 +279,8 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     elif in_batch_scale == scale and hard_scale == scale:
         # No penalty: one call over all documents, positive taken from the tiles the LSE reduced.
         candidates = docs_all[0] if len(docs_all) == 1 else torch.cat(docs_all)
-        row, _, positive, _, _ = BlockwiseLogSumExp.apply(queries, candidates, s, engine, True, False, own)
+        # 6.2.0 takes log Z as torch.logsumexp (max + log-sum in one fp32): the plain LSE is its value.
+        row, _, positive, *_ = BlockwiseLogSumExp.apply(queries, candidates, s, engine, True, False, own)
         blocks["query_to_doc"] = [row]
     else:
         # Penalised blocks: off-diagonal (in-batch) part per block at its scale, own entries as row dots.

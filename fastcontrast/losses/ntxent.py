@@ -33,6 +33,7 @@ from fastcontrast.distributed import rank_mean
 from fastcontrast.engine import compute_dtype
 from fastcontrast.losses._common import normalize_rows
 from fastcontrast.losses._masked_lse import false_negative_lse, threshold_masked_lse
+from fastcontrast.lse_split import lse_gap
 from fastcontrast.memory_bank import MemoryBank
 from fastcontrast.ring import Direction, Ring, RingLogSumExp
 
@@ -70,8 +71,8 @@ def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive, e
     """Row LSEs and positive logits of the 2n rows z = [z0; z1] (unit rows) against every rank's rows.
 
     Row i's candidates are all gathered rows but itself (and, with ``exclude_positive``, but its positive,
-    the other view of its sample). Returns ``(lse [2n], positives [2n], views)``, ``views`` the layout of
-    the gathered [z0; z1] stacks (None for one process).
+    the other view of its sample). Returns ``(lse [2n], positives [2n], lse_low [2n], views)``, ``views`` the
+    layout of the gathered [z0; z1] stacks (None for one process), lse_low as in :mod:`fastcontrast.lse_split`.
     """
     n = z.shape[0] // 2
     views = None if layout is None else layout.scaled(2)
@@ -82,18 +83,18 @@ def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive, e
         # is the other view, i ± n.
         home = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
         direction = Direction(0, 0, home, exclude_offset=0, exclude_positive=exclude_positive)
-        lse, positives = RingLogSumExp.apply(Ring(group, views), engine, (direction,), inv_temperature, z)
-        return lse, positives, views
+        lse, positives, low = RingLogSumExp.apply(Ring(group, views), engine, (direction,), inv_temperature, z)
+        return lse, positives, low, views
     # Each rank contributes its [z0; z1]: the gathered tensor is rank by rank, so this rank's own rows start
     # at 2·offset, and row i's self-similarity is column 2·offset + i.
     z_all = None if layout is None else distributed.gather_with_grad(z, group, views)
     offset = 0 if views is None else views.offset
     # Row i's positive is the other view of its sample: i + n for the first view, i − n for the second.
     partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n).add_(offset)
-    lse, _, positives, _, _ = BlockwiseLogSumExp.apply(
+    lse, _, positives, _, _, low, _ = BlockwiseLogSumExp.apply(
         z, z_all, inv_temperature, engine, True, False, partner, offset, exclude_positive
     )
-    return lse, positives, views
+    return lse, positives, low, views
 
 
 def _two_view_rows_masked(z, group, layout, engine, temperature, margin):
@@ -108,7 +109,8 @@ def _two_view_rows_masked(z, group, layout, engine, temperature, margin):
                                exclude_offset=offset, chunk_bytes=engine.chunk_bytes)
     second = false_negative_lse(z[n:], z_all, 1.0 / temperature, margin, positive_offset=offset,
                                 exclude_offset=offset + n, chunk_bytes=engine.chunk_bytes)
-    return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]), views
+    # No low part: the masked LSE is one fp32 (fastcontrast's own option, no original to match to the bit).
+    return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]), first[0].new_empty(0), views
 
 
 def _gathered_views(z, group, layout):
@@ -167,11 +169,12 @@ def nt_xent_loss(
         return loss if layout.equal else loss * layout.loss_weight()
     z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
     if margin is not None:
-        lse, positives, views = _two_view_rows_masked(z, group, layout, engine, temperature, margin)
+        lse, positives, low, views = _two_view_rows_masked(z, group, layout, engine, temperature, margin)
     else:
-        lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False,
-                                               exchange=exchange)
-    return rank_mean(lse - positives, views)
+        lse, positives, low, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=False,
+                                                    exchange=exchange)
+    # lightly's cross-entropy: log-sum − (positive − max), to the bit (fastcontrast.lse_split).
+    return rank_mean(lse_gap(lse, low, positives), views)
 
 
 def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
@@ -250,8 +253,9 @@ def dcl_loss(
         return loss if layout.equal else loss * layout.loss_weight()
     n = out0.shape[0]
     z = torch.cat([normalize_rows(out0), normalize_rows(out1)])
-    lse, positives, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=True,
-                                           exchange=exchange)
+    # lightly's DCL adds −positive to a logsumexp (one fp32, max + log-sum): the plain LSE is its value.
+    lse, positives, _, views = _two_view_rows(z, group, layout, engine, temperature, exclude_positive=True,
+                                              exchange=exchange)
     if weight_fn is not None:
         positives = positives * _positive_weights(weight_fn, z[:n], z[n:], positives.dtype)
     return rank_mean(lse - positives, views)
@@ -321,7 +325,7 @@ def nt_xent_memory_bank_loss(
     # then come out of the same product, so equal vectors give bit-equal logits, as in lightly's one matmul.
     keys_and_bank = torch.cat([k.detach(), bank.detach().to(device=q.device, dtype=q.dtype)])
     positive_index = torch.arange(n, device=q.device)
-    lse, _, pos, _, _ = BlockwiseLogSumExp.apply(
+    lse, _, pos, _, _, low, _ = BlockwiseLogSumExp.apply(
         q, keys_and_bank, inv_temperature, engine, True, False, positive_index, None, False, n
     )
     # The keys take part as constants above. Each enters its own row once, as the positive, so ∂lossᵢ/∂kᵢ =
@@ -330,7 +334,7 @@ def nt_xent_memory_bank_loss(
     cdt = compute_dtype(q.dtype)
     pos_for_keys = (q.detach().to(cdt) * k.to(cdt)).sum(dim=1) * inv_temperature
     weight = torch.exp(pos - lse).detach() - 1
-    return (lse - pos).mean() + (weight * (pos_for_keys - pos_for_keys.detach())).mean()
+    return lse_gap(lse, low, pos).mean() + (weight * (pos_for_keys - pos_for_keys.detach())).mean()
 
 
 class NTXentLoss(nn.Module):

@@ -256,7 +256,7 @@ def ring_rank_step(rows_i, rows_t, image, text, scale, engine, world: int) -> No
     for local, travel in directions:
         parts, positive = [], None
         for k, block in enumerate(blocks):
-            lse, _, pos, _, _ = engine.lse_forward(
+            lse, _, pos, *_ = engine.lse_forward(
                 local, block[travel], scale, positives if k == 0 else None, need_row=True, need_col=False,
                 exclude_offset=None, exclude_positive=False, private_columns=0, need_argmax=False)
             parts.append(lse)

@@ -94,7 +94,10 @@ REFERENCE = {
 
 def wgmma_n(kernel: str, kwargs: dict, warps: int) -> int:
     """The N of the narrowest wgmma instruction of a 16-bit kernel on Hopper: a dot's N divided by the
-    warpgroups along N (the warpgroups split M first, 64 rows each)."""
+    warpgroups along N (the warpgroups split M first, 64 rows each); 256 for a kernel without tiles (it has no
+    dot, so no tensor time to scale)."""
+    if "BLOCK_M" not in kwargs:
+        return 256
     block_m, block_n, block_d = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"]
     warpgroups = max(1, warps // 4)
     along_m = max(1, min(warpgroups, block_m // 64))
@@ -126,7 +129,7 @@ def resident_programs(launch, gpu: GpuSpec) -> Optional[int]:
     of its binary on ``gpu.arch``: the rows of the same kernel, dtype, tile, warps and stages (their constexpr
     variants differ little; the largest footprint is taken). None if the table has no such row."""
     kw = launch.kwargs
-    x = kw.get("X", kw.get("A", kw.get("P")))
+    x = kw.get("X", kw.get("A", kw.get("P", kw.get("PART_LSE"))))
     dtype = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(x.dtype)]
     tile = f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_D')}"
     rows = _table_rows(gpu.arch).get((launch.name, dtype, tile, kw["num_warps"], kw["num_stages"]))
@@ -170,6 +173,8 @@ def hbm_bytes(launch, bytes_stored: int, gpu: GpuSpec, resident_per_sm: int = 1)
         y_bytes = kw["depth"] * kw["cols"] * kw["Y"].element_size()
         out_read = kw["rows"] * kw["cols"] * 4 if kw["ACCUMULATE"] else 0
         return p_bytes + y_bytes + out_read + bytes_stored + vectors
+    if name == "merge_partials_kernel":  # the LSE partials, each read once
+        return nbytes(kw["PART_LSE"]) + nbytes(kw["PART_LOW"]) + bytes_stored
     if name in ("ds_panel_kernel", "distill_panel_kernel"):
         rows = kw["row_stop"] - kw["row_start"]
         cols = kw["col_stop"] - kw["col_start"]

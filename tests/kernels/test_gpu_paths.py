@@ -142,14 +142,18 @@ def test_every_kernel_launch_runs_under_a_guard_for_its_inputs_device():
     with _record_launches() as launches:
         _every_loss(torch.float32, 48)
     kernels = {name for name, _, _ in launches}
-    assert {"lse_forward_kernel", "gradient_kernel", "siglip_forward_kernel", "distill_forward_kernel",
-            "distill_gradient_kernel"} <= kernels, kernels
+    assert {"lse_forward_kernel", "merge_partials_kernel", "gradient_kernel", "siglip_forward_kernel",
+            "distill_forward_kernel", "distill_gradient_kernel"} <= kernels, kernels
     # DCL's launches (each row's positive masked out) are among them, forward and backward.
     masked = {name for name, kwargs, _ in launches if kwargs.get("EXCLUDE_POSITIVE")}
     assert {"lse_forward_kernel", "gradient_kernel"} <= masked, masked
     unguarded = [name for name, _, device in launches if device is None]
     assert not unguarded, f"launched outside a device guard: {sorted(set(unguarded))}"
-    wrong = [(name, device, kwargs["X"].device) for name, kwargs, device in launches if device != kwargs["X"].device]
+    def operand_device(kwargs):
+        return next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).device
+
+    wrong = [(name, device, operand_device(kwargs)) for name, kwargs, device in launches
+             if device != operand_device(kwargs)]
     assert not wrong, f"launched under a guard for another device: {wrong}"
 
 

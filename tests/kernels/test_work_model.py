@@ -76,12 +76,20 @@ def modelled_losses(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def _gemm_kernels(modelled_losses):
+    """The kernels with tensor-core work. The merge of the LSE partials (O(N) bytes, no dot) is not a GEMM to
+    hold to the tensor cores; its time is in every loss's total, which the tests below bound."""
+    gemm = [k for k in modelled_losses["kernels"] if k["flops"] > 0]
+    assert {k["kernel"] for k in modelled_losses["kernels"]} - {k["kernel"] for k in gemm} <= {"merge_partials_kernel"}
+    return gemm
+
+
 def test_every_kernel_but_its_partial_last_wave_is_within_1_25x_of_its_tensor_core_time(modelled_losses):
     # The counted design: each kernel's work, with full waves, is tensor-core bound.
     slow = [f"{k['loss']} d={k['d']} {k['kernel']}: modelled {k['modelled_s'] * 1e3:.2f} ms (of which partial "
             f"waves {k['wave_s'] * 1e3:.2f}) vs tensor {k['tensor_s'] * 1e3:.2f} ms (memory "
             f"{k['memory_s'] * 1e3:.2f}, SFU {k['sfu_s'] * 1e3:.2f})"
-            for k in modelled_losses["kernels"] if k["modelled_s"] - k["wave_s"] > 1.25 * k["tensor_s"]]
+            for k in _gemm_kernels(modelled_losses) if k["modelled_s"] - k["wave_s"] > 1.25 * k["tensor_s"]]
     assert not slow, "\n".join(slow)
 
 
@@ -93,7 +101,7 @@ def test_every_loss_kernels_but_partial_waves_are_within_1_25x_of_their_tensor_c
 def test_every_kernel_is_within_1_25x_of_its_tensor_core_time(modelled_losses):
     # Partial last waves included: the grown panels give the GEMMs grids of many waves (at d = 1280 the
     # 4096² panels' 640-tile grids left the last of 5 waves part-empty, 1.31x).
-    slow = [(k["loss"], k["d"], k["kernel"]) for k in modelled_losses["kernels"]
+    slow = [(k["loss"], k["d"], k["kernel"]) for k in _gemm_kernels(modelled_losses)
             if k["modelled_s"] > 1.25 * k["tensor_s"]]
     assert not slow, slow
 
