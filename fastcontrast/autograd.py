@@ -44,16 +44,25 @@ def _scale_grad(a: torch.Tensor, grad_a_unscaled: torch.Tensor, scale: torch.Ten
     return inner.to(scale.dtype).reshape(scale.shape)
 
 
+def _check_symmetric(b, need_col, exclude_offset, private_columns, need_argmax) -> None:
+    """What a symmetric call (S = s·A·Aᵀ reduced over its lower block triangle) supports; internal callers only."""
+    if b is not None or need_col or exclude_offset not in (None, 0) or private_columns or need_argmax:
+        raise ValueError("symmetric=True needs b=None (S = s·A·Aᵀ), rows only, exclude_offset None or 0, no "
+                         "private columns and no argmax.")
+
+
 class BlockwiseLogSumExp(torch.autograd.Function):
     """Row and column log-sum-exp of S = s·A·Bᵀ and the positive logits, without materialising S.
 
     ``apply(a, b, scale, engine, need_row, need_col, positive_index, exclude_offset, exclude_positive,
-    private_columns, need_argmax)`` with a: [n, d], b: [m, d] or None (then b is a: self-similarity, one
-    gradient), scale: 0-dim, engine: an :class:`~fastcontrast.engine.Engine`, positive_index: [n] int64 or
-    None; the masks as in :mod:`fastcontrast.engine`. Returns ``(lse_row [n], lse_col [m], positives [n],
-    argmax_row [n], argmax_col [m], lse_row_low [n], lse_col_low [m])``: fp32 (fp64 for fp64 inputs),
-    argmaxes int64; argmaxes and the LSEs' low parts (:mod:`fastcontrast.lse_split`) are not differentiable;
-    a result not asked for is an empty tensor.
+    private_columns, need_argmax, symmetric)`` with a: [n, d], b: [m, d] or None (then b is a: self-similarity,
+    one gradient), scale: 0-dim, engine: an :class:`~fastcontrast.engine.Engine`, positive_index: [n] int64 or
+    None; the masks as in :mod:`fastcontrast.engine`. ``symmetric`` (b None, rows only, the diagonal and an
+    involutive positive index the only masks): S = s·A·Aᵀ is symmetric and the engine may reduce its lower
+    block triangle only (the torch engine does: :mod:`fastcontrast.blockwise_symmetric`). Returns ``(lse_row [n],
+    lse_col [m], positives [n], argmax_row [n], argmax_col [m], lse_row_low [n], lse_col_low [m])``: fp32 (fp64
+    for fp64 inputs), argmaxes int64; argmaxes and the LSEs' low parts (:mod:`fastcontrast.lse_split`) are not
+    differentiable; a result not asked for is an empty tensor.
 
     The positives come from the engine, out of the tiles its LSE reduced, and their gradient is folded into
     dS there: near convergence a row's softmax approaches the one-hot of its positive, and dS at the
@@ -63,15 +72,18 @@ class BlockwiseLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, engine: Engine, need_row, need_col, positive_index, exclude_offset=None,
-                exclude_positive=False, private_columns=0, need_argmax=False):
+                exclude_positive=False, private_columns=0, need_argmax=False, symmetric=False):
         other = a if b is None else b
+        if symmetric:
+            _check_symmetric(b, need_col, exclude_offset, private_columns, need_argmax)
         with _autocast_off(a.device.type):
             lse_row, lse_col, positives, argmax_row, argmax_col, low_row, low_col = ops.lse_forward(
                 a, other, scale, positive_index, need_row, need_col, exclude_offset, exclude_positive,
-                private_columns, need_argmax, engine.name, engine.chunk_bytes,
+                private_columns, need_argmax, symmetric, engine.name, engine.chunk_bytes,
             )
         ctx.set_materialize_grads(False)
         ctx.engine = engine
+        ctx.symmetric = symmetric
         ctx.mask = (exclude_offset, exclude_positive, private_columns)
         ctx.self_similarity = b is None
         ctx.save_for_backward(a, b, scale, lse_row, lse_col, positive_index)
@@ -90,15 +102,19 @@ class BlockwiseLogSumExp(torch.autograd.Function):
         grad_row = grad_row if present(lse_row) else None
         grad_col = grad_col if present(lse_col) else None
         grad_positives = grad_positives if positive_index is not None else None
-        none = (None,) * 8  # engine, flags, index and masks take no gradient
+        none = (None,) * 9  # engine, flags, index and masks take no gradient
         if grad_row is None and grad_col is None and grad_positives is None:
             return (None, None, None) + none
         engine = ctx.engine
         with _autocast_off(a.device.type):
             grad_a_unscaled, grad_b_unscaled = ops.lse_backward(
                 a, other, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives,
-                *ctx.mask, need_a or need_scale, need_b, engine.name, engine.chunk_bytes,
+                *ctx.mask, need_a or need_scale, need_b, ctx.symmetric, engine.name, engine.chunk_bytes,
             )
+            if ctx.symmetric:
+                # (dS + dSᵀ)·A: ⟨A, dSᵀ·A⟩ = ⟨A, dS·A⟩, so the scale's ⟨A, dS·A⟩ is half of ⟨A, (dS + dSᵀ)·A⟩.
+                grad_scale = _scale_grad(a, grad_a_unscaled, scale) / 2 if need_scale else None
+                return (_scaled_grad(grad_a_unscaled, scale, a) if need_a else None, None, grad_scale) + none
             grad_scale = _scale_grad(a, grad_a_unscaled, scale) if need_scale else None
             if ctx.self_similarity:
                 total = grad_a_unscaled.add_(grad_b_unscaled) if present(grad_b_unscaled) else grad_a_unscaled

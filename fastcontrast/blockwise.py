@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcontrast._validation import check_chunk_bytes
+from fastcontrast.blockwise_symmetric import symmetric_lse_backward, symmetric_lse_forward
 from fastcontrast.engine import DistillStats, compute_dtype, empty_like_result
 from fastcontrast.lse_split import finite_or_zero, lse_from_sums
 
@@ -61,13 +62,20 @@ class TorchEngine:
         return _row_chunks(n, m, self.chunk_bytes, torch.finfo(dtype).bits // 8)
 
     def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
-                    private_columns, need_argmax):
+                    private_columns, need_argmax, symmetric=False):
         """See :meth:`fastcontrast.engine.Engine.lse_forward`. Chunks of rows: the row LSE chunk by chunk, the
         column sums merged across chunks against a running max, the positives gathered from the same logits.
-        Max and log-sum stay apart until :func:`~fastcontrast.lse_split.split_lse` (why: that module)."""
+        Max and log-sum stay apart until :func:`~fastcontrast.lse_split.split_lse` (why: that module). With
+        ``symmetric``, the lower block triangle only (:mod:`fastcontrast.blockwise_symmetric`)."""
         cdt = compute_dtype(a.dtype)
         n, m = a.shape[0], b.shape[0]
         device = a.device
+        if symmetric:
+            lse, low, positives = symmetric_lse_forward(
+                a, scale.detach().to(cdt), positive_index, exclude_self=exclude_offset == 0,
+                exclude_positive=exclude_positive, chunks=self._chunks(n, n, cdt), cdt=cdt)
+            return (lse, empty_like_result(a), empty_like_result(a) if positives is None else positives,
+                    empty_like_result(a, torch.long), empty_like_result(a, torch.long), low, empty_like_result(a))
         b_c = b.to(cdt)
         s = scale.detach().to(cdt)
         mask = (exclude_offset, exclude_positive, private_columns)
@@ -110,11 +118,17 @@ class TorchEngine:
 
     def lse_backward(
         self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
-        exclude_offset, exclude_positive, private_columns, need_a, need_b,
+        exclude_offset, exclude_positive, private_columns, need_a, need_b, symmetric=False,
     ):
         """See :meth:`fastcontrast.engine.Engine.lse_backward`: S recomputed chunk by chunk, the positives'
         gradient folded into dS in the compute dtype before the products."""
         cdt = compute_dtype(a.dtype)
+        if symmetric:
+            grad = symmetric_lse_backward(
+                a, scale.detach().to(cdt), positive_index, lse_row, grad_row, grad_positives,
+                exclude_self=exclude_offset == 0, exclude_positive=exclude_positive,
+                chunks=self._chunks(a.shape[0], a.shape[0], cdt), cdt=cdt)
+            return grad, empty_like_result(a)
         n, m = a.shape[0], b.shape[0]
         b_c = b.to(cdt)
         s = scale.detach().to(cdt)

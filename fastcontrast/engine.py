@@ -118,12 +118,14 @@ class Engine(Protocol):
         exclude_positive: bool,
         private_columns: int,
         need_argmax: bool,
+        symmetric: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(lse_row [n], lse_col [m], positives [n], argmax_row [n], argmax_col [m], lse_row_low [n],
         lse_col_low [m])``.
 
         ``positives`` whenever a ``positive_index`` is given; argmaxes only with ``need_argmax``; each low part
-        with its LSE.
+        with its LSE. ``symmetric``: b is a, rows only, masks symmetric (the diagonal, an involutive positive
+        index): an engine may reduce S's lower block triangle only.
         """
         ...
 
@@ -144,8 +146,10 @@ class Engine(Protocol):
         private_columns: int,
         need_a: bool,
         need_b: bool,
+        symmetric: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled ``(dS·B [n, d], dSᵀ·A [m, d])`` with
+        """Unscaled ``(dS·B [n, d], dSᵀ·A [m, d])`` (``symmetric``, as in :meth:`lse_forward`: ``((dS + dSᵀ)·A,
+        empty)``) with
         dSᵢⱼ = grad_rowᵢ·exp(Sᵢⱼ − lse_rowᵢ) + grad_colⱼ·exp(Sᵢⱼ − lse_colⱼ) (0 where the LSEs leave (i, j)
         out) + grad_positivesᵢ·[j = positive_index[i]]."""
         ...

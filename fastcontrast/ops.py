@@ -45,18 +45,19 @@ def _matrix_or_empty(like: torch.Tensor, shape: torch.Size, wanted: bool) -> tor
 def lse_forward(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, positive_index: Optional[torch.Tensor],
     need_row: bool, need_col: bool, exclude_offset: Optional[int], exclude_positive: bool, private_columns: int,
-    need_argmax: bool, engine: str, chunk_bytes: int,
+    need_argmax: bool, symmetric: bool, engine: str, chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:meth:`Engine.lse_forward` of engine ``engine``: (lse_row, lse_col, positives, argmax_row, argmax_col,
     lse_row_low, lse_col_low)."""
     return engine_for(engine, chunk_bytes).lse_forward(
         a, b, scale, positive_index, need_row=need_row, need_col=need_col, exclude_offset=exclude_offset,
         exclude_positive=exclude_positive, private_columns=private_columns, need_argmax=need_argmax,
+        symmetric=symmetric,
     )
 
 
 def _lse_forward_fake(a, b, scale, positive_index, need_row, need_col, exclude_offset, exclude_positive,
-                      private_columns, need_argmax, engine, chunk_bytes):
+                      private_columns, need_argmax, symmetric, engine, chunk_bytes):
     n, m = a.shape[0], b.shape[0]
     return (_vector(a, n if need_row else 0), _vector(a, m if need_col else 0),
             _vector(a, n if positive_index is not None else 0),
@@ -69,19 +70,21 @@ def lse_backward(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, positive_index: Optional[torch.Tensor],
     lse_row: torch.Tensor, lse_col: torch.Tensor, grad_row: Optional[torch.Tensor],
     grad_col: Optional[torch.Tensor], grad_positives: Optional[torch.Tensor], exclude_offset: Optional[int],
-    exclude_positive: bool, private_columns: int, need_a: bool, need_b: bool, engine: str, chunk_bytes: int,
+    exclude_positive: bool, private_columns: int, need_a: bool, need_b: bool, symmetric: bool, engine: str,
+    chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`Engine.lse_backward` of engine ``engine``: unscaled (dS·B, dSᵀ·A)."""
+    """:meth:`Engine.lse_backward` of engine ``engine``: unscaled (dS·B, dSᵀ·A); symmetric: ((dS + dSᵀ)·A, empty)."""
     return engine_for(engine, chunk_bytes).lse_backward(
         a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives,
         exclude_offset=exclude_offset, exclude_positive=exclude_positive, private_columns=private_columns,
-        need_a=need_a, need_b=need_b,
+        need_a=need_a, need_b=need_b, symmetric=symmetric,
     )
 
 
 def _lse_backward_fake(a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives,
-                       exclude_offset, exclude_positive, private_columns, need_a, need_b, engine, chunk_bytes):
-    return _matrix_or_empty(a, a.shape, need_a), _matrix_or_empty(a, b.shape, need_b)
+                       exclude_offset, exclude_positive, private_columns, need_a, need_b, symmetric, engine,
+                       chunk_bytes):
+    return _matrix_or_empty(a, a.shape, need_a), _matrix_or_empty(a, b.shape, need_b and not symmetric)
 
 
 def siglip_forward(

@@ -175,7 +175,7 @@ class RingLogSumExp(torch.autograd.Function):
                     positive_index, exclude_offset, exclude_positive = d.home_args(home)
                     lse, _, pos, _, _, low, _ = ops.lse_forward(
                         features[d.rows], block[travel.index(d.travel)], scale, positive_index, True, False,
-                        exclude_offset, exclude_positive, 0, False, engine.name, engine.chunk_bytes,
+                        exclude_offset, exclude_positive, 0, False, False, engine.name, engine.chunk_bytes,
                     )
                     parts[k][source] = (lse, low)
                     if positive_index is not None:
@@ -212,7 +212,7 @@ class RingLogSumExp(torch.autograd.Function):
                 grad_a, grad_b = ops.lse_backward(
                     features[d.rows], block[travel.index(d.travel)], scale, positive_index, lses[k],
                     lses[k].new_empty(0), grad_lse[k], None, g_pos, exclude_offset, exclude_positive, 0,
-                    need_a, d.travel in carried, engine.name, engine.chunk_bytes,
+                    need_a, d.travel in carried, False, engine.name, engine.chunk_bytes,
                 )
                 if need_a:
                     local[d.rows].add_(grad_a)

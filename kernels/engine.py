@@ -73,7 +73,8 @@ class TritonEngine:
     chunk_bytes = 0  # no chunks: the kernels tile S themselves
 
     def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
-                    private_columns, need_argmax):
+                    private_columns, need_argmax, symmetric=False):
+        # ``symmetric`` changes nothing here: these kernels reduce all of S (no triangle kernels yet).
         with launch_device(a):
             a, b = aligned_features(a), aligned_features(b)
             scale = aligned_vector(scale)
@@ -119,7 +120,7 @@ class TritonEngine:
         ) + empty_results(a, low_row, low_col)
 
     def lse_backward(self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
-                     exclude_offset, exclude_positive, private_columns, need_a, need_b):
+                     exclude_offset, exclude_positive, private_columns, need_a, need_b, symmetric=False):
         with launch_device(a):
             d = a.shape[1]
             a, b = aligned_features(a), aligned_features(b)
@@ -135,7 +136,11 @@ class TritonEngine:
                 positive_index=aligned_vector(positive_index, torch.int64), grad_positives=grad_positives,
                 offset=exclude_offset, exclude_positive=exclude_positive, private_columns=private_columns,
             )
+            if symmetric:  # b is a: (dS + dSᵀ)·A from the two products
+                need_a = need_b = True
             grad_a, grad_b, _, _ = gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
+            if symmetric:
+                grad_a, grad_b = grad_a.add_(grad_b), None
         return empty_results(a, *unpadded(d, grad_a, grad_b))
 
     def siglip_forward(self, a, b, scale, bias, *, positive_offset):

@@ -109,19 +109,27 @@ def test_engine_calls_are_custom_ops_in_the_compiled_graph():
     assert not any(target.endswith(("mm", "matmul")) for target in seen), f"an engine GEMM was traced: {seen}"
 
 
+SWAPPED_PAIRS = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 8])
 OPCHECK_CASES = {
-    "lse_forward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, True, True, None, False, 0, True, "torch", 1024),
-    "lse_forward_rows_excluded": lambda a, b, s: (a, b, s, None, True, False, 1, False, 0, False, "torch", 1024),
+    "lse_forward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, True, True, None, False, 0, True, False, "torch",
+                                    1024),
+    "lse_forward_rows_excluded": lambda a, b, s: (a, b, s, None, True, False, 1, False, 0, False, False, "torch",
+                                                  1024),
     "lse_forward_private_columns": lambda a, b, s: (a, b, s, torch.arange(9) % 7, True, False, None, True, 3, False,
-                                                    "torch", 1024),
+                                                    False, "torch", 1024),
     # DCL: rows only, the diagonal and each row's positive both left out.
     "lse_forward_positive_excluded": lambda a, b, s: (a, b, s, (torch.arange(9) + 3) % 7, True, False, 0, True, 0,
-                                                      False, "torch", 1024),
+                                                      False, False, "torch", 1024),
+    # Single tower by symmetry: b is a, the positive an involution (pairs swapped, the last row its own).
+    "lse_forward_symmetric": lambda a, b, s: (a, a, s, SWAPPED_PAIRS, True, False, 0, False, 0, False, True, "torch",
+                                              1024),
+    "lse_backward_symmetric": lambda a, b, s: (a, a, s, SWAPPED_PAIRS, torch.randn(9), torch.empty(0), torch.randn(9),
+                                               None, torch.randn(9), 0, True, 0, True, True, True, "torch", 1024),
     "lse_backward_positive_excluded": lambda a, b, s: (a, b, s, (torch.arange(9) + 3) % 7, torch.randn(9),
                                                        torch.empty(0), torch.randn(9), None, torch.randn(9), 0, True,
-                                                       0, True, True, "torch", 1024),
+                                                       0, True, True, False, "torch", 1024),
     "lse_backward": lambda a, b, s: (a, b, s, torch.arange(9) % 7, torch.randn(9), torch.randn(7), torch.randn(9),
-                                     torch.randn(7), torch.randn(9), None, False, 0, True, True, "torch", 1024),
+                                     torch.randn(7), torch.randn(9), None, False, 0, True, True, False, "torch", 1024),
     "siglip_forward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, "torch", 1024),
     "siglip_forward_backward": lambda a, b, s: (a, b, s, torch.tensor(-1.0), 0, True, False, "torch", 1024),
     "distill_forward": lambda a, b, s: (a, b, s, torch.randn(9, 3), torch.randn(7, 3), s, True, True, "torch", 1024),
@@ -132,6 +140,7 @@ OPCHECK_CASES = {
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_custom_ops_pass_torch_library_opcheck(case):
     """Schema, fake-tensor implementation (shapes, dtypes) and dispatch checked by torch's own opcheck."""
-    op_name = case.replace("_rows_excluded", "").replace("_private_columns", "").replace("_positive_excluded", "")
+    op_name = next(op for op in ("lse_forward", "lse_backward", "siglip_forward_backward", "siglip_forward",
+                                 "distill_forward") if case.startswith(op))
     args = OPCHECK_CASES[case](torch.randn(9, 5), torch.randn(7, 5), torch.tensor(2.0))
     torch.library.opcheck(getattr(torch.ops.fastcontrast, op_name).default, args)
