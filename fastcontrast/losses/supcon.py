@@ -71,8 +71,12 @@ def _supcon_anchor_losses(
                                              exclude_offset)
         lse = torch.logsumexp(logits, dim=1)
     else:
+        # Embeddings as their own reference set: S = z·zᵀ/τ and its self-mask are symmetric, so an engine may
+        # reduce the lower block triangle only (fastcontrast.blockwise_symmetric).
+        symmetric = z_ref is z and exclude_offset in (None, 0)
         lse, *_ = BlockwiseLogSumExp.apply(
-            z, None if z_ref is z else z_ref, inv_temperature, engine, True, False, None, exclude_offset
+            z, None if z_ref is z else z_ref, inv_temperature, engine, True, False, None, exclude_offset, False, 0,
+            False, symmetric,
         )
     positive_count = class_count[anchor_class]
     negative_count = m - positive_count

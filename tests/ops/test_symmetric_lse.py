@@ -132,3 +132,23 @@ def test_an_asymmetric_call_asking_for_symmetry_is_refused():
     with pytest.raises(ValueError, match="symmetric=True needs b=None"):
         BlockwiseLogSumExp.apply(z, z, torch.tensor(1.0), TorchEngine(), True, False, None, None, False, 0, False,
                                  True)
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "dcl", "supcon"])
+def test_the_single_tower_losses_take_the_symmetric_route(loss):
+    """Counted end to end through the public losses on one process: at most 2.5 passes of the M × M matrix
+    (M = 2N rows for the two-view losses, N embeddings for SupCon against themselves)."""
+    g = torch.Generator().manual_seed(2)
+    n, d = 512, 32
+    out0, out1 = (torch.randn(n, d, generator=g).requires_grad_() for _ in range(2))
+    labels = torch.randint(0, 40, (n,), generator=g)
+    chunk_bytes = 32 * 2 * n * 4  # 32-row chunks
+    run = {
+        "nt_xent": lambda: fc.nt_xent_loss(out0, out1, 0.5, backend="torch", chunk_bytes=chunk_bytes),
+        "dcl": lambda: fc.dcl_loss(out0, out1, 0.1, backend="torch", chunk_bytes=chunk_bytes),
+        "supcon": lambda: fc.supcon_loss(out0, labels, backend="torch", chunk_bytes=chunk_bytes),
+    }[loss]
+    rows = n if loss == "supcon" else 2 * n
+    with _MatmulFlops() as counter:
+        run().backward()
+    assert counter.flops / (2 * rows * rows * d) <= 2.5
