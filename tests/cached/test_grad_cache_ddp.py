@@ -12,7 +12,6 @@ runs' gradients and parameters must agree to 1e-10 relative at every step.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import leave_process_group
 from torch import nn
 
 import fastcontrast
@@ -108,13 +108,8 @@ def _worker(rank, port, out_dir):
         report["crash"] = traceback.format_exc()
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-        # The DDP models (and their reducers' gloo work) must go before the process group does: left to the
-        # interpreter's exit, torch 2.13's teardown aborts about one run in three ("terminate called without
-        # an active exception", no Python frame: after every result was written), failing a test whose
-        # results were all right.
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        # The DDP models (and their reducers' gloo work) must go before the process group does.
+        leave_process_group()
 
 
 def _free_port() -> int:

@@ -34,7 +34,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _helpers import DCL_REFERENCE_WEIGHTS, DCL_VARIANTS, DISTRIBUTED, assert_close, dcl_variant_loss
+from _helpers import (
+    DCL_REFERENCE_WEIGHTS,
+    DCL_VARIANTS,
+    DISTRIBUTED,
+    assert_close,
+    dcl_variant_loss,
+    leave_process_group,
+)
 
 import fastcontrast
 from fastcontrast import reference
@@ -649,7 +656,7 @@ def _worker(rank, world_size, port, out_dir, with_triton):
                 results[name] = {"crash": traceback.format_exc()}
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _free_port():

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _helpers import DISTRIBUTED, assert_close
+from _helpers import DISTRIBUTED, assert_close, leave_process_group
 
 from fastcontrast import reference
 
@@ -107,7 +107,7 @@ def _worker(rank, port, out_dir):
                 results[name] = {"crash": traceback.format_exc()}
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _free_port():

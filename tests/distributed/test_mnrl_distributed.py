@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import DISTRIBUTED, assert_close
+from _helpers import DISTRIBUTED, assert_close, leave_process_group
 
 pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 
@@ -207,7 +207,7 @@ def _worker(rank, world_size, port, out_dir):
                 results[name] = {"crash": traceback.format_exc()}
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _free_port():

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _helpers import leave_process_group
 
 import fastcontrast
 from fastcontrast import functional
@@ -192,7 +193,7 @@ def _worker(rank, world, port, out_dir):
         report["crash"] = traceback.format_exc()
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _free_port() -> int:
