@@ -47,12 +47,14 @@ def _masked_tile(z_c, s, start, stop, positive_index, exclude_self, exclude_posi
     return logits, column, in_tile, None if value is None else value.squeeze(1)
 
 
-def _fold(top, total, part, dim):
+def _fold(top, total, part, dim, consume=False):
     """Merge ``part``'s max and Σ exp over ``dim`` into the running (top, total) of the entries it reduces
-    onto, against the merged max."""
+    onto, against the merged max. ``consume``: ``part`` is not needed after, so its exp is formed in place
+    (no second chunk-sized temporary)."""
     merged = torch.maximum(top, part.amax(dim))
-    shift = finite_or_zero(merged)
-    total.mul_((top - shift).exp_()).add_((part - shift.unsqueeze(dim)).exp_().sum(dim))
+    shift = finite_or_zero(merged).unsqueeze(dim)
+    weights = part.sub_(shift) if consume else part - shift
+    total.mul_((top - shift.squeeze(dim)).exp_()).add_(weights.exp_().sum(dim))
     top.copy_(merged)
 
 
@@ -80,7 +82,7 @@ def symmetric_lse_forward(z: torch.Tensor, s: torch.Tensor, positive_index: Opti
             positives.scatter_(0, torch.where(earlier, positive_index[start:stop], n), value)
         if start:
             _fold(top[:start], total[:start], logits[:, :start], 0)
-        _fold(top[start:stop], total[start:stop], logits, 1)
+        _fold(top[start:stop], total[start:stop], logits, 1, consume=True)
         del logits
     lse, low = lse_from_sums(top, total)
     return lse, low, None if positives is None else positives[:n]
@@ -118,10 +120,10 @@ def symmetric_lse_backward(z: torch.Tensor, s: torch.Tensor, positive_index: Opt
             rows_term.scatter_add_(1, column, torch.where(in_tile, g_pos[start:stop], 0).unsqueeze(1))
             if start:
                 partner = positive_index[start:stop]
-                earlier = partner < start
+                earlier_row = partner.clamp(max=start - 1)
                 # Earlier row p's positive is this row r: dS[p, r] sits at (r, p) of the transposed tile.
-                cols_term.scatter_add_(1, partner.clamp(max=start - 1).unsqueeze(1),
-                                       torch.where(earlier, g_pos[partner.clamp(max=start - 1)], 0).unsqueeze(1))
+                cols_term.scatter_add_(1, earlier_row.unsqueeze(1),
+                                       torch.where(partner < start, g_pos[earlier_row], 0).unsqueeze(1))
         below = rows_term[:, :start].add_(cols_term)  # G over the earlier rows' columns
         grad[start:stop].addmm_(below, z_c[:start])
         grad[:start].addmm_(below.T, z_c[start:stop])
@@ -129,4 +131,3 @@ def symmetric_lse_backward(z: torch.Tensor, s: torch.Tensor, positive_index: Opt
         grad[start:stop].addmm_(block + block.T, z_c[start:stop])
         del logits, rows_term, cols_term, left_out
     return grad
-

@@ -1,6 +1,6 @@
 """The log-sum-exp as an unevaluated sum hi + lo, so that ``lse − positive`` is the originals' value to the bit.
 
-The originals' cross-entropy (``F.cross_entropy``, lightly's, sentence-transformers') computes a row's loss as
+The originals' cross-entropy (``F.cross_entropy`` in open_clip and lightly) computes a row's loss as
 ``log Σⱼ exp(xⱼ − max) − (positive − max)``: the row max never meets the log-sum in one fp32. An engine that
 returns the LSE as one fp32, ``fl(max + log_sum)``, rounds at the magnitude of the max (at logits near 100,
 2⁻¹⁷ ≈ 7.6e−6 apart) and ``lse − positive`` keeps that rounding: lightly's one-entry memory bank at τ = 0.1

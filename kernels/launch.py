@@ -31,6 +31,7 @@ from fastcontrast.kernels.lse_forward import merge_partials_kernel
 
 from fastcontrast._dispatch import triton_interpreter_enabled
 from fastcontrast.engine import empty_like_result, tf32_matmul_enabled
+from fastcontrast.lse_split import finite_or_zero
 
 # Below this many programs per SM a launch leaves the GPU idle: rows are then split across programs by
 # column range too (few rows against many columns: a per-rank local loss, a memory bank).
@@ -139,7 +140,7 @@ def merge_lse_in_place(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     scratch's size (torch.logsumexp would make one). Deterministic: a fixed reduction order."""
     top = partial.amax(dim=0)
     # A column that is −inf in every block (nothing left by the masks) stays −inf, without −inf − (−inf).
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    top = finite_or_zero(top)
     total = partial.sub_(top).exp_().sum(dim=0)
     return total.log().add_(top), total
 
