@@ -58,11 +58,11 @@ class BlockwiseLogSumExp(torch.autograd.Function):
     private_columns, need_argmax, symmetric)`` with a: [n, d], b: [m, d] or None (then b is a: self-similarity,
     one gradient), scale: 0-dim, engine: an :class:`~fastcontrast.engine.Engine`, positive_index: [n] int64 or
     None; the masks as in :mod:`fastcontrast.engine`. ``symmetric`` (b None, rows only, the diagonal and an
-    involutive positive index the only masks): S = s·A·Aᵀ is symmetric and the engine may reduce its lower
-    block triangle only (the torch engine does: :mod:`fastcontrast.blockwise_symmetric`). Returns ``(lse_row [n],
-    lse_col [m], positives [n], argmax_row [n], argmax_col [m], lse_row_low [n], lse_col_low [m])``: fp32 (fp64
-    for fp64 inputs), argmaxes int64; argmaxes and the LSEs' low parts (:mod:`fastcontrast.lse_split`) are not
-    differentiable; a result not asked for is an empty tensor.
+    involutive positive index the only masks): S = s·A·Aᵀ is symmetric and the engine may reduce one block
+    triangle only (both do: :mod:`fastcontrast.blockwise_symmetric`, the Triton kernels' SYMMETRIC). Returns
+    ``(lse_row [n], lse_col [m], positives [n], argmax_row [n], argmax_col [m], lse_row_low [n],
+    lse_col_low [m])``: fp32 (fp64 for fp64 inputs), argmaxes int64; argmaxes and the LSEs' low parts
+    (:mod:`fastcontrast.lse_split`) are not differentiable; a result not asked for is an empty tensor.
 
     The positives come from the engine, out of the tiles its LSE reduced, and their gradient is folded into
     dS there: near convergence a row's softmax approaches the one-hot of its positive, and dS at the

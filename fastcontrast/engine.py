@@ -125,7 +125,8 @@ class Engine(Protocol):
 
         ``positives`` whenever a ``positive_index`` is given; argmaxes only with ``need_argmax``; each low part
         with its LSE. ``symmetric``: b is a, rows only, masks symmetric (the diagonal, an involutive positive
-        index): an engine may reduce S's lower block triangle only.
+        index): an engine may reduce one block triangle of S only (the torch engine its lower, the Triton
+        engine its upper: fastcontrast/blockwise_symmetric.py, kernels/lse_forward.py).
         """
         ...
 

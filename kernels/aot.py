@@ -135,6 +135,22 @@ def engine_calls(dtype: torch.dtype, d: int) -> Iterator[tuple[str, Callable]]:
 
                     yield (f"lse_backward {name} pos={positives} rows={need_row} cols={need_col} a={need_a} "
                            f"b={need_b}"), backward
+    # Single-tower problems by symmetry (NT-Xent, DCL, SupCon against its own embeddings): rows only, the
+    # diagonal left out, the other view as an involutive positive index, or no positives.
+    partner = (torch.arange(n) + n // 2) % n
+    for name, pos, exclude_positive in (("ntxent", partner, False), ("dcl", partner, True), ("supcon", None, False)):
+        masks = dict(exclude_offset=0, exclude_positive=exclude_positive, private_columns=0)
+
+        def symmetric_forward(engine, pos=pos, masks=masks):
+            engine.lse_forward(a, a, scale, pos, need_row=True, need_col=False, need_argmax=False, symmetric=True,
+                               **masks)
+
+        def symmetric_backward(engine, pos=pos, masks=masks):
+            engine.lse_backward(a, a, scale, pos, vector, vector[:0], vector, None,
+                                vector if pos is not None else None, need_a=True, need_b=False, symmetric=True, **masks)
+
+        yield f"lse_forward symmetric {name}", symmetric_forward
+        yield f"lse_backward symmetric {name}", symmetric_backward
     for with_bias in (False, True):
         def siglip_forward(engine, with_bias=with_bias):
             engine.siglip_forward(a, b, scale, bias if with_bias else None, positive_offset=3)
@@ -255,8 +271,8 @@ def _many_panels(enabled: bool) -> Iterator[None]:
 
     saved = gradient_launch.panel_configs, distill_launch.panel_configs, gradient_launch.target_programs
 
-    def small_panels(target, dtype, **_shape):
-        _, ds_config, matmul_config = configs.panel_configs(target, dtype)
+    def small_panels(target, dtype, symmetric=False, **_shape):
+        _, ds_config, matmul_config = configs.panel_configs(target, dtype, symmetric=symmetric)
         return configs.PanelConfig(32, 32), ds_config, matmul_config
 
     gradient_launch.panel_configs = distill_launch.panel_configs = small_panels

@@ -187,6 +187,12 @@ _DS_PANEL = {
     ("amd", "fp32"): _c(64, 64, 32, 4, 3),
 }
 
+# The symmetric dS kernel (single-tower losses: G = dS + dSᵀ, stored twice on the diagonal) where the table
+# above leaves a stack frame: fp32 64 × 64 on sm_90 and sm_100 takes 8 warps.
+_DS_PANEL_SYMMETRIC = {
+    ("hopper", "fp32"): _c(64, 64, 32, 8, 3),
+    ("blackwell", "fp32"): _c(64, 64, 32, 8, 3),
+}
 # Fused gradient by d bucket (upper bounds), with BLOCK_D the accumulator's width (the whole padded d); the
 # widest bucket is the largest d served fused. fp32 without tensor cores (the IEEE default) computes each dot
 # on the CUDA cores from registers: small row tiles.
@@ -300,14 +306,18 @@ def gradient_config(target: Target, d: int, dtype: torch.dtype) -> KernelConfig:
     raise ValueError(f"the fused gradient takes d ≤ {fused_max_d(target, dtype)}, got d = {d}")
 
 
-def panel_configs(target: Target, dtype: torch.dtype, *, n: int = 0, m: int = 0,
-                  budget_bytes: int = 0) -> tuple[PanelConfig, KernelConfig, KernelConfig]:
+def panel_configs(target: Target, dtype: torch.dtype, *, n: int = 0, m: int = 0, budget_bytes: int = 0,
+                  symmetric: bool = False) -> tuple[PanelConfig, KernelConfig, KernelConfig]:
     """(panel size, dS kernel config, GEMM config) of the panel gradient path, for an n×m problem whose
-    panels may take ``budget_bytes`` of scratch (:func:`grown_panel`; 0: the base size)."""
+    panels may take ``budget_bytes`` of scratch (:func:`grown_panel`; 0: the base size); ``symmetric``: the
+    single-tower dS kernel's config."""
     if target == "interpreter":
         return INTERPRETER_PANEL, INTERPRETER_CONFIG, INTERPRETER_CONFIG
     panel = grown_panel(_GPU_PANEL[_precision(dtype)], n, m, budget_bytes, dtype.itemsize)
-    return panel, _lookup(_DS_PANEL, target, dtype), _lookup(_PANEL_MATMUL, target, dtype)
+    ds_config = _lookup(_DS_PANEL, target, dtype)
+    if symmetric:
+        ds_config = _DS_PANEL_SYMMETRIC.get((_family(target), _precision(dtype)), ds_config)
+    return panel, ds_config, _lookup(_PANEL_MATMUL, target, dtype)
 
 
 def grown_panel(base: PanelConfig, n: int, m: int, budget_bytes: int, itemsize: int) -> PanelConfig:

@@ -36,7 +36,7 @@ from fastcontrast.kernels.distill_launch import (
     launch_distill_forward,
     panel_distill_gradients,
 )
-from fastcontrast.kernels.gradient_launch import gradients
+from fastcontrast.kernels.gradient_launch import gradients, symmetric_gradients
 from fastcontrast.kernels.launch import (
     MODE_LSE,
     MODE_SIGLIP,
@@ -74,7 +74,9 @@ class TritonEngine:
 
     def lse_forward(self, a, b, scale, positive_index, *, need_row, need_col, exclude_offset, exclude_positive,
                     private_columns, need_argmax, symmetric=False):
-        # ``symmetric`` changes nothing here: these kernels reduce all of S (no triangle kernels yet).
+        if symmetric:
+            return self._symmetric_lse_forward(a, scale, positive_index, exclude_offset=exclude_offset,
+                                               exclude_positive=exclude_positive)
         with launch_device(a):
             a, b = aligned_features(a), aligned_features(b)
             scale = aligned_vector(scale)
@@ -119,6 +121,56 @@ class TritonEngine:
             empty_like_result(a, torch.long) if x is None else x for x in (argmax_row, argmax_col)
         ) + empty_results(a, low_row, low_col)
 
+    def _symmetric_lse_forward(self, z, scale, positive_index, *, exclude_offset, exclude_positive):
+        """Row LSE (exact pairs) and positives of S = s·Z·Zᵀ over its upper block triangle (lse_forward_kernel's
+        SYMMETRIC): about half a pass. The scratch holds one row of pairs per row block; where all of them would
+        pass :data:`SINGLE_PASS_SCRATCH_BYTES`, the row blocks run in bands, each band's pairs merged with the
+        earlier bands' (copied into scratch row 0) before the next band reuses the scratch."""
+        with launch_device(z):
+            z = aligned_features(z)
+            n = z.shape[0]
+            config = forward_config(target_for(z.device), z.dtype, z.shape[1])
+            row_blocks = triton.cdiv(n, config.block_m)
+            # Rows of n pairs (8 bytes each) per band, one of them the running pair.
+            band = max(1, min(row_blocks, SINGLE_PASS_SCRATCH_BYTES // (8 * n) - 1))
+            has_running = band < row_blocks
+            lse_part, low_part = (torch.empty((band + has_running, n), dtype=torch.float32, device=z.device)
+                                  for _ in range(2))
+            rows_lse, rows_low = lse_part[has_running:], low_part[has_running:]
+            positives = None
+            if positive_index is not None:
+                positive_index = aligned_vector(positive_index, torch.int64)
+                # A row whose positive the index places outside the matrix keeps 0, as the two-tower route.
+                positives = torch.zeros(n, dtype=torch.float32, device=z.device)
+            # Apart from the scratch, which the saved LSE would otherwise keep alive into the backward.
+            out = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(2))
+            for first_block in range(0, row_blocks, band):
+                blocks = min(band, row_blocks - first_block)
+                start = first_block * config.block_m
+                lse_forward_kernel[(blocks, 1)](
+                    X=z, Y=z, SCALE=aligned_vector(scale), POSITIVE_INDEX=positive_index, LSE_X=rows_lse,
+                    LOW_X=rows_low, POSITIVES=positives, COL_PARTIAL=rows_lse, COL_LOW=rows_low, ARGMAX_X=None,
+                    MAX_X=None, COL_ARGMAX=None, COL_MAX=None, n_x=n, n_y=n, d=z.shape[1], stride_x=z.stride(0),
+                    stride_y=z.stride(0), exclude_offset=0, private_columns=0, cols_per_split=n,
+                    block_offset=first_block, HAS_EXCLUDE=exclude_offset is not None,
+                    HAS_POSITIVES=positive_index is not None, EXCLUDE_POSITIVE=exclude_positive, HAS_PRIVATE=False,
+                    X_IS_A=True, WRITE_COL_PARTIAL=True, WRITE_ARGMAX=False, X_RESIDENT=z.shape[1] <= config.block_d,
+                    SYMMETRIC=True, **launch_flags(config, z),
+                )
+                # Entries before the band are final; the band's rows hold pairs from its diagonal on.
+                if first_block == 0:
+                    parts = (rows_lse[:blocks, start:], rows_low[:blocks, start:])
+                    first = 0
+                else:  # the running pair first (every entry), then the band's row k from block k on
+                    lse_part[0, start:].copy_(out[0][start:])
+                    low_part[0, start:].copy_(out[1][start:])
+                    parts = (lse_part[:blocks + 1, start:], low_part[:blocks + 1, start:])
+                    first = config.block_m
+                merge_partials(*parts, out=(out[0][start:], out[1][start:]), block_rows=config.block_m,
+                               first=first)
+        return (out[0], empty_like_result(z), empty_like_result(z) if positives is None else positives,
+                empty_like_result(z, torch.long), empty_like_result(z, torch.long), out[1], empty_like_result(z))
+
     def lse_backward(self, a, b, scale, positive_index, lse_row, lse_col, grad_row, grad_col, grad_positives, *,
                      exclude_offset, exclude_positive, private_columns, need_a, need_b, symmetric=False):
         with launch_device(a):
@@ -136,11 +188,12 @@ class TritonEngine:
                 positive_index=aligned_vector(positive_index, torch.int64), grad_positives=grad_positives,
                 offset=exclude_offset, exclude_positive=exclude_positive, private_columns=private_columns,
             )
-            if symmetric:  # b is a: (dS + dSᵀ)·A from the two products
-                need_a = need_b = True
-            grad_a, grad_b, _, _ = gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
-            if symmetric:
-                grad_a, grad_b = grad_a.add_(grad_b), None
+            if symmetric:  # b is a: (dS + dSᵀ)·A, from one S tile per entry pair on the panel path
+                # G = dS + dSᵀ: twice dS's bound for the fp16 scale.
+                problem["ds_scale"] = gradient_scale(a.dtype, grad_row, grad_row, grad_positives, grad_positives)
+                grad_a, grad_b = symmetric_gradients(problem), None
+            else:
+                grad_a, grad_b, _, _ = gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
         return empty_results(a, *unpadded(d, grad_a, grad_b))
 
     def siglip_forward(self, a, b, scale, bias, *, positive_offset):
@@ -265,11 +318,11 @@ def _launch_lse(*, x, y, scale, x_is_a, positive_index, need_argmax, exclude_off
         COL_MAX=col_max,
         n_x=n_x, n_y=n_y, d=x.shape[1], stride_x=x.stride(0), stride_y=y.stride(0),
         exclude_offset=0 if exclude_offset is None else exclude_offset, private_columns=private_columns,
-        cols_per_split=cols_per_split,
+        cols_per_split=cols_per_split, block_offset=0,
         HAS_EXCLUDE=exclude_offset is not None, HAS_POSITIVES=positive_index is not None,
         EXCLUDE_POSITIVE=exclude_positive, HAS_PRIVATE=private_columns > 0, X_IS_A=x_is_a,
         WRITE_COL_PARTIAL=col_partial is not None, WRITE_ARGMAX=need_argmax,
-        X_RESIDENT=x.shape[1] <= config.block_d, **launch_flags(config, x),
+        X_RESIDENT=x.shape[1] <= config.block_d, SYMMETRIC=False, **launch_flags(config, x),
     )
     # Merge the column splits in a fixed order; a positive lies in exactly one split (0 in the others).
     return (

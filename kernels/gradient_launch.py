@@ -118,7 +118,7 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
             HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
             HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
             HAS_PRIVATE=problem["private_columns"] > 0, SCALE_DS=problem["ds_scale"] is not None,
-            WRITE_LOSS=need_loss, **launch_flags(ds_config, a),
+            WRITE_LOSS=need_loss, SYMMETRIC=False, **launch_flags(ds_config, a),
         )
         if need_bias:
             bias_partials.append(bias_partial.reshape(-1))
@@ -131,6 +131,56 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
     loss = torch.cat(loss_partials).sum() if need_loss else None
     return ((None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result()), grad_bias,
             loss)
+
+
+# The symmetric dS kernel stores with int32 offsets (fewer registers for its second, mirrored pointer tile):
+# a panel side of 32768 keeps every offset under 2³⁰.
+SYMMETRIC_MAX_SIDE = 32768
+
+
+def symmetric_gradients(problem: dict) -> torch.Tensor:
+    """(dS + dSᵀ)·Z (fp32, padded width) of a single-tower LSE problem (``a`` is ``b`` = Z, row statistics
+    only, masks symmetric, the positive index an involution): the fused kernels' dS·Z and dSᵀ·Z added while
+    the accumulator fits on chip, else the symmetric panel path: square panels on and above the diagonal, each
+    holding G = dS + dSᵀ from one S tile (ds_panel_kernel's SYMMETRIC). A panel off the diagonal gives
+    dZ[rows] += G·Z[cols] and dZ[cols] += Gᵀ·Z[rows]; one on it holds all of its G (the entries below its
+    diagonal stored as mirror images) and gives dZ[rows] += G·Z[rows]. GEMM work in passes of 2·n²·d: about
+    ½ for S, 1 for the products, where the two-tower panel path takes 3."""
+    a = problem["a"]
+    target = target_for(a.device)
+    if fused_gradient(target, a.shape[1], a.dtype):
+        grad_a, grad_b, _, _ = _fused_gradients(problem, target, need_a=True, need_b=True, need_bias=False,
+                                                need_loss=False)
+        return grad_a.add_(grad_b)
+    n, d = a.shape
+    panel, ds_config, matmul_config = panel_configs(target, a.dtype, n=n, m=n, budget_bytes=panel_budget(n, n, d),
+                                                    symmetric=True)
+    side = min(n, panel.rows, panel.cols, SYMMETRIC_MAX_SIDE)
+    ds = panel_scratch(side, side, a)
+    # One output for both products: zeroed, every GEMM adds to it.
+    grad = PanelOutput(n, d, side, side, matmul_config, a.device, zeroed=True)
+    row_stats, offset = problem["row_stats"], problem["offset"]
+    for (r0, r1), (c0, c1) in panels(n, n, side, side):
+        if c0 < r0:
+            continue  # below the diagonal: the mirror of a panel above it
+        grid = (triton.cdiv(r1 - r0, ds_config.block_m), triton.cdiv(c1 - c0, ds_config.block_n))
+        ds_panel_kernel[grid](
+            A=a, B=a, SCALE=problem["scale"], BIAS=None, DS_SCALE=problem["ds_scale"],
+            POSITIVE_INDEX=problem["positive_index"], GRAD_POSITIVES=problem["grad_positives"],
+            LSE_ROW=None if row_stats is None else row_stats[0], GRAD_ROW=None if row_stats is None else row_stats[1],
+            LSE_COL=None if row_stats is None else row_stats[0], GRAD_COL=None if row_stats is None else row_stats[1],
+            GRAD_TOTAL=None, DS=ds, BIAS_PARTIAL=None, LOSS_PARTIAL=None, row_start=r0, row_stop=r1, col_start=c0,
+            col_stop=c1, d=d, stride_a=a.stride(0), stride_b=a.stride(0), stride_ds=ds.stride(0),
+            offset=0 if offset is None else offset, private_columns=0, MODE=MODE_LSE,
+            HAS_ROW_TERM=row_stats is not None, HAS_COL_TERM=row_stats is not None, HAS_EXCLUDE=offset is not None,
+            HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
+            HAS_PRIVATE=False, SCALE_DS=problem["ds_scale"] is not None, WRITE_LOSS=False, SYMMETRIC=True,
+            **launch_flags(ds_config, a),
+        )
+        multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config, out_a=grad,
+                       out_b=grad if c0 != r0 else None, a=a, b=a, accumulate=True)
+    del ds
+    return grad.result()
 
 
 # Elements after the dS panel's last row: panel_matmul_kernel reads dSᵀ without a row mask, up to one
@@ -166,13 +216,16 @@ class PanelOutput:
     fix ``splits`` and ``k_per_split`` for every panel (the first panel writes every split; a smaller last
     panel may use fewer, adding to what is there)."""
 
-    def __init__(self, rows: int, d: int, panel_rows: int, depth: int, config, device: torch.device):
+    def __init__(self, rows: int, d: int, panel_rows: int, depth: int, config, device: torch.device,
+                 zeroed: bool = False):
         tiles = triton.cdiv(panel_rows, config.block_m) * triton.cdiv(d, config.block_n)
         by_memory = max(2, SPLIT_SCRATCH_BYTES // (rows * d * 4))
         splits = max(1, min(target_programs(device) // tiles, triton.cdiv(depth, 4 * config.block_d), by_memory))
         self.k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
         self.splits = triton.cdiv(depth, self.k_per_split)
-        self.slab = torch.empty((self.splits, rows, d), dtype=torch.float32, device=device)
+        # ``zeroed``: every panel adds (the symmetric path's two products share one output).
+        self.slab = (torch.zeros if zeroed else torch.empty)((self.splits, rows, d), dtype=torch.float32,
+                                                              device=device)
 
     def result(self) -> torch.Tensor:
         """The output, once every panel has added to it; the slab is let go (the next output's sum then runs
@@ -181,16 +234,18 @@ class PanelOutput:
         return slab[0] if self.splits == 1 else slab.sum(dim=0)
 
 
-def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):
+def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b, accumulate=False):
     """out_a[r0:r1] (+)= P·B[c0:c1] and out_b[c0:c1] (+)= Pᵀ·A[r0:r1] for the panel P of rows r0:r1 and
     columns c0:c1 (:class:`PanelOutput`; the first panel of each output row range writes, the later ones
-    add)."""
+    add; every one adds with ``accumulate``)."""
     if out_a is not None:
         _launch_panel_matmul(out=out_a, start=r0, stop=r1, p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
-                             y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config, transposed=False)
+                             y=b[c0:c1], accumulate=accumulate or c0 > 0, ds_scale=ds_scale, config=config,
+                             transposed=False)
     if out_b is not None:
         _launch_panel_matmul(out=out_b, start=c0, stop=c1, p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
-                             y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config, transposed=True)
+                             y=a[r0:r1], accumulate=accumulate or r0 > 0, ds_scale=ds_scale, config=config,
+                             transposed=True)
 
 
 def _launch_panel_matmul(*, out: PanelOutput, start, stop, p, p_strides, depth, y, accumulate, ds_scale, config,

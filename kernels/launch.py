@@ -148,16 +148,20 @@ def merge_lse_in_place(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 MERGE_BLOCK = 512  # entries per program of merge_partials_kernel: 128 programs at N = 65k
 
 
-def merge_partials(part_lse: torch.Tensor, part_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_partials(part_lse: torch.Tensor, part_low: torch.Tensor, *, out: Optional[tuple] = None,
+                   block_rows: int = 0, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSE over dim 0 of partial LSEs given as exact pairs [k, n] (the row splits, the row blocks' column
-    partials), as the exact pair ``(hi, lo)`` of :mod:`fastcontrast.lse_split`: one launch of
-    ``merge_partials_kernel`` ([n] fp32 each), no torch op between the kernels; a fixed reduction order."""
+    partials; rows may be strided views), as the exact pair ``(hi, lo)`` of :mod:`fastcontrast.lse_split`:
+    one launch of ``merge_partials_kernel`` ([n] fp32 each, or written into ``out``, which may be rows of the
+    partials themselves), no torch op between the kernels; a fixed reduction order. ``block_rows`` / ``first``:
+    partial k holds entry o only where k·block_rows ≤ o + first (the symmetric forward's triangle)."""
     n = part_lse.shape[1]
-    hi = torch.empty(n, dtype=torch.float32, device=part_lse.device)
-    lo = torch.empty(n, dtype=torch.float32, device=part_lse.device)
+    if out is None:
+        out = tuple(torch.empty(n, dtype=torch.float32, device=part_lse.device) for _ in range(2))
+    hi, lo = out
     merge_partials_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
-        PART_LSE=part_lse, PART_LOW=part_low, LSE=hi, LOW=lo, n_parts=part_lse.shape[0], n=n, BLOCK=MERGE_BLOCK,
-        num_warps=4, num_stages=1,
+        PART_LSE=part_lse, PART_LOW=part_low, LSE=hi, LOW=lo, n_parts=part_lse.shape[0], n=n,
+        pitch=part_lse.stride(0), block_rows=block_rows, first=first, BLOCK=MERGE_BLOCK, num_warps=4, num_stages=1,
     )
     return hi, lo
 

@@ -13,6 +13,10 @@ several times over on an H100). Here, for one panel of R rows × C columns of S:
 Per panel that is 3 passes of 2·R·C·d FLOPs (the fused path needs 4: S is recomputed for dA and for dB) for
 about 6·R·C bytes: d FLOPs per byte, above an H100's ridge (~295) from d = 512. The host walks the panels in
 a fixed order and every output tile has one owner, so results are deterministic without atomics.
+
+Single-tower losses (S = s·Z·Zᵀ, symmetric) take the SYMMETRIC dS kernel: panels on and above the diagonal
+only, each holding G = dS + dSᵀ from one S tile, so the backward is about ½ + 1 pass instead of 3
+(gradient_launch.symmetric_gradients).
 """
 
 import triton
@@ -61,6 +65,7 @@ def ds_panel_kernel(
     HAS_PRIVATE: tl.constexpr,
     SCALE_DS: tl.constexpr,
     WRITE_LOSS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -69,9 +74,48 @@ def ds_panel_kernel(
 ):
     """One program: DS[tile (i_m, i_n) of the panel] = dS of rows [row_start + i_m·BM, …) of A against columns
     [col_start + i_n·BN, …) of B, in DS's dtype; for SigLIP (MODE 1) also the tile's Σ dS and, with
-    WRITE_LOSS, the tile's sum of SigLIP's terms (a forward under grad is then this sweep alone)."""
+    WRITE_LOSS, the tile's sum of SigLIP's terms (a forward under grad is then this sweep alone).
+
+    SYMMETRIC (B is A, S = s·A·Aᵀ, the LSE of the rows only, masks symmetric, the positive index an
+    involution; the launcher passes the row statistics as the column ones too): the panel holds G = dS + dSᵀ,
+    each entry formed from the one S tile, the row's term and the column's (Gᵢⱼ = gᵢ·pᵢⱼ + gⱼ·pⱼᵢ plus both
+    positives' gradients). The launcher walks panels on or above the diagonal only. Entries below the
+    diagonal are not computed: in a panel on the diagonal each entry above it is also stored transposed (the
+    panel's GEMM then reads all of G), and a tile wholly below it does no work.
+    """
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
+    if SYMMETRIC:
+        # A tile wholly below the diagonal does no work: the mirror images of the entries above store it.
+        if col_start + i_n * BLOCK_N + BLOCK_N - 1 >= row_start + i_m * BLOCK_M:
+            _ds_tile(
+                A, B, SCALE, BIAS, DS_SCALE, POSITIVE_INDEX, GRAD_POSITIVES, LSE_ROW, GRAD_ROW, LSE_COL, GRAD_COL,
+                GRAD_TOTAL, DS, BIAS_PARTIAL, LOSS_PARTIAL, row_start, row_stop, col_start, col_stop, d, stride_a,
+                stride_b, stride_ds, offset, private_columns, i_m, i_n, MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE,
+                HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, SCALE_DS, WRITE_LOSS, SYMMETRIC, BLOCK_M, BLOCK_N,
+                BLOCK_D, DOT_FP32, INPUT_PRECISION,
+            )
+    else:
+        _ds_tile(
+            A, B, SCALE, BIAS, DS_SCALE, POSITIVE_INDEX, GRAD_POSITIVES, LSE_ROW, GRAD_ROW, LSE_COL, GRAD_COL,
+            GRAD_TOTAL, DS, BIAS_PARTIAL, LOSS_PARTIAL, row_start, row_stop, col_start, col_stop, d, stride_a,
+            stride_b, stride_ds, offset, private_columns, i_m, i_n, MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE,
+            HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, SCALE_DS, WRITE_LOSS, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_D,
+            DOT_FP32, INPUT_PRECISION,
+        )
+
+
+@triton.jit
+def _ds_tile(
+    A, B, SCALE, BIAS, DS_SCALE, POSITIVE_INDEX, GRAD_POSITIVES, LSE_ROW, GRAD_ROW, LSE_COL, GRAD_COL, GRAD_TOTAL,
+    DS, BIAS_PARTIAL, LOSS_PARTIAL, row_start, row_stop, col_start, col_stop, d, stride_a, stride_b, stride_ds,
+    offset, private_columns, i_m, i_n,
+    MODE: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    HAS_POSITIVES: tl.constexpr, EXCLUDE_POSITIVE: tl.constexpr, HAS_PRIVATE: tl.constexpr, SCALE_DS: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The body of :func:`ds_panel_kernel` for its tile (i_m, i_n)."""
     o_x = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_y = col_start + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_x = o_x < row_stop
@@ -94,6 +138,10 @@ def ds_panel_kernel(
         MODE, HAS_ROW_TERM, HAS_COL_TERM, HAS_EXCLUDE, HAS_POSITIVES, EXCLUDE_POSITIVE, HAS_PRIVATE, True, BLOCK_N,
         WRITE_LOSS,
     )
+    if SYMMETRIC and HAS_POSITIVES:
+        # dSᵀ's positive: row j's positive is i exactly where i's is j (an involution), at j's gradient.
+        b_grad_pos_y = tl.load(GRAD_POSITIVES + o_y, mask=m_y, other=0.0)
+        b_ds += tl.where(o_y[None, :] == b_pos_x[:, None], b_grad_pos_y[None, :], 0.0)
     if MODE == 1:
         tl.store(BIAS_PARTIAL + i_m * tl.num_programs(1) + i_n, tl.sum(tl.sum(b_ds, 1), 0))
         if WRITE_LOSS:
@@ -103,8 +151,18 @@ def ds_panel_kernel(
     if DOT_FP32:
         # Interpreter only: its fp32 → bf16 cast truncates; round to nearest even as the GPU does.
         b_ds = round_to_bfloat16(b_ds)
-    p_ds = DS + (o_x - row_start).to(tl.int64)[:, None] * stride_ds + (o_y - col_start)[None, :]
-    tl.store(p_ds, b_ds.to(DS.dtype.element_ty), mask=m_x[:, None] & m_y[None, :])
+    b_ds = b_ds.to(DS.dtype.element_ty)
+    m_ds = m_x[:, None] & m_y[None, :]
+    if SYMMETRIC:
+        # int32 offsets (the launcher keeps a symmetric panel's side ≤ 32768): the second pointer tile stays small.
+        m_upper = o_y[None, :] >= o_x[:, None]
+        tl.store(DS + ((o_x - row_start) * stride_ds)[:, None] + (o_y - col_start)[None, :], b_ds, mask=m_ds & m_upper)
+        # Entries above the diagonal whose mirror lies in this panel (one on the diagonal) go there too.
+        m_mirror = m_ds & (o_y[None, :] > o_x[:, None]) & (o_y < row_stop)[None, :] & (o_x >= col_start)[:, None]
+        tl.store(DS + ((o_y - row_start) * stride_ds)[None, :] + (o_x - col_start)[:, None], b_ds, mask=m_mirror)
+    else:
+        p_ds = DS + (o_x - row_start).to(tl.int64)[:, None] * stride_ds + (o_y - col_start)[None, :]
+        tl.store(p_ds, b_ds, mask=m_ds)
 
 
 @triton.jit

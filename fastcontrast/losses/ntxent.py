@@ -92,7 +92,7 @@ def _two_view_rows(z, group, layout, engine, temperature, *, exclude_positive, e
     # Row i's positive is the other view of its sample: i + n for the first view, i − n for the second.
     partner = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n).add_(offset)
     # One process: S = z·zᵀ/τ is symmetric, the self-mask and the partner (an involution) too, so an engine may
-    # reduce its lower block triangle only (fastcontrast.blockwise_symmetric).
+    # reduce one block triangle only (fastcontrast.blockwise_symmetric; the Triton kernels' SYMMETRIC).
     lse, _, positives, _, _, low, _ = BlockwiseLogSumExp.apply(
         z, z_all, inv_temperature, engine, True, False, partner, offset, exclude_positive, 0, False, z_all is None
     )

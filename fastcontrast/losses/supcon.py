@@ -72,7 +72,7 @@ def _supcon_anchor_losses(
         lse = torch.logsumexp(logits, dim=1)
     else:
         # Embeddings as their own reference set: S = z·zᵀ/τ and its self-mask are symmetric, so an engine may
-        # reduce the lower block triangle only (fastcontrast.blockwise_symmetric).
+        # reduce one block triangle only (fastcontrast.blockwise_symmetric; the Triton kernels' SYMMETRIC).
         symmetric = z_ref is z and exclude_offset in (None, 0)
         lse, *_ = BlockwiseLogSumExp.apply(
             z, None if z_ref is z else z_ref, inv_temperature, engine, True, False, None, exclude_offset, False, 0,

@@ -6,8 +6,8 @@ forward + backward. Per loss: the median step time over CUDA events, ``torch.cud
 each kernel's time from ``torch.profiler``, TFLOP/s of counted work and its share of the dense bf16 peak,
 and the best naive loss (:func:`naive_best_step`) side by side at the same N or, where it does not fit,
 N / 2 (else N / 4). Counted work: the work model's FLOPs when its record is in (:func:`model_records`, run in a CPU
-subprocess beside the GPU sections), else the analytic count, 4 GEMM passes of 2·rows²·d (the work model's
-count at these widths on sm_90: ``tests/kernels/test_work_model.py``); the record says which.
+subprocess beside the GPU sections), else the analytic count, :data:`ANALYTIC_PASSES` of 2·rows²·d (the work
+model's count at these widths on sm_90: ``tests/kernels/test_work_model.py``); the record says which.
 
 With ``--dry`` the same code runs at tiny shapes on the CPU, in triton's interpreter: its times are
 meaningless, and it says so.
@@ -22,9 +22,11 @@ from typing import Callable, Optional
 import torch
 
 PROBE_LOSSES = ("CLIP", "SigLIP", "NT-Xent")
-# GEMM passes of 2·rows²·d the work model counts for each probe loss at d = 768 on sm_90 (forward 1, dS 1,
-# dS·B and dSᵀ·A 2): the analytic count used when the model's own record is not in.
-ANALYTIC_PASSES = 4.0
+# GEMM passes of 2·rows²·d the work model counts for each probe loss at d = 768 on sm_90, rounded: CLIP's
+# forward 1, dS 1, dS·B and dSᵀ·A 2; SigLIP's gradient in its forward; NT-Xent's symmetric 2N × 2N matrix over
+# one block triangle (½ forward, ½ for G = dS + dSᵀ, 1 for G·Z). The analytic count used when the model's own
+# record is not in.
+ANALYTIC_PASSES = {"CLIP": 4.0, "SigLIP": 3.0, "NT-Xent": 2.0}
 # Dense bf16 peaks by device name (vendor figures, no sparsity): what "% of peak" divides by.
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
 DRY_NOTE = "--dry: triton's interpreter on the CPU, times are meaningless"
@@ -184,8 +186,9 @@ def probe(loss: str, n: int, d: int, device, backend: str, repeats: int, device_
     the work model's count when that record is in)."""
     fused = measure(loss, n, d, device, "fused", backend, repeats)
     _free(device)
-    flops = ANALYTIC_PASSES * 2 * rows(loss, n) ** 2 * d
-    counted = f"analytic: {ANALYTIC_PASSES:g} GEMM passes of 2·rows²·d (the work model's count at d = 768, sm_90)"
+    passes = ANALYTIC_PASSES[loss]
+    flops = passes * 2 * rows(loss, n) ** 2 * d
+    counted = f"analytic: {passes:g} GEMM passes of 2·rows²·d (the work model's count at d = 768, sm_90)"
     peak = dense_peak(device_name)
     tflops = flops / fused["median_s"] / 1e12
     record = {"status": "ok", "loss": loss, "n": n, "d": d, "dtype": "bf16", "backend": backend,

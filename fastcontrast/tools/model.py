@@ -377,6 +377,8 @@ def _launch_key(launch) -> tuple:
                            k not in _PLACEMENT))
     extents = tuple(kw[stop] - kw[start] for start, stop in (("row_start", "row_stop"), ("col_start", "col_stop"))
                     if start in kw)
+    if kw.get("SYMMETRIC") and "row_start" in kw:  # a symmetric panel's work depends on whether it is diagonal
+        extents += (kw["row_start"] == kw["col_start"],)
     shapes = tuple(sorted((k, tuple(v.shape)) for k, v in kw.items() if hasattr(v, "shape")))
     return (launch.name, tuple(launch.grid), scalars, extents, shapes)
 
@@ -394,6 +396,8 @@ def count_launch(launch):
     from fastcontrast.kernels.work_count import WorkCount
 
     fields = ("flops", "dots", "transcendentals", "bytes_loaded", "bytes_stored")
+    if launch.kwargs.get("SYMMETRIC"):
+        return _count_triangle(launch, fields)
     if launch.name in _LOOPS:
         bounds, block_name = _LOOPS[launch.name]
         block = launch.kwargs[block_name]
@@ -405,6 +409,57 @@ def count_launch(launch):
         count = _count_program_zero(launch)
         per_program = [getattr(count, f) for f in fields]
     return WorkCount(*(launch.programs * v for v in per_program))
+
+
+def _count_triangle(launch, fields):
+    """A symmetric launch's work: its programs differ (each covers the triangle from its diagonal on), so
+    program 0 is counted per unit of work and the units are summed over the programs.
+
+    lse_forward_kernel: program i (row block block_offset + i) runs its columns from its diagonal block on;
+    program 0 is counted at k and k + 1 column blocks past a diagonal block (k = ⌈BLOCK_M / BLOCK_N⌉ + 1, so
+    the step is a tile with column partials), each program extended linearly to its own count.
+    ds_panel_kernel: a tile wholly below the diagonal does nothing, every other the same work (program 0's),
+    and the panel's stores are each of its entries once."""
+    from fastcontrast.kernels.work_count import WorkCount
+
+    kw = launch.kwargs
+    if launch.name == "lse_forward_kernel":
+        block_m, block_n, n = kw["BLOCK_M"], kw["BLOCK_N"], kw["n_y"]
+        k = -(-block_m // block_n) + 1
+        one, two = (_count_program_zero(launch, block_offset=0, n_y=j * block_n) for j in (k, k + 1))
+        blocks = range(kw["block_offset"], kw["block_offset"] + launch.grid[0])
+        # The positives' stores depend on where each row's positive lies, not on the loop: counted apart.
+        for count, n_y in ((one, k * block_n), (two, (k + 1) * block_n)):
+            count.bytes_stored -= _positive_store_bytes(kw, range(1), n_y)
+        extra = sum(-(-(n - i * block_m) // block_n) - k for i in blocks)
+        total = WorkCount(*(launch.programs * getattr(one, f) + (getattr(two, f) - getattr(one, f)) * extra
+                            for f in fields))
+        total.bytes_stored += _positive_store_bytes(kw, blocks, n)
+        return total
+    block_m, block_n = kw["BLOCK_M"], kw["BLOCK_N"]
+    working = sum(1 for i_m in range(launch.grid[0]) for i_n in range(launch.grid[1])
+                  if kw["col_start"] + (i_n + 1) * block_n - 1 >= kw["row_start"] + i_m * block_m)
+    count = _count_program_zero(launch)
+    total = WorkCount(*(working * getattr(count, f) for f in fields))
+    # Stores: every entry of the panel once (on the diagonal, half of them as mirror images).
+    total.bytes_stored = (kw["row_stop"] - kw["row_start"]) * (kw["col_stop"] - kw["col_start"]) * \
+        kw["DS"].element_size()
+    return total
+
+
+def _positive_store_bytes(kw: dict, blocks, n_y: int) -> int:
+    """Bytes the symmetric lse_forward_kernel's programs for row ``blocks`` store as positives over columns
+    [its diagonal block, n_y): each row's own where its positive lies there, and its partner's where that lies
+    past its diagonal block (kernels/lse_forward.py)."""
+    if kw["POSITIVES"] is None:
+        return 0
+    block_m, index = kw["BLOCK_M"], kw["POSITIVE_INDEX"]
+    stores = 0
+    for block in blocks:
+        pos = index[block * block_m: min(kw["n_x"], (block + 1) * block_m)]
+        found = (pos >= block * block_m) & (pos < n_y)
+        stores += int(found.sum()) + int((found & (pos >= (block + 1) * block_m)).sum())
+    return stores * kw["POSITIVES"].element_size()
 
 
 def count_loss(loss: str, d: int, n: int) -> tuple[list, TorchOps]:
