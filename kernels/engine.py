@@ -124,10 +124,10 @@ class TritonEngine:
     def _symmetric_lse_forward(self, z, scale, positive_index, *, exclude_offset, exclude_positive):
         """Row LSE (exact pairs) and positives of S = s·Z·Zᵀ over its upper block triangle (lse_forward_kernel's
         SYMMETRIC): about half a pass. The scratch holds one row of pairs per row block; where all of them would
-        pass :data:`SINGLE_PASS_SCRATCH_BYTES`, the row blocks run in bands, each band's pairs merged with the
-        earlier bands' (copied into scratch row 0) before the next band reuses the scratch."""
+        pass :data:`SINGLE_PASS_SCRATCH_BYTES`, the row blocks run in bands, each band's pairs merged in place
+        into the running pair (scratch row 0) before the next band reuses the scratch."""
         with launch_device(z):
-            z = aligned_features(z)
+            z, scale = aligned_features(z), aligned_vector(scale)
             n = z.shape[0]
             config = forward_config(target_for(z.device), z.dtype, z.shape[1])
             row_blocks = triton.cdiv(n, config.block_m)
@@ -142,13 +142,15 @@ class TritonEngine:
                 positive_index = aligned_vector(positive_index, torch.int64)
                 # A row whose positive the index places outside the matrix keeps 0, as the two-tower route.
                 positives = torch.zeros(n, dtype=torch.float32, device=z.device)
-            # Apart from the scratch, which the saved LSE would otherwise keep alive into the backward.
-            out = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(2))
+            if has_running:  # merged into band by band, in place
+                out = (lse_part[0], low_part[0])
+            else:
+                out = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(2))
             for first_block in range(0, row_blocks, band):
                 blocks = min(band, row_blocks - first_block)
                 start = first_block * config.block_m
                 lse_forward_kernel[(blocks, 1)](
-                    X=z, Y=z, SCALE=aligned_vector(scale), POSITIVE_INDEX=positive_index, LSE_X=rows_lse,
+                    X=z, Y=z, SCALE=scale, POSITIVE_INDEX=positive_index, LSE_X=rows_lse,
                     LOW_X=rows_low, POSITIVES=positives, COL_PARTIAL=rows_lse, COL_LOW=rows_low, ARGMAX_X=None,
                     MAX_X=None, COL_ARGMAX=None, COL_MAX=None, n_x=n, n_y=n, d=z.shape[1], stride_x=z.stride(0),
                     stride_y=z.stride(0), exclude_offset=0, private_columns=0, cols_per_split=n,
@@ -162,12 +164,13 @@ class TritonEngine:
                     parts = (rows_lse[:blocks, start:], rows_low[:blocks, start:])
                     first = 0
                 else:  # the running pair first (every entry), then the band's row k from block k on
-                    lse_part[0, start:].copy_(out[0][start:])
-                    low_part[0, start:].copy_(out[1][start:])
                     parts = (lse_part[:blocks + 1, start:], low_part[:blocks + 1, start:])
                     first = config.block_m
                 merge_partials(*parts, out=(out[0][start:], out[1][start:]), block_rows=config.block_m,
                                first=first)
+            if has_running:
+                # Apart from the scratch, which the saved LSE would otherwise keep alive into the backward.
+                out = tuple(x.clone() for x in out)
         return (out[0], empty_like_result(z), empty_like_result(z) if positives is None else positives,
                 empty_like_result(z, torch.long), empty_like_result(z, torch.long), out[1], empty_like_result(z))
 

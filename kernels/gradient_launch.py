@@ -157,8 +157,9 @@ def symmetric_gradients(problem: dict) -> torch.Tensor:
                                                     symmetric=True)
     side = min(n, panel.rows, panel.cols, SYMMETRIC_MAX_SIDE)
     ds = panel_scratch(side, side, a)
-    # One output for both products: zeroed, every GEMM adds to it.
-    grad = PanelOutput(n, d, side, side, matmul_config, a.device, zeroed=True)
+    # One output for both products. Column panels outermost: each row range is first written by a full-depth
+    # product that does not accumulate (panel (0, 0)'s G·Z, or panel (0, k)'s Gᵀ·Z), the later ones add.
+    grad = PanelOutput(n, d, side, side, matmul_config, a.device)
     row_stats, offset = problem["row_stats"], problem["offset"]
     for (r0, r1), (c0, c1) in panels(n, n, side, side):
         if c0 < r0:
@@ -178,7 +179,7 @@ def symmetric_gradients(problem: dict) -> torch.Tensor:
             **launch_flags(ds_config, a),
         )
         multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config, out_a=grad,
-                       out_b=grad if c0 != r0 else None, a=a, b=a, accumulate=True)
+                       out_b=grad if c0 != r0 else None, a=a, b=a)
     del ds
     return grad.result()
 
@@ -216,16 +217,13 @@ class PanelOutput:
     fix ``splits`` and ``k_per_split`` for every panel (the first panel writes every split; a smaller last
     panel may use fewer, adding to what is there)."""
 
-    def __init__(self, rows: int, d: int, panel_rows: int, depth: int, config, device: torch.device,
-                 zeroed: bool = False):
+    def __init__(self, rows: int, d: int, panel_rows: int, depth: int, config, device: torch.device):
         tiles = triton.cdiv(panel_rows, config.block_m) * triton.cdiv(d, config.block_n)
         by_memory = max(2, SPLIT_SCRATCH_BYTES // (rows * d * 4))
         splits = max(1, min(target_programs(device) // tiles, triton.cdiv(depth, 4 * config.block_d), by_memory))
         self.k_per_split = triton.cdiv(triton.cdiv(depth, splits), config.block_d) * config.block_d
         self.splits = triton.cdiv(depth, self.k_per_split)
-        # ``zeroed``: every panel adds (the symmetric path's two products share one output).
-        self.slab = (torch.zeros if zeroed else torch.empty)((self.splits, rows, d), dtype=torch.float32,
-                                                              device=device)
+        self.slab = torch.empty((self.splits, rows, d), dtype=torch.float32, device=device)
 
     def result(self) -> torch.Tensor:
         """The output, once every panel has added to it; the slab is let go (the next output's sum then runs
@@ -234,18 +232,16 @@ class PanelOutput:
         return slab[0] if self.splits == 1 else slab.sum(dim=0)
 
 
-def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b, accumulate=False):
+def multiply_panel(panel, r0, r1, c0, c1, ds_scale, config, *, out_a, out_b, a, b):
     """out_a[r0:r1] (+)= P·B[c0:c1] and out_b[c0:c1] (+)= Pᵀ·A[r0:r1] for the panel P of rows r0:r1 and
     columns c0:c1 (:class:`PanelOutput`; the first panel of each output row range writes, the later ones
-    add; every one adds with ``accumulate``)."""
+    add)."""
     if out_a is not None:
         _launch_panel_matmul(out=out_a, start=r0, stop=r1, p=panel, p_strides=(panel.stride(0), 1), depth=c1 - c0,
-                             y=b[c0:c1], accumulate=accumulate or c0 > 0, ds_scale=ds_scale, config=config,
-                             transposed=False)
+                             y=b[c0:c1], accumulate=c0 > 0, ds_scale=ds_scale, config=config, transposed=False)
     if out_b is not None:
         _launch_panel_matmul(out=out_b, start=c0, stop=c1, p=panel, p_strides=(1, panel.stride(0)), depth=r1 - r0,
-                             y=a[r0:r1], accumulate=accumulate or r0 > 0, ds_scale=ds_scale, config=config,
-                             transposed=True)
+                             y=a[r0:r1], accumulate=r0 > 0, ds_scale=ds_scale, config=config, transposed=True)
 
 
 def _launch_panel_matmul(*, out: PanelOutput, start, stop, p, p_strides, depth, y, accumulate, ds_scale, config,

@@ -453,12 +453,13 @@ def _positive_store_bytes(kw: dict, blocks, n_y: int) -> int:
     past its diagonal block (kernels/lse_forward.py)."""
     if kw["POSITIVES"] is None:
         return 0
-    block_m, index = kw["BLOCK_M"], kw["POSITIVE_INDEX"]
-    stores = 0
-    for block in blocks:
-        pos = index[block * block_m: min(kw["n_x"], (block + 1) * block_m)]
-        found = (pos >= block * block_m) & (pos < n_y)
-        stores += int(found.sum()) + int((found & (pos >= (block + 1) * block_m)).sum())
+    import torch
+
+    block_m = kw["BLOCK_M"]
+    rows = torch.arange(blocks.start * block_m, min(kw["n_x"], blocks.stop * block_m))
+    pos, first = kw["POSITIVE_INDEX"][rows], rows // block_m * block_m
+    found = (pos >= first) & (pos < n_y)
+    stores = int(found.sum()) + int((found & (pos >= first + block_m)).sum())
     return stores * kw["POSITIVES"].element_size()
 
 

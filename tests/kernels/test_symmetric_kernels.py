@@ -95,6 +95,32 @@ def test_ntxent_on_the_symmetric_kernels_matches_the_reference_in_16_bit(dtype, 
         torch.testing.assert_close(x.double(), y, rtol=tolerance, atol=tolerance * y.abs().max().item())
 
 
+@pytest.mark.parametrize("side", [1024, 384], ids=["one-panel", "panels"])
+def test_symmetric_panels_with_a_split_reduction_write_every_split_before_adding(side, monkeypatch):
+    """Each output row range's first product (full depth, not accumulating) must write every split of the slab:
+    many programs and deep panels split the GEMMs' reductions (3 splits in one panel; 2, then 1 in the last,
+    smaller panels)."""
+    from fastcontrast.kernels import gradient_launch
+
+    monkeypatch.setattr(gradient_launch, "target_programs", lambda device: 256)
+    monkeypatch.setattr(configs, "INTERPRETER_PANEL", configs.PanelConfig(rows=side, cols=side))
+    splits = []
+    monkeypatch.setattr(gradient_launch.PanelOutput, "result",
+                        lambda self, result=gradient_launch.PanelOutput.result: splits.append(self.splits) or
+                        result(self))
+    rows = 520
+    g = torch.Generator().manual_seed(side)
+    z = torch.nn.functional.normalize(torch.randn(rows, 80, generator=g), dim=1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    weights = torch.rand(2, rows, generator=g)
+    got = _run(z, scale, TritonEngine(), True, False, True, weights)
+    z64, s64 = z.detach().double().requires_grad_(), scale.detach().double().requires_grad_()
+    exact = _run(z64, s64, TorchEngine(2**20), True, False, False, weights.double())
+    for name, x, e in zip(("grad z", "grad scale"), got[3:], exact[3:]):
+        torch.testing.assert_close(x.double(), e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=name)
+    assert splits == [3 if side == 1024 else 2]
+
+
 def test_a_one_hot_row_gives_exactly_zero_when_its_positive_is_an_earlier_rows_column():
     """Row i + 8's positive (row i) lies before its own program's columns: the partner's program writes it, from
     the tile the LSE reduced, so lse − positive is exactly 0 on both rows."""
