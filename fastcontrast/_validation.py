@@ -184,18 +184,13 @@ def check_chunk_bytes(chunk_bytes: object) -> Optional[int]:
     return chunk_bytes
 
 
-def check_false_negative_margin(margin: object, backend: object) -> Optional[float]:
+def check_false_negative_margin(margin: object) -> Optional[float]:
     """fastcontrast's ``false_negative_margin`` (MNRL, CLIP, NT-Xent): None (off) or a finite number, returned as
-    a float; a torch-engine feature today, so ``backend="triton"`` is refused."""
+    a float (every engine takes it)."""
     if margin is None:
         return None
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise TypeError(f"`false_negative_margin` must be None or a finite float, got {margin!r}.")
-    if backend == "triton":
-        raise ValueError(
-            "`false_negative_margin` masks candidates in the tile on the blockwise torch engine today: use "
-            "backend='torch' (or 'auto', which picks it for this option); the Triton kernels have no such mask yet."
-        )
     return float(margin)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -151,6 +152,35 @@ def engine_calls(dtype: torch.dtype, d: int) -> Iterator[tuple[str, Callable]]:
 
         yield f"lse_forward symmetric {name}", symmetric_forward
         yield f"lse_backward symmetric {name}", symmetric_backward
+    # The masked LSE (false_negative_margin, GISTEmbed): the rule on the model's own similarity or a guide's
+    # (fp32 guides: the launchers up-cast them), the positive protected or not, self excluded or not; argmax
+    # with CLIP's accuracy; the thresholds' pair similarities; the backward with and without positives' term.
+    guide_a, guide_b = torch.randn(n, 24, generator=g), torch.randn(m, 24, generator=g)
+    for guided, protect, exclude in itertools.product((False, True), (None, 0), (None, 1)):
+        guides = (guide_a, guide_b) if guided else (None, None)
+        rule = dict(protect_offset=protect, exclude_offset=exclude)
+        for argmax in ((False, True) if protect is not None and not guided and exclude is None else (False,)):
+            def masked_forward(engine, guides=guides, rule=rule, argmax=argmax):
+                engine.masked_lse_forward(a, b, scale, *guides, vector, need_argmax=argmax, **rule)
+
+            yield f"masked_lse_forward guide={guided} protect={protect} exclude={exclude} argmax={argmax}", \
+                masked_forward
+        for with_positives in ((False, True) if protect is not None else (False,)):
+            for need_a, need_b in ((True, True), (True, False), (False, True)):
+                def masked_backward(engine, guides=guides, rule=rule, with_positives=with_positives, need_a=need_a,
+                                    need_b=need_b):
+                    engine.masked_lse_backward(a, b, scale, *guides, vector, vector, vector,
+                                               vector if with_positives else None, need_a=need_a, need_b=need_b,
+                                               **rule)
+
+                yield (f"masked_lse_backward guide={guided} protect={protect} exclude={exclude} "
+                       f"positives={with_positives} a={need_a} b={need_b}"), masked_backward
+    for guided in (False, True):
+        def pair(engine, guided=guided):
+            engine.pair_similarity(guide_a if guided else a, guide_b if guided else b, 1, guide=guided,
+                                   model_dtype=a.dtype)
+
+        yield f"pair_similarity guide={guided}", pair
     for with_bias in (False, True):
         def siglip_forward(engine, with_bias=with_bias):
             engine.siglip_forward(a, b, scale, bias if with_bias else None, positive_offset=3)

@@ -260,6 +260,23 @@ _DISTILL_PANEL = {
 }
 DISTILL_FUSED_MAX_D = 64
 
+# The masked LSE's kernels (kernels/masked.py), by (family, precision of the model's features, guided): a rule's
+# ties need the pair kernel, the forward and the dS kernel to compute each similarity it compares in the same
+# arithmetic, so all three take the same entry. A guide tile is an IEEE fp32 dot, on the CUDA cores, beside S:
+# small tiles for it, as for fp32 features.
+_MASKED = {
+    ("ampere", "half", False): _c(64, 64, 32, 4, 2),
+    ("hopper", "half", False): _c(64, 64, 32, 4, 2),
+    ("blackwell", "half", False): _c(64, 64, 32, 4, 2),
+    ("amd", "half", False): _c(64, 64, 32, 4, 2),
+    # Two stages spill the guided forward on sm_90 (20 stores, fp32 features, no positive).
+    ("hopper", "fp32", True): _c(32, 32, 32, 4, 1),
+    # 16-bit on sm_90 takes wgmma m64n64 (8 warps along N), with room for the guide's fp32 tile; 128 × 64 left
+    # a stack frame in the guided forward and the guide's pair kernel.
+    ("hopper", "half", True): _c(64, 128, 32, 8, 2),
+}
+_MASKED_SMALL = _c(32, 32, 32, 4, 2)
+
 
 def _lookup(table: dict, target: Target, dtype: torch.dtype):
     return table[(_family(target), _precision(dtype))]
@@ -351,3 +368,11 @@ def distill_config(target: Target, kernel: str, dtype: torch.dtype) -> KernelCon
         return INTERPRETER_CONFIG
     table = {"forward": _DISTILL_FORWARD, "gradient": _DISTILL_GRADIENT, "panel": _DISTILL_PANEL}[kernel]
     return _lookup(table, target, dtype)
+
+
+def masked_config(target: Target, dtype: torch.dtype, guided: bool) -> KernelConfig:
+    """The config of the masked LSE's kernels on ``target`` for model features of ``dtype``, with or without a
+    guide tile: one entry for the pair kernel, the forward and the dS kernel alike (kernels/masked.py)."""
+    if target == "interpreter":
+        return INTERPRETER_CONFIG
+    return _MASKED.get((_family(target), _precision(dtype), guided), _MASKED_SMALL)

@@ -54,6 +54,7 @@ from fastcontrast.kernels.launch import (
     unpadded,
 )
 from fastcontrast.kernels.lse_forward import lse_forward_kernel
+from fastcontrast.kernels.masked_launch import guide_features, masked_gradients, masked_lse_forward, pair_similarity
 from fastcontrast.kernels.siglip_forward import siglip_forward_kernel
 
 from fastcontrast.engine import DistillStats, empty_like_result
@@ -197,6 +198,53 @@ class TritonEngine:
                 grad_a, grad_b = symmetric_gradients(problem), None
             else:
                 grad_a, grad_b, _, _ = gradients(problem, need_a=need_a, need_b=need_b, need_bias=False)
+        return empty_results(a, *unpadded(d, grad_a, grad_b))
+
+    def pair_similarity(self, x, y, offset, *, guide=False, model_dtype=None):
+        """xᵢ·y₍ᵢ₊offset₎ [n] fp32 (x [n, d], y [m, d], no gradient), in the arithmetic of the masked kernels'
+        model tile (``guide``: of their guide tile) for model features of ``model_dtype`` (default x's): a
+        threshold built from it ties exactly with an equal candidate in :meth:`masked_lse_forward` and
+        :meth:`masked_lse_backward` (kernels/masked.py)."""
+        model_dtype = x.dtype if model_dtype is None else model_dtype
+        with launch_device(x):
+            if guide:
+                return pair_similarity(guide_features(x), guide_features(y), offset, guide=True,
+                                       model_dtype=model_dtype)
+            return pair_similarity(aligned_features(x), aligned_features(y), offset, guide=False,
+                                   model_dtype=model_dtype)
+
+    def masked_lse_forward(self, a, b, scale, a_guide, b_guide, threshold, *, protect_offset, exclude_offset,
+                           need_argmax):
+        """``(lse [n], positives [n], argmax [n])`` of the row LSE of S = s·A·Bᵀ without the entries a rule
+        leaves out: column j of row i goes when Gᵢⱼ > thresholdᵢ, G = a_guide·b_guideᵀ ([n, d_g], [m, d_g]) or,
+        both None, A·Bᵀ itself (before the scale); column i + ``protect_offset`` always stays (its logit is
+        positivesᵢ), column i + ``exclude_offset`` always goes (each when not None). lse is −inf where nothing
+        stays; argmax of the unmasked similarity with ``need_argmax``; empty results where not asked."""
+        with launch_device(a):
+            a, b = aligned_features(a), aligned_features(b)
+            a_guide, b_guide = guide_features(a_guide), guide_features(b_guide)
+            lse, positives, argmax = masked_lse_forward(
+                a, b, aligned_vector(scale, torch.float32), a_guide, b_guide, aligned_vector(threshold, torch.float32),
+                protect_offset=protect_offset, exclude_offset=exclude_offset, need_argmax=need_argmax,
+            )
+        return (lse, empty_like_result(a) if positives is None else positives,
+                empty_like_result(a, torch.long) if argmax is None else argmax)
+
+    def masked_lse_backward(self, a, b, scale, a_guide, b_guide, threshold, lse, grad_lse, grad_positives, *,
+                            protect_offset, exclude_offset, need_a, need_b):
+        """Unscaled ``(dS·B [n, d], dSᵀ·A [m, d])`` of :meth:`masked_lse_forward`'s lse and positives, with
+        dSᵢⱼ = grad_lseᵢ·exp(Sᵢⱼ − lseᵢ) over the entries the forward kept + grad_positivesᵢ at the protected
+        column (either gradient None: no such term); empty where not asked."""
+        with launch_device(a):
+            d = a.shape[1]
+            a, b = aligned_features(a), aligned_features(b)
+            a_guide, b_guide = guide_features(a_guide), guide_features(b_guide)
+            grad_a, grad_b = masked_gradients(
+                a, b, aligned_vector(scale, torch.float32), a_guide, b_guide, aligned_vector(threshold, torch.float32),
+                aligned_vector(lse, torch.float32), aligned_vector(grad_lse, torch.float32),
+                aligned_vector(grad_positives, torch.float32), protect_offset=protect_offset,
+                exclude_offset=exclude_offset, need_a=need_a, need_b=need_b,
+            )
         return empty_results(a, *unpadded(d, grad_a, grad_b))
 
     def siglip_forward(self, a, b, scale, bias, *, positive_offset):

@@ -149,8 +149,7 @@ def patch_sentence_transformers(*, backend: str = "auto", chunk_bytes: Optional[
     ``calculate_loss``). Classes sentence-transformers already derived from the originals
     (``SparseMultipleNegativesRankingLoss``) keep their original base. The Cached* losses compute the loss once
     over the whole batch and return it with 6.2.0's trainer contract: ``loss.backward()`` re-embeds each
-    mini-batch with its RNG state replayed. ``GISTEmbedLoss``'s guide mask runs on the blockwise torch engine,
-    so ``backend="triton"`` does not suit it or ``CachedGISTEmbedLoss`` (they raise; ``"auto"`` does).
+    mini-batch with its RNG state replayed.
 
     Inputs are sentence-transformers': ``forward(sentence_features, labels)`` (and MNRL's
     ``compute_loss_from_embeddings(embeddings, labels)``), with the constructors' options as in 6.2.0.

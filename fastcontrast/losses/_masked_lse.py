@@ -13,6 +13,11 @@ the backward recomputes both. Two rules:
 
 Memory is one chunk of tiles (``chunk_bytes`` of logits, as the blockwise engine), never N×N. The mask has no
 gradient (it is a selection); gradients reach A, B and a tensor scale.
+
+``backend="triton"`` runs the same rules in the Triton engine's masked kernels (kernels/masked.py: the rule's
+tile beside S in one pass, the backward on the panel path). There every threshold is built from
+:func:`rule_similarity`, the kernels' own arithmetic for that pair, so that an equal candidate ties exactly
+(the torch engine gets the same from recomputing the entries near the threshold as per-pair sums).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class _Rule:
     margin: Optional[float]
     need_argmax: bool
     budget: int
+    backend: str = "torch"
 
 
 def _row_chunks(n: int, m: int, chunk_bytes: int, itemsize: int):
@@ -113,6 +119,18 @@ class MaskedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, a_guide, b_guide, threshold, rule: _Rule):
+        ctx.set_materialize_grads(False)
+        ctx.rule = rule
+        ctx.scale = None if isinstance(scale, torch.Tensor) else scale
+        if rule.backend == "triton":
+            lse, positives, argmax = _triton_engine().masked_lse_forward(
+                a.detach(), b.detach(), _scale_tensor(scale, a.device), a_guide, b_guide, threshold,
+                protect_offset=rule.protect_offset, exclude_offset=rule.exclude_offset, need_argmax=rule.need_argmax,
+            )
+            ctx.save_for_backward(a, b, scale if isinstance(scale, torch.Tensor) else None, a_guide, b_guide,
+                                  threshold, lse)
+            ctx.mark_non_differentiable(argmax)
+            return lse, positives, argmax
         n, cdt = a.shape[0], compute_dtype(a.dtype)
         has_positive = rule.protect_offset is not None
         lse = torch.empty(n, dtype=cdt, device=a.device)
@@ -128,9 +146,6 @@ class MaskedLogSumExp(torch.autograd.Function):
                     positives[start:stop] = tile[rows, rows + start + rule.protect_offset]
                 if row_argmax is not None:
                     argmax[start:stop] = row_argmax
-        ctx.set_materialize_grads(False)
-        ctx.rule = rule
-        ctx.scale = None if isinstance(scale, torch.Tensor) else scale
         ctx.save_for_backward(a, b, scale if isinstance(scale, torch.Tensor) else None, a_guide, b_guide,
                               threshold, lse)
         ctx.mark_non_differentiable(argmax)
@@ -147,6 +162,14 @@ class MaskedLogSumExp(torch.autograd.Function):
         cdt = lse.dtype
         scale = ctx.scale if scale_tensor is None else scale_tensor
         s = _scale_value(scale, cdt)
+        if rule.backend == "triton":
+            grad_a, grad_b = _triton_engine().masked_lse_backward(
+                a.detach(), b.detach(), _scale_tensor(scale, a.device), a_guide, b_guide, threshold, lse, grad_lse,
+                grad_positives if rule.protect_offset is not None else None, protect_offset=rule.protect_offset,
+                exclude_offset=rule.exclude_offset, need_a=need_a or need_scale, need_b=need_b,
+            )
+            return _scaled_gradients(a, b, scale_tensor, s, grad_a if need_a or need_scale else None,
+                                     grad_b if need_b else None, need_a, need_scale) + none
         # dS = s·(g·softmax + g_p·onehot(positive)); unscaled here, the factor s applied once at the end.
         grad_a = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a or need_scale else None
         grad_b = torch.zeros(b.shape, dtype=cdt, device=b.device) if need_b else None
@@ -170,64 +193,109 @@ class MaskedLogSumExp(torch.autograd.Function):
                     grad_a[start:stop] = grad_tile @ b.to(cdt)  # [rows, m] @ [m, d] -> [rows, d]
                 if grad_b is not None:
                     grad_b += grad_tile.T @ a[start:stop].to(cdt)  # [m, rows] @ [rows, d] -> [m, d]
-        grad_scale = None
-        if need_scale:
-            # ds = Σ dS_unscaled ⊙ sim = ⟨A, dS_unscaled·B⟩: no extra pass over the tiles.
-            grad_scale = torch.dot(a.to(cdt).reshape(-1), grad_a.reshape(-1)).to(scale_tensor.dtype)
-            grad_scale = grad_scale.reshape(scale_tensor.shape)
-        grad_a = (grad_a * s).to(a.dtype) if need_a else None
-        grad_b = (grad_b * s).to(b.dtype) if need_b else None
-        return (grad_a, grad_b, grad_scale) + none
+        return _scaled_gradients(a, b, scale_tensor, s, grad_a, grad_b, need_a, need_scale) + none
+
+
+def _scaled_gradients(a, b, scale_tensor, s, grad_a, grad_b, need_a, need_scale):
+    """(dA, dB, ds) from the unscaled products dS·B, dSᵀ·A (compute dtype; None where not formed)."""
+    grad_scale = None
+    if need_scale:
+        # ds = Σ dS_unscaled ⊙ sim = ⟨A, dS_unscaled·B⟩: no extra pass over the tiles.
+        grad_scale = torch.dot(a.to(grad_a.dtype).reshape(-1), grad_a.reshape(-1)).to(scale_tensor.dtype)
+        grad_scale = grad_scale.reshape(scale_tensor.shape)
+    grad_a = (grad_a * s).to(a.dtype) if need_a else None
+    grad_b = (grad_b * s).to(b.dtype) if grad_b is not None else None
+    return grad_a, grad_b, grad_scale
+
+
+def _triton_engine():
+    from fastcontrast.kernels.engine import TritonEngine
+
+    return TritonEngine()
+
+
+def _scale_tensor(scale: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The scale as the kernels read it: an fp32 0-dim tensor on the device (a fill, no host-to-device copy)."""
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().float()
+    return torch.full((), scale, dtype=torch.float32, device=device)
 
 
 def _budget(chunk_bytes: Optional[int]) -> int:
     return DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
 
-def guide_masked_lse(a: torch.Tensor, b: torch.Tensor, a_guide: torch.Tensor, b_guide: torch.Tensor,
-                     threshold: torch.Tensor, scale: float, *, protect_offset: Optional[int] = None,
-                     exclude_offset: Optional[int] = None, chunk_bytes: Optional[int] = None) -> torch.Tensor:
+def rule_similarity(x: torch.Tensor, y: torch.Tensor, offset: int, *, backend: str = "torch", guide: bool = False,
+                    dtype: Optional[torch.dtype] = None, model_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """xᵢ·y₍ᵢ₊offset₎ [n], detached: the similarity a masked call's threshold is built from, in the arithmetic
+    that call's rule compares with, so that a candidate equal to the reference ties with it exactly.
+
+    x: [n, d], y: [m, d] (m ≥ offset + n). torch: the per-pair sum in ``dtype`` (default: the compute dtype of
+    x), which is what sentence-transformers' cosine computes and what the torch engine's guide mask recomputes
+    near the threshold; triton: the masked kernels' own tile arithmetic (kernels/masked.py; ``guide``: as their
+    guide tile, IEEE fp32, else as their model tile) for model features of ``model_dtype`` (default x's), fp32.
+    """
+    if backend == "triton":
+        return _triton_engine().pair_similarity(x.detach(), y.detach(), offset, guide=guide, model_dtype=model_dtype)
+    cdt = dtype or compute_dtype(x.dtype)
+    x, y = x.detach(), y.detach()
+    return (x.to(cdt) * y.narrow(0, offset, x.shape[0]).to(cdt)).sum(dim=1)
+
+
+def guide_masked_lse(a: torch.Tensor, b: torch.Tensor, a_guide: Optional[torch.Tensor],
+                     b_guide: Optional[torch.Tensor], threshold: torch.Tensor, scale: float, *,
+                     protect_offset: Optional[int] = None, exclude_offset: Optional[int] = None,
+                     chunk_bytes: Optional[int] = None, backend: str = "torch") -> torch.Tensor:
     """Row LSE [n] of scale·A·Bᵀ over the columns whose guide similarity a_guideᵢ·b_guideⱼ is ≤ thresholdᵢ.
 
-    a: [n, d], b: [m, d]; a_guide: [n, d_g], b_guide: [m, d_g], threshold: [n] (all detached); scale: a
-    Python float (a constant); column ``i + protect_offset`` of row i is never masked (the positive) and
-    column ``i + exclude_offset`` always is (self-similarity), each when not None; chunk_bytes: bytes of one
-    chunk of logits (None: the blockwise engine's default). −inf where every column is masked; fp32 (fp64
-    for fp64 inputs).
+    a: [n, d], b: [m, d]; a_guide: [n, d_g], b_guide: [m, d_g], threshold: [n] (all detached; build the
+    threshold from :func:`rule_similarity` with the same ``backend``); scale: a Python float (a constant);
+    column ``i + protect_offset`` of row i is never masked (the positive) and column ``i + exclude_offset``
+    always is (self-similarity), each when not None; chunk_bytes: bytes of one chunk of logits (None: the
+    blockwise engine's default; the torch engine's); backend: ``"torch"`` or ``"triton"``. With ``"triton"``
+    the guides may be None: the rule then compares the model's own similarity a·bᵀ (one product per tile).
+    −inf where every column is masked; fp32 (fp64 for fp64 inputs).
     """
-    rule = _Rule(protect_offset, exclude_offset, None, False, _budget(chunk_bytes))
-    lse, _, _ = MaskedLogSumExp.apply(a, b, float(scale), a_guide.detach(), b_guide.detach(), threshold.detach(),
-                                      rule)
+    rule = _Rule(protect_offset, exclude_offset, None, False, _budget(chunk_bytes), backend)
+    guides = (None, None) if a_guide is None else (a_guide.detach(), b_guide.detach())
+    lse, _, _ = MaskedLogSumExp.apply(a, b, float(scale), *guides, threshold.detach(), rule)
     return lse
 
 
 def false_negative_lse(a: torch.Tensor, b: torch.Tensor, scale: Union[float, torch.Tensor], margin: float, *,
                        positive_offset: int, exclude_offset: Optional[int] = None,
-                       chunk_bytes: Optional[int] = None, need_argmax: bool = False
+                       chunk_bytes: Optional[int] = None, need_argmax: bool = False, backend: str = "torch",
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row LSE of scale·A·Bᵀ without the likely false negatives, and the positive logits.
 
     Row i's positive is column p(i) = i + ``positive_offset``; column j ≠ p(i) is left out when
     aᵢ·bⱼ > aᵢ·b₍ₚ₍ᵢ₎₎ + ``margin`` (the similarity before the scale, so the rule does not move with it),
     and column ``i + exclude_offset`` always (self-similarity), when not None. The positive is never left out.
+    The torch engine reads aᵢ·b₍ₚ₍ᵢ₎₎ from the very tile it compares; the Triton engine from
+    :func:`rule_similarity`, the same arithmetic: a column equal to the positive ties with it on both.
 
     Args:
         a: [n, d] rows, b: [m, d] columns (fp16, bf16, fp32 or fp64; same dtype).
         scale: a Python float, or a 0-dim tensor that then gets a gradient (CLIP's ``logit_scale``).
         margin: a finite float, negative allowed.
+        backend: ``"torch"`` (chunks of ``chunk_bytes``) or ``"triton"``.
     Returns:
         ``(lse [n], positives [n], argmax [n])``: fp32 (fp64 for fp64) LSE and positive logits s·aᵢ·b₍ₚ₍ᵢ₎₎,
         both differentiable; argmax of each row's unmasked similarity (int64, empty unless ``need_argmax``).
     """
-    rule = _Rule(positive_offset, exclude_offset, float(margin), need_argmax, _budget(chunk_bytes))
-    return MaskedLogSumExp.apply(a, b, scale, None, None, None, rule)
+    rule = _Rule(positive_offset, exclude_offset, float(margin), need_argmax, _budget(chunk_bytes), backend)
+    threshold = None
+    if backend == "triton":
+        threshold = rule_similarity(a, b, positive_offset, backend=backend) + float(margin)
+    return MaskedLogSumExp.apply(a, b, scale, None, None, threshold, rule)
 
 
 def threshold_masked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, threshold: torch.Tensor, *,
-                         chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                         chunk_bytes: Optional[int] = None, backend: str = "torch") -> torch.Tensor:
     """Row LSE [n] of scale·A·Bᵀ over the columns j with aᵢ·bⱼ ≤ thresholdᵢ (the similarity before the scale;
     −inf where none is left): the false-negative rule when the positive is not among the columns (a memory
-    bank). a: [n, d], b: [m, d]; threshold: [n] (detached); scale: a Python float. fp32 (fp64 for fp64)."""
-    rule = _Rule(None, None, None, False, _budget(chunk_bytes))
+    bank). a: [n, d], b: [m, d]; threshold: [n] (detached); scale: a Python float; backend: ``"torch"`` or
+    ``"triton"``. fp32 (fp64 for fp64)."""
+    rule = _Rule(None, None, None, False, _budget(chunk_bytes), backend)
     lse, _, _ = MaskedLogSumExp.apply(a, b, float(scale), None, None, threshold.detach(), rule)
     return lse

@@ -52,8 +52,8 @@ class CachedGISTEmbedLoss(nn.Module):
 
     Same constructor and checks, ``forward(sentence_features, labels)``, ``calculate_loss``, ``get_config_dict()``
     and trainer contract (the returned loss's ``backward()`` runs the re-forward); same value and parameter
-    gradients. Plus keyword-only ``backend=`` (``"auto"``/``"torch"``/``"reference"``; the guide mask runs on the
-    blockwise torch engine), ``chunk_bytes=`` and ``process_group=``, as :class:`~fastcontrast.GISTEmbedLoss`.
+    gradients. Plus keyword-only ``backend=`` (``"auto"``/``"triton"``/``"torch"``/``"reference"``), ``chunk_bytes=``
+    and ``process_group=``, as :class:`~fastcontrast.GISTEmbedLoss`.
 
     Args:
         model, guide: the SentenceTransformer being trained and the guide (None, None: only

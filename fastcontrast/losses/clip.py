@@ -84,8 +84,8 @@ def clip_loss(
             margin, and text row j leaves out image i ≠ j when sim(i, j) > sim(j, j) + margin, each direction
             against its own row's positive. The positive is never left out (a negative margin included); the
             mask is a selection, with no gradient. Across processes the rule runs over the candidates the
-            row sees (every rank's, gathered), against the row's own positive. Computed in the tile on the
-            blockwise torch engine (``"auto"`` picks it; ``"triton"`` and ``exchange="ring"`` refuse it).
+            row sees (every rank's, gathered), against the row's own positive. Computed in the tile on either
+            engine (``exchange="ring"`` refuses it).
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). Across processes, ranks may hold different batch sizes;
         the local loss is then weighted by W·n_k/N so that the average over ranks is the global-batch loss.
@@ -93,7 +93,7 @@ def clip_loss(
         fp32 scalars over the rows this rank scores (all N for the global loss, its own rows for the local
         loss).
     """
-    margin = check_false_negative_margin(false_negative_margin, backend)
+    margin = check_false_negative_margin(false_negative_margin)
     check_backend(backend)
     check_exchange(exchange, what="ClipLoss", needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
                    refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference",
@@ -101,9 +101,7 @@ def clip_loss(
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         image_features, text_features = cast_like_autocast(image_features, text_features)
     group = distributed.resolve_group(rank, world_size, process_group, what="ClipLoss")
-    # The false-negative mask is a torch-engine feature: "auto" picks that engine for it.
-    chosen = "torch" if margin is not None and backend == "auto" else backend
-    scale, bias, engine, layout = two_towers_checked(image_features, text_features, logit_scale, logit_bias, chosen,
+    scale, bias, engine, layout = two_towers_checked(image_features, text_features, logit_scale, logit_bias, backend,
                                                       chunk_bytes, group, "ClipLoss")
     if layout is None:
         all_image, all_text = image_features, text_features
@@ -140,7 +138,8 @@ def clip_loss(
         # Each direction is one masked call whose row rule reads that row's positive from the same tile; the
         # positives come out of those tiles too, read from the gathered tensors as below.
         rows_image, rows_text = (image_features, text_features) if local else (all_image, all_text)
-        options = dict(positive_offset=start, chunk_bytes=engine.chunk_bytes, need_argmax=return_accuracy)
+        options = dict(positive_offset=start, chunk_bytes=engine.chunk_bytes, need_argmax=return_accuracy,
+                       backend=engine.name)
         lse_image, pos_image, i2t = false_negative_lse(rows_image, all_text, scale, margin, **options)
         lse_text, pos_text, t2i = false_negative_lse(rows_text, all_image, scale, margin, **options)
         if local:
@@ -200,7 +199,7 @@ class ClipLoss(nn.Module):
         false_negative_margin: an option open_clip lacks, off by default (None): in each direction, leave out
             candidates whose unscaled similarity exceeds the row's positive's by more than this margin
             (Qwen3-Embedding's ``sim > pos + 0.1``); the positive never. See :func:`clip_loss` for the exact
-            rule. Blockwise torch engine only (``"auto"`` picks it; ``"triton"`` is refused).
+            rule. Either engine.
     """
 
     # Subclasses whose forward returns more than the contrastive loss (distill, CoCa) take no accuracy.
@@ -225,7 +224,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         check_flags(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                     return_accuracy=return_accuracy)
-        self.false_negative_margin = check_false_negative_margin(false_negative_margin, backend)
+        self.false_negative_margin = check_false_negative_margin(false_negative_margin)
         self.exchange = check_exchange(
             exchange, what=type(self).__name__, needs={"local_loss": local_loss, "gather_with_grad": gather_with_grad},
             refuses={"return_accuracy": return_accuracy, "backend='reference'": backend == "reference",

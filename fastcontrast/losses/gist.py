@@ -10,8 +10,10 @@ The loss is the mean over local rows of (LSE over all blocks − s·cos(aᵢ, p[
 
 6.2.0 builds each block and its guide twin as [n, m] matrices, through a [n, m, d] broadcast in
 ``nn.CosineSimilarity``. Here each block is one :func:`~fastcontrast.losses._masked_lse.guide_masked_lse`
-call: chunks of rows, the model's and the guide's tiles side by side, O(chunk·m) memory. That path runs on the
-blockwise torch engine today; ``backend="triton"`` is refused rather than silently run elsewhere.
+call: the model's and the guide's tiles side by side, O(chunk·m) memory on the blockwise torch engine, one
+pass of the Triton engine's masked kernels (kernels/masked.py) on CUDA. The threshold's gᵢ comes from
+:func:`~fastcontrast.losses._masked_lse.rule_similarity`, in the arithmetic the engine's mask compares with, so
+a candidate the guide rates exactly as the positive ties with it (a duplicate positive stays, as in 6.2.0).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcontrast import distributed, reference
+from fastcontrast._dispatch import resolve_engine
 from fastcontrast._validation import check_backend, check_chunk_bytes, check_features, check_flags, check_pair
 from fastcontrast.distributed import rank_mean
 from fastcontrast.engine import compute_dtype
-from fastcontrast.losses._masked_lse import guide_masked_lse
+from fastcontrast.losses._masked_lse import guide_masked_lse, rule_similarity
 
 MARGIN_STRATEGIES = ("absolute", "relative")
 
@@ -88,8 +91,8 @@ def gist_embed_loss(
         gather_across_devices: positives and negatives (and their guide rows) of every rank, gathered with
             gradient; anchors stay local; the label of row i is rank·n + i. No group: a single process.
         process_group: the group to gather over (None: the default group).
-        backend: ``"auto"`` or ``"torch"`` (the guide-masked blocks run on the blockwise torch engine),
-            ``"reference"`` (6.2.0's full-matrix math); ``"triton"`` is an error for this loss today.
+        backend: ``"auto"`` (Triton on CUDA, else the blockwise torch engine), ``"triton"``, ``"torch"`` or
+            ``"reference"`` (6.2.0's full-matrix math). Triton takes fp16 / bf16 / fp32 embeddings and guides.
         chunk_bytes: bytes of one chunk of logits (None: the torch engine's default).
     Returns:
         0-dim loss, the mean over this rank's anchors; fp32 (fp64 for fp64 embeddings).
@@ -99,23 +102,26 @@ def gist_embed_loss(
     check_chunk_bytes(chunk_bytes)
     check_flags(gather_across_devices=gather_across_devices, contrast_anchors=contrast_anchors,
                 contrast_positives=contrast_positives)
-    if backend == "triton":
-        raise ValueError(
-            "GISTEmbedLoss: the guide's mask runs on the blockwise torch engine today (backend='torch' or 'auto'); "
-            "the Triton kernels have no guide-similarity mask yet."
-        )
     columns, guides = _check_gist_inputs(embeddings, guide_embeddings)
     group = distributed.resolve_gather_group(gather_across_devices, process_group, what="GISTEmbedLoss")
+    # One engine for the model's and the guide's tiles: fp64 on either side goes to the torch engine.
+    dtype = torch.promote_types(columns[0].dtype, guides[0].dtype)
+
+    def check():
+        return resolve_engine(backend, columns[0].device, dtype, chunk_bytes)
+
     layout = None
-    if group is not None:
-        _, layout = distributed.exchange_layout(group, columns[0], lambda: None, what="GISTEmbedLoss",
-                                                name="embeddings[0]")
+    if group is None:
+        engine = check()
+    else:
+        engine, layout = distributed.exchange_layout(group, columns[0], check, what="GISTEmbedLoss",
+                                                     name="embeddings[0]")
     offset = 0 if layout is None else layout.offset
 
     def gathered(x):
         return x if layout is None else distributed.gather_with_grad(x, group, layout)
 
-    if backend == "reference":
+    if engine is None:  # "reference"
         gathered_columns = [columns[0]] + [gathered(x) for x in columns[1:]]
         gathered_guides = [guides[0]] + [gathered(x) for x in guides[1:]]
         return reference.gist_loss_reference(gathered_columns, gathered_guides, columns[1], guides[1], temperature,
@@ -126,15 +132,15 @@ def gist_embed_loss(
     positive_all, positive_guide_all = gathered(positive), gathered(positive_guide)
     n = anchor.shape[0]
     cdt = compute_dtype(anchor.dtype)
-    partner_guide = positive_guide_all.narrow(0, offset, n)
-    guide_positive = (anchor_guide.to(cdt) * partner_guide.to(cdt)).sum(dim=1)
+    guide_positive = rule_similarity(anchor_guide, positive_guide_all, offset, backend=engine.name, guide=True,
+                                     dtype=cdt, model_dtype=anchor.dtype)
     threshold = guide_positive - margin if margin_strategy == "absolute" else \
         guide_positive - guide_positive.abs() * margin
     scale = 1.0 / temperature
 
     def block(rows, cols, rows_guide, cols_guide, protect_offset=None):
         return guide_masked_lse(rows, cols, rows_guide, cols_guide, threshold, scale, protect_offset=protect_offset,
-                                chunk_bytes=chunk_bytes)
+                                chunk_bytes=chunk_bytes, backend=engine.name)
 
     blocks = [block(anchor, positive_all, anchor_guide, positive_guide_all, protect_offset=offset)]
     if contrast_anchors:
@@ -171,11 +177,6 @@ def set_gist_options(loss: nn.Module, model, guide, temperature, margin_strategy
     loss.contrast_positives = contrast_positives
     loss.gather_across_devices = gather_across_devices
     loss.backend = check_backend(backend)
-    if backend == "triton":
-        raise ValueError(
-            f"{name}: the guide's mask runs on the blockwise torch engine today (backend='torch' or 'auto'); the "
-            "Triton kernels have no guide-similarity mask yet."
-        )
     loss.chunk_bytes = check_chunk_bytes(chunk_bytes)
     if process_group is not None:
         distributed.resolve_gather_group(gather_across_devices, process_group, what=name)
@@ -188,8 +189,8 @@ class GISTEmbedLoss(nn.Module):
     Same constructor (``model``, ``guide``, ``temperature``, ``margin_strategy``, ``margin``,
     ``contrast_anchors``, ``contrast_positives``, ``gather_across_devices``) and checks, ``forward(
     sentence_features, labels)`` (the guide embeds the same texts, retokenised when its tokenizer differs, as in
-    6.2.0), ``get_config_dict()`` and ``citation``; plus keyword-only ``backend=`` (``"auto"``/``"torch"``/
-    ``"reference"``), ``chunk_bytes=`` and ``process_group=``. :meth:`compute_loss_from_embeddings` takes
+    6.2.0), ``get_config_dict()`` and ``citation``; plus keyword-only ``backend=`` (``"auto"``/``"triton"``/
+    ``"torch"``/``"reference"``), ``chunk_bytes=`` and ``process_group=``. :meth:`compute_loss_from_embeddings` takes
     the model's and the guide's embeddings directly.
     """
 

@@ -48,7 +48,7 @@ from fastcontrast._validation import (
 from fastcontrast.autograd import BlockwiseLogSumExp
 from fastcontrast.distributed import rank_mean
 from fastcontrast.engine import compute_dtype
-from fastcontrast.losses._masked_lse import guide_masked_lse
+from fastcontrast.losses._masked_lse import guide_masked_lse, rule_similarity
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
@@ -185,13 +185,13 @@ def multiple_negatives_ranking_loss(
         false_negative_margin: fastcontrast's option (6.2.0 has none; off by default): every candidate, in every
             direction, whose similarity to the row exceeds the row's positive similarity sim(qᵢ, pᵢ) by more
             than this margin is left out as a likely false negative (Qwen3-Embedding's rule, ``sim > pos +
-            0.1``); the positive pair itself never is. The mask is computed in the tile on the blockwise torch
-            engine (``backend="auto"`` uses it; ``"triton"`` is an error for this option today).
+            0.1``); the positive pair itself never is. The mask is computed in the tile, on either engine (the Triton
+            engine's masked kernels, kernels/masked.py, or the blockwise torch engine).
     Returns:
         0-dim loss, the mean over this rank's queries; fp32 (fp64 for fp64 embeddings).
     """
     directions = check_mnrl_options(scale, directions, partition_mode, hardness_mode, hardness_strength)
-    check_false_negative_margin(false_negative_margin, backend)
+    check_false_negative_margin(false_negative_margin)
     check_backend(backend)
     check_flags(gather_across_devices=gather_across_devices)
     columns = _check_columns(embeddings)
@@ -204,9 +204,7 @@ def multiple_negatives_ranking_loss(
     queries = columns[0]
 
     def check():
-        # The false-negative mask is a torch-engine feature: "auto" picks that engine for it.
-        chosen = "torch" if false_negative_margin is not None and backend == "auto" else backend
-        return resolve_engine(chosen, queries.device, queries.dtype, chunk_bytes)
+        return resolve_engine(backend, queries.device, queries.dtype, chunk_bytes)
 
     if group is None:
         engine, layout = check(), None
@@ -249,8 +247,10 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     own = torch.arange(offset, offset + n, device=device)
 
     masked = false_negative_margin is not None
+    on_triton = engine.name == "triton"
     if masked:
-        threshold = _own_entries(queries, docs_all[0], offset).detach() + false_negative_margin
+        # In the arithmetic the rule compares with (masked_lse.rule_similarity): an equal candidate ties.
+        threshold = rule_similarity(queries, docs_all[0], offset, backend=engine.name) + false_negative_margin
 
     def lse(rows, cols, at_scale, exclude_own=False, protect_own=False):
         """Row LSE of at_scale·sim(rows, cols), own column (offset + i) left out (or, under the false-negative
@@ -258,9 +258,13 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
         if exclude_own and cols.shape[0] == 1:
             return None
         if masked:
-            return guide_masked_lse(rows, cols, rows, cols, threshold, at_scale,
+            # The rule compares the model's own similarity: on the torch engine given as the guide (whose entries
+            # near the threshold it recomputes as per-pair sums), on Triton the S tile itself.
+            guides = (None, None) if on_triton else (rows, cols)
+            return guide_masked_lse(rows, cols, *guides, threshold, at_scale,
                                     protect_offset=offset if protect_own else None,
-                                    exclude_offset=offset if exclude_own else None, chunk_bytes=engine.chunk_bytes)
+                                    exclude_offset=offset if exclude_own else None, chunk_bytes=engine.chunk_bytes,
+                                    backend=engine.name)
         scale_t = s if at_scale == scale else torch.full((), at_scale, dtype=cdt, device=device)
         row, *_ = BlockwiseLogSumExp.apply(rows, cols, scale_t, engine, True, False, None,
                                            offset if exclude_own else None)
@@ -295,7 +299,11 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
             if j > 0:
                 sim = own_sims[j]
                 logit = scale * sim + (hard_scale - scale) * sim.detach()
-                parts.append(logit.masked_fill(sim.detach() > threshold, float("-inf")) if masked else logit)
+                if masked:
+                    rule = sim.detach() if not on_triton else rule_similarity(queries, block, offset,
+                                                                              backend=engine.name)
+                    logit = logit.masked_fill(rule > threshold, float("-inf"))
+                parts.append(logit)
         blocks["query_to_doc"] = parts
     if "query_to_query" in directions:
         blocks["query_to_query"] = [x for x in [lse(queries, queries_all, scale, exclude_own=True)] if x is not None]
@@ -362,7 +370,7 @@ class MultipleNegativesRankingLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        check_false_negative_margin(false_negative_margin, backend)
+        check_false_negative_margin(false_negative_margin)
         self.false_negative_margin = false_negative_margin
         self.directions = check_mnrl_options(scale, directions, partition_mode, hardness_mode, hardness_strength)
         self.scale = scale

@@ -44,12 +44,11 @@ def _two_view_setup(out0, out1, temperature, gather_distributed, process_group, 
 
     Returns ``(out0, out1, temperature, engine, layout, group)``: the features as autocast would cast them,
     τ checked, and ``layout``/``group`` None for a single process. ``masked``: a false-negative margin is set
-    (the torch engine's feature, which "auto" then picks).
+    (the ring exchange refuses it).
     """
     check_backend(backend)
     check_exchange(exchange, what=what, needs={"gather_distributed": gather_distributed},
                    refuses={"backend='reference'": backend == "reference", "false_negative_margin": masked})
-    backend = "torch" if masked and backend == "auto" else backend
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         out0, out1 = cast_like_autocast(out0, out1)
     temperature = check_temperature(temperature)
@@ -107,10 +106,11 @@ def _two_view_rows_masked(z, group, layout, engine, temperature, margin):
     views = None if layout is None else layout.scaled(2)
     z_all = z if layout is None else distributed.gather_with_grad(z, group, views)
     offset = 0 if views is None else views.offset
+    options = dict(chunk_bytes=engine.chunk_bytes, backend=engine.name)
     first = false_negative_lse(z[:n], z_all, 1.0 / temperature, margin, positive_offset=offset + n,
-                               exclude_offset=offset, chunk_bytes=engine.chunk_bytes)
+                               exclude_offset=offset, **options)
     second = false_negative_lse(z[n:], z_all, 1.0 / temperature, margin, positive_offset=offset,
-                                exclude_offset=offset + n, chunk_bytes=engine.chunk_bytes)
+                                exclude_offset=offset + n, **options)
     # No low part: the masked LSE is one fp32 (fastcontrast's own option, no original to match to the bit).
     return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]), first[0].new_empty(0), views
 
@@ -150,13 +150,13 @@ def nt_xent_loss(
             (before 1/τ, so τ does not move the rule): row r of the 2n leaves out candidate c (one of its 2n − 1
             others; every rank's under ``gather_distributed``) when cos(z_r, z_c) > cos(z_r, z_positive) +
             margin, its positive z_positive (the other view of its sample) never, a negative margin included.
-            The mask is a selection, with no gradient. Computed in the tile on the blockwise torch engine
-            (``"auto"`` picks it; ``"triton"`` and ``exchange="ring"`` refuse it).
+            The mask is a selection, with no gradient. Computed in the tile on either engine (``exchange="ring"``
+            refuses it).
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features). With unequal batch sizes across ranks the loss is
         weighted by W·n_k/N, as in :func:`clip_loss`.
     """
-    margin = check_false_negative_margin(false_negative_margin, backend)
+    margin = check_false_negative_margin(false_negative_margin)
     out0, out1, temperature, engine, layout, group = _two_view_setup(
         out0, out1, temperature, gather_distributed, process_group, backend, chunk_bytes, "NTXentLoss", exchange,
         masked=margin is not None,
@@ -289,7 +289,7 @@ def nt_xent_memory_bank_loss(
     Returns:
         0-dim loss, fp32 (fp64 for fp64 features).
     """
-    margin = check_false_negative_margin(false_negative_margin, backend)
+    margin = check_false_negative_margin(false_negative_margin)
     check_backend(backend)
     if backend != "reference":  # the reference is the original math, which autocast changes by itself
         out0, out1 = cast_like_autocast(out0, out1)
@@ -303,8 +303,7 @@ def nt_xent_memory_bank_loss(
             f"memory bank feature dim must match `out0`'s: bank has shape {tuple(bank.shape)}, "
             f"out0 has dim {out0.shape[1]}."
         )
-    chosen = "torch" if margin is not None and backend == "auto" else backend
-    engine = resolve_engine(chosen, out0.device, out0.dtype, chunk_bytes)
+    engine = resolve_engine(backend, out0.device, out0.dtype, chunk_bytes)
     if engine is None:
         return reference.nt_xent_memory_bank_loss_reference(out0, out1, bank, temperature,
                                                             false_negative_margin=margin)
@@ -319,7 +318,8 @@ def nt_xent_memory_bank_loss(
         cdt = compute_dtype(q.dtype)
         similarity = (q.to(cdt) * k.to(cdt)).sum(dim=1)
         lse_bank = threshold_masked_lse(q, bank.detach().to(device=q.device, dtype=q.dtype), 1.0 / temperature,
-                                        similarity.detach() + margin, chunk_bytes=engine.chunk_bytes)
+                                        similarity.detach() + margin, chunk_bytes=engine.chunk_bytes,
+                                        backend=engine.name)
         return F.softplus(lse_bank - similarity / temperature).mean()
     # A fill on the device: torch.tensor(number, device=cuda) would block on a host-to-device copy each step.
     inv_temperature = torch.full((), 1.0 / temperature, dtype=compute_dtype(q.dtype), device=q.device)
@@ -354,8 +354,7 @@ class NTXentLoss(nn.Module):
         false_negative_margin: an option lightly lacks, off by default (None): leave out candidates whose
             cosine similarity to the row exceeds its positive's by more than this margin (Qwen3-Embedding's
             ``sim > pos + 0.1``), the positive never; with a memory bank, bank entries against the own key.
-            See :func:`nt_xent_loss` for the exact rule. Blockwise torch engine only (``"auto"`` picks it;
-            ``"triton"`` is refused).
+            See :func:`nt_xent_loss` for the exact rule. Either engine.
     """
 
     def __init__(
@@ -373,7 +372,7 @@ class NTXentLoss(nn.Module):
         super().__init__()
         # lightly's order of checks: the bank's size, τ, then distributed availability.
         self.memory_bank = MemoryBank(memory_bank_size)
-        self.false_negative_margin = check_false_negative_margin(false_negative_margin, backend)
+        self.false_negative_margin = check_false_negative_margin(false_negative_margin)
         self.exchange = check_exchange(
             exchange, what="NTXentLoss", needs={"gather_distributed": gather_distributed},
             refuses={"a memory bank": self.memory_bank.enabled, "backend='reference'": backend == "reference",

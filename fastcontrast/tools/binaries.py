@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Optional
 
 # The modules that define the @triton.jit kernels (the launchers import them from there).
-KERNEL_MODULES = ("lse_forward", "siglip_forward", "gradient", "panel", "distill")
+KERNEL_MODULES = ("lse_forward", "siglip_forward", "gradient", "panel", "distill", "masked")
 
 TABLE_RESOURCE = ("fastcontrast.kernels", "compile_table.json")
 

@@ -22,7 +22,8 @@ TABLE_FORMAT = 1
 
 # The files whose contents decide the binaries: the kernels, their launchers and the config tables.
 KERNEL_SOURCES = ("tiles.py", "lse_forward.py", "siglip_forward.py", "gradient.py", "panel.py", "distill.py",
-                  "launch.py", "engine.py", "gradient_launch.py", "distill_launch.py", "configs.py")
+                  "masked.py", "launch.py", "engine.py", "gradient_launch.py", "distill_launch.py",
+                  "masked_launch.py", "configs.py")
 
 
 def kernel_sources_digest() -> str:

@@ -42,10 +42,10 @@ COPIES = frozenset({"aten._to_copy.default", "aten.copy_.default", "aten.copy.de
 HOST_ONLY_BY_DESIGN = {
     ("distributed.py", "exchange_layout"): "the layout exchange: CPU int64 numbers over the gloo host group, "
     "read back on the host; it waits for no GPU work (fastcontrast.distributed's module docstring)",
-    ("_masked_lse.py", "_guide_mask"): "the guide-masked LSE (GISTEmbedLoss, false_negative_margin; torch engine "
-    "only) recomputes the entries within rounding of the threshold as sentence-transformers' per-pair sums, so "
-    "the mask is the original's bit for bit; which entries those are is data-dependent: one sync per chunk of "
-    "rows, until the mask is a kernel feature",
+    ("_masked_lse.py", "_guide_mask"): "the torch engine's guide-masked LSE (GISTEmbedLoss, false_negative_margin) "
+    "recomputes the entries within rounding of the threshold as sentence-transformers' per-pair sums, so the mask "
+    "is the original's bit for bit; which entries those are is data-dependent: one sync per chunk of rows (the "
+    "Triton engine's masked kernels sync nothing)",
 }
 
 
@@ -283,6 +283,7 @@ def loss_steps(
     distill = DistillClipLoss()
     coca, coca_no_clip = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0), CoCaLoss(2.0, 0.0)
     ntxent = NTXentLoss(temperature=0.3)
+    clip_margin, ntxent_margin = ClipLoss(false_negative_margin=0.1), NTXentLoss(false_negative_margin=0.1)
     bank = NTXentLoss(temperature=0.3, memory_bank_size=(32, d)).to(device)
     dcl, dclw = DCLLoss(temperature=0.2), DCLWLoss(temperature=0.2, sigma=0.5)
     supcon = SupConLoss(temperature=0.1)
@@ -318,6 +319,8 @@ def loss_steps(
         ("CoCaLoss(clip_loss_weight=0)", step(lambda: coca_no_clip(image, text, caption_logits, caption_labels,
                                                                    scale))),
         ("NTXentLoss", step(lambda: ntxent(image, text))),
+        ("ClipLoss(false_negative_margin)", step(lambda: clip_margin(image, text, scale))),
+        ("NTXentLoss(false_negative_margin)", step(lambda: ntxent_margin(image, text))),
         ("NTXentLoss(memory bank)", step(lambda: bank(image, text))),
         ("DCLLoss", step(lambda: dcl(image, text))),
         ("DCLWLoss", step(lambda: dclw(image, text))),

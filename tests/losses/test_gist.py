@@ -4,7 +4,7 @@ Both run their own ``forward`` on stand-in models that return given embeddings (
 the model's, so the guide's mask leaves out real candidates), with one tokenizer for both (no retokenising):
 values and gradients in fp64 for both margin strategies, several margins, with and without anchor / positive
 contrast, pairs and triplets, N = 1; in fp32 with several row chunks; the guide-masked LSE's memory bound;
-the refused Triton backend and bad inputs.
+the Triton engine (in the interpreter) in fp32 and bf16 and on ties; bad inputs.
 """
 
 from __future__ import annotations
@@ -153,11 +153,57 @@ def test_guide_masked_lse_creates_no_tensor_of_a_quarter_of_n_squared():
         assert numel < BOUND, f"{phase}: {op} created {numel} elements, bound {BOUND} (N² = {n * n})"
 
 
-def test_triton_backend_is_refused_with_a_pointer_to_the_torch_engine(models):
-    with pytest.raises(ValueError, match="torch engine today"):
-        fastcontrast.GISTEmbedLoss(*models, backend="triton")
-    with pytest.raises(ValueError, match="torch engine today"):
-        fastcontrast.functional.gist_embed_loss([torch.randn(2, 3)] * 2, [torch.randn(2, 3)] * 2, backend="triton")
+@pytest.mark.parametrize("strategy, margin, anchors, positives, columns, n", [
+    c for c in GIST_CASES if c.values[1] != -0.3 and (c.values[2] == c.values[3])
+])
+def test_gist_on_triton_matches_sentence_transformers_in_fp32(models, strategy, margin, anchors, positives, columns,
+                                                              n):
+    """The Triton engine's masked kernels (in the interpreter): the guide's tile beside the model's, thresholds in
+    the kernels' own arithmetic, against 6.2.0 on the same fp32 inputs."""
+    model, guide = models
+    options = dict(temperature=TEMPERATURE, margin_strategy=strategy, margin=margin, contrast_anchors=anchors,
+                   contrast_positives=positives)
+    model_columns, guide_columns = embeddings(n, columns, dtype=torch.float32, seed=n * 7 + columns, d=48)
+    expected = run(st_losses.GISTEmbedLoss(model, guide, **options), model_columns, guide_columns)
+    got = run(fastcontrast.GISTEmbedLoss(model, guide, backend="triton", **options), model_columns, guide_columns)
+    assert_matches(got, expected, *TOLERANCES[torch.float32], f"triton fp32 {strategy} margin={margin} "
+                                                              f"aa={anchors} pp={positives} columns={columns} N={n}")
+
+
+def test_gist_on_triton_with_bf16_embeddings_matches_sentence_transformers(models):
+    """bf16 model embeddings, fp32 guide: 6.2.0 in fp64 on the same rounded inputs (its guide mask then in fp64;
+    none of the guide's similarities here lies within fp32 rounding of a threshold)."""
+    model, guide = models
+    model_columns, guide_columns = embeddings(20, 3, seed=4, d=48)
+    model_columns = [x.to(torch.bfloat16) for x in model_columns]
+    guide_columns = [x.float() for x in guide_columns]
+    options = dict(temperature=TEMPERATURE, margin=0.05)
+    expected = run(st_losses.GISTEmbedLoss(model, guide, **options), [x.double() for x in model_columns],
+                   [x.double() for x in guide_columns])
+    got = run(fastcontrast.GISTEmbedLoss(model, guide, backend="triton", **options), model_columns, guide_columns)
+    assert_matches(got, expected, *TOLERANCES[torch.bfloat16], "triton bf16")
+
+
+def test_gist_on_triton_keeps_duplicate_texts_that_tie_with_the_threshold(models):
+    """As the torch engine's test below, on the Triton engine: positive i is anchor i + 1's text, so the guide
+    rates anchor i + 1 exactly as the positive; the kernels compare it with a threshold from their own
+    arithmetic for that pair, so it ties (kept, as in 6.2.0) instead of tipping over by a rounding."""
+    model, guide = models
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(1, 384, generator=g)
+    texts = base + 0.05 * torch.randn(9, 384, generator=g)
+    model_columns = [texts[:6], texts[1:7], texts[3:9]]
+    guide_columns = [x.clone() for x in model_columns]
+    expected = run(st_losses.GISTEmbedLoss(model, guide, temperature=TEMPERATURE), model_columns, guide_columns)
+    got = run(fastcontrast.GISTEmbedLoss(model, guide, temperature=TEMPERATURE, backend="triton"), model_columns,
+              guide_columns)
+    assert_matches(got, expected, *TOLERANCES[torch.float32], "triton fp32 duplicates at the threshold")
+
+
+def test_triton_backend_on_float64_guides_is_a_clear_error(models):
+    with pytest.raises(TypeError, match="float64"):
+        fastcontrast.functional.gist_embed_loss([torch.randn(2, 3)] * 2, [torch.randn(2, 3, dtype=torch.float64)] * 2,
+                                                backend="triton")
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

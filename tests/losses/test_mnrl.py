@@ -325,9 +325,53 @@ def test_false_negative_margin_too_large_to_mask_anything_equals_sentence_transf
                    1e-11, 1e-11, "false_negative_margin=10 (masks nothing)")
 
 
-def test_false_negative_margin_on_triton_is_refused_and_bad_margins_are_type_errors():
-    with pytest.raises(ValueError, match="blockwise torch engine today"):
-        fastcontrast.MultipleNegativesRankingLoss(None, false_negative_margin=0.1, backend="triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("directions, partition_mode, hardness, k, margin", [
+    c for c in FALSE_NEGATIVE_CASES if c.values[1] == "joint" and c.values[3] == 2 or c.values[:2] == ("q2d+d2q",
+                                                                                                      "per_direction")
+])
+def test_false_negative_margin_on_triton_matches_the_full_matrix_reference(directions, partition_mode, hardness, k,
+                                                                          margin, dtype):
+    """The Triton engine's masked kernels (in the interpreter) against the fp64 reference of the same rounded
+    inputs: every direction, hardness mode and margin sign, with the mask leaving out real candidates."""
+    embeddings = columns(6, k, d=48, dtype=dtype, seed=k + 1)
+    strength = STRENGTH if hardness else 0.0
+    live = [x.double().requires_grad_() for x in embeddings]
+    expected = reference.mnrl_loss_reference(live[0], live[0], live[1:], SCALE, mnrl.cos_sim,
+                                             DIRECTION_SETS[directions], partition_mode, hardness, strength,
+                                             false_negative_margin=margin)
+    expected = (expected.detach(), torch.autograd.grad(expected, live))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = fastcontrast.MultipleNegativesRankingLoss(
+            None, scale=SCALE, directions=DIRECTION_SETS[directions], partition_mode=partition_mode,
+            hardness_mode=hardness, hardness_strength=strength, false_negative_margin=margin, backend="triton")
+    atol, rtol = TOLERANCES[dtype]
+    assert_matches(value_and_grads(loss, embeddings), expected, atol, rtol,
+                   f"triton {dtype} false_negative_margin={margin} {directions} {partition_mode} {hardness} k={k}")
+
+
+def test_false_negative_margin_on_triton_keeps_a_duplicated_positive_at_margin_zero():
+    """Document 3 repeats document 0: in row 0 it scores exactly the positive's similarity, which the rule (a
+    strict >) keeps at margin 0. The threshold comes from the kernels' own arithmetic, so the tie holds there as in
+    the reference; a margin of −1e-3 then leaves it out (and the loss changes)."""
+    queries, docs = columns(5, 0, d=48, dtype=torch.float32, seed=9)
+    docs[3] = docs[0]
+    value = {}
+    for margin in (0.0, -1e-3):
+        live = [queries.double().requires_grad_(), docs.double().requires_grad_()]
+        expected = reference.mnrl_loss_reference(live[0], live[0], live[1:], SCALE, mnrl.cos_sim, ("query_to_doc",),
+                                                 "joint", None, 0.0, false_negative_margin=margin)
+        expected = (expected.detach(), torch.autograd.grad(expected, live))
+        loss = fastcontrast.MultipleNegativesRankingLoss(None, scale=SCALE, false_negative_margin=margin,
+                                                         backend="triton")
+        got = value_and_grads(loss, [queries, docs])
+        assert_matches(got, expected, *TOLERANCES[torch.float32], f"duplicated positive, margin={margin}")
+        value[margin] = got[0]
+    assert (value[0.0] - value[-1e-3]).abs() > 1e-3, "the duplicate was left out at margin 0, or kept at −1e-3"
+
+
+def test_bad_false_negative_margins_are_type_errors():
     for bad in ("0.1", float("nan"), True):
         with pytest.raises(TypeError, match="false_negative_margin"):
             fastcontrast.MultipleNegativesRankingLoss(None, false_negative_margin=bad)

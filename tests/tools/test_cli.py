@@ -101,14 +101,19 @@ def test_info_kernels_json_has_one_row_per_binary_with_its_resources(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(path.read_text())
     assert (table["archs"], table["dtypes"], table["dims"]) == (["gfx942"], ["bf16"], [48])
-    # The LSE partials' merge has no features: its one binary is fp32 whatever the features' dtype.
-    merge = [r for r in table["rows"] if r["kernel"] == "merge_partials_kernel"]
-    others = [r for r in table["rows"] if r["kernel"] != "merge_partials_kernel"]
+    # The LSE partials' merge has no features: its one binary is fp32 whatever the features' dtype; so is the
+    # masked LSE's pair kernel for a guide (guides enter as fp32).
+    fp32_only = [r for r in table["rows"] if r["kernel"] == "merge_partials_kernel"
+                 or r["kernel"] == "pair_similarity_kernel" and r["dtype"] == "fp32"]
+    others = [r for r in table["rows"] if r not in fp32_only]
     assert others and {(r["arch"], r["dtype"]) for r in others} == {("gfx942", "bf16")}
-    assert {(r["arch"], r["dtype"]) for r in merge} == {("gfx942", "fp32")}
-    # d = 48 launches the forward and the fused gradient, never the panel path.
-    assert {r["kernel"] for r in table["rows"]} >= {"lse_forward_kernel", "siglip_forward_kernel", "gradient_kernel"}
-    assert not {r["kernel"] for r in table["rows"]} & {"ds_panel_kernel", "panel_matmul_kernel"}
+    assert {(r["arch"], r["dtype"]) for r in fp32_only} == {("gfx942", "fp32")}
+    # d = 48 launches the forward and the fused gradient, never the core's panel path (the masked LSE's
+    # backward is always panels: its dS kernel and the panel GEMMs).
+    kernels = {r["kernel"] for r in table["rows"]}
+    assert kernels >= {"lse_forward_kernel", "siglip_forward_kernel", "gradient_kernel", "masked_lse_kernel",
+                       "masked_ds_panel_kernel", "pair_similarity_kernel"}
+    assert "ds_panel_kernel" not in kernels
     for key in ("kernel", "arch", "dtype", "precision", "constexprs", "registers", "spill_stores", "stack",
                 "shared"):
         assert all(key in row for row in table["rows"]), key
