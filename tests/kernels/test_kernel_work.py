@@ -137,3 +137,28 @@ def test_panel_backward_moves_no_n_m_d_sized_read_modify_write(aligned_panels):
     outputs = 4 * d * (N * (N // INTERPRETER_PANEL.cols) + N * (N // INTERPRETER_PANEL.rows))
     assert backward.bytes_stored <= ds_bytes + outputs + 8 * N * d  # + the final casts of dA, dB
     assert backward.bytes_stored < old_path_bytes
+
+
+MNRL_WORK_CASES = {  # directions, hardness mode, candidate columns per query row (n = 64, k = 1 hard negative)
+    "q2d": (("query_to_doc",), None, 2),
+    "q2d-all-negatives": (("query_to_doc",), "all_negatives", 2),
+    "all4-all-negatives": (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "all_negatives", 6),
+}
+
+
+@pytest.mark.parametrize("case", list(MNRL_WORK_CASES))
+def test_mnrl_costs_one_forward_and_three_backward_passes_over_its_candidate_blocks(case, aligned_panels):
+    """sentence-transformers' MNRL on the engine's general features: a rectangular candidate set (n queries ×
+    n·(1 + k) documents), structural masks (self in query_to_query, the own entries of each block under a
+    hardness mode), the hardness term (each block's LSE at its own scale). However the blocks are split, S is
+    read once forward and its panels recomputed once backward: 1 + 3 passes over every candidate column the
+    directions build (the own entries are O(n·d) row dots, not a pass)."""
+    directions, hardness, columns = MNRL_WORK_CASES[case]
+    n, d = 64, 128
+    g = torch.Generator().manual_seed(1)
+    embeddings = [torch.randn(n, d, generator=g, dtype=torch.float16).requires_grad_() for _ in range(3)]
+    loss = fc.MultipleNegativesRankingLoss(None, directions=directions, hardness_mode=hardness,
+                                           hardness_strength=2.0 if hardness else 0.0, backend="triton")
+    forward, backward, passes = _count(lambda *e: loss.compute_loss_from_embeddings(list(e), None), *embeddings)
+    assert passes(forward.flops, n, n * columns, d) == 1.0
+    assert passes(backward.flops, n, n * columns, d) == 3.0
