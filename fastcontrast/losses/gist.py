@@ -53,6 +53,11 @@ def _check_gist_inputs(embeddings: object, guide_embeddings: object) -> tuple[li
             check_features(f"{prefix}[{j}]", x)
             if j:
                 check_pair(f"{prefix}[0]", columns[0], f"{prefix}[{j}]", x, same_batch=True)  # type: ignore[index]
+    if guide_embeddings[0].device != embeddings[0].device:  # type: ignore[index]
+        # 6.2.0 applies the guide's mask to the model's logits, which needs one device too; a kernel would read
+        # another device's memory.
+        raise ValueError(f"`guide_embeddings` must be on the device of `embeddings`, got "
+                         f"{guide_embeddings[0].device} and {embeddings[0].device}.")  # type: ignore[index]
     if guide_embeddings[0].shape[0] != embeddings[0].shape[0]:  # type: ignore[index]
         raise ValueError(f"`guide_embeddings` must have the batch size of `embeddings`, got "
                          f"{guide_embeddings[0].shape[0]} and {embeddings[0].shape[0]}.")  # type: ignore[index]

@@ -228,6 +228,7 @@ def test_models_without_tokenizers_are_refused_as_sentence_transformers_does():
     ([torch.randn(3, 4)] * 2, [torch.randn(3, 4)] * 3, ValueError, "same columns"),
     ([torch.randn(3, 4)] * 2, [torch.randn(2, 4)] * 2, ValueError, "batch size"),
     ([torch.randn(3, 4), torch.randn(2, 4)], [torch.randn(3, 4)] * 2, ValueError, "same batch size"),
+    ([torch.randn(3, 4)] * 2, [torch.randn(3, 4, device="meta")] * 2, ValueError, "device of `embeddings`"),
 ])
 def test_bad_embeddings_raise_errors_naming_the_argument(columns, guides, error, match):
     with pytest.raises(error, match=match):
