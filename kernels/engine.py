@@ -205,13 +205,10 @@ class TritonEngine:
         model tile (``guide``: of their guide tile) for model features of ``model_dtype`` (default x's): a
         threshold built from it ties exactly with an equal candidate in :meth:`masked_lse_forward` and
         :meth:`masked_lse_backward` (kernels/masked.py)."""
-        model_dtype = x.dtype if model_dtype is None else model_dtype
+        prepared = guide_features if guide else aligned_features
         with launch_device(x):
-            if guide:
-                return pair_similarity(guide_features(x), guide_features(y), offset, guide=True,
-                                       model_dtype=model_dtype)
-            return pair_similarity(aligned_features(x), aligned_features(y), offset, guide=False,
-                                   model_dtype=model_dtype)
+            return pair_similarity(prepared(x), prepared(y), offset, guide=guide,
+                                   model_dtype=x.dtype if model_dtype is None else model_dtype)
 
     def masked_lse_forward(self, a, b, scale, a_guide, b_guide, threshold, *, protect_offset, exclude_offset,
                            need_argmax):

@@ -90,19 +90,35 @@ def panels(n: int, m: int, rows: int, cols: int):
             yield (r0, min(n, r0 + rows)), (c0, min(m, c0 + cols))
 
 
-def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
-    """The panel path (kernels/panel.py): per panel one dS kernel and up to two GEMM kernels."""
-    a, b = problem["a"], problem["b"]
+def panel_sweep(a, b, ds_scale, write_ds, *, need_a: bool, need_b: bool):
+    """The panel path's sweep for an n×m problem: for each panel (a fixed order, :func:`panels`),
+    ``write_ds(ds, r0, r1, c0, c1)`` launches the dS kernel that fills the panel ``ds`` (rows r0:r1, columns
+    c0:c1 of S, input dtype; fp16 scaled by ``ds_scale``), then dA[rows] (+)= dS·B[cols] and dB[cols] (+)= dSᵀ·A
+    [rows] (:func:`multiply_panel`). Returns ``(dA [n, d_pad], dB [m, d_pad])`` in fp32, each None where not
+    needed."""
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    panel, ds_config, matmul_config = panel_configs(target, a.dtype, n=n, m=m, budget_bytes=panel_budget(n, m, d))
+    panel, _, matmul_config = panel_configs(target_for(a.device), a.dtype, n=n, m=m,
+                                            budget_bytes=panel_budget(n, m, d))
     rows, cols = min(n, panel.rows), min(m, panel.cols)
     ds = panel_scratch(rows, cols, a)
     grad_a = PanelOutput(n, d, rows, cols, matmul_config, a.device) if need_a else None
     grad_b = PanelOutput(m, d, cols, rows, matmul_config, a.device) if need_b else None
+    for (r0, r1), (c0, c1) in panels(n, m, rows, cols):
+        write_ds(ds, r0, r1, c0, c1)
+        multiply_panel(ds, r0, r1, c0, c1, ds_scale, matmul_config, out_a=grad_a, out_b=grad_b, a=a, b=b)
+    del ds  # the panel goes before the outputs' sums allocate: it is the largest scratch at a big batch
+    return (None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result())
+
+
+def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
+    """The panel path (kernels/panel.py): per panel one dS kernel and up to two GEMM kernels."""
+    a, b = problem["a"], problem["b"]
+    _, ds_config, _ = panel_configs(target, a.dtype)
     row_stats, col_stats = problem["row_stats"], problem["col_stats"]
     offset, mode = problem["offset"], problem["mode"]
     bias_partials, loss_partials = [], []
-    for (r0, r1), (c0, c1) in panels(n, m, rows, cols):
+
+    def write_ds(ds, r0, r1, c0, c1):
         grid = (triton.cdiv(r1 - r0, ds_config.block_m), triton.cdiv(c1 - c0, ds_config.block_n))
         bias_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if mode == MODE_SIGLIP else None
         loss_partial = torch.empty(grid, dtype=torch.float32, device=a.device) if need_loss else None
@@ -112,8 +128,8 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
             LSE_ROW=None if row_stats is None else row_stats[0], GRAD_ROW=None if row_stats is None else row_stats[1],
             LSE_COL=None if col_stats is None else col_stats[0], GRAD_COL=None if col_stats is None else col_stats[1],
             GRAD_TOTAL=problem["grad_total"], DS=ds, BIAS_PARTIAL=bias_partial, LOSS_PARTIAL=loss_partial,
-            row_start=r0, row_stop=r1, col_start=c0, col_stop=c1, d=d, stride_a=a.stride(0), stride_b=b.stride(0),
-            stride_ds=ds.stride(0), offset=0 if offset is None else offset,
+            row_start=r0, row_stop=r1, col_start=c0, col_stop=c1, d=a.shape[1], stride_a=a.stride(0),
+            stride_b=b.stride(0), stride_ds=ds.stride(0), offset=0 if offset is None else offset,
             private_columns=problem["private_columns"], MODE=mode, HAS_ROW_TERM=row_stats is not None,
             HAS_COL_TERM=col_stats is not None, HAS_EXCLUDE=offset is not None and mode == MODE_LSE,
             HAS_POSITIVES=problem["positive_index"] is not None, EXCLUDE_POSITIVE=problem["exclude_positive"],
@@ -124,13 +140,11 @@ def _panel_gradients(problem, target, *, need_a, need_b, need_bias, need_loss):
             bias_partials.append(bias_partial.reshape(-1))
         if need_loss:
             loss_partials.append(loss_partial.reshape(-1))
-        multiply_panel(ds, r0, r1, c0, c1, problem["ds_scale"], matmul_config,
-                        out_a=grad_a, out_b=grad_b, a=a, b=b)
-    del ds  # the panel goes before the outputs' sums allocate: it is the largest scratch at a big batch
+
+    grad_a, grad_b = panel_sweep(a, b, problem["ds_scale"], write_ds, need_a=need_a, need_b=need_b)
     grad_bias = torch.cat(bias_partials).sum() if need_bias else None
     loss = torch.cat(loss_partials).sum() if need_loss else None
-    return ((None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result()), grad_bias,
-            loss)
+    return grad_a, grad_b, grad_bias, loss
 
 
 # The symmetric dS kernel stores with int32 offsets (fewer registers for its second, mirrored pointer tile):

@@ -8,7 +8,8 @@ second, "guide" tile X_g·Y_gᵀ computed beside S (GISTEmbed's guide model), or
 Ties are the whole difficulty: a candidate equal to row i's positive must compare equal to the threshold
 built from that positive (a duplicate positive with margin 0 stays in, as in the originals). So every
 similarity a rule compares, the tiles' and the thresholds', comes from one arithmetic: :func:`similarity_tile`
-with the same tile sizes, warps, K chunk and dot precision (configs.masked_config, one per target). A dot's
+with the same tile sizes, warps, K chunk and dot precision (configs.masked_config, one for the three kernels of
+a call). A dot's
 output element depends only on its two rows, the K chunking and the instruction, never on its place in the
 tile, so :func:`pair_similarity_kernel`'s Xᵢ·Y₍ᵢ₊ₒ₎ is bit for bit what the forward's and the backward's tiles
 hold for that pair, and forward and backward mask the same entries.

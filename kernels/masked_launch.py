@@ -86,26 +86,19 @@ def masked_lse_forward(a, b, scale, a_guide, b_guide, threshold, *, protect_offs
 
 def masked_gradients(a, b, scale, a_guide, b_guide, threshold, lse, grad_lse, grad_positives, *,
                      protect_offset: Optional[int], exclude_offset: Optional[int], need_a: bool, need_b: bool):
-    """Unscaled ``(dS·B [n, d_pad] or None, dSᵀ·A [m, d_pad] or None)`` (fp32) of the masked LSE, by panels:
-    per panel one masked dS kernel and up to two GEMMs (gradient_launch.multiply_panel), panels in a fixed
-    order, so deterministic. ``grad_lse`` / ``grad_positives``: fp32 [n] or None (no such term)."""
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    target = target_for(a.device)
-    config = masked_config(target, a.dtype, a_guide is not None)
-    panel, _, matmul_config = gradient_launch.panel_configs(target, a.dtype, n=n, m=m,
-                                                            budget_bytes=gradient_launch.panel_budget(n, m, d))
-    rows, cols = min(n, panel.rows), min(m, panel.cols)
-    ds = gradient_launch.panel_scratch(rows, cols, a)
-    grad_a = gradient_launch.PanelOutput(n, d, rows, cols, matmul_config, a.device) if need_a else None
-    grad_b = gradient_launch.PanelOutput(m, d, cols, rows, matmul_config, a.device) if need_b else None
+    """Unscaled ``(dS·B [n, d_pad] or None, dSᵀ·A [m, d_pad] or None)`` (fp32) of the masked LSE, by the panel
+    path's sweep (gradient_launch.panel_sweep): per panel one masked dS kernel and up to two GEMMs, panels in
+    a fixed order, so deterministic. ``grad_lse`` / ``grad_positives``: fp32 [n] or None (no such term)."""
+    config = masked_config(target_for(a.device), a.dtype, a_guide is not None)
     ds_scale = gradient_scale(a.dtype, grad_lse, grad_positives)
     guide = _guide_arguments(a_guide, b_guide)
-    for (r0, r1), (c0, c1) in gradient_launch.panels(n, m, rows, cols):
+
+    def write_ds(ds, r0, r1, c0, c1):
         grid = (triton.cdiv(r1 - r0, config.block_m), triton.cdiv(c1 - c0, config.block_n))
         masked_ds_panel_kernel[grid](
             A=a, B=b, AG=a_guide, BG=b_guide, THRESHOLD=threshold, SCALE=scale, DS_SCALE=ds_scale, LSE=lse,
             GRAD_LSE=grad_lse, GRAD_POSITIVES=grad_positives, DS=ds, row_start=r0, row_stop=r1, col_start=c0,
-            col_stop=c1, d=d, d_g=guide["d_g"], stride_a=a.stride(0), stride_b=b.stride(0),
+            col_stop=c1, d=a.shape[1], d_g=guide["d_g"], stride_a=a.stride(0), stride_b=b.stride(0),
             stride_ag=guide["stride_xg"], stride_bg=guide["stride_yg"], stride_ds=ds.stride(0),
             protect_offset=0 if protect_offset is None else protect_offset,
             exclude_offset=0 if exclude_offset is None else exclude_offset, HAS_GUIDE=a_guide is not None,
@@ -113,7 +106,5 @@ def masked_gradients(a, b, scale, a_guide, b_guide, threshold, lse, grad_lse, gr
             HAS_LSE_TERM=grad_lse is not None, HAS_POSITIVE_TERM=grad_positives is not None,
             SCALE_DS=ds_scale is not None, **launch_flags(config, a), **GUIDE_FLAGS,
         )
-        gradient_launch.multiply_panel(ds, r0, r1, c0, c1, ds_scale, matmul_config, out_a=grad_a, out_b=grad_b,
-                                       a=a, b=b)
-    del ds  # the panel goes before the outputs' sums allocate
-    return (None if grad_a is None else grad_a.result()), (None if grad_b is None else grad_b.result())
+
+    return gradient_launch.panel_sweep(a, b, ds_scale, write_ds, need_a=need_a, need_b=need_b)

@@ -237,8 +237,13 @@ def rule_similarity(x: torch.Tensor, y: torch.Tensor, offset: int, *, backend: s
     """
     if backend == "triton":
         return _triton_engine().pair_similarity(x.detach(), y.detach(), offset, guide=guide, model_dtype=model_dtype)
+    return pair_sums(x.detach(), y.detach(), offset, dtype)
+
+
+def pair_sums(x: torch.Tensor, y: torch.Tensor, offset: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """xᵢ·y₍ᵢ₊offset₎ [n] as per-pair sums in ``dtype`` (default: the compute dtype of x), differentiable: the
+    diagonal of a block, O(n·d). x: [n, d], y: [m, d] (m ≥ offset + n)."""
     cdt = dtype or compute_dtype(x.dtype)
-    x, y = x.detach(), y.detach()
     return (x.to(cdt) * y.narrow(0, offset, x.shape[0]).to(cdt)).sum(dim=1)
 
 

@@ -48,7 +48,7 @@ from fastcontrast._validation import (
 from fastcontrast.autograd import BlockwiseLogSumExp
 from fastcontrast.distributed import rank_mean
 from fastcontrast.engine import compute_dtype
-from fastcontrast.losses._masked_lse import guide_masked_lse, rule_similarity
+from fastcontrast.losses._masked_lse import guide_masked_lse, pair_sums, rule_similarity
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITION_MODES = ("joint", "per_direction")
@@ -144,13 +144,6 @@ def _softened(lse: torch.Tensor, factor: float) -> torch.Tensor:
     detached = lse.detach()
     # A block the false-negative mask empties has lse = −inf, and −inf − (−inf) is NaN: keep it −inf.
     return torch.where(torch.isfinite(detached), detached + factor * (lse - detached), lse)
-
-
-def _own_entries(rows: torch.Tensor, columns: torch.Tensor, offset: int) -> torch.Tensor:
-    """sim(rowsᵢ, columns[offset + i]) [n] in the compute dtype: the diagonal of a block, O(n·d)."""
-    cdt = compute_dtype(rows.dtype)
-    partner = columns.narrow(0, offset, rows.shape[0])
-    return (rows.to(cdt) * partner.to(cdt)).sum(dim=1)
 
 
 def multiple_negatives_ranking_loss(
@@ -278,7 +271,7 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     blocks: dict[str, list[torch.Tensor]] = {}
     if in_batch_scale == scale and hard_scale == scale and masked:
         candidates = docs_all[0] if len(docs_all) == 1 else torch.cat(docs_all)
-        positive = scale * _own_entries(queries, docs_all[0], offset)
+        positive = scale * pair_sums(queries, docs_all[0], offset)
         blocks["query_to_doc"] = [lse(queries, candidates, scale, protect_own=True)]
     elif in_batch_scale == scale and hard_scale == scale:
         # No penalty: one call over all documents, positive taken from the tiles the LSE reduced.
@@ -289,7 +282,7 @@ def _mnrl_rows(queries, positives, queries_all, docs_all, scale, engine, directi
     else:
         # Penalised blocks: off-diagonal (in-batch) part per block at its scale, own entries as row dots.
         parts = []
-        own_sims = [_own_entries(queries, block, offset) for block in docs_all]
+        own_sims = [pair_sums(queries, block, offset) for block in docs_all]
         positive = scale * own_sims[0]
         parts.append(positive)
         for j, block in enumerate(docs_all):
